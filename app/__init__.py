@@ -1,0 +1,1 @@
+"""creditgate: prepaid-credit entitlement gateway."""

@@ -1,0 +1,27 @@
+"""The clients and caches one app process shares between requests and workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+
+from app.config.catalog import Catalog
+from app.hotstate.store import HotState
+from app.http import KeyCache
+from app.ledger.journal import Journal
+from app.ledger.loader import Loader
+from app.settings import Settings
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: Redis
+    hot: HotState
+    catalog: Catalog
+    keys: KeyCache
+    journal: Journal
+    loader: Loader

@@ -1,0 +1,82 @@
+"""Postgres pool and the migration runner."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+# Any constant works; it only has to be the same for every migrating process.
+MIGRATION_LOCK_ID = 0x63726564  # "cred"
+_NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations(folder: Path) -> list[Migration]:
+    found = []
+    for path in sorted(folder.glob("*.sql")):
+        match = _NAME.match(path.name)
+        if not match:
+            raise RuntimeError(f"migration file name must be NNN_name.sql: {path.name}")
+        found.append(Migration(int(match.group(1)), path.name, path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError("two migrations share a version number")
+    return sorted(found, key=lambda m: m.version)
+
+
+async def migrate(dsn: str, folder: Path) -> list[str]:
+    """Apply pending migrations in order, each once, under an advisory lock; return their names."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            done = []
+            for migration in load_migrations(folder):
+                if migration.version in applied:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                        migration.version, migration.name, migration.checksum,
+                    )
+                done.append(migration.name)
+            return done
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    finally:
+        await conn.close()
+
+
+async def pending_migrations(conn: asyncpg.Connection, folder: Path) -> list[str]:
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    applied = set()
+    if exists:
+        applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    return [m.name for m in load_migrations(folder) if m.version not in applied]
+
+
+async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=size)
+    assert pool is not None
+    return pool

@@ -1,0 +1,64 @@
+"""Routes of the runtime API: what product backends call on every request."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from app.entitlements import service
+from app.entitlements.schemas import (
+    MAX_BATCH,
+    AccountBalancesOut,
+    CheckIn,
+    CheckOut,
+    UsageBatch,
+    UsageBatchOut,
+    UsageResult,
+)
+from app.errors import ValidationProblem
+from app.http import READ, RUNTIME, Call, Endpoint
+
+
+async def check(call: Call) -> BaseModel:
+    return await service.check(call.ctx, call.body, call.request.headers.get("idempotency-key"))
+
+
+async def usage(call: Call) -> BaseModel:
+    """One event object, or {"events": [...]} with up to MAX_BATCH events answered one by one."""
+    body = call.body
+    if isinstance(body, dict) and "events" in body:
+        events = body["events"]
+        if set(body) != {"events"}:
+            raise ValidationProblem("only `events` is allowed beside a batch",
+                                    field=sorted(set(body) - {"events"})[0])
+        if not isinstance(events, list) or not events:
+            raise ValidationProblem("must be a non-empty list of events", field="events")
+        if len(events) > MAX_BATCH:
+            raise ValidationProblem(f"at most {MAX_BATCH} events per batch", field="events")
+        results = await service.record_usage(call.ctx, events, "events.{}.")
+        return UsageBatchOut(
+            accepted=sum(r.status == "accepted" for r in results),
+            duplicates=sum(r.status == "duplicate" for r in results),
+            rejected=sum(r.status == "rejected" for r in results), results=results)
+    [result] = await service.record_usage(call.ctx, [body], "")
+    if result.error is not None:
+        raise ValidationProblem(result.error.message, field=result.error.field)
+    return result
+
+
+async def balances(call: Call) -> BaseModel:
+    return await service.live_balances(call.ctx, call.path("code"))
+
+
+ENDPOINTS = [
+    Endpoint("POST", "/v1/check", check, RUNTIME,
+             "May this account use this product now? Optionally consume atomically",
+             "runtime", body=CheckIn, response=CheckOut),
+    Endpoint("POST", "/v1/usage", usage, RUNTIME,
+             "Report usage: one event, or {events: [...]} up to 1,000, each answered on its own",
+             "runtime", body=UsageBatch, response=UsageBatchOut, raw_body=True),
+    Endpoint("GET", "/v1/accounts/{code}/balances", balances, READ,
+             "Real-time balances of an account, from the hot state", "runtime",
+             response=AccountBalancesOut),
+]
+
+SINGLE_USAGE_RESPONSE = UsageResult

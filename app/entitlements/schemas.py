@@ -1,0 +1,96 @@
+"""Bodies of the runtime API: check, usage, real-time balances."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from app.schemas import Code, Strict, Timestamp
+
+Uid = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
+Reason = Literal["ok", "insufficient_balance", "no_eligible_balance", "account_blocked",
+                 "unknown_account", "unknown_product"]
+MAX_BATCH = 1_000
+
+
+class CheckIn(Strict):
+    account: Code
+    product: Code
+    amount: Decimal | None = Field(default=None, gt=0,
+                                   description="needed amount; omitted: any credit left")
+    credit_type: Code | None = Field(default=None, description="default: the account's")
+    consume: bool = Field(default=False,
+                          description="debit `amount` now, atomically, only if allowed")
+    idempotency_key: Uid | None = Field(
+        default=None, description="required with consume (or the Idempotency-Key header)")
+
+
+class CheckOut(BaseModel):
+    allowed: bool
+    reason: Reason
+    available: str | None = Field(description="eligible credit left for this product")
+    credit_type: str | None
+    consumed: bool = False
+    duplicate: bool = Field(default=False, description="this idempotency key was consumed before")
+
+
+class UsageEvent(Strict):
+    uid: Uid = Field(description="unique per account: a repeated uid is a duplicate")
+    account: Code
+    product: Code
+    amount: Decimal = Field(gt=0, description="in the credit type's units")
+    timestamp: Timestamp
+    credit_type: Code | None = Field(default=None, description="default: the account's")
+
+
+class UsageBatch(Strict):
+    events: list[UsageEvent] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class EventError(BaseModel):
+    code: str
+    field: str
+    message: str
+
+
+class UsageResult(BaseModel):
+    uid: str | None
+    status: Literal["accepted", "duplicate", "rejected"]
+    credit_type: str | None = None
+    available: str | None = Field(default=None, description="eligible credit left after it")
+    overage: str | None = Field(default=None, description="part no balance covered")
+    error: EventError | None = None
+
+
+class UsageBatchOut(BaseModel):
+    accepted: int
+    duplicates: int
+    rejected: int
+    results: list[UsageResult]
+
+
+class LiveBalance(BaseModel):
+    id: int
+    credit_type: str
+    remaining: str
+    products: list[str] | None
+    priority: int
+    effective_at: datetime
+    expires_at: datetime | None
+    drawable: bool = Field(description="active, effective and not expired right now")
+
+
+class CreditTypeAvailable(BaseModel):
+    credit_type: str
+    available: str = Field(description="sum of drawable balances of this account")
+    overage: str
+
+
+class AccountBalancesOut(BaseModel):
+    account: str
+    status: str
+    balances: list[LiveBalance]
+    totals: list[CreditTypeAvailable]

@@ -1,0 +1,228 @@
+"""check, check-and-consume, usage debits and the real-time balance view."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from app.config.catalog import AccountRef, CreditTypeRef
+from app.entitlements.schemas import (
+    AccountBalancesOut,
+    CheckIn,
+    CheckOut,
+    CreditTypeAvailable,
+    EventError,
+    LiveBalance,
+    UsageEvent,
+    UsageResult,
+)
+from app.errors import Problem, Unavailable, ValidationProblem
+from app.hotstate.store import Decision, DecideArgs
+from app.http import validation_problem
+from app.ledger import repository as ledger_repo
+from app.ledger.journal import JournalRecord, ms_to_dt
+from app.ledger.loader import to_ms
+from app.ledger.ops import decide, now_ms
+from app.ledger.service import account_ref, resolve_credit_type, scaled
+from app.money import fmt, from_scaled
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A usage event that passed validation, ready for its root's script."""
+
+    index: int
+    event: UsageEvent
+    account: AccountRef
+    credit_type: CreditTypeRef
+    args: DecideArgs
+
+
+def _amount(value: int, credit_type: CreditTypeRef) -> str:
+    return fmt(from_scaled(value, credit_type.decimal_places), credit_type.decimal_places)
+
+
+def _usage_payload(account: AccountRef, credit_type: CreditTypeRef, uid: str, product: str,
+                   amount: int, at_ms: int) -> str:
+    return json.dumps({"a": account.id, "ct": credit_type.id, "cc": credit_type.code,
+                       "dp": credit_type.decimal_places, "uid": uid, "prod": product,
+                       "amt": str(amount), "ts": at_ms})
+
+
+async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> CheckOut:
+    account = await ctx.catalog.account(body.account)
+    if account is None:
+        return CheckOut(allowed=False, reason="unknown_account", available=None, credit_type=None)
+    if not await ctx.catalog.product_exists(body.product):
+        return CheckOut(allowed=False, reason="unknown_product", available=None, credit_type=None)
+    key = body.idempotency_key or header_key
+    if body.consume and (body.amount is None or key is None):
+        field = "amount" if body.amount is None else "idempotency_key"
+        raise ValidationProblem("consume needs an amount and an idempotency key", field=field)
+    if body.credit_type is None and account.credit_type is None:
+        return CheckOut(allowed=False, reason="no_eligible_balance", available="0", credit_type=None)
+    credit_type = await resolve_credit_type(ctx, account, body.credit_type)
+    amount = scaled(body.amount, credit_type) if body.amount is not None else 0
+    at = now_ms()
+    payload = _usage_payload(account, credit_type, key or "", body.product, amount, at)
+    args = DecideArgs(account.id, account.chain_arg, key or "", body.product, credit_type.code,
+                      amount, at, "c" if body.consume else "q", payload)
+    decided_at, [decision] = await decide(ctx, account.root_id, [args])
+    out = CheckOut(allowed=decision.status in ("ok", "duplicate"),
+                   reason="ok" if decision.status == "duplicate" else decision.status,  # type: ignore[arg-type]
+                   available=_amount(decision.available, credit_type), credit_type=credit_type.code)
+    if body.consume and decision.status == "ok":
+        record = _record(account, decided_at, decision, payload)
+        [outcome] = await ctx.journal.commit([record])
+        out.consumed, out.duplicate = outcome == "accepted", outcome == "duplicate"
+    elif decision.status == "duplicate":
+        await _confirm_committed(ctx, account, [key or ""])
+        out.duplicate = True
+    return out
+
+
+def _record(account: AccountRef, at: int, decision: Decision, payload: str) -> JournalRecord:
+    return JournalRecord(account.root_id, decision.stream_id, "usage", json.loads(payload), at,
+                         decision.gen, decision.allocations, decision.overage,
+                         flag_changes=decision.flag_change)
+
+
+async def _confirm_committed(ctx: AppContext, account: AccountRef, uids: list[str]) -> None:
+    """A uid Redis has seen is only reported as a duplicate once its first use is in Postgres."""
+    missing = set(uids) - await ledger_repo.usage_exists(ctx.pool, account.id, uids)
+    if missing:
+        await ctx.journal.recover_root(account.root_id)
+        missing -= await ledger_repo.usage_exists(ctx.pool, account.id, list(missing))
+    if missing:
+        raise Unavailable("an earlier use of this uid is not committed yet; retry")
+
+
+def _rejected(uid: Any, problem: Problem, prefix: str) -> UsageResult:
+    field = problem.field or "body"
+    return UsageResult(uid=uid if isinstance(uid, str) else None, status="rejected",
+                       error=EventError(code=problem.code, field=prefix + field,
+                                        message=problem.detail))
+
+
+async def prepare(ctx: AppContext, index: int, raw: Any, now: datetime) -> Prepared:
+    try:
+        event = UsageEvent.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_problem(exc) from exc
+    account = await ctx.catalog.account(event.account)
+    if account is None:
+        raise ValidationProblem(f"unknown account {event.account!r}", field="account")
+    if not await ctx.catalog.product_exists(event.product):
+        raise ValidationProblem(f"unknown product {event.product!r}", field="product")
+    if event.timestamp > now + timedelta(seconds=ctx.settings.usage_future_skew_s):
+        raise ValidationProblem("is in the future", field="timestamp")
+    if event.timestamp < now - timedelta(seconds=ctx.settings.usage_max_age_s):
+        raise ValidationProblem("is older than the accepted window", field="timestamp")
+    credit_type = await resolve_credit_type(ctx, account, event.credit_type)
+    amount = scaled(event.amount, credit_type)
+    at = to_ms(event.timestamp)
+    payload = _usage_payload(account, credit_type, event.uid, event.product, amount, at)
+    return Prepared(index, event, account, credit_type, DecideArgs(
+        account.id, account.chain_arg, event.uid, event.product, credit_type.code, amount, at,
+        "u", payload))
+
+
+async def record_usage(ctx: AppContext, items: list[Any], prefix: str) -> list[UsageResult]:
+    """Debit a batch; every event is answered on its own and a rejected one affects no other."""
+    now = datetime.now(UTC)
+    results: dict[int, UsageResult] = {}
+    by_root: dict[int, list[Prepared]] = defaultdict(list)
+    for index, raw in enumerate(items):
+        try:
+            prepared = await prepare(ctx, index, raw, now)
+        except ValidationProblem as problem:
+            uid = raw.get("uid") if isinstance(raw, dict) else None
+            results[index] = _rejected(uid, problem, prefix.format(index))
+            continue
+        by_root[prepared.account.root_id].append(prepared)
+    outcomes = await asyncio.gather(*(_debit_root(ctx, group) for group in by_root.values()))
+    for group_results in outcomes:
+        results.update(group_results)
+    return [results[i] for i in range(len(items))]
+
+
+async def _debit_root(ctx: AppContext, group: list[Prepared]) -> dict[int, UsageResult]:
+    root_id = group[0].account.root_id
+    at, decisions = await decide(ctx, root_id, [p.args for p in group])
+    records, applied, duplicates = [], [], defaultdict(list)
+    for prepared, decision in zip(group, decisions, strict=True):
+        if decision.status == "duplicate":
+            duplicates[prepared.account].append(prepared.event.uid)
+        else:
+            records.append(_record(prepared.account, at, decision, prepared.args.payload))
+            applied.append((prepared, decision))
+    outcomes = await ctx.journal.commit(records) if records else []
+    for account, uids in duplicates.items():
+        await _confirm_committed(ctx, account, uids)
+    results: dict[int, UsageResult] = {}
+    for (prepared, decision), outcome in zip(applied, outcomes, strict=True):
+        ct = prepared.credit_type
+        results[prepared.index] = UsageResult(
+            uid=prepared.event.uid, status="accepted" if outcome == "accepted" else "duplicate",
+            credit_type=ct.code, available=_amount(decision.available, ct) if outcome == "accepted"
+            else None, overage=_amount(decision.overage, ct) if outcome == "accepted" else None)
+    for prepared, decision in zip(group, decisions, strict=True):
+        if decision.status == "duplicate":
+            results[prepared.index] = UsageResult(uid=prepared.event.uid, status="duplicate",
+                                                  credit_type=prepared.credit_type.code)
+    return results
+
+
+async def live_balances(ctx: AppContext, code: str) -> AccountBalancesOut:
+    account = await account_ref(ctx, code)
+    raw = None
+    for _ in range(3):
+        raw = await ctx.hot.read_account(account.root_id, account.id)
+        if raw is not None:
+            break
+        await ctx.loader.ensure(account.root_id)
+    if raw is None:
+        raise Unavailable("hot state could not be rebuilt; retry")
+    status, remaining, defs, overage = raw[0], _pairs(raw[1]), _pairs(raw[2]), _pairs(raw[3])
+    now = now_ms()
+    balances: list[LiveBalance] = []
+    totals: dict[str, int] = defaultdict(int)
+    types: dict[str, CreditTypeRef] = {}
+    for balance_id, definition in sorted(defs.items(), key=lambda kv: int(kv[0])):
+        ct_code, prio, eff, exp, st, scope = definition.split("|")
+        if st not in ("a", "p"):
+            continue
+        credit_type = types.get(ct_code) or await ctx.catalog.credit_type(ct_code)
+        assert credit_type is not None
+        types[ct_code] = credit_type
+        left = int(remaining.get(balance_id, "0"))
+        drawable = st == "a" and int(eff) <= now and (exp == "0" or now < int(exp))
+        totals[ct_code] += left if drawable else 0
+        balances.append(LiveBalance(
+            id=int(balance_id), credit_type=ct_code, remaining=_amount(left, credit_type),
+            products=None if scope == "*" else scope.split(","), priority=int(prio),
+            effective_at=ms_to_dt(int(eff)), expires_at=ms_to_dt(int(exp)) if exp != "0" else None,
+            drawable=drawable))
+    for ct_code in overage:
+        if ct_code not in types:
+            found = await ctx.catalog.credit_type(ct_code)
+            assert found is not None
+            types[ct_code] = found
+    return AccountBalancesOut(account=code, status=status, balances=balances, totals=[
+        CreditTypeAvailable(credit_type=c, available=_amount(totals.get(c, 0), types[c]),
+                            overage=_amount(int(overage.get(c, "0")), types[c]))
+        for c in sorted(types)])
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+

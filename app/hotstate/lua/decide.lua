@@ -1,0 +1,58 @@
+-- Check, check-and-consume and usage debits for one billing root, atomically.
+-- ARGV: now_ms, today (uid bucket day number), mark_ttl_s, then 9 per event:
+--   account id, chain (self,parent,..,root), uid, product, credit type, amount, at_ms,
+--   mode (q: check only, c: consume if allowed, u: usage, always recorded), payload (opaque JSON)
+-- Returns {"cold"} when the root is not in the hot state, else per event
+--   {status, available after, overage, allocations "bid:acct:amt,...", stream id, gen, flag change}
+local now, today, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = (#ARGV - 3) / 9
+local results = {}
+
+for i = 0, n - 1 do
+  local o = 3 + i * 9
+  local chain = split(ARGV[o + 2], ',')
+  if not loaded(chain) then return {'cold'} end
+end
+
+for i = 0, n - 1 do
+  local o = 3 + i * 9
+  local acct, chain, uid, product = ARGV[o + 1], split(ARGV[o + 2], ','), ARGV[o + 3], ARGV[o + 4]
+  local ct, amount, at, mode, payload = ARGV[o + 5], tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]),
+    ARGV[o + 8], ARGV[o + 9]
+  local today_key, yday_key = akey('u', acct .. ':' .. today), akey('u', acct .. ':' .. (today - 1))
+  local list = eligible(chain, product, ct, at)
+  local avail = total(list)
+  local status = 'ok'
+  if mode ~= 'q' and uid ~= '' and (redis.call('HEXISTS', today_key, uid) == 1
+      or redis.call('HEXISTS', yday_key, uid) == 1) then
+    status = 'duplicate'
+  elseif mode ~= 'u' then
+    if blocked(chain) then status = 'account_blocked'
+    elseif #list == 0 then status = 'no_eligible_balance'
+    elseif avail < amount or avail <= 0 then status = 'insufficient_balance' end
+  end
+  if status ~= 'ok' or mode == 'q' then
+    results[#results + 1] = {status, avail, 0, '', '', '', ''}
+  else
+    local need, allocs = amount, {}
+    for _, b in ipairs(list) do
+      if need <= 0 then break end
+      local take = math.min(b.rem, need)
+      if take > 0 then
+        redis.call('HINCRBY', akey('b', b.acct), b.bid, -take)
+        allocs[#allocs + 1] = b.bid .. ':' .. b.acct .. ':' .. string.format('%d', take)
+        need = need - take
+      end
+    end
+    if need > 0 then redis.call('HINCRBY', akey('o', acct), ct, need) end
+    redis.call('HSET', today_key, uid, '1')
+    redis.call('EXPIRE', today_key, ttl)
+    local after = avail - (amount - need)
+    local change = set_flag(acct, product, ct, after > 0)
+    local alloc = table.concat(allocs, ',')
+    local id = journal({'k', 'usage', 'p', payload, 'al', alloc, 'ov', string.format('%d', need),
+                        't', now, 'g', gen(), 'fc', change})
+    results[#results + 1] = {status, after, need, alloc, id, gen(), change}
+  end
+end
+return results

@@ -1,0 +1,38 @@
+-- Grants, adjustments, voids and expiries of one balance, journalled atomically.
+-- ARGV: now_ms, kind (grant|adjustment|void|expire), account id, chain, balance id,
+--       amount (grant, adjustment: signed), def (grant), at_ms, payload (opaque JSON)
+-- Returns {"cold"} | {"missing"} (unknown balance, or a grant id already used) |
+--         {"insufficient", remaining} |
+--         {"ok", amount applied, remaining after, stream id, gen, flag changes}
+local now, kind, acct, chain, bid = ARGV[1], ARGV[2], ARGV[3], split(ARGV[4], ','), ARGV[5]
+local amount, def, at, payload = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
+if not loaded(chain) then return {'cold'} end
+
+local dkey, bkey = akey('d', acct), akey('b', acct)
+local current = redis.call('HGET', dkey, bid)
+local rem = tonumber(redis.call('HGET', bkey, bid) or '0')
+local applied = 0
+
+if kind == 'grant' then
+  if current then return {'missing'} end
+  redis.call('HSET', dkey, bid, def)
+  redis.call('HSET', bkey, bid, string.format('%d', amount))
+  applied = amount
+else
+  if not current then return {'missing'} end
+  local st = parse_def(current).st
+  if st == 'v' or st == 'x' then return {'missing'} end
+  if kind == 'adjustment' then
+    if rem + amount < 0 then return {'insufficient', rem} end
+    applied = amount
+  else
+    applied = -rem
+    redis.call('HSET', dkey, bid, with_status(current, kind == 'void' and 'v' or 'x'))
+  end
+  redis.call('HINCRBY', bkey, bid, applied)
+end
+
+local changes = refresh_flags(acct, chain, at)
+local id = journal({'k', kind, 'p', payload, 'x', string.format('%d', applied), 't', now,
+                    'g', gen(), 'fc', changes})
+return {'ok', applied, rem + applied, id, gen(), changes}

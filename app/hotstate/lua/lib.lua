@@ -1,0 +1,115 @@
+-- Shared helpers, prepended to every script when it is loaded.
+-- KEYS[1] is always the root key "cg:{<root id>}:root"; every other key of the billing root
+-- shares its hash tag, so the scripts run unchanged on Redis Cluster.
+-- Amounts are scaled integers. Lua numbers are doubles: the app keeps each below 2^50.
+local T = string.sub(KEYS[1], 1, -6)
+
+local function akey(kind, acct) return T .. ':' .. kind .. ':' .. acct end
+
+local function split(s, sep)
+  local out = {}
+  if s == nil or s == '' then return out end
+  for part in string.gmatch(s, '[^' .. sep .. ']+') do out[#out + 1] = part end
+  return out
+end
+
+-- def: "<credit type>|<priority>|<effective ms>|<expires ms or 0>|<status a/p/v/x>|<products or *>"
+local function parse_def(s)
+  local ct, prio, eff, exp, st, prods =
+    string.match(s, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  return {ct = ct, prio = tonumber(prio), eff = tonumber(eff), exp = tonumber(exp), st = st,
+          prods = prods}
+end
+
+local function with_status(def, st)
+  local d = parse_def(def)
+  return table.concat({d.ct, d.prio, d.eff, d.exp, st, d.prods}, '|')
+end
+
+local function covers(prods, product)
+  if prods == '*' then return true end
+  for p in string.gmatch(prods, '[^,]+') do
+    if p == product then return true end
+  end
+  return false
+end
+
+-- true when every account of the chain is in the hot state
+local function loaded(chain)
+  if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+  for _, acct in ipairs(chain) do
+    if redis.call('EXISTS', akey('a', acct)) == 0 then return false end
+  end
+  return true
+end
+
+local function blocked(chain)
+  for _, acct in ipairs(chain) do
+    if redis.call('HGET', akey('a', acct), 'st') == 'blocked' then return true end
+  end
+  return false
+end
+
+-- Eligible balances in drawdown order: the account's own before its parents', then
+-- priority (lower first), expiry (soonest first, never last), creation (balance id).
+local function eligible(chain, product, ct, at)
+  local out = {}
+  for ci, acct in ipairs(chain) do
+    local defs = redis.call('HGETALL', akey('d', acct))
+    for i = 1, #defs, 2 do
+      local d = parse_def(defs[i + 1])
+      if d.ct == ct and d.st == 'a' and d.eff <= at and (d.exp == 0 or at < d.exp)
+          and covers(d.prods, product) then
+        local rem = tonumber(redis.call('HGET', akey('b', acct), defs[i]) or '0')
+        local exp = d.exp
+        if exp == 0 then exp = math.huge end
+        out[#out + 1] = {acct = acct, bid = defs[i], rem = rem, prio = d.prio, exp = exp,
+                         id = tonumber(defs[i]), ci = ci}
+      end
+    end
+  end
+  table.sort(out, function(a, b)
+    if a.ci ~= b.ci then return a.ci < b.ci end
+    if a.prio ~= b.prio then return a.prio < b.prio end
+    if a.exp ~= b.exp then return a.exp < b.exp end
+    return a.id < b.id
+  end)
+  return out
+end
+
+local function total(list)
+  local sum = 0
+  for _, b in ipairs(list) do sum = sum + b.rem end
+  return sum
+end
+
+-- Record the entitlement flag of (account, product, credit type); returns the transition
+-- ("granted" / "revoked") or "" when the flag did not change.
+local function set_flag(acct, product, ct, allowed)
+  local field = product .. '|' .. ct
+  local new = allowed and '1' or '0'
+  local old = redis.call('HGET', akey('e', acct), field)
+  if old == new then return '' end
+  redis.call('HSET', akey('e', acct), field, new)
+  if old == false and allowed then return '' end
+  return allowed and 'granted' or 'revoked'
+end
+
+-- Re-derive every recorded flag of an account after its balances changed.
+local function refresh_flags(acct, chain, at)
+  local out = {}
+  local fields = redis.call('HKEYS', akey('e', acct))
+  for _, field in ipairs(fields) do
+    local product, ct = string.match(field, '^(.*)|(.*)$')
+    local change = set_flag(acct, product, ct, total(eligible(chain, product, ct, at)) > 0)
+    if change ~= '' then out[#out + 1] = product .. '|' .. ct .. '|' .. change end
+  end
+  return table.concat(out, ';')
+end
+
+local function gen() return redis.call('HGET', KEYS[1], 'gen') end
+
+local function journal(fields)
+  redis.call('INCR', T .. ':v')
+  return redis.call('XADD', T .. ':j', '*', unpack(fields))
+end

@@ -1,0 +1,138 @@
+"""The hot copy in Redis: Lua scripts loaded once from files and called by SHA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from app.hotstate.keys import journal_key, root_key, tag
+
+LUA_DIR = Path(__file__).parent / "lua"
+SCRIPTS = ("decide", "ledger_op", "account", "snapshot", "install", "ack", "read")
+# Hot path numbers are passed to Lua as strings; the bucket of a usage uid is its UTC day.
+DAY_MS = 86_400_000
+MARK_TTL_S = 2 * 86_400 + 3_600
+
+
+@dataclass(frozen=True)
+class DecideArgs:
+    account_id: int
+    chain: str  # "self,parent,...,root"
+    uid: str
+    product: str
+    credit_type: str
+    amount: int
+    at_ms: int
+    mode: str  # q: check, c: consume if allowed, u: usage
+    payload: str
+
+    def argv(self) -> list[str | int]:
+        return [self.account_id, self.chain, self.uid, self.product, self.credit_type,
+                self.amount, self.at_ms, self.mode, self.payload]
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: str
+    available: int
+    overage: int
+    allocations: str
+    stream_id: str
+    gen: str
+    flag_change: str
+
+
+@dataclass(frozen=True)
+class LedgerOpArgs:
+    kind: str
+    account_id: int
+    chain: str
+    balance_id: int
+    amount: int
+    definition: str
+    at_ms: int
+    payload: str
+
+
+@dataclass(frozen=True)
+class LedgerOpResult:
+    status: str  # ok | cold | missing | insufficient
+    applied: int = 0
+    remaining: int = 0
+    stream_id: str = ""
+    gen: str = ""
+    flag_changes: str = ""
+
+
+class HotState:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        lib = (LUA_DIR / "lib.lua").read_text()
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(lib + (LUA_DIR / f"{name}.lua").read_text())
+            for name in SCRIPTS
+        }
+
+    async def _run(self, name: str, root_id: int, args: list[Any]) -> Any:
+        return await self._scripts[name](keys=[root_key(root_id)], args=args)
+
+    async def decide(self, root_id: int, now_ms: int, events: list[DecideArgs]) -> list[Decision] | None:
+        """Decide (and for c/u modes apply) events of one root; None when the root is cold."""
+        args: list[Any] = [now_ms, now_ms // DAY_MS, MARK_TTL_S]
+        for event in events:
+            args.extend(event.argv())
+        raw = await self._run("decide", root_id, args)
+        if raw and raw[0] == "cold":
+            return None
+        return [Decision(r[0], int(r[1]), int(r[2]), r[3], r[4], r[5], r[6]) for r in raw]
+
+    async def ledger_op(self, root_id: int, now_ms: int, op: LedgerOpArgs) -> LedgerOpResult:
+        raw = await self._run("ledger_op", root_id, [
+            now_ms, op.kind, op.account_id, op.chain, op.balance_id, op.amount, op.definition,
+            op.at_ms, op.payload,
+        ])
+        if raw[0] != "ok":
+            return LedgerOpResult(raw[0], remaining=int(raw[1]) if len(raw) > 1 else 0)
+        return LedgerOpResult("ok", int(raw[1]), int(raw[2]), raw[3], raw[4], raw[5])
+
+    async def set_account(self, root_id: int, account_id: int, status: str, parent: str) -> None:
+        await self._run("account", root_id, [account_id, status, parent])
+
+    async def snapshot(self, root_id: int) -> tuple[bool, str, list[tuple[str, dict[str, str]]]]:
+        loaded, ver, entries = await self._run("snapshot", root_id, [])
+        return bool(loaded), str(ver), [(eid, _pairs(fields)) for eid, fields in entries]
+
+    async def install(self, root_id: int, ver: str, gen: str, state_json: str) -> str:
+        return str(await self._run("install", root_id, [ver, gen, state_json]))
+
+    async def ack(self, root_id: int, stream_ids: list[str]) -> str:
+        return str(await self._run("ack", root_id, stream_ids))
+
+    async def invalidate(self, root_id: int) -> None:
+        """Forget a root's hot state; the next request rebuilds it from Postgres."""
+        await self.redis.delete(root_key(root_id))
+
+    async def read_account(self, root_id: int, account_id: int) -> list[Any] | None:
+        raw = await self._run("read", root_id, [account_id])
+        return None if raw and raw[0] == "cold" else list(raw)
+
+    async def journal_entries(self, root_id: int, max_id: str) -> list[tuple[str, dict[str, str]]]:
+        entries = await self.redis.xrange(journal_key(root_id), "-", max_id)
+        return [(eid, _pairs(fields)) for eid, fields in entries]
+
+    def tag(self, root_id: int) -> str:
+        return tag(root_id)
+
+
+def _pairs(fields: Any) -> dict[str, str]:
+    if isinstance(fields, dict):
+        return {str(k): str(v) for k, v in fields.items()}
+    return {str(fields[i]): str(fields[i + 1]) for i in range(0, len(fields), 2)}
+
+
+def pairs(flat: list[str]) -> dict[str, str]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}

@@ -1,0 +1,197 @@
+"""Declared endpoints: each route states its scope and its pydantic bodies.
+
+The same declarations build the Starlette routes, the OpenAPI document and the route-walking
+auth test, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from decimal import Decimal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app.auth.keys import Principal, Scope, find_principal
+from app.errors import (
+    Forbidden,
+    MalformedBody,
+    STORE_ERRORS,
+    Problem,
+    Unauthenticated,
+    Unavailable,
+    ValidationProblem,
+    field_path,
+    problem_response,
+)
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+ADMIN = frozenset({Scope.admin})
+RUNTIME = frozenset({Scope.runtime})
+READ = frozenset({Scope.admin, Scope.runtime})
+PUBLIC: frozenset[Scope] = frozenset()
+
+KEY_CACHE_TTL_S = 30.0
+
+
+@dataclass
+class Call:
+    """What a handler gets: the parsed request and the app's shared clients."""
+
+    request: Request
+    ctx: AppContext
+    principal: Principal | None
+    body: Any = None
+    query: Any = None
+
+    def path(self, name: str) -> str:
+        return str(self.request.path_params[name])
+
+
+Handler = Callable[[Call], Awaitable[BaseModel | Response]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    scopes: frozenset[Scope]
+    summary: str
+    tag: str
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    status: int = 200
+    # the handler parses the JSON itself (per-item errors); `body` is then for the docs only
+    raw_body: bool = False
+    path_params: tuple[str, ...] = field(default=())
+
+    @property
+    def idempotent_write(self) -> bool:
+        return self.method in ("POST", "PATCH") and Scope.admin in self.scopes
+
+
+def validation_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> Problem:
+    errors = [
+        {"field": field_path(prefix + tuple(e["loc"])), "message": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return MalformedBody("request body is not valid JSON", field="body")
+    first = errors[0]
+    return ValidationProblem(f"{first['field']}: {first['message']}", field=first["field"],
+                             errors=errors)
+
+
+class KeyCache:
+    """Known keys are cached briefly so the hot path does not hit Postgres; revocation lags by
+    at most KEY_CACHE_TTL_S."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[Principal, float]] = {}
+
+    async def principal(self, ctx: AppContext, key: str) -> Principal | None:
+        hit = self._known.get(key)
+        now = time.monotonic()
+        if hit and hit[1] > now:
+            return hit[0]
+        found = await find_principal(ctx.pool, key)
+        if found:
+            if len(self._known) > 10_000:
+                self._known.clear()
+            self._known[key] = (found, now + KEY_CACHE_TTL_S)
+        return found
+
+
+async def authenticate(ctx: AppContext, request: Request, scopes: frozenset[Scope]) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise Unauthenticated("send `Authorization: Bearer <api key>`", field="Authorization")
+    principal = await ctx.keys.principal(ctx, key.strip())
+    if principal is None:
+        raise Unauthenticated("unknown or revoked API key", field="Authorization")
+    if principal.scope not in scopes:
+        allowed = " or ".join(sorted(s.value for s in scopes))
+        raise Forbidden(f"this route needs a key with scope {allowed}", field="Authorization")
+    return principal
+
+
+def render(result: BaseModel | Response, status: int) -> Response:
+    if isinstance(result, Response):
+        return result
+    return Response(result.model_dump_json(), status_code=status, media_type="application/json")
+
+
+async def parse_call(endpoint: Endpoint, request: Request, ctx: AppContext) -> Call:
+    principal = None
+    if endpoint.scopes:
+        principal = await authenticate(ctx, request, endpoint.scopes)
+    call = Call(request, ctx, principal)
+    if endpoint.query is not None:
+        try:
+            call.query = endpoint.query.model_validate(dict(request.query_params))
+        except ValidationError as exc:
+            raise validation_problem(exc, ("query",)) from exc
+    if endpoint.body is not None or endpoint.raw_body:
+        data = loads(await request.body() or b"{}")
+        if endpoint.raw_body:
+            call.body = data
+        else:
+            assert endpoint.body is not None
+            try:
+                call.body = endpoint.body.model_validate(data)
+            except ValidationError as exc:
+                raise validation_problem(exc) from exc
+    return call
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not a number")
+
+
+def loads(raw: bytes) -> Any:
+    """Parse JSON with every fraction as an exact Decimal: no amount ever passes a float."""
+    try:
+        return json.loads(raw, parse_float=Decimal, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedBody("request body is not valid JSON", field="body") from exc
+
+
+def request_fingerprint(request: Request, raw: bytes) -> bytes:
+    return hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + raw).digest()
+
+
+def to_route(endpoint: Endpoint) -> Route:
+    async def serve(request: Request) -> Response:
+        ctx: AppContext = request.app.state.ctx
+        try:
+            call = await parse_call(endpoint, request, ctx)
+            key = request.headers.get("idempotency-key")
+            if key is not None and endpoint.idempotent_write and call.principal is not None:
+                from app.idempotency import run_idempotent
+
+                fingerprint = request_fingerprint(request, await request.body())
+                return await run_idempotent(ctx, call.principal, key, fingerprint,
+                                            lambda: _respond(endpoint, call))
+            return await _respond(endpoint, call)
+        except Problem as problem:
+            return problem_response(problem)
+        except STORE_ERRORS as exc:
+            return problem_response(Unavailable(f"a backing store is unreachable: {type(exc).__name__}"))
+
+    return Route(endpoint.path, serve, methods=[endpoint.method], name=endpoint.handler.__name__)
+
+
+async def _respond(endpoint: Endpoint, call: Call) -> Response:
+    return render(await endpoint.handler(call), endpoint.status)

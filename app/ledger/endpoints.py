@@ -1,0 +1,90 @@
+"""Routes of balances and the ledger (admin scope)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from app.errors import NotFound
+from app.http import ADMIN, Call, Endpoint
+from app.ledger import repository as repo
+from app.ledger import service
+from app.ledger.schemas import (
+    AdjustmentIn,
+    BalanceAtOut,
+    BalanceAtQuery,
+    BalanceOut,
+    BalancePage,
+    GrantIn,
+    LedgerPage,
+    LedgerQuery,
+    VoidIn,
+)
+from app.schemas import Code, ListQuery, next_cursor
+
+
+class BalanceListQuery(ListQuery):
+    account: Code
+
+
+def balance_id(call: Call) -> int:
+    raw = call.path("balance_id")
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound(f"no balance {raw!r}", field="balance_id")
+    return int(raw)
+
+
+async def grant(call: Call) -> BaseModel:
+    return await service.grant(call.ctx, call.path("code"), call.body)
+
+
+async def get_balance(call: Call) -> BaseModel:
+    return await service.read_balance(call.ctx, balance_id(call))
+
+
+async def list_balances(call: Call) -> BaseModel:
+    account = await service.account_ref(call.ctx, call.query.account)
+    rows = await repo.account_balances(call.ctx.pool, account.id, call.query.after_id(),
+                                       call.query.limit)
+    return BalancePage(data=[service.balance_out(r) for r in rows],
+                       next_cursor=next_cursor([r["id"] for r in rows], call.query.limit))
+
+
+async def adjust(call: Call) -> BaseModel:
+    return await service.adjust(call.ctx, balance_id(call), call.body)
+
+
+async def void(call: Call) -> BaseModel:
+    return await service.void(call.ctx, balance_id(call), call.body)
+
+
+async def ledger(call: Call) -> BaseModel:
+    q = call.query
+    rows = await service.ledger(call.ctx, call.path("code"), q.credit_type, q.after_id(), q.limit)
+    return LedgerPage(data=[service.entry_out(r) for r in rows],
+                      next_cursor=next_cursor([r["id"] for r in rows], q.limit))
+
+
+async def balance_at(call: Call) -> BaseModel:
+    return await service.balance_at(call.ctx, call.path("code"), call.query.at)
+
+
+ENDPOINTS = [
+    Endpoint("POST", "/v1/accounts/{code}/grants", grant, ADMIN,
+             "Grant credits: creates a balance and its grant entry", "balances", body=GrantIn,
+             response=BalanceOut, status=201),
+    Endpoint("GET", "/v1/balances", list_balances, ADMIN,
+             "List an account's balances (all statuses) with granted and remaining amounts",
+             "balances", query=BalanceListQuery, response=BalancePage),
+    Endpoint("GET", "/v1/balances/{balance_id}", get_balance, ADMIN, "Read a balance",
+             "balances", response=BalanceOut),
+    Endpoint("POST", "/v1/balances/{balance_id}/adjustments", adjust, ADMIN,
+             "Adjust a balance up or down", "balances", body=AdjustmentIn, response=BalanceOut),
+    Endpoint("POST", "/v1/balances/{balance_id}/void", void, ADMIN,
+             "Void what remains of a balance", "balances", body=VoidIn, response=BalanceOut),
+    Endpoint("GET", "/v1/accounts/{code}/ledger", ledger, ADMIN,
+             "The account's ledger, oldest first, with a running balance per entry", "ledger",
+             query=LedgerQuery, response=LedgerPage),
+    Endpoint("GET", "/v1/accounts/{code}/balance-at", balance_at, ADMIN,
+             "The account's balance per credit type as of a past time", "ledger",
+             query=BalanceAtQuery, response=BalanceAtOut),
+]

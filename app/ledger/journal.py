@@ -1,0 +1,213 @@
+"""The journal: changes decided in Redis, committed to Postgres in groups before any reply.
+
+A Lua script applies a change to the hot copy and appends it to the root's stream journal in
+one atomic step. The request hands the same record to this process's flusher, which writes
+many records in one transaction (group commit) and then drops them from the stream. If the
+process dies first, another one finds the entry still in the stream and flushes it: every
+insert is keyed by the operation, so a second flush changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from app.errors import STORE_ERRORS
+from app.hotstate.keys import JOURNAL_PATTERN, root_of
+from app.hotstate.store import HotState
+from app.ledger import repository as repo
+from app.money import from_scaled
+
+log = logging.getLogger(__name__)
+MAX_BATCH = 2_000
+
+
+def ms_to_dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)  # float-ok: a timestamp, not an amount
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    root_id: int
+    stream_id: str
+    kind: str  # usage | grant | adjustment | void | expire
+    payload: dict[str, Any]
+    recorded_ms: int
+    gen: str
+    allocations: str = ""  # usage: "balance:account:amount,..."
+    overage: int = 0  # usage: what no balance covered
+    applied: int = 0  # other kinds: the signed change to the balance
+    flag_changes: str = ""
+
+    @classmethod
+    def from_stream(cls, root_id: int, stream_id: str, fields: dict[str, str]) -> JournalRecord:
+        return cls(root_id, stream_id, fields["k"], json.loads(fields["p"]), int(fields["t"]),
+                   fields.get("g", ""), fields.get("al", ""), int(fields.get("ov", "0")),
+                   int(fields.get("x", "0")), fields.get("fc", ""))
+
+    @property
+    def journal_id(self) -> str:
+        return f"{self.root_id}:{self.stream_id}"
+
+    @property
+    def op_key(self) -> str:
+        if self.kind == "usage":
+            return f"u:{self.payload['a']}:{self.payload['uid']}"
+        return str(self.payload["op"])
+
+
+@dataclass
+class Rows:
+    """One batch of journal records as Postgres rows."""
+
+    entries: list[tuple[Any, ...]] = field(default_factory=list)
+    usage: list[tuple[Any, ...]] = field(default_factory=list)
+    balances: list[tuple[Any, ...]] = field(default_factory=list)
+    statuses: list[tuple[int, str]] = field(default_factory=list)
+
+    def add(self, rec: JournalRecord) -> None:
+        p, at = rec.payload, ms_to_dt(rec.recorded_ms)
+        dp, account, credit_type = int(p["dp"]), int(p["a"]), int(p["ct"])
+
+        def entry(seq: int, owner: int, balance: int | None, kind: str, scaled: int) -> None:
+            self.entries.append((rec.op_key, seq, owner, balance, credit_type, kind,
+                                 from_scaled(scaled, dp), p.get("uid"), p.get("prod"),
+                                 p.get("desc", ""), at, rec.journal_id))
+
+        if rec.kind == "usage":
+            seq = 0
+            for seq, alloc in enumerate(filter(None, rec.allocations.split(","))):  # noqa: B007
+                balance, owner, taken = alloc.split(":")
+                entry(seq, int(owner), int(balance), "debit", -int(taken))
+            if rec.overage:
+                entry(seq + 1 if rec.allocations else 0, account, None, "overage", -rec.overage)
+            self.usage.append((account, p["uid"], p["prod"], credit_type,
+                               from_scaled(int(p["amt"]), dp), from_scaled(rec.overage, dp),
+                               ms_to_dt(int(p["ts"])), at))
+            return
+        balance_id = int(p["b"])
+        if rec.kind == "grant":
+            bal = p["bal"]
+            self.balances.append((balance_id, account, credit_type, bal["products"],
+                                  bal["priority"], ms_to_dt(bal["eff"]),
+                                  ms_to_dt(bal["exp"]) if bal["exp"] else None,
+                                  bal["description"], bal["source"]))
+        elif rec.kind in ("void", "expire"):
+            self.statuses.append((balance_id, "voided" if rec.kind == "void" else "expired"))
+        entry(0, account, balance_id, rec.kind, rec.applied)
+
+
+def ops_outcome(records: list[JournalRecord], inserted: set[str], owners: dict[str, str]) -> list[str]:
+    """accepted, or duplicate when another operation with the same key committed first."""
+    return ["accepted" if r.op_key in inserted or owners.get(r.op_key) == r.journal_id
+            else "duplicate" for r in records]
+
+
+class Journal:
+    def __init__(self, pool: asyncpg.Pool, hot: HotState, parallel: int = 3) -> None:
+        self.pool = pool
+        self.hot = hot
+        self._queue: asyncio.Queue[tuple[JournalRecord, asyncio.Future[str]]] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(parallel)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def commit(self, records: list[JournalRecord]) -> list[str]:
+        """Wait until the records are committed in Postgres; accepted/duplicate per record."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for record in records:
+            future: asyncio.Future[str] = loop.create_future()
+            self._queue.put_nowait((record, future))
+            futures.append(future)
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._slots.acquire()
+            task = asyncio.create_task(self._flush_waiting(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _flush_waiting(self, batch: list[tuple[JournalRecord, asyncio.Future[str]]]) -> None:
+        try:
+            outcomes = await self.flush([record for record, _ in batch])
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        finally:
+            self._slots.release()
+
+    async def flush(self, records: list[JournalRecord]) -> list[str]:
+        """Commit records (idempotently), then drop them from their streams."""
+        if not records:
+            return []
+        rows = Rows()
+        for record in sorted(records, key=lambda r: r.op_key):  # one lock order: no deadlocks
+            rows.add(record)
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await repo.write_rows(conn, rows)
+            missing = [r.op_key for r in records if r.op_key not in inserted]
+            owners = await repo.op_owners(conn, missing) if missing else {}
+        outcomes = ops_outcome(records, inserted, owners)
+        await self._after_commit(records, outcomes)
+        return outcomes
+
+    async def _after_commit(self, records: list[JournalRecord], outcomes: list[str]) -> None:
+        by_root: dict[int, list[JournalRecord]] = defaultdict(list)
+        stale: set[int] = set()
+        for record, outcome in zip(records, outcomes, strict=True):
+            by_root[record.root_id].append(record)
+            if outcome == "duplicate":  # the hot copy applied it twice: rebuild from Postgres
+                stale.add(record.root_id)
+        try:
+            for root_id, group in by_root.items():
+                gen = await self.hot.ack(root_id, [r.stream_id for r in group])
+                if gen and any(r.gen != gen for r in group):
+                    # a rebuild ran while these were in flight and may have missed them
+                    stale.add(root_id)
+            for root_id in stale:
+                await self.hot.invalidate(root_id)
+        except STORE_ERRORS:
+            # committed all the same; the entries stay in the stream and a later sweep
+            # re-flushes them harmlessly
+            log.warning("journal ack failed; entries will be re-flushed by the sweeper")
+
+    async def recover_root(self, root_id: int, max_id: str = "+") -> int:
+        entries = await self.hot.journal_entries(root_id, max_id)
+        records = [JournalRecord.from_stream(root_id, eid, fields) for eid, fields in entries]
+        await self.flush(records)
+        return len(records)
+
+    async def sweep(self, orphan_ms: int) -> int:
+        """Flush journal entries older than orphan_ms: left behind by a process that died."""
+        seconds, micros = await self.hot.redis.time()
+        cutoff = f"{seconds * 1000 + micros // 1000 - orphan_ms}"
+        found = 0
+        async for key in self.hot.redis.scan_iter(match=JOURNAL_PATTERN, count=1000, _type="stream"):
+            found += await self.recover_root(root_of(str(key)), cutoff)
+        return found
+

@@ -1,0 +1,184 @@
+"""SQL of balances, ledger entries and usage events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+if TYPE_CHECKING:
+    from app.ledger.journal import Rows
+
+Conn = asyncpg.Connection | asyncpg.Pool
+
+
+async def write_rows(conn: asyncpg.Connection, rows: Rows) -> set[str]:
+    """Insert a journal batch; returns the op keys whose entries were new."""
+    if rows.balances:
+        await conn.execute(
+            """INSERT INTO balances (id, account_id, credit_type_id, product_codes, priority,
+                                     effective_at, expires_at, description, source)
+               SELECT b.id, b.account_id, b.credit_type_id,
+                      CASE WHEN b.products IS NULL THEN NULL
+                           ELSE string_to_array(b.products, ',') END,
+                      b.priority, b.effective_at, b.expires_at, b.description, b.source
+               FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int4[],
+                           $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[])
+                    AS b(id, account_id, credit_type_id, products, priority, effective_at,
+                         expires_at, description, source)
+               ON CONFLICT (id) DO NOTHING""",
+            *_columns([(b[0], b[1], b[2], ",".join(b[3]) if b[3] is not None else None, *b[4:])
+                       for b in rows.balances], 9),
+        )
+    inserted = await conn.fetch(
+        """INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id, kind,
+                                       amount, usage_uid, product_code, description, created_at,
+                                       journal_id)
+           SELECT * FROM unnest($1::text[], $2::int2[], $3::int8[], $4::int8[], $5::int8[],
+                                $6::text[], $7::numeric[], $8::text[], $9::text[], $10::text[],
+                                $11::timestamptz[], $12::text[])
+           ON CONFLICT (op_key, seq) DO NOTHING
+           RETURNING op_key""",
+        *_columns(rows.entries, 12),
+    )
+    if rows.usage:
+        await conn.execute(
+            """INSERT INTO usage_events (account_id, uid, product_code, credit_type_id, amount,
+                                         overage, event_time, recorded_at)
+               SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[],
+                                    $5::numeric[], $6::numeric[], $7::timestamptz[],
+                                    $8::timestamptz[])
+               ON CONFLICT (account_id, uid) DO NOTHING""",
+            *_columns(rows.usage, 8),
+        )
+    if rows.statuses:
+        await conn.execute(
+            """UPDATE balances SET status = s.status
+               FROM unnest($1::int8[], $2::text[]) AS s(id, status) WHERE balances.id = s.id""",
+            *_columns(rows.statuses, 2),
+        )
+    return {r["op_key"] for r in inserted}
+
+
+def _columns(rows: list[tuple[object, ...]], width: int) -> list[list[object]]:
+    return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
+
+
+async def op_owners(conn: Conn, op_keys: list[str]) -> dict[str, str]:
+    """Which journal entry wrote each of these operations."""
+    rows = await conn.fetch(
+        "SELECT op_key, journal_id FROM ledger_entries WHERE op_key = ANY($1::text[]) AND seq = 0",
+        op_keys,
+    )
+    return {r["op_key"]: r["journal_id"] or "" for r in rows}
+
+
+async def committed_ops(conn: Conn, op_keys: list[str]) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT DISTINCT op_key FROM ledger_entries WHERE op_key = ANY($1::text[])", op_keys
+    )
+    return {r["op_key"] for r in rows}
+
+
+async def root_accounts(conn: Conn, root_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT id, parent_id, status FROM accounts WHERE root_id = $1 ORDER BY id", root_id
+    )
+
+
+async def live_balances(conn: Conn, account_ids: list[int]) -> list[asyncpg.Record]:
+    """Balances that can still be drawn or shown, with remaining = sum of their entries."""
+    return await conn.fetch(
+        """SELECT b.id, b.account_id, ct.code AS credit_type, ct.decimal_places, b.product_codes,
+                  b.priority, b.effective_at, b.expires_at, b.status,
+                  COALESCE((SELECT sum(amount) FROM ledger_entries e WHERE e.balance_id = b.id), 0)
+                      AS remaining
+           FROM balances b JOIN credit_types ct ON ct.id = b.credit_type_id
+           WHERE b.account_id = ANY($1::int8[]) AND b.status IN ('active', 'pending')""",
+        account_ids,
+    )
+
+
+async def overages(conn: Conn, account_ids: list[int]) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT e.account_id, ct.code AS credit_type, ct.decimal_places, -sum(e.amount) AS overage
+           FROM ledger_entries e JOIN credit_types ct ON ct.id = e.credit_type_id
+           WHERE e.account_id = ANY($1::int8[]) AND e.kind = 'overage'
+           GROUP BY e.account_id, ct.code, ct.decimal_places""",
+        account_ids,
+    )
+
+
+async def next_balance_id(conn: Conn) -> int:
+    return int(await conn.fetchval("SELECT nextval('balances_id_seq')"))
+
+
+_BALANCE = """SELECT b.*, a.code AS account, a.root_id, ct.code AS credit_type, ct.decimal_places,
+                     COALESCE((SELECT sum(amount) FROM ledger_entries e WHERE e.balance_id = b.id),
+                              0) AS remaining,
+                     COALESCE((SELECT sum(amount) FROM ledger_entries e
+                               WHERE e.balance_id = b.id AND e.kind = 'grant'), 0) AS granted
+              FROM balances b JOIN accounts a ON a.id = b.account_id
+              JOIN credit_types ct ON ct.id = b.credit_type_id"""
+
+
+async def balance(conn: Conn, balance_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(_BALANCE + " WHERE b.id = $1", balance_id)
+
+
+async def account_balances(conn: Conn, account_id: int, after_id: int, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        _BALANCE + " WHERE b.account_id = $1 AND b.id > $2 ORDER BY b.id LIMIT $3",
+        account_id, after_id, limit,
+    )
+
+
+async def ledger_page(
+    conn: Conn, account_id: int, credit_type_id: int | None, after_id: int, limit: int
+) -> list[asyncpg.Record]:
+    """Entries in order, each with the running balance of its account and credit type."""
+    return await conn.fetch(
+        """WITH page AS (
+               SELECT * FROM ledger_entries
+               WHERE account_id = $1 AND ($2::int8 IS NULL OR credit_type_id = $2) AND id > $3
+               ORDER BY id LIMIT $4)
+           SELECT p.*, ct.code AS credit_type, ct.decimal_places,
+                  (SELECT COALESCE(sum(amount), 0) FROM ledger_entries e
+                   WHERE e.account_id = $1 AND e.credit_type_id = p.credit_type_id AND e.id < $5)
+                  + sum(p.amount) OVER (PARTITION BY p.credit_type_id ORDER BY p.id)
+                      AS running_balance
+           FROM page p JOIN credit_types ct ON ct.id = p.credit_type_id
+           ORDER BY p.id""",
+        account_id, credit_type_id, after_id, limit, after_id + 1,
+    )
+
+
+async def balance_at(conn: Conn, account_id: int, at: datetime) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT ct.code AS credit_type, ct.decimal_places,
+                  COALESCE(sum(e.amount) FILTER (WHERE e.kind <> 'overage'), 0) AS balance,
+                  COALESCE(-sum(e.amount) FILTER (WHERE e.kind = 'overage'), 0) AS overage
+           FROM ledger_entries e JOIN credit_types ct ON ct.id = e.credit_type_id
+           WHERE e.account_id = $1 AND e.created_at <= $2
+           GROUP BY ct.code, ct.decimal_places ORDER BY ct.code""",
+        account_id, at,
+    )
+
+
+async def usage_exists(conn: Conn, account_id: int, uids: list[str]) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT uid FROM usage_events WHERE account_id = $1 AND uid = ANY($2::text[])",
+        account_id, uids,
+    )
+    return {r["uid"] for r in rows}
+
+
+async def due_expiries(conn: Conn, now: datetime, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT b.id, b.account_id FROM balances b
+           WHERE b.status = 'active' AND b.expires_at IS NOT NULL AND b.expires_at <= $1
+           ORDER BY b.expires_at LIMIT $2""",
+        now, limit,
+    )
+

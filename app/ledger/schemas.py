@@ -1,0 +1,94 @@
+"""Bodies of the balance and ledger API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from app.schemas import Code, Description, ListQuery, Page, Strict, Timestamp
+
+Source = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+
+
+class GrantIn(Strict):
+    amount: Decimal = Field(gt=0, description="credits to grant, in the credit type's units")
+    credit_type: Code | None = Field(default=None, description="default: the account's")
+    products: list[Code] | None = Field(
+        default=None, min_length=1, max_length=100,
+        description="product codes this balance may pay for; omitted: every product")
+    priority: int = Field(default=100, ge=0, le=1_000_000, description="lower is drawn first")
+    effective_at: Timestamp | None = Field(default=None, description="default: now")
+    expires_at: Timestamp | None = None
+    description: Description = ""
+    source: Source = Field(default="grant",
+                           description="grant, purchase, promotion, service_credit, ...")
+
+
+class AdjustmentIn(Strict):
+    amount: Decimal = Field(description="signed change: positive adds credit, negative removes it")
+    description: Description = ""
+
+
+class VoidIn(Strict):
+    description: Description = ""
+
+
+class BalanceOut(BaseModel):
+    id: int
+    account: str
+    credit_type: str
+    granted: str
+    remaining: str
+    products: list[str] | None
+    priority: int
+    effective_at: datetime
+    expires_at: datetime | None
+    description: str
+    source: str
+    status: str
+    created_at: datetime
+
+
+class BalancePage(Page[BalanceOut]):
+    pass
+
+
+class LedgerQuery(ListQuery):
+    credit_type: Code | None = None
+
+
+class LedgerEntryOut(BaseModel):
+    id: int
+    kind: str
+    balance_id: int | None
+    credit_type: str
+    amount: str
+    running_balance: str = Field(description="the account's net balance of this credit type "
+                                             "after this entry (overage counts negative)")
+    usage_uid: str | None
+    product: str | None
+    description: str
+    created_at: datetime
+
+
+class LedgerPage(Page[LedgerEntryOut]):
+    pass
+
+
+class BalanceAtQuery(Strict):
+    at: Timestamp
+
+
+class CreditTypeTotal(BaseModel):
+    credit_type: str
+    balance: str
+    overage: str
+
+
+class BalanceAtOut(BaseModel):
+    account: str
+    at: datetime
+    totals: list[CreditTypeTotal]

@@ -1,0 +1,178 @@
+"""Grants, adjustments and voids of balances, and the ledger reads."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from app.config.catalog import AccountRef, CreditTypeRef
+from app.config.repository import existing_products
+from app.errors import Conflict, NotFound, ValidationProblem
+from app.ledger import repository as repo
+from app.ledger.loader import balance_def, to_ms
+from app.ledger.ops import ledger_op
+from app.ledger.schemas import (
+    AdjustmentIn,
+    BalanceAtOut,
+    BalanceOut,
+    CreditTypeTotal,
+    GrantIn,
+    LedgerEntryOut,
+    VoidIn,
+)
+from app.money import AmountError, fmt, to_scaled
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+
+async def account_ref(ctx: AppContext, code: str) -> AccountRef:
+    account = await ctx.catalog.account(code)
+    if account is None:
+        raise NotFound(f"no account {code!r}", field="account")
+    return account
+
+
+async def resolve_credit_type(ctx: AppContext, account: AccountRef, code: str | None,
+                              field: str = "credit_type") -> CreditTypeRef:
+    if code is None:
+        if account.credit_type is None:
+            raise ValidationProblem(
+                f"account {account.code!r} has no default credit type: name one", field=field)
+        return account.credit_type
+    found = await ctx.catalog.credit_type(code)
+    if found is None:
+        raise ValidationProblem(f"unknown credit type {code!r}", field=field)
+    return found
+
+
+def scaled(amount: Decimal, credit_type: CreditTypeRef, field: str = "amount") -> int:
+    try:
+        return to_scaled(amount, credit_type.decimal_places)
+    except AmountError as exc:
+        raise ValidationProblem(f"{exc} for credit type {credit_type.code!r}", field=field) from exc
+
+
+def balance_out(row: asyncpg.Record) -> BalanceOut:
+    dp = row["decimal_places"]
+    return BalanceOut(
+        id=row["id"], account=row["account"], credit_type=row["credit_type"],
+        granted=fmt(Decimal(row["granted"]), dp), remaining=fmt(Decimal(row["remaining"]), dp),
+        products=row["product_codes"], priority=row["priority"], effective_at=row["effective_at"],
+        expires_at=row["expires_at"], description=row["description"], source=row["source"],
+        status=row["status"], created_at=row["created_at"])
+
+
+def _op_payload(op: str, account: AccountRef, credit_type: CreditTypeRef, balance_id: int,
+                description: str, **extra: Any) -> dict[str, Any]:
+    return {"op": op, "a": account.id, "ct": credit_type.id, "cc": credit_type.code,
+            "dp": credit_type.decimal_places, "b": balance_id, "desc": description, **extra}
+
+
+async def grant(ctx: AppContext, code: str, body: GrantIn) -> BalanceOut:
+    account = await account_ref(ctx, code)
+    credit_type = await resolve_credit_type(ctx, account, body.credit_type)
+    amount = scaled(body.amount, credit_type)
+    if body.products:
+        unknown = sorted(set(body.products) - await existing_products(ctx.pool, body.products))
+        if unknown:
+            raise ValidationProblem(f"unknown products: {', '.join(unknown)}", field="products")
+    effective = body.effective_at or datetime.now(UTC)
+    if body.expires_at is not None and body.expires_at <= effective:
+        raise ValidationProblem("must be after effective_at", field="expires_at")
+    products = sorted(set(body.products)) if body.products else None
+    eff_ms = to_ms(effective)
+    exp_ms = to_ms(body.expires_at) if body.expires_at else None
+    balance_id = await repo.next_balance_id(ctx.pool)
+    definition = balance_def(credit_type.code, body.priority, eff_ms, exp_ms, "active", products)
+    payload = _op_payload(
+        f"g:{balance_id}", account, credit_type, balance_id, body.description,
+        bal={"products": products, "priority": body.priority, "eff": eff_ms, "exp": exp_ms,
+             "description": body.description, "source": body.source})
+    payload["def"] = definition
+    await ledger_op(ctx, account, "grant", balance_id, payload, amount, definition)
+    return await read_balance(ctx, balance_id)
+
+
+async def read_balance(ctx: AppContext, balance_id: int) -> BalanceOut:
+    row = await repo.balance(ctx.pool, balance_id)
+    if row is None:
+        raise NotFound(f"no balance {balance_id}", field="balance_id")
+    return balance_out(row)
+
+
+async def _live_balance(ctx: AppContext, balance_id: int) -> tuple[asyncpg.Record, AccountRef,
+                                                                  CreditTypeRef]:
+    row = await repo.balance(ctx.pool, balance_id)
+    if row is None:
+        raise NotFound(f"no balance {balance_id}", field="balance_id")
+    if row["status"] in ("voided", "expired"):
+        raise Conflict(f"balance {balance_id} is {row['status']}", field="balance_id")
+    account = await account_ref(ctx, row["account"])
+    return row, account, await ctx.catalog.credit_type_by_id(row["credit_type_id"])
+
+
+async def adjust(ctx: AppContext, balance_id: int, body: AdjustmentIn) -> BalanceOut:
+    row, account, credit_type = await _live_balance(ctx, balance_id)
+    amount = scaled(body.amount, credit_type)
+    if amount == 0:
+        raise ValidationProblem("must not be zero", field="amount")
+    payload = _op_payload(f"j:{uuid.uuid4().hex}", account, credit_type, balance_id,
+                          body.description)
+    await ledger_op(ctx, account, "adjustment", balance_id, payload, amount)
+    return await read_balance(ctx, balance_id)
+
+
+async def void(ctx: AppContext, balance_id: int, body: VoidIn) -> BalanceOut:
+    row, account, credit_type = await _live_balance(ctx, balance_id)
+    payload = _op_payload(f"v:{balance_id}", account, credit_type, balance_id, body.description)
+    await ledger_op(ctx, account, "void", balance_id, payload)
+    return await read_balance(ctx, balance_id)
+
+
+async def expire_due(ctx: AppContext, limit: int = 500) -> int:
+    """Write an `expire` entry for every balance whose expiry has passed (worker)."""
+    rows = await repo.due_expiries(ctx.pool, datetime.now(UTC), limit)
+    for row in rows:
+        try:
+            _, account, credit_type = await _live_balance(ctx, row["id"])
+        except (NotFound, Conflict):
+            continue
+        payload = _op_payload(f"x:{row['id']}", account, credit_type, row["id"], "expired")
+        try:
+            await ledger_op(ctx, account, "expire", row["id"], payload)
+        except Conflict:
+            continue
+    return len(rows)
+
+
+def entry_out(row: asyncpg.Record) -> LedgerEntryOut:
+    dp = row["decimal_places"]
+    return LedgerEntryOut(
+        id=row["id"], kind=row["kind"], balance_id=row["balance_id"], credit_type=row["credit_type"],
+        amount=fmt(Decimal(row["amount"]), dp), running_balance=fmt(Decimal(row["running_balance"]), dp),
+        usage_uid=row["usage_uid"], product=row["product_code"], description=row["description"],
+        created_at=row["created_at"])
+
+
+async def ledger(ctx: AppContext, code: str, credit_type: str | None, after_id: int,
+                 limit: int) -> list[asyncpg.Record]:
+    account = await account_ref(ctx, code)
+    type_id = None
+    if credit_type is not None:
+        type_id = (await resolve_credit_type(ctx, account, credit_type, "query.credit_type")).id
+    return await repo.ledger_page(ctx.pool, account.id, type_id, after_id, limit)
+
+
+async def balance_at(ctx: AppContext, code: str, at: datetime) -> BalanceAtOut:
+    account = await account_ref(ctx, code)
+    rows = await repo.balance_at(ctx.pool, account.id, at)
+    return BalanceAtOut(account=code, at=at, totals=[
+        CreditTypeTotal(credit_type=r["credit_type"],
+                        balance=fmt(Decimal(r["balance"]), r["decimal_places"]),
+                        overage=fmt(Decimal(r["overage"]), r["decimal_places"])) for r in rows])
+

@@ -1,0 +1,117 @@
+"""The ASGI app: routes from every domain, shared clients built in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app import openapi
+from app.config.catalog import Catalog
+from app.config.endpoints import ENDPOINTS as CONFIG
+from app.context import AppContext
+from app.db import create_pool, pending_migrations
+from app.entitlements.endpoints import ENDPOINTS as RUNTIME
+from app.errors import STORE_ERRORS, NotFound, Problem, problem_response
+from app.hotstate.store import HotState
+from app.http import Endpoint, KeyCache, to_route
+from app.ledger.endpoints import ENDPOINTS as LEDGER
+from app.ledger.journal import Journal
+from app.ledger.loader import Loader
+from app.settings import Settings
+from app.workers import run_workers
+
+log = logging.getLogger(__name__)
+ENDPOINTS: list[Endpoint] = [*CONFIG, *LEDGER, *RUNTIME]
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    checks: dict[str, Any] = {}
+    try:
+        async with ctx.pool.acquire() as conn:
+            pending = await pending_migrations(conn, ctx.settings.migrations_dir)
+        checks["postgres"] = "ok"
+        checks["migrations"] = "current" if not pending else {"pending": pending}
+    except STORE_ERRORS as exc:
+        checks["postgres"] = f"unreachable: {type(exc).__name__}"
+    try:
+        await ctx.redis.ping()
+        checks["redis"] = "ok"
+    except STORE_ERRORS as exc:
+        checks["redis"] = f"unreachable: {type(exc).__name__}"
+    ready = checks.get("postgres") == "ok" and checks.get("redis") == "ok" \
+        and checks.get("migrations") == "current"
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+async def openapi_json(request: Request) -> Response:
+    return Response(request.app.state.openapi, media_type="application/json")
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return problem_response(NotFound("no such route", field="path"))
+    problem = Problem(str(exc.detail))
+    problem.status, problem.code, problem.title = exc.status_code, "http_error", str(exc.detail)
+    return problem_response(problem)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    problem = Problem("an internal error occurred; it has been logged")
+    problem.status, problem.code, problem.title = 500, "internal_error", "Internal error"
+    return problem_response(problem)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = await create_pool(settings.database_url, settings.db_pool_size)
+        redis = aioredis.from_url(settings.redis_url, decode_responses=True)
+        hot = HotState(redis)
+        journal = Journal(pool, hot)
+        ctx = AppContext(settings, pool, redis, hot, Catalog(pool), KeyCache(), journal,
+                         Loader(pool, hot))
+        app.state.ctx = ctx
+        journal.start()
+        workers = asyncio.create_task(run_workers(ctx)) if settings.run_workers else None
+        try:
+            yield
+        finally:
+            if workers:
+                workers.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await workers
+            await journal.stop()
+            await redis.aclose()
+            await pool.close()
+
+    routes = [Route("/healthz", healthz), Route("/readyz", readyz),
+              Route("/openapi.json", openapi_json), *[to_route(e) for e in ENDPOINTS]]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.state.openapi = json.dumps(openapi.build(ENDPOINTS))
+    return app
+
+
+def create_app_from_env() -> Starlette:
+    logging.basicConfig(level=logging.INFO)
+    return create_app(Settings.from_env())

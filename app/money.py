@@ -1,0 +1,38 @@
+"""Exact amounts. Decimal in Python, NUMERIC in Postgres, scaled integers in Redis.
+
+Rounding happens in one place only: nowhere on the ledger path. An amount with more decimal
+places than its credit type allows is rejected, never rounded.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+# Lua numbers are doubles: every scaled amount kept in Redis must stay an exact integer.
+MAX_SCALED = 2**50
+
+
+class AmountError(ValueError):
+    pass
+
+
+def to_scaled(amount: Decimal, decimal_places: int) -> int:
+    """Decimal credits -> integer minor units; rejects excess precision and oversize amounts."""
+    if not amount.is_finite():
+        raise AmountError("must be a finite number")
+    scaled = amount.scaleb(decimal_places)
+    if scaled != scaled.to_integral_value():
+        raise AmountError(f"has more than {decimal_places} decimal places")
+    value = int(scaled)
+    if abs(value) >= MAX_SCALED:
+        raise AmountError("is too large")
+    return value
+
+
+def from_scaled(value: int, decimal_places: int) -> Decimal:
+    return Decimal(value).scaleb(-decimal_places)
+
+
+def fmt(amount: Decimal, decimal_places: int) -> str:
+    """Render with exactly the credit type's decimal places (amounts are strings in JSON)."""
+    return f"{amount.quantize(Decimal(1).scaleb(-decimal_places)):f}"

@@ -1,0 +1,99 @@
+"""The OpenAPI document, generated from the declared endpoints and their pydantic models."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from app.http import Endpoint
+
+REF = "#/components/schemas/{model}"
+PROBLEM = {"$ref": "#/components/schemas/Problem"}
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "code", "detail"],
+    "properties": {
+        "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+        "code": {"type": "string"}, "detail": {"type": "string"}, "field": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+
+def _models(endpoints: list[Endpoint]) -> list[type[BaseModel]]:
+    seen: list[type[BaseModel]] = []
+    for e in endpoints:
+        for model in (e.body, e.response):
+            if model is not None and model not in seen:
+                seen.append(model)
+    return seen
+
+
+def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
+    params: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True,
+         "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"}}
+        for name in re.findall(r"{(\w+)}", endpoint.path)
+    ]
+    if endpoint.query is not None:
+        schema = endpoint.query.model_json_schema()
+        required = set(schema.get("required", []))
+        for name, prop in schema["properties"].items():
+            prop = {k: v for k, v in prop.items() if k != "title"}
+            if "anyOf" in prop:  # optional: describe the non-null form
+                prop = next(p for p in prop["anyOf"] if p.get("type") != "null")
+            params.append({"name": name, "in": "query", "required": name in required,
+                           "schema": prop})
+    if endpoint.idempotent_write:
+        params.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                       "schema": {"type": "string", "minLength": 1, "maxLength": 255}})
+    return params
+
+
+def _operation(endpoint: Endpoint, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+    problem = {"description": "problem", "content": {"application/problem+json": {"schema": PROBLEM}}}
+    responses: dict[str, Any] = {
+        str(endpoint.status): {
+            "description": "success",
+            "content": {"application/json": {
+                "schema": refs[(endpoint.response, "serialization")]}} if endpoint.response else {},
+        },
+        "4XX": problem,
+        "503": problem,
+    }
+    op: dict[str, Any] = {
+        "summary": endpoint.summary,
+        "operationId": endpoint.handler.__module__.split(".")[1] + "_" + endpoint.handler.__name__,
+        "tags": [endpoint.tag],
+        "parameters": _parameters(endpoint),
+        "responses": responses,
+    }
+    if endpoint.scopes:
+        op["security"] = [{"bearer": []}]
+        op["description"] = "Scopes: " + ", ".join(sorted(s.value for s in endpoint.scopes))
+    if endpoint.body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": refs[(endpoint.body, "validation")]}}}
+    return op
+
+
+def build(endpoints: list[Endpoint]) -> dict[str, Any]:
+    models = _models(endpoints)
+    pairs = [(m, mode) for m in models for mode in ("validation", "serialization")]
+    refs, defs = models_json_schema(pairs, ref_template=REF)  # type: ignore[arg-type]
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint, refs)
+    schemas = dict(defs.get("$defs", {}))
+    schemas["Problem"] = PROBLEM_SCHEMA
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "creditgate", "version": "1", "description":
+                 "Prepaid-credit entitlement gateway: check, usage, balances and the ledger."},
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"}}},
+    }

@@ -1,0 +1,64 @@
+"""Shared pydantic building blocks: codes, strict bodies, pages, amounts."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+from typing import Annotated, Generic, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from app.errors import ValidationProblem
+
+CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]{1,255}$")]
+Description = Annotated[str, StringConstraints(max_length=1000)]
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamp needs a UTC offset (RFC 3339), e.g. 2026-01-01T00:00:00Z")
+    return value.astimezone(UTC)
+
+
+Timestamp = Annotated[datetime, AfterValidator(_aware)]
+T = TypeVar("T")
+
+
+class Strict(BaseModel):
+    """A request body: unknown fields are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    next_cursor: str | None = Field(description="pass as `cursor` to get the next page")
+
+
+class ListQuery(Strict):
+    cursor: str | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+
+    def after_id(self) -> int:
+        return decode_cursor(self.cursor)
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(str(last_id).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise ValidationProblem("not a cursor this API returned", field="query.cursor") from exc
+
+
+def next_cursor(ids: list[int], limit: int) -> str | None:
+    return encode_cursor(ids[-1]) if len(ids) == limit else None

@@ -1,0 +1,46 @@
+"""Process settings, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str
+    migrations_dir: Path = field(default=REPO_ROOT / "migrations")
+    db_pool_size: int = 10
+    # Journal entries older than this are assumed orphaned by a dead process and re-flushed.
+    journal_orphan_ms: int = 5_000
+    # How long a usage uid is remembered in Redis; Postgres keeps it forever.
+    uid_mark_ttl_s: int = 7 * 24 * 3600
+    # How far a usage timestamp may lie in the future (clock skew) or in the past.
+    usage_future_skew_s: int = 300
+    usage_max_age_s: int = 35 * 24 * 3600
+    worker_interval_s: float = 2.0
+    run_workers: bool = True
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        database_url = os.environ.get("DATABASE_URL", "")
+        redis_url = os.environ.get("REDIS_URL", "")
+        if not database_url or not redis_url:
+            raise RuntimeError("DATABASE_URL and REDIS_URL must be set (or use `creditgate serve`)")
+        migrations = os.environ.get("CREDITGATE_MIGRATIONS_DIR")
+        return cls(
+            database_url=database_url,
+            redis_url=redis_url,
+            migrations_dir=Path(migrations) if migrations else REPO_ROOT / "migrations",
+            db_pool_size=_int("CREDITGATE_DB_POOL_SIZE", 10),
+            run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",
+        )

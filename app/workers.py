@@ -1,0 +1,31 @@
+"""Background work every app process runs: orphaned-journal sweep and credit expiry.
+
+Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
+balance id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from app.errors import STORE_ERRORS
+from app.ledger.service import expire_due
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+log = logging.getLogger(__name__)
+
+
+async def run_workers(ctx: AppContext) -> None:
+    while True:
+        try:
+            await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
+            await expire_due(ctx)
+        except STORE_ERRORS as exc:
+            log.warning("worker pass skipped: %s", exc)
+        except Exception:
+            log.exception("worker pass failed")
+        await asyncio.sleep(ctx.settings.worker_interval_s)
