@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+# what SQL helpers accept: a connection (plain or from a pool) or the pool itself
+Connection = asyncpg.Connection | PoolConnectionProxy
+Conn = Connection | asyncpg.Pool
 
 # Any constant works; it only has to be the same for every migrating process.
 MIGRATION_LOCK_ID = 0x63726564  # "cred"
@@ -68,7 +73,7 @@ async def migrate(dsn: str, folder: Path) -> list[str]:
         await conn.close()
 
 
-async def pending_migrations(conn: asyncpg.Connection, folder: Path) -> list[str]:
+async def pending_migrations(conn: Conn, folder: Path) -> list[str]:
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     applied = set()
     if exists:

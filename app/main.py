@@ -23,6 +23,7 @@ from app.context import AppContext
 from app.db import create_pool, pending_migrations
 from app.entitlements.endpoints import ENDPOINTS as RUNTIME
 from app.errors import STORE_ERRORS, NotFound, Problem, problem_response
+from app.hotstate.keys import Keys
 from app.hotstate.store import HotState
 from app.http import Endpoint, KeyCache, to_route
 from app.ledger.endpoints import ENDPOINTS as LEDGER
@@ -86,7 +87,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)
         redis = aioredis.from_url(settings.redis_url, decode_responses=True)
-        hot = HotState(redis)
+        hot = HotState(redis, Keys(settings.redis_prefix))
         journal = Journal(pool, hot)
         ctx = AppContext(settings, pool, redis, hot, Catalog(pool), KeyCache(), journal,
                          Loader(pool, hot))

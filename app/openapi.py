@@ -53,7 +53,7 @@ def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
     return params
 
 
-def _operation(endpoint: Endpoint, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+def _operation(endpoint: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
     problem = {"description": "problem", "content": {"application/problem+json": {"schema": PROBLEM}}}
     responses: dict[str, Any] = {
         str(endpoint.status): {

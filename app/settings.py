@@ -29,6 +29,7 @@ class Settings:
     usage_max_age_s: int = 35 * 24 * 3600
     worker_interval_s: float = 2.0
     run_workers: bool = True
+    redis_prefix: str = "cg"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -43,4 +44,5 @@ class Settings:
             migrations_dir=Path(migrations) if migrations else REPO_ROOT / "migrations",
             db_pool_size=_int("CREDITGATE_DB_POOL_SIZE", 10),
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",
+            redis_prefix=os.environ.get("CREDITGATE_REDIS_PREFIX", "cg"),
         )

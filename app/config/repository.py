@@ -6,7 +6,7 @@ from typing import Any
 
 import asyncpg
 
-Conn = asyncpg.Connection | asyncpg.Pool
+from app.db import Conn, Connection
 
 _ACCOUNT = """SELECT a.id, a.code, a.name, a.email, a.status, a.root_id, a.parent_id,
                      p.code AS parent, ct.code AS credit_type, a.created_at, a.updated_at
@@ -62,7 +62,7 @@ async def existing_products(conn: Conn, codes: list[str]) -> set[str]:
 
 
 async def insert_account(
-    conn: asyncpg.Connection, code: str, name: str, email: str | None, parent_id: int | None,
+    conn: Connection, code: str, name: str, email: str | None, parent_id: int | None,
     root_id: int | None, status: str, credit_type_id: int | None,
 ) -> int:
     account_id: int = await conn.fetchval(

@@ -1,31 +1,41 @@
 """Every Redis key creditgate uses. All keys of a billing root share the hash tag `{<root id>}`;
-the per-account keys below the root key are derived inside the Lua scripts (lib.lua)."""
+the per-account keys below the root key are derived inside the Lua scripts (lib.lua).
+
+The prefix (default `cg`) lets several deployments, or test sessions, share one Redis.
+"""
 
 from __future__ import annotations
 
-PREFIX = "cg"
-# `cg:{<root>}:root`  hash   {gen}: present while the root is loaded
-# `cg:{<root>}:v`     string operation counter, bumped by every journalled change
-# `cg:{<root>}:j`     stream journal of changes not yet committed to Postgres
-# `cg:{<root>}:a:<account>` hash {st, par}
-# `cg:{<root>}:b:<account>` hash balance id -> remaining (scaled integer)
-# `cg:{<root>}:d:<account>` hash balance id -> definition "ct|priority|eff|exp|status|products"
-# `cg:{<root>}:o:<account>` hash credit type -> overage (scaled integer)
-# `cg:{<root>}:e:<account>` hash "product|ct" -> entitlement flag "1"/"0"
-# `cg:{<root>}:u:<account>:<day>` hash of usage uids seen that day
-JOURNAL_PATTERN = PREFIX + ":{*}:j"
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "cg"
+# `<p>:{<root>}:root`  hash   {gen}: present while the root is loaded
+# `<p>:{<root>}:v`     string operation counter, bumped by every journalled change
+# `<p>:{<root>}:j`     stream journal of changes not yet committed to Postgres
+# `<p>:{<root>}:a:<account>` hash {st, par}
+# `<p>:{<root>}:b:<account>` hash balance id -> remaining (scaled integer)
+# `<p>:{<root>}:d:<account>` hash balance id -> definition "ct|priority|eff|exp|status|products"
+# `<p>:{<root>}:o:<account>` hash credit type -> overage (scaled integer)
+# `<p>:{<root>}:e:<account>` hash "product|ct" -> entitlement flag "1"/"0"
+# `<p>:{<root>}:u:<account>:<day>` hash of usage uids seen that day
 
 
-def tag(root_id: int) -> str:
-    return f"{PREFIX}:{{{root_id}}}"
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = DEFAULT_PREFIX
 
+    def tag(self, root_id: int) -> str:
+        return f"{self.prefix}:{{{root_id}}}"
 
-def root_key(root_id: int) -> str:
-    return f"{tag(root_id)}:root"
+    def root(self, root_id: int) -> str:
+        return f"{self.tag(root_id)}:root"
 
+    def journal(self, root_id: int) -> str:
+        return f"{self.tag(root_id)}:j"
 
-def journal_key(root_id: int) -> str:
-    return f"{tag(root_id)}:j"
+    @property
+    def journal_pattern(self) -> str:
+        return self.prefix + ":{*}:j"
 
 
 def root_of(key: str) -> int:

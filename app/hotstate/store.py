@@ -9,7 +9,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from app.hotstate.keys import journal_key, root_key, tag
+from app.hotstate.keys import Keys
 
 LUA_DIR = Path(__file__).parent / "lua"
 SCRIPTS = ("decide", "ledger_op", "account", "snapshot", "install", "ack", "read")
@@ -69,8 +69,9 @@ class LedgerOpResult:
 
 
 class HotState:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis = redis
+        self.keys = keys
         lib = (LUA_DIR / "lib.lua").read_text()
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(lib + (LUA_DIR / f"{name}.lua").read_text())
@@ -78,7 +79,7 @@ class HotState:
         }
 
     async def _run(self, name: str, root_id: int, args: list[Any]) -> Any:
-        return await self._scripts[name](keys=[root_key(root_id)], args=args)
+        return await self._scripts[name](keys=[self.keys.root(root_id)], args=args)
 
     async def decide(self, root_id: int, now_ms: int, events: list[DecideArgs]) -> list[Decision] | None:
         """Decide (and for c/u modes apply) events of one root; None when the root is cold."""
@@ -114,18 +115,15 @@ class HotState:
 
     async def invalidate(self, root_id: int) -> None:
         """Forget a root's hot state; the next request rebuilds it from Postgres."""
-        await self.redis.delete(root_key(root_id))
+        await self.redis.delete(self.keys.root(root_id))
 
     async def read_account(self, root_id: int, account_id: int) -> list[Any] | None:
         raw = await self._run("read", root_id, [account_id])
         return None if raw and raw[0] == "cold" else list(raw)
 
     async def journal_entries(self, root_id: int, max_id: str) -> list[tuple[str, dict[str, str]]]:
-        entries = await self.redis.xrange(journal_key(root_id), "-", max_id)
-        return [(eid, _pairs(fields)) for eid, fields in entries]
-
-    def tag(self, root_id: int) -> str:
-        return tag(root_id)
+        entries = await self.redis.xrange(self.keys.journal(root_id), "-", max_id) or []
+        return [(str(eid), _pairs(fields)) for eid, fields in entries]
 
 
 def _pairs(fields: Any) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from app.errors import STORE_ERRORS
-from app.hotstate.keys import JOURNAL_PATTERN, root_of
+from app.hotstate.keys import root_of
 from app.hotstate.store import HotState
 from app.ledger import repository as repo
 from app.money import from_scaled
@@ -83,7 +83,7 @@ class Rows:
 
         if rec.kind == "usage":
             seq = 0
-            for seq, alloc in enumerate(filter(None, rec.allocations.split(","))):  # noqa: B007
+            for seq, alloc in enumerate(filter(None, rec.allocations.split(","))):
                 balance, owner, taken = alloc.split(":")
                 entry(seq, int(owner), int(balance), "debit", -int(taken))
             if rec.overage:
@@ -207,7 +207,7 @@ class Journal:
         seconds, micros = await self.hot.redis.time()
         cutoff = f"{seconds * 1000 + micros // 1000 - orphan_ms}"
         found = 0
-        async for key in self.hot.redis.scan_iter(match=JOURNAL_PATTERN, count=1000, _type="stream"):
+        async for key in self.hot.redis.scan_iter(match=self.hot.keys.journal_pattern, count=1000, _type="stream"):
             found += await self.recover_root(root_of(str(key)), cutoff)
         return found
 

@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from app.errors import Conflict, Unavailable, ValidationProblem
-from app.hotstate.store import Decision, DecideArgs, LedgerOpArgs, LedgerOpResult
+from app.hotstate.store import DecideArgs, Decision, LedgerOpArgs, LedgerOpResult
 from app.ledger.journal import JournalRecord
 
 if TYPE_CHECKING:

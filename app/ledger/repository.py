@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import asyncpg
 
+from app.db import Conn, Connection
+
 if TYPE_CHECKING:
     from app.ledger.journal import Rows
 
-Conn = asyncpg.Connection | asyncpg.Pool
 
-
-async def write_rows(conn: asyncpg.Connection, rows: Rows) -> set[str]:
+async def write_rows(conn: Connection, rows: Rows) -> set[str]:
     """Insert a journal batch; returns the op keys whose entries were new."""
     if rows.balances:
         await conn.execute(
@@ -61,7 +62,7 @@ async def write_rows(conn: asyncpg.Connection, rows: Rows) -> set[str]:
     return {r["op_key"] for r in inserted}
 
 
-def _columns(rows: list[tuple[object, ...]], width: int) -> list[list[object]]:
+def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
     return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
 
 

@@ -117,7 +117,7 @@ async def _live_balance(ctx: AppContext, balance_id: int) -> tuple[asyncpg.Recor
 
 
 async def adjust(ctx: AppContext, balance_id: int, body: AdjustmentIn) -> BalanceOut:
-    row, account, credit_type = await _live_balance(ctx, balance_id)
+    _, account, credit_type = await _live_balance(ctx, balance_id)
     amount = scaled(body.amount, credit_type)
     if amount == 0:
         raise ValidationProblem("must not be zero", field="amount")
@@ -128,7 +128,7 @@ async def adjust(ctx: AppContext, balance_id: int, body: AdjustmentIn) -> Balanc
 
 
 async def void(ctx: AppContext, balance_id: int, body: VoidIn) -> BalanceOut:
-    row, account, credit_type = await _live_balance(ctx, balance_id)
+    _, account, credit_type = await _live_balance(ctx, balance_id)
     payload = _op_payload(f"v:{balance_id}", account, credit_type, balance_id, body.description)
     await ledger_op(ctx, account, "void", balance_id, payload)
     return await read_balance(ctx, balance_id)

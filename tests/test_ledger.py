@@ -1,0 +1,113 @@
+"""The ledger: append-only entries, running balances, pagination, as-of reads, voids, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from tests.conftest import Api
+
+
+async def test_ledger_lists_entries_with_running_balance_across_pages(api: Api) -> None:
+    n = await api.setup()
+    grant = await api.grant(n["account"], "10.00")
+    for amount in ("1.00", "2.50", "0.25"):
+        await api.usage(n["account"], n["api"], amount)
+    await api.call("POST", f"/v1/balances/{grant['id']}/adjustments",
+                   json={"amount": "-1.25", "description": "goodwill reversal"})
+    first = await api.call("GET", f"/v1/accounts/{n['account']}/ledger", params={"limit": 2})
+    second = await api.call("GET", f"/v1/accounts/{n['account']}/ledger",
+                            params={"limit": 2, "cursor": first["next_cursor"]})
+    third = await api.call("GET", f"/v1/accounts/{n['account']}/ledger",
+                           params={"limit": 2, "cursor": second["next_cursor"]})
+    rows = first["data"] + second["data"] + third["data"]
+    assert [(r["kind"], r["amount"], r["running_balance"]) for r in rows] == [
+        ("grant", "10.00", "10.00"), ("debit", "-1.00", "9.00"), ("debit", "-2.50", "6.50"),
+        ("debit", "-0.25", "6.25"), ("adjustment", "-1.25", "5.00")]
+    assert third["next_cursor"] is None
+    balance = await api.call("GET", f"/v1/balances/{grant['id']}")
+    assert (balance["granted"], balance["remaining"]) == ("10.00", "5.00")
+
+
+async def test_balance_as_of_a_past_time(api: Api) -> None:
+    n = await api.setup()
+    await api.grant(n["account"], "10.00")
+    await asyncio.sleep(0.05)
+    between = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    await api.usage(n["account"], n["api"], "4.00")
+    await api.usage(n["account"], n["api"], "7.00")
+    path = f"/v1/accounts/{n['account']}/balance-at"
+    past = await api.call("GET", path, params={"at": between.isoformat()})
+    now = await api.call("GET", path, params={"at": datetime.now(UTC).isoformat()})
+    assert past["totals"] == [{"credit_type": n["credit_type"], "balance": "10.00", "overage": "0.00"}]
+    assert now["totals"] == [{"credit_type": n["credit_type"], "balance": "0.00", "overage": "1.00"}]
+    before = await api.call("GET", path, params={"at": "2000-01-01T00:00:00Z"})
+    assert before["totals"] == []
+
+
+async def test_void_takes_what_remains_and_stops_drawdown(api: Api, db: asyncpg.Connection) -> None:
+    n = await api.setup()
+    grant = await api.grant(n["account"], "10.00")
+    await api.usage(n["account"], n["api"], "3.00")
+    voided = await api.call("POST", f"/v1/balances/{grant['id']}/void", json={"description": "fraud"})
+    assert (voided["status"], voided["remaining"]) == ("voided", "0.00")
+    entry = await db.fetchrow("SELECT amount FROM ledger_entries WHERE balance_id = $1 AND kind = 'void'",
+                              grant["id"])
+    assert str(entry["amount"]) == "-7.00"
+    assert (await api.check(n["account"], n["api"]))["reason"] == "no_eligible_balance"
+    again = await api.call("POST", f"/v1/balances/{grant['id']}/void", json={}, expect=409)
+    assert again["field"] == "balance_id"
+
+
+async def test_adjusting_below_zero_is_refused_and_changes_nothing(api: Api) -> None:
+    n = await api.setup()
+    grant = await api.grant(n["account"], "2.00")
+    problem = await api.call("POST", f"/v1/balances/{grant['id']}/adjustments",
+                             json={"amount": "-2.01"}, expect=422)
+    assert problem["field"] == "amount"
+    assert await api.available(n["account"]) == "2.00"
+
+
+async def test_ledger_entries_cannot_be_updated_or_deleted(api: Api, db: asyncpg.Connection) -> None:
+    n = await api.setup()
+    grant = await api.grant(n["account"], "1.00")
+    with pytest.raises(asyncpg.RaiseError, match="append-only"):
+        await db.execute("UPDATE ledger_entries SET amount = 5 WHERE balance_id = $1", grant["id"])
+    with pytest.raises(asyncpg.RaiseError, match="append-only"):
+        await db.execute("DELETE FROM ledger_entries WHERE balance_id = $1", grant["id"])
+
+
+async def test_expired_credit_is_written_off_by_the_worker(api: Api, db: asyncpg.Connection) -> None:
+    n = await api.setup()
+    soon = datetime.now(UTC) + timedelta(milliseconds=300)
+    grant = await api.grant(n["account"], "4.00", expires_at=soon.isoformat())
+    await api.usage(n["account"], n["api"], "1.00")
+    for _ in range(60):
+        row = await db.fetchrow("SELECT amount FROM ledger_entries WHERE balance_id = $1 AND kind = 'expire'",
+                                grant["id"])
+        if row:
+            break
+        await asyncio.sleep(0.1)
+    assert row is not None and str(row["amount"]) == "-3.00"
+    balance = await api.call("GET", f"/v1/balances/{grant['id']}")
+    assert (balance["status"], balance["remaining"]) == ("expired", "0.00")
+
+
+async def test_accounts_are_listed_updated_and_never_deleted(api: Api) -> None:
+    n = await api.setup()
+    updated = await api.call("PATCH", f"/v1/accounts/{n['account']}",
+                             json={"name": "Renamed", "email": "billing@example.com"})
+    assert (updated["name"], updated["email"]) == ("Renamed", "billing@example.com")
+    assert (await api.call("DELETE", f"/v1/accounts/{n['account']}", expect=405))["status"] == 405
+    seen, cursor = [], None
+    while True:
+        page = await api.call("GET", "/v1/accounts", params={"limit": 50, **({"cursor": cursor} if cursor else {})})
+        seen += [a["code"] for a in page["data"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert n["account"] in seen and len(seen) == len(set(seen))
