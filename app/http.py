@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from decimal import Decimal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
@@ -21,9 +21,9 @@ from starlette.routing import Route
 
 from app.auth.keys import Principal, Scope, find_principal
 from app.errors import (
+    STORE_ERRORS,
     Forbidden,
     MalformedBody,
-    STORE_ERRORS,
     Problem,
     Unauthenticated,
     Unavailable,

@@ -23,7 +23,7 @@ from app.entitlements.schemas import (
     UsageResult,
 )
 from app.errors import Problem, Unavailable, ValidationProblem
-from app.hotstate.store import Decision, DecideArgs
+from app.hotstate.store import DecideArgs, Decision
 from app.http import validation_problem
 from app.ledger import repository as ledger_repo
 from app.ledger.journal import JournalRecord, ms_to_dt
