@@ -1,0 +1,243 @@
+"""The `creditgate` command: serve, migrate, keys create.
+
+With DATABASE_URL unset (and REDIS_URL, for `serve`), the commands use embedded Postgres and
+Redis kept in the data folder (--data-dir, env CREDITGATE_DATA_DIR, default ./.data); see
+app/embedded.py. `migrate` and `keys create` reuse the servers of a `serve` running on the same
+folder instead of starting their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import asyncpg
+
+from app.auth.keys import Scope, count_api_keys, create_api_key
+from app.db import migrate, pending_migrations
+from app.embedded import DataDirBusy, default_data_dir, running_embedded, start_embedded
+from app.settings import REPO_ROOT, Settings
+
+APP_FACTORY = "app.main:create_app_from_env"
+# Serialises "create the first admin key" between processes starting at the same time.
+BOOTSTRAP_LOCK_ID = 0x63726B79  # "crky"
+
+
+class CliError(Exception):
+    """A problem worth one line on stderr, not a traceback."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except CliError as exc:
+        _note(f"creditgate: error: {exc}")
+        return 1
+    except DataDirBusy as exc:
+        _note(f"creditgate: error: {exc} (a running `creditgate serve`? use another --data-dir)")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument(
+        "--data-dir", type=Path, default=default_data_dir(),
+        help="folder of the embedded Postgres and Redis, used when DATABASE_URL is unset "
+        "(env CREDITGATE_DATA_DIR, default ./.data)",
+    )
+    parser = argparse.ArgumentParser(prog="creditgate", description="Prepaid-credit gateway.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", parents=[data], help="migrate, then serve the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
+    serve.set_defaults(run=_cmd_serve)
+
+    mig = commands.add_parser("migrate", parents=[data], help="apply pending migrations")
+    mig.set_defaults(run=_cmd_migrate)
+
+    keys = commands.add_parser("keys", help="manage API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    create = key_commands.add_parser("create", parents=[data], help="create an API key")
+    create.add_argument("--scope", required=True, choices=[s.value for s in Scope])
+    create.add_argument("--name", default="")
+    create.set_defaults(run=_cmd_keys_create)
+    return parser
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _exit_on_sigterm()  # until granian installs its own handlers, so cleanup still runs
+    with _backing_services(args.data_dir, need_redis=True):
+        settings = Settings.from_env()
+        admin_key = asyncio.run(_prepare(settings))
+        _print_banner(args.host, args.port, admin_key)
+        _run_granian(args.host, args.port, args.workers)
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    with _backing_services(args.data_dir, need_redis=False):
+        applied = asyncio.run(migrate(os.environ["DATABASE_URL"], _migrations_dir()))
+    for name in applied:
+        print(f"applied {name}")
+    if not applied:
+        print("up to date")
+    return 0
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    with _backing_services(args.data_dir, need_redis=False):
+        key = asyncio.run(_create_key(os.environ["DATABASE_URL"], Scope(args.scope), args.name))
+    print(key)
+    _note(f"created an API key with scope {args.scope}; it is shown only this once")
+    return 0
+
+
+# --- backing services ----------------------------------------------------------------------
+
+
+@contextmanager
+def _backing_services(data_dir: Path, *, need_redis: bool) -> Iterator[None]:
+    """Point DATABASE_URL (and REDIS_URL) at running servers for the duration of the block.
+
+    External servers when the variables are set; otherwise the embedded servers of `data_dir`:
+    those of another process when one runs them (not for `serve`), else our own.
+    """
+    database_url = os.environ.get("DATABASE_URL", "")
+    redis_url = os.environ.get("REDIS_URL", "")
+    if database_url and (redis_url or not need_redis):
+        yield
+        return
+    if need_redis and (database_url or redis_url):
+        raise CliError("set both DATABASE_URL and REDIS_URL, or neither (embedded mode)")
+    shared = None if need_redis else running_embedded(data_dir)
+    if shared is not None:
+        _set_urls(shared.database_url, shared.redis_url)
+        yield
+        return
+    _note(f"starting embedded Postgres and Redis in {data_dir.resolve()}")
+    servers = start_embedded(data_dir)
+    try:
+        _set_urls(servers.database_url, servers.redis_url)
+        yield
+    finally:
+        _note("stopping embedded Postgres and Redis")
+        servers.stop()
+
+
+def _set_urls(database_url: str, redis_url: str) -> None:
+    # Exported so that server worker processes, which build their own Settings, inherit them.
+    os.environ["DATABASE_URL"] = database_url
+    os.environ["REDIS_URL"] = redis_url
+
+
+def _migrations_dir() -> Path:
+    # The same rule as Settings.from_env, which `migrate` can't use: it needs no REDIS_URL.
+    configured = os.environ.get("CREDITGATE_MIGRATIONS_DIR")
+    return Path(configured) if configured else REPO_ROOT / "migrations"
+
+
+def _exit_on_sigterm() -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# --- database steps ------------------------------------------------------------------------
+
+
+async def _prepare(settings: Settings) -> str | None:
+    """Apply migrations; on first start, create and return an admin key."""
+    for name in await migrate(settings.database_url, settings.migrations_dir):
+        _note(f"applied migration {name}")
+    return await _bootstrap_admin_key(settings.database_url)
+
+
+async def _bootstrap_admin_key(dsn: str) -> str | None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK_ID)
+            if await count_api_keys(conn) > 0:
+                return None
+            return await create_api_key(conn, Scope.admin, "bootstrap admin")
+    finally:
+        await conn.close()
+
+
+async def _create_key(dsn: str, scope: Scope, name: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        pending = await pending_migrations(conn, _migrations_dir())
+        if pending:
+            raise CliError(f"pending migrations ({', '.join(pending)}): run `creditgate migrate`")
+        return await create_api_key(conn, scope, name)
+    finally:
+        await conn.close()
+
+
+# --- serving -------------------------------------------------------------------------------
+
+
+def _base_url(host: str, port: int) -> str:
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}"
+
+
+def _print_banner(host: str, port: int, admin_key: str | None) -> None:
+    lines = ["", f"creditgate: serving on {_base_url(host, port)}"]
+    if admin_key is not None:
+        lines += [
+            "",
+            "  First start: created an admin API key. It is shown only this once; store it now:",
+            "",
+            f"      {admin_key}",
+            "",
+            "  Send it as `Authorization: Bearer <key>`.",
+        ]
+    print("\n".join([*lines, ""]), flush=True)
+
+
+def _run_granian(host: str, port: int, workers: int) -> None:
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    server = Granian(
+        APP_FACTORY,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        factory=True,
+        log_access=False,
+    )
+    server.serve()
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
