@@ -8,6 +8,7 @@ its key after LOCK_TIMEOUT.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from starlette.responses import Response
@@ -18,7 +19,7 @@ from app.errors import IdempotencyInProgress, IdempotencyMismatch, ValidationPro
 if TYPE_CHECKING:
     from app.context import AppContext
 
-LOCK_TIMEOUT = "60 seconds"
+LOCK_TIMEOUT = timedelta(seconds=60)  # asyncpg binds an interval from a timedelta only
 MAX_KEY_LENGTH = 255
 
 

@@ -14,6 +14,11 @@ def _int(name: str, default: int) -> int:
     return int(raw) if raw else default
 
 
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default  # float-ok: a duration, not an amount
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -43,6 +48,8 @@ class Settings:
             redis_url=redis_url,
             migrations_dir=Path(migrations) if migrations else REPO_ROOT / "migrations",
             db_pool_size=_int("CREDITGATE_DB_POOL_SIZE", 10),
+            journal_orphan_ms=_int("CREDITGATE_JOURNAL_ORPHAN_MS", 5_000),
+            worker_interval_s=_float("CREDITGATE_WORKER_INTERVAL_S", 2.0),
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",
             redis_prefix=os.environ.get("CREDITGATE_REDIS_PREFIX", "cg"),
         )

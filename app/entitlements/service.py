@@ -87,6 +87,10 @@ async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> Check
     elif decision.status == "duplicate":
         await _confirm_committed(ctx, account, [key or ""])
         out.duplicate = True
+    elif body.consume and key and await ledger_repo.usage_exists(ctx.pool, account.id, [key]):
+        # Redis lost the key's mark (FLUSHALL, or the mark expired) and the credit is gone since:
+        # the consume was done before, so its retry is a duplicate, not a denial
+        out.allowed, out.reason, out.duplicate = True, "ok", True
     return out
 
 

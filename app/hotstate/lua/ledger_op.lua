@@ -26,7 +26,7 @@ else
     if rem + amount < 0 then return {'insufficient', rem} end
     applied = amount
   else
-    applied = -rem
+    applied = 0 - rem  -- not -rem: -0 reaches HINCRBY as "-0", which Redis rejects
     redis.call('HSET', dkey, bid, with_status(current, kind == 'void' and 'v' or 'x'))
   end
   redis.call('HINCRBY', bkey, bid, applied)
