@@ -23,7 +23,7 @@ import asyncpg
 from app.auth.keys import Scope, count_api_keys, create_api_key
 from app.db import migrate, pending_migrations
 from app.embedded import DataDirBusy, default_data_dir, running_embedded, start_embedded
-from app.settings import REPO_ROOT, Settings
+from app.settings import Settings, migrations_dir
 
 APP_FACTORY = "app.main:create_app_from_env"
 # Serialises "create the first admin key" between processes starting at the same time.
@@ -99,7 +99,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     with _backing_services(args.data_dir, need_redis=False):
-        applied = asyncio.run(migrate(os.environ["DATABASE_URL"], _migrations_dir()))
+        applied = asyncio.run(migrate(os.environ["DATABASE_URL"], migrations_dir()))
     for name in applied:
         print(f"applied {name}")
     if not applied:
@@ -153,12 +153,6 @@ def _set_urls(database_url: str, redis_url: str) -> None:
     os.environ["REDIS_URL"] = redis_url
 
 
-def _migrations_dir() -> Path:
-    # The same rule as Settings.from_env, which `migrate` can't use: it needs no REDIS_URL.
-    configured = os.environ.get("CREDITGATE_MIGRATIONS_DIR")
-    return Path(configured) if configured else REPO_ROOT / "migrations"
-
-
 def _exit_on_sigterm() -> None:
     def handler(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
@@ -191,7 +185,7 @@ async def _bootstrap_admin_key(dsn: str) -> str | None:
 async def _create_key(dsn: str, scope: Scope, name: str) -> str:
     conn = await asyncpg.connect(dsn)
     try:
-        pending = await pending_migrations(conn, _migrations_dir())
+        pending = await pending_migrations(conn, migrations_dir())
         if pending:
             raise CliError(f"pending migrations ({', '.join(pending)}): run `creditgate migrate`")
         return await create_api_key(conn, scope, name)

@@ -19,6 +19,12 @@ def _float(name: str, default: float) -> float:
     return float(raw) if raw else default  # float-ok: a duration, not an amount
 
 
+def migrations_dir() -> Path:
+    """`CREDITGATE_MIGRATIONS_DIR`, else the repository's `migrations/`."""
+    configured = os.environ.get("CREDITGATE_MIGRATIONS_DIR")
+    return Path(configured) if configured else REPO_ROOT / "migrations"
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -42,11 +48,10 @@ class Settings:
         redis_url = os.environ.get("REDIS_URL", "")
         if not database_url or not redis_url:
             raise RuntimeError("DATABASE_URL and REDIS_URL must be set (or use `creditgate serve`)")
-        migrations = os.environ.get("CREDITGATE_MIGRATIONS_DIR")
         return cls(
             database_url=database_url,
             redis_url=redis_url,
-            migrations_dir=Path(migrations) if migrations else REPO_ROOT / "migrations",
+            migrations_dir=migrations_dir(),
             db_pool_size=_int("CREDITGATE_DB_POOL_SIZE", 10),
             journal_orphan_ms=_int("CREDITGATE_JOURNAL_ORPHAN_MS", 5_000),
             worker_interval_s=_float("CREDITGATE_WORKER_INTERVAL_S", 2.0),

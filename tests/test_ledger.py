@@ -105,7 +105,8 @@ async def test_accounts_are_listed_updated_and_never_deleted(api: Api) -> None:
     assert (await api.call("DELETE", f"/v1/accounts/{n['account']}", expect=405))["status"] == 405
     seen, cursor = [], None
     while True:
-        page = await api.call("GET", "/v1/accounts", params={"limit": 50, **({"cursor": cursor} if cursor else {})})
+        params = {"limit": 50, **({"cursor": cursor} if cursor else {})}
+        page = await api.call("GET", "/v1/accounts", params=params)
         seen += [a["code"] for a in page["data"]]
         cursor = page["next_cursor"]
         if not cursor:

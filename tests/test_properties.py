@@ -40,7 +40,8 @@ def drawdown(balances: list[ModelBalance], product: str, amount: Decimal) -> Dec
 
 
 op = st.one_of(
-    st.tuples(st.just("grant"), st.integers(1, 2_000), st.integers(0, 3), st.sampled_from(["*", "api", "storage"])),
+    st.tuples(st.just("grant"), st.integers(1, 2_000), st.integers(0, 3),
+              st.sampled_from(["*", "api", "storage"])),
     st.tuples(st.just("debit"), st.integers(1, 1_500), st.sampled_from(["api", "storage"])),
     st.tuples(st.just("adjust"), st.integers(0, 20), st.integers(-500, 500)),
     st.tuples(st.just("void"), st.integers(0, 20)),

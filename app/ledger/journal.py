@@ -207,7 +207,8 @@ class Journal:
         seconds, micros = await self.hot.redis.time()
         cutoff = f"{seconds * 1000 + micros // 1000 - orphan_ms}"
         found = 0
-        async for key in self.hot.redis.scan_iter(match=self.hot.keys.journal_pattern, count=1000, _type="stream"):
+        pattern = self.hot.keys.journal_pattern
+        async for key in self.hot.redis.scan_iter(match=pattern, count=1000, _type="stream"):
             found += await self.recover_root(root_of(str(key)), cutoff)
         return found
 
