@@ -78,7 +78,7 @@ class Endpoint:
 
     @property
     def idempotent_write(self) -> bool:
-        return self.method in ("POST", "PATCH") and Scope.admin in self.scopes
+        return self.method in ("POST", "PATCH", "PUT") and Scope.admin in self.scopes
 
 
 def validation_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> Problem:

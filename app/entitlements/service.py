@@ -97,7 +97,7 @@ async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> Check
 def _record(account: AccountRef, at: int, decision: Decision, payload: str) -> JournalRecord:
     return JournalRecord(account.root_id, decision.stream_id, "usage", json.loads(payload), at,
                          decision.gen, decision.allocations, decision.overage,
-                         flag_changes=decision.flag_change)
+                         flag_changes=decision.flag_change, crossings=decision.crossings)
 
 
 async def _confirm_committed(ctx: AppContext, account: AccountRef, uids: list[str]) -> None:

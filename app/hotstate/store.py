@@ -12,7 +12,7 @@ from redis.commands.core import AsyncScript
 from app.hotstate.keys import Keys
 
 LUA_DIR = Path(__file__).parent / "lua"
-SCRIPTS = ("decide", "ledger_op", "account", "snapshot", "install", "ack", "read")
+SCRIPTS = ("decide", "ledger_op", "account", "snapshot", "install", "ack", "read", "watch")
 # Hot path numbers are passed to Lua as strings; the bucket of a usage uid is its UTC day.
 DAY_MS = 86_400_000
 MARK_TTL_S = 2 * 86_400 + 3_600
@@ -44,6 +44,7 @@ class Decision:
     stream_id: str
     gen: str
     flag_change: str
+    crossings: str
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class LedgerOpResult:
     stream_id: str = ""
     gen: str = ""
     flag_changes: str = ""
+    crossings: str = ""
 
 
 class HotState:
@@ -89,7 +91,7 @@ class HotState:
         raw = await self._run("decide", root_id, args)
         if raw and raw[0] == "cold":
             return None
-        return [Decision(r[0], int(r[1]), int(r[2]), r[3], r[4], r[5], r[6]) for r in raw]
+        return [Decision(r[0], int(r[1]), int(r[2]), r[3], r[4], r[5], r[6], r[7]) for r in raw]
 
     async def ledger_op(self, root_id: int, now_ms: int, op: LedgerOpArgs) -> LedgerOpResult:
         raw = await self._run("ledger_op", root_id, [
@@ -98,7 +100,7 @@ class HotState:
         ])
         if raw[0] != "ok":
             return LedgerOpResult(raw[0], remaining=int(raw[1]) if len(raw) > 1 else 0)
-        return LedgerOpResult("ok", int(raw[1]), int(raw[2]), raw[3], raw[4], raw[5])
+        return LedgerOpResult("ok", int(raw[1]), int(raw[2]), raw[3], raw[4], raw[5], raw[6])
 
     async def set_account(self, root_id: int, account_id: int, status: str, parent: str) -> None:
         await self._run("account", root_id, [account_id, status, parent])
@@ -107,8 +109,14 @@ class HotState:
         loaded, ver, entries = await self._run("snapshot", root_id, [])
         return bool(loaded), str(ver), [(eid, _pairs(fields)) for eid, fields in entries]
 
-    async def install(self, root_id: int, ver: str, gen: str, state_json: str) -> str:
-        return str(await self._run("install", root_id, [ver, gen, state_json]))
+    async def install(self, root_id: int, ver: str, gen: str, now_ms: int, state_json: str) -> str:
+        return str(await self._run("install", root_id, [ver, gen, now_ms, state_json]))
+
+    async def set_watch(self, root_id: int, account_id: int, name: str, credit_type: str,
+                        threshold: int | None, op: str, now_ms: int) -> bool:
+        """Set (or with None remove) a threshold watch; False when the root is cold."""
+        args = [account_id, name, credit_type, "" if threshold is None else threshold, op, now_ms]
+        return bool(await self._run("watch", root_id, args))
 
     async def ack(self, root_id: int, stream_ids: list[str]) -> str:
         return str(await self._run("ack", root_id, stream_ids))

@@ -17,6 +17,9 @@ from app.ledger.schemas import (
     GrantIn,
     LedgerPage,
     LedgerQuery,
+    ThresholdIn,
+    ThresholdList,
+    ThresholdOut,
     VoidIn,
 )
 from app.schemas import Code, ListQuery, next_cursor
@@ -64,6 +67,15 @@ async def ledger(call: Call) -> BaseModel:
                       next_cursor=next_cursor([r["id"] for r in rows], q.limit))
 
 
+async def set_threshold(call: Call) -> BaseModel:
+    return await service.set_threshold(call.ctx, call.path("code"), call.path("credit_type"),
+                                       call.body)
+
+
+async def thresholds(call: Call) -> BaseModel:
+    return await service.thresholds(call.ctx, call.path("code"))
+
+
 async def balance_at(call: Call) -> BaseModel:
     return await service.balance_at(call.ctx, call.path("code"), call.query.at)
 
@@ -84,6 +96,11 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/accounts/{code}/ledger", ledger, ADMIN,
              "The account's ledger, oldest first, with a running balance per entry", "ledger",
              query=LedgerQuery, response=LedgerPage),
+    Endpoint("PUT", "/v1/accounts/{code}/thresholds/{credit_type}", set_threshold, ADMIN,
+             "Set or clear the low-balance threshold of an account and credit type", "balances",
+             body=ThresholdIn, response=ThresholdOut),
+    Endpoint("GET", "/v1/accounts/{code}/thresholds", thresholds, ADMIN,
+             "Low-balance thresholds of an account", "balances", response=ThresholdList),
     Endpoint("GET", "/v1/accounts/{code}/balance-at", balance_at, ADMIN,
              "The account's balance per credit type as of a past time", "ledger",
              query=BalanceAtQuery, response=BalanceAtOut),

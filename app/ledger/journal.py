@@ -24,6 +24,7 @@ from app.hotstate.keys import root_of
 from app.hotstate.store import HotState
 from app.ledger import repository as repo
 from app.money import from_scaled
+from app.webhooks.outbox import events_for, publish
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 2_000
@@ -44,17 +45,24 @@ class JournalRecord:
     allocations: str = ""  # usage: "balance:account:amount,..."
     overage: int = 0  # usage: what no balance covered
     applied: int = 0  # other kinds: the signed change to the balance
-    flag_changes: str = ""
+    flag_changes: str = ""  # "product|ct|granted/revoked|available;..."
+    crossings: str = ""  # threshold watches crossed: "name|account|ct|total|threshold;..."
 
     @classmethod
     def from_stream(cls, root_id: int, stream_id: str, fields: dict[str, str]) -> JournalRecord:
         return cls(root_id, stream_id, fields["k"], json.loads(fields["p"]), int(fields["t"]),
                    fields.get("g", ""), fields.get("al", ""), int(fields.get("ov", "0")),
-                   int(fields.get("x", "0")), fields.get("fc", ""))
+                   int(fields.get("x", "0")), fields.get("fc", ""), fields.get("wc", ""))
 
     @property
     def journal_id(self) -> str:
         return f"{self.root_id}:{self.stream_id}"
+
+    @property
+    def sequence(self) -> int:
+        """Orders a root's changes as Lua decided them (the stream id: ms, then counter)."""
+        ms, _, counter = self.stream_id.partition("-")
+        return int(ms) * 100_000 + int(counter or 0)
 
     @property
     def op_key(self) -> str:
@@ -172,7 +180,12 @@ class Journal:
             inserted = await repo.write_rows(conn, rows)
             missing = [r.op_key for r in records if r.op_key not in inserted]
             owners = await repo.op_owners(conn, missing) if missing else {}
-        outcomes = ops_outcome(records, inserted, owners)
+            outcomes = ops_outcome(records, inserted, owners)
+            # only what this batch really committed raises events: a duplicate applied twice
+            # in a forgetful Redis must not announce a flag flip that never happened
+            await publish(conn, [event for record, outcome in zip(records, outcomes, strict=True)
+                                 if outcome == "accepted"
+                                 for event in events_for(record, ms_to_dt(record.recorded_ms))])
         await self._after_commit(records, outcomes)
         return outcomes
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -24,6 +25,7 @@ from app.ledger.journal import JournalRecord
 from app.money import to_scaled
 
 ATTEMPTS = 8
+LOW_WATCH = "low"  # the threshold watch behind `balance.low`
 STATUS_CODE = {"active": "a", "pending": "p", "voided": "v", "expired": "x"}
 
 
@@ -74,7 +76,8 @@ class Loader:
                 return
             records = [JournalRecord.from_stream(root_id, eid, f) for eid, f in entries]
             state = await self._state(root_id, records)
-            outcome = await self.hot.install(root_id, ver, secrets.token_hex(6), json.dumps(state))
+            outcome = await self.hot.install(root_id, ver, secrets.token_hex(6),
+                                             time.time_ns() // 1_000_000, json.dumps(state))
             if outcome in ("ok", "exists"):
                 return
             await asyncio.sleep(0.005)
@@ -87,10 +90,11 @@ class Loader:
             ids = [a["id"] for a in accounts]
             balances = await repo.live_balances(conn, ids)
             overages = await repo.overages(conn, ids)
+            thresholds = await repo.thresholds(conn, ids)
             done = await repo.committed_ops(conn, [r.op_key for r in records]) if records else set()
         state: dict[int, dict[str, Any]] = {
-            a["id"]: {"id": a["id"], "st": a["status"], "par": str(a["parent_id"] or ""),
-                      "b": {}, "d": {}, "o": {}} for a in accounts
+            a["id"]: {"id": str(a["id"]), "st": a["status"], "par": str(a["parent_id"] or ""),
+                      "b": {}, "d": {}, "o": {}, "w": []} for a in accounts
         }
         for b in balances:
             acct = state[b["account_id"]]
@@ -101,6 +105,9 @@ class Loader:
         for o in overages:
             state[o["account_id"]]["o"][o["credit_type"]] = str(
                 to_scaled(Decimal(o["overage"]), o["decimal_places"]))
+        for t in thresholds:
+            state[t["account_id"]]["w"].append(
+                [LOW_WATCH, t["credit_type"], str(to_scaled(Decimal(t["low"]), t["decimal_places"])), "lt"])
         for record in records:
             if record.op_key not in done:
                 _apply(state, record)

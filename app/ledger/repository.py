@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -183,3 +184,24 @@ async def due_expiries(conn: Conn, now: datetime, limit: int) -> list[asyncpg.Re
         now, limit,
     )
 
+
+
+async def thresholds(conn: Conn, account_ids: list[int]) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT t.account_id, ct.code AS credit_type, ct.decimal_places, t.low
+           FROM balance_thresholds t JOIN credit_types ct ON ct.id = t.credit_type_id
+           WHERE t.account_id = ANY($1::int8[])""",
+        account_ids,
+    )
+
+
+async def set_threshold(conn: Conn, account_id: int, credit_type_id: int, low: Decimal | None) -> None:
+    if low is None:
+        await conn.execute(
+            "DELETE FROM balance_thresholds WHERE account_id = $1 AND credit_type_id = $2",
+            account_id, credit_type_id)
+        return
+    await conn.execute(
+        """INSERT INTO balance_thresholds (account_id, credit_type_id, low) VALUES ($1, $2, $3)
+           ON CONFLICT (account_id, credit_type_id) DO UPDATE SET low = $3, updated_at = now()""",
+        account_id, credit_type_id, low)

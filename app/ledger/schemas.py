@@ -92,3 +92,19 @@ class BalanceAtOut(BaseModel):
     account: str
     at: datetime
     totals: list[CreditTypeTotal]
+
+
+class ThresholdIn(Strict):
+    low: Decimal | None = Field(
+        gt=0, description="`balance.low` fires once when the drawable balance falls below it; "
+                          "null removes the threshold")
+
+
+class ThresholdOut(BaseModel):
+    account: str
+    credit_type: str
+    low: str | None
+
+
+class ThresholdList(BaseModel):
+    data: list[ThresholdOut]

@@ -13,8 +13,8 @@ from app.config.catalog import AccountRef, CreditTypeRef
 from app.config.repository import existing_products
 from app.errors import Conflict, NotFound, ValidationProblem
 from app.ledger import repository as repo
-from app.ledger.loader import balance_def, to_ms
-from app.ledger.ops import ledger_op
+from app.ledger.loader import LOW_WATCH, balance_def, to_ms
+from app.ledger.ops import ledger_op, now_ms
 from app.ledger.schemas import (
     AdjustmentIn,
     BalanceAtOut,
@@ -22,6 +22,9 @@ from app.ledger.schemas import (
     CreditTypeTotal,
     GrantIn,
     LedgerEntryOut,
+    ThresholdIn,
+    ThresholdList,
+    ThresholdOut,
     VoidIn,
 )
 from app.money import AmountError, fmt, to_scaled
@@ -176,3 +179,23 @@ async def balance_at(ctx: AppContext, code: str, at: datetime) -> BalanceAtOut:
                         balance=fmt(Decimal(r["balance"]), r["decimal_places"]),
                         overage=fmt(Decimal(r["overage"]), r["decimal_places"])) for r in rows])
 
+
+
+async def set_threshold(ctx: AppContext, code: str, credit_type_code: str,
+                        body: ThresholdIn) -> ThresholdOut:
+    account = await account_ref(ctx, code)
+    credit_type = await resolve_credit_type(ctx, account, credit_type_code, "credit_type")
+    low = scaled(body.low, credit_type, "low") if body.low is not None else None
+    await repo.set_threshold(ctx.pool, account.id, credit_type.id, body.low)
+    await ctx.hot.set_watch(account.root_id, account.id, LOW_WATCH, credit_type.code, low, "lt",
+                            now_ms())
+    return ThresholdOut(account=code, credit_type=credit_type.code,
+                        low=fmt(body.low, credit_type.decimal_places) if body.low else None)
+
+
+async def thresholds(ctx: AppContext, code: str) -> ThresholdList:
+    account = await account_ref(ctx, code)
+    rows = await repo.thresholds(ctx.pool, [account.id])
+    return ThresholdList(data=[ThresholdOut(account=code, credit_type=r["credit_type"],
+                                            low=fmt(Decimal(r["low"]), r["decimal_places"]))
+                               for r in rows])

@@ -3,7 +3,9 @@
 --   account id, chain (self,parent,..,root), uid, product, credit type, amount, at_ms,
 --   mode (q: check only, c: consume if allowed, u: usage, always recorded), payload (opaque JSON)
 -- Returns {"cold"} when the root is not in the hot state, else per event
---   {status, available after, overage, allocations "bid:acct:amt,...", stream id, gen, flag change}
+--   {status, available after, overage, allocations "bid:acct:amt,...", stream id, gen,
+--    flag change "product|ct|granted/revoked|available", threshold crossings}
+-- The journal entry also carries threshold crossings ("wc", see check_watches).
 local now, today, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = (#ARGV - 3) / 9
 local results = {}
@@ -32,7 +34,7 @@ for i = 0, n - 1 do
     elseif avail < amount or avail <= 0 then status = 'insufficient_balance' end
   end
   if status ~= 'ok' or mode == 'q' then
-    results[#results + 1] = {status, avail, 0, '', '', '', ''}
+    results[#results + 1] = {status, avail, 0, '', '', '', '', ''}
   else
     local need, allocs = amount, {}
     for _, b in ipairs(list) do
@@ -49,10 +51,19 @@ for i = 0, n - 1 do
     redis.call('EXPIRE', today_key, ttl)
     local after = avail - (amount - need)
     local change = set_flag(acct, product, ct, after > 0)
+    if change ~= '' then change = product .. '|' .. ct .. '|' .. change .. '|' .. string.format('%d', after) end
+    local crossings, owners = {}, {}
+    for _, a in ipairs(allocs) do
+      local owner = string.match(a, '^[^:]*:([^:]*):')
+      if not owners[owner] then
+        owners[owner] = true
+        check_watches(owner, ct, at, crossings)
+      end
+    end
     local alloc = table.concat(allocs, ',')
     local id = journal({'k', 'usage', 'p', payload, 'al', alloc, 'ov', string.format('%d', need),
-                        't', now, 'g', gen(), 'fc', change})
-    results[#results + 1] = {status, after, need, alloc, id, gen(), change}
+                        't', now, 'g', gen(), 'fc', change, 'wc', table.concat(crossings, ';')})
+    results[#results + 1] = {status, after, need, alloc, id, gen(), change, table.concat(crossings, ';')}
   end
 end
 return results

@@ -3,7 +3,7 @@
 --       amount (grant, adjustment: signed), def (grant), at_ms, payload (opaque JSON)
 -- Returns {"cold"} | {"missing"} (unknown balance, or a grant id already used) |
 --         {"insufficient", remaining} |
---         {"ok", amount applied, remaining after, stream id, gen, flag changes}
+--         {"ok", amount applied, remaining after, stream id, gen, flag changes, crossings}
 local now, kind, acct, chain, bid = ARGV[1], ARGV[2], ARGV[3], split(ARGV[4], ','), ARGV[5]
 local amount, def, at, payload = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
 if not loaded(chain) then return {'cold'} end
@@ -32,7 +32,10 @@ else
   redis.call('HINCRBY', bkey, bid, applied)
 end
 
-local changes = refresh_flags(acct, chain, at)
+local ct = parse_def(redis.call('HGET', dkey, bid)).ct
+local changes = refresh_flags(acct, chain, ct, at)
+local crossings = {}
+check_watches(acct, ct, at, crossings)
 local id = journal({'k', kind, 'p', payload, 'x', string.format('%d', applied), 't', now,
-                    'g', gen(), 'fc', changes})
-return {'ok', applied, rem + applied, id, gen(), changes}
+                    'g', gen(), 'fc', changes, 'wc', table.concat(crossings, ';')})
+return {'ok', applied, rem + applied, id, gen(), changes, table.concat(crossings, ';')}

@@ -95,16 +95,58 @@ local function set_flag(acct, product, ct, allowed)
   return allowed and 'granted' or 'revoked'
 end
 
--- Re-derive every recorded flag of an account after its balances changed.
-local function refresh_flags(acct, chain, at)
+-- Re-derive the recorded flags of one credit type of an account after its balances changed.
+-- Returns "product|ct|granted/revoked|available" items joined by ';'.
+local function refresh_flags(acct, chain, ct, at)
   local out = {}
   local fields = redis.call('HKEYS', akey('e', acct))
   for _, field in ipairs(fields) do
-    local product, ct = string.match(field, '^(.*)|(.*)$')
-    local change = set_flag(acct, product, ct, total(eligible(chain, product, ct, at)) > 0)
-    if change ~= '' then out[#out + 1] = product .. '|' .. ct .. '|' .. change end
+    local product, fct = string.match(field, '^(.*)|(.*)$')
+    if fct == ct then
+      local avail = total(eligible(chain, product, ct, at))
+      local change = set_flag(acct, product, ct, avail > 0)
+      if change ~= '' then
+        out[#out + 1] = product .. '|' .. ct .. '|' .. change .. '|' .. string.format('%d', avail)
+      end
+    end
   end
   return table.concat(out, ';')
+end
+
+-- The account's own drawable credit of one credit type, whatever the product.
+local function own_total(acct, ct, at)
+  local sum = 0
+  local defs = redis.call('HGETALL', akey('d', acct))
+  for i = 1, #defs, 2 do
+    local d = parse_def(defs[i + 1])
+    if d.ct == ct and d.st == 'a' and d.eff <= at and (d.exp == 0 or at < d.exp) then
+      sum = sum + tonumber(redis.call('HGET', akey('b', acct), defs[i]) or '0')
+    end
+  end
+  return sum
+end
+
+-- Threshold watches: hash w:<account>, field "<name>|<ct>" -> "<threshold>|<armed 1/0>|<lt/le>".
+-- A watch fires once when the own total crosses below (lt) or to-or-below (le) its threshold,
+-- and re-arms silently once the total is back above.
+-- Appends "name|account|ct|total|threshold" to out.
+local function check_watches(acct, ct, at, out)
+  local fields = redis.call('HGETALL', akey('w', acct))
+  local sum = nil
+  for i = 1, #fields, 2 do
+    local name, wct = string.match(fields[i], '^(.*)|(.*)$')
+    if wct == ct then
+      sum = sum or own_total(acct, ct, at)
+      local th, armed, op = string.match(fields[i + 1], '^([^|]*)|([^|]*)|([^|]*)$')
+      local below = (op == 'le' and sum <= tonumber(th)) or (op == 'lt' and sum < tonumber(th))
+      if armed == '1' and below then
+        redis.call('HSET', akey('w', acct), fields[i], th .. '|0|' .. op)
+        out[#out + 1] = name .. '|' .. acct .. '|' .. ct .. '|' .. string.format('%d', sum) .. '|' .. th
+      elseif armed == '0' and not below then
+        redis.call('HSET', akey('w', acct), fields[i], th .. '|1|' .. op)
+      end
+    end
+  end
 end
 
 local function gen() return redis.call('HGET', KEYS[1], 'gen') end

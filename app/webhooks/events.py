@@ -1,0 +1,19 @@
+"""Event types creditgate emits. Payload: {type, timestamp, data}; amounts are strings and
+every account event carries the billing root's `sequence` so receivers can order them."""
+
+from __future__ import annotations
+
+EVENT_TYPES: dict[str, str] = {
+    "credits.granted": "a balance was granted (or a purchase's credits became drawable)",
+    "credits.voided": "what remained of a balance was voided",
+    "credits.expired": "what remained of a balance expired",
+    "balance.low": "an account's drawable balance of a credit type fell below its threshold",
+    "balance.depleted": "eligible credit for a product reached zero",
+    "balance.recovered": "eligible credit for a product is above zero again",
+    "entitlement.revoked": "check now denies the product (credit exhausted)",
+    "entitlement.granted": "check allows the product again",
+    "payment.succeeded": "a credit purchase was paid",
+    "payment.failed": "a credit purchase's payment failed",
+    "webhook_endpoint.disabled": "an endpoint was disabled after failing for five days",
+    "webhook.test": "sent by `creditgate webhooks send-test`",
+}
