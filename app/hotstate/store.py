@@ -68,6 +68,7 @@ class LedgerOpResult:
     gen: str = ""
     flag_changes: str = ""
     crossings: str = ""
+    owed: int = 0
 
 
 class HotState:
@@ -100,7 +101,8 @@ class HotState:
         ])
         if raw[0] != "ok":
             return LedgerOpResult(raw[0], remaining=int(raw[1]) if len(raw) > 1 else 0)
-        return LedgerOpResult("ok", int(raw[1]), int(raw[2]), raw[3], raw[4], raw[5], raw[6])
+        return LedgerOpResult("ok", int(raw[1]), int(raw[2]), raw[3], raw[4], raw[5], raw[6],
+                              int(raw[7]))
 
     async def set_account(self, root_id: int, account_id: int, status: str, parent: str) -> None:
         await self._run("account", root_id, [account_id, status, parent])

@@ -107,9 +107,13 @@ class Rows:
                                   bal["priority"], ms_to_dt(bal["eff"]),
                                   ms_to_dt(bal["exp"]) if bal["exp"] else None,
                                   bal["description"], bal["source"]))
-        elif rec.kind in ("void", "expire"):
-            self.statuses.append((balance_id, "voided" if rec.kind == "void" else "expired"))
-        entry(0, account, balance_id, rec.kind, rec.applied)
+            if p.get("activate"):  # a pending (purchased) balance becomes drawable
+                self.statuses.append((balance_id, "active"))
+        elif rec.kind in ("void", "expire", "refund"):
+            self.statuses.append((balance_id, "expired" if rec.kind == "expire" else "voided"))
+        entry(0, account, balance_id, "void" if rec.kind == "refund" else rec.kind, rec.applied)
+        if rec.kind == "refund" and rec.overage:
+            entry(1, account, None, "overage", -rec.overage)
 
 
 def ops_outcome(records: list[JournalRecord], inserted: set[str], owners: dict[str, str]) -> list[str]:

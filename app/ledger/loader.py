@@ -133,5 +133,7 @@ def _apply(state: dict[int, dict[str, Any]], record: JournalRecord) -> None:
     if record.kind == "grant":
         account["d"][balance] = p["def"]
     _bump(account["b"], balance, record.applied)
-    if record.kind in ("void", "expire"):
-        account["d"][balance] = _with_status(account["d"][balance], "v" if record.kind == "void" else "x")
+    if record.kind in ("void", "expire", "refund"):
+        account["d"][balance] = _with_status(account["d"][balance], "x" if record.kind == "expire" else "v")
+    if record.kind == "refund" and record.overage:
+        _bump(account["o"], p["cc"], record.overage)

@@ -55,7 +55,8 @@ async def ledger_op(
             raise ValidationProblem(
                 "would take the balance below zero", field="amount")
         record = JournalRecord(account.root_id, result.stream_id, kind, payload, at, result.gen,
-                               applied=result.applied, flag_changes=result.flag_changes,
+                               overage=result.owed, applied=result.applied,
+                               flag_changes=result.flag_changes,
                                crossings=result.crossings)
         [outcome] = await ctx.journal.commit([record])
         return result, outcome

@@ -90,14 +90,15 @@ async def root_accounts(conn: Conn, root_id: int) -> list[asyncpg.Record]:
 
 
 async def live_balances(conn: Conn, account_ids: list[int]) -> list[asyncpg.Record]:
-    """Balances that can still be drawn or shown, with remaining = sum of their entries."""
+    """Balances that can be drawn (pending ones wait outside the hot state), with remaining =
+    the sum of their entries."""
     return await conn.fetch(
         """SELECT b.id, b.account_id, ct.code AS credit_type, ct.decimal_places, b.product_codes,
                   b.priority, b.effective_at, b.expires_at, b.status,
                   COALESCE((SELECT sum(amount) FROM ledger_entries e WHERE e.balance_id = b.id), 0)
                       AS remaining
            FROM balances b JOIN credit_types ct ON ct.id = b.credit_type_id
-           WHERE b.account_id = ANY($1::int8[]) AND b.status IN ('active', 'pending')""",
+           WHERE b.account_id = ANY($1::int8[]) AND b.status = 'active'""",
         account_ids,
     )
 
@@ -205,3 +206,22 @@ async def set_threshold(conn: Conn, account_id: int, credit_type_id: int, low: D
         """INSERT INTO balance_thresholds (account_id, credit_type_id, low) VALUES ($1, $2, $3)
            ON CONFLICT (account_id, credit_type_id) DO UPDATE SET low = $3, updated_at = now()""",
         account_id, credit_type_id, low)
+
+
+async def insert_pending_balance(
+    conn: Conn, balance_id: int, account_id: int, credit_type_id: int, products: list[str] | None,
+    priority: int, effective_at: datetime, expires_at: datetime | None, description: str,
+    source: str,
+) -> None:
+    await conn.execute(
+        """INSERT INTO balances (id, account_id, credit_type_id, product_codes, priority,
+                                 effective_at, expires_at, description, source, status)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending')""",
+        balance_id, account_id, credit_type_id, products, priority, effective_at, expires_at,
+        description, source)
+
+
+async def void_pending_balance(conn: Conn, balance_id: int) -> bool:
+    result = await conn.execute(
+        "UPDATE balances SET status = 'voided' WHERE id = $1 AND status = 'pending'", balance_id)
+    return result.endswith(" 1")

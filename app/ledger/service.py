@@ -199,3 +199,64 @@ async def thresholds(ctx: AppContext, code: str) -> ThresholdList:
     return ThresholdList(data=[ThresholdOut(account=code, credit_type=r["credit_type"],
                                             low=fmt(Decimal(r["low"]), r["decimal_places"]))
                                for r in rows])
+
+
+# Purchased credit: a balance that exists before it is paid, drawable only once activated.
+
+async def create_pending(ctx: AppContext, account: AccountRef, credit_type: CreditTypeRef, *,
+                         products: list[str] | None, expires_at: datetime | None,
+                         description: str, source: str = "purchase", priority: int = 100) -> int:
+    """A balance row in status `pending`: no ledger entry, not in the hot state, not available."""
+    balance_id = await repo.next_balance_id(ctx.pool)
+    await repo.insert_pending_balance(ctx.pool, balance_id, account.id, credit_type.id, products,
+                                      priority, datetime.now(UTC), expires_at, description, source)
+    return balance_id
+
+
+async def activate(ctx: AppContext, balance_id: int, amount: Decimal) -> bool:
+    """Grant a pending balance its credits (once, whoever calls first); True if this call did."""
+    row = await repo.balance(ctx.pool, balance_id)
+    if row is None:
+        raise NotFound(f"no balance {balance_id}", field="balance_id")
+    account = await account_ref(ctx, row["account"])
+    credit_type = await ctx.catalog.credit_type_by_id(row["credit_type_id"])
+    if await repo.committed_ops(ctx.pool, [f"g:{balance_id}"]):
+        return False
+    eff_ms = to_ms(row["effective_at"])
+    exp_ms = to_ms(row["expires_at"]) if row["expires_at"] else None
+    definition = balance_def(credit_type.code, row["priority"], eff_ms, exp_ms, "active",
+                             row["product_codes"])
+    payload = _op_payload(
+        f"g:{balance_id}", account, credit_type, balance_id, row["description"], activate=True,
+        bal={"products": row["product_codes"], "priority": row["priority"], "eff": eff_ms,
+             "exp": exp_ms, "description": row["description"], "source": row["source"]})
+    payload["def"] = definition
+    try:
+        _, outcome = await ledger_op(ctx, account, "grant", balance_id, payload,
+                                     scaled(amount, credit_type), definition)
+    except Conflict:  # another caller activated it first: make sure that one is committed
+        await ctx.journal.recover_root(account.root_id)
+        if await repo.committed_ops(ctx.pool, [f"g:{balance_id}"]):
+            return False
+        raise
+    return outcome == "accepted"
+
+
+async def cancel_pending(ctx: AppContext, balance_id: int) -> bool:
+    """Void a balance that was never paid; False when it is no longer pending."""
+    return await repo.void_pending_balance(ctx.pool, balance_id)
+
+
+async def refund(ctx: AppContext, balance_id: int, granted: Decimal, description: str) -> bool:
+    """A refunded purchase: void what remains; what was spent becomes overage. False when the
+    balance is no longer live (already voided or refunded)."""
+    try:
+        _, account, credit_type = await _live_balance(ctx, balance_id)
+    except Conflict:
+        return False
+    payload = _op_payload(f"r:{balance_id}", account, credit_type, balance_id, description)
+    try:
+        await ledger_op(ctx, account, "refund", balance_id, payload, scaled(granted, credit_type))
+    except Conflict:
+        return False
+    return True

@@ -1,9 +1,11 @@
 -- Grants, adjustments, voids and expiries of one balance, journalled atomically.
--- ARGV: now_ms, kind (grant|adjustment|void|expire), account id, chain, balance id,
---       amount (grant, adjustment: signed), def (grant), at_ms, payload (opaque JSON)
+-- ARGV: now_ms, kind (grant|adjustment|void|expire|refund), account id, chain, balance id,
+--       amount (grant; adjustment: signed; refund: what the balance was granted),
+--       def (grant), at_ms, payload (opaque JSON)
 -- Returns {"cold"} | {"missing"} (unknown balance, or a grant id already used) |
 --         {"insufficient", remaining} |
---         {"ok", amount applied, remaining after, stream id, gen, flag changes, crossings}
+--         {"ok", amount applied, remaining after, stream id, gen, flag changes, crossings,
+--          owed (refund: the spent part, now overage)}
 local now, kind, acct, chain, bid = ARGV[1], ARGV[2], ARGV[3], split(ARGV[4], ','), ARGV[5]
 local amount, def, at, payload = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
 if not loaded(chain) then return {'cold'} end
@@ -11,7 +13,7 @@ if not loaded(chain) then return {'cold'} end
 local dkey, bkey = akey('d', acct), akey('b', acct)
 local current = redis.call('HGET', dkey, bid)
 local rem = tonumber(redis.call('HGET', bkey, bid) or '0')
-local applied = 0
+local applied, owed = 0, 0
 
 if kind == 'grant' then
   if current then return {'missing'} end
@@ -25,6 +27,12 @@ else
   if kind == 'adjustment' then
     if rem + amount < 0 then return {'insufficient', rem} end
     applied = amount
+  elseif kind == 'refund' then
+    -- the purchase's payment was refunded: void what is left, owe what was spent
+    applied = 0 - rem
+    redis.call('HSET', dkey, bid, with_status(current, 'v'))
+    owed = amount - rem
+    if owed > 0 then redis.call('HINCRBY', akey('o', acct), parse_def(current).ct, owed) end
   else
     applied = 0 - rem  -- not -rem: -0 reaches HINCRBY as "-0", which Redis rejects
     redis.call('HSET', dkey, bid, with_status(current, kind == 'void' and 'v' or 'x'))
@@ -37,5 +45,6 @@ local changes = refresh_flags(acct, chain, ct, at)
 local crossings = {}
 check_watches(acct, ct, at, crossings)
 local id = journal({'k', kind, 'p', payload, 'x', string.format('%d', applied), 't', now,
-                    'g', gen(), 'fc', changes, 'wc', table.concat(crossings, ';')})
-return {'ok', applied, rem + applied, id, gen(), changes, table.concat(crossings, ';')}
+                                    'g', gen(), 'fc', changes, 'wc', table.concat(crossings, ';'),
+                    'ov', string.format('%d', owed)})
+return {'ok', applied, rem + applied, id, gen(), changes, table.concat(crossings, ';'), owed}
