@@ -404,10 +404,6 @@ async def test_a_commit_landing_while_a_cold_root_is_rebuilt_is_not_lost(
         await pool.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "design gap: a rebuilt hot state has no uid marks, so a replayed uid is applied in Redis "
-    "until its commit finds the duplicate; usage decided meanwhile is drawn from the wrong "
-    "state (see the report: rebuild the marks, or check Postgres for unmarked uids)"))
 async def test_replay_after_flushall_does_not_divert_credit_from_new_usage(
         settings: Settings, keys: dict[str, str], db: asyncpg.Connection,
         redis: aioredis.Redis) -> None:

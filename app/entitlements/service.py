@@ -23,7 +23,7 @@ from app.entitlements.schemas import (
     UsageResult,
 )
 from app.errors import Problem, Unavailable, ValidationProblem
-from app.hotstate.store import DecideArgs, Decision
+from app.hotstate.store import DecideArgs, Decision, mark_window_start
 from app.http import validation_problem
 from app.ledger import repository as ledger_repo
 from app.ledger.journal import JournalRecord, ms_to_dt
@@ -159,30 +159,48 @@ async def record_usage(ctx: AppContext, items: list[Any], prefix: str) -> list[U
     return [results[i] for i in range(len(items))]
 
 
+async def _known_before_window(ctx: AppContext, group: list[Prepared]) -> set[int]:
+    """Indexes of events older than Redis's uid memory that Postgres already has."""
+    window = mark_window_start(now_ms())
+    old: dict[AccountRef, list[Prepared]] = defaultdict(list)
+    for prepared in group:
+        if prepared.args.at_ms < window:
+            old[prepared.account].append(prepared)
+    known: set[int] = set()
+    for account, events in old.items():
+        seen = await ledger_repo.usage_exists(ctx.pool, account.id, [p.event.uid for p in events])
+        known |= {p.index for p in events if p.event.uid in seen}
+    return known
+
+
+def _duplicate(prepared: Prepared) -> UsageResult:
+    return UsageResult(uid=prepared.event.uid, status="duplicate",
+                       credit_type=prepared.credit_type.code)
+
+
 async def _debit_root(ctx: AppContext, group: list[Prepared]) -> dict[int, UsageResult]:
-    root_id = group[0].account.root_id
-    at, decisions = await decide(ctx, root_id, [p.args for p in group])
+    known = await _known_before_window(ctx, group)
+    results = {p.index: _duplicate(p) for p in group if p.index in known}
+    group = [p for p in group if p.index not in known]
+    if not group:
+        return results
+    at, decisions = await decide(ctx, group[0].account.root_id, [p.args for p in group])
     records, applied, duplicates = [], [], defaultdict(list)
     for prepared, decision in zip(group, decisions, strict=True):
         if decision.status == "duplicate":
             duplicates[prepared.account].append(prepared.event.uid)
+            results[prepared.index] = _duplicate(prepared)
         else:
             records.append(_record(prepared.account, at, decision, prepared.args.payload))
             applied.append((prepared, decision))
     outcomes = await ctx.journal.commit(records) if records else []
     for account, uids in duplicates.items():
         await _confirm_committed(ctx, account, uids)
-    results: dict[int, UsageResult] = {}
     for (prepared, decision), outcome in zip(applied, outcomes, strict=True):
         ct = prepared.credit_type
-        results[prepared.index] = UsageResult(
-            uid=prepared.event.uid, status="accepted" if outcome == "accepted" else "duplicate",
-            credit_type=ct.code, available=_amount(decision.available, ct) if outcome == "accepted"
-            else None, overage=_amount(decision.overage, ct) if outcome == "accepted" else None)
-    for prepared, decision in zip(group, decisions, strict=True):
-        if decision.status == "duplicate":
-            results[prepared.index] = UsageResult(uid=prepared.event.uid, status="duplicate",
-                                                  credit_type=prepared.credit_type.code)
+        results[prepared.index] = _duplicate(prepared) if outcome != "accepted" else UsageResult(
+            uid=prepared.event.uid, status="accepted", credit_type=ct.code,
+            available=_amount(decision.available, ct), overage=_amount(decision.overage, ct))
     return results
 
 

@@ -33,6 +33,9 @@ class Keys:
     def journal(self, root_id: int) -> str:
         return f"{self.tag(root_id)}:j"
 
+    def uid_bucket(self, root_id: int, account_id: int, day: int) -> str:
+        return f"{self.tag(root_id)}:u:{account_id}:{day}"
+
     @property
     def journal_pattern(self) -> str:
         return self.prefix + ":{*}:j"

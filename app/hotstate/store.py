@@ -14,8 +14,15 @@ from app.hotstate.keys import Keys
 LUA_DIR = Path(__file__).parent / "lua"
 SCRIPTS = ("decide", "ledger_op", "account", "snapshot", "install", "ack", "read", "watch")
 # Hot path numbers are passed to Lua as strings; the bucket of a usage uid is its UTC day.
+# Usage uids are remembered per UTC day of recording, for today and yesterday; older replays
+# are checked against Postgres (entitlements.service) and rebuilt marks come from it (loader).
 DAY_MS = 86_400_000
 MARK_TTL_S = 2 * 86_400 + 3_600
+
+
+def mark_window_start(now_ms: int) -> int:
+    """The first instant (ms) whose usage uids Redis still remembers: yesterday 00:00 UTC."""
+    return (now_ms // DAY_MS - 1) * DAY_MS
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,28 @@ class HotState:
     async def read_account(self, root_id: int, account_id: int) -> list[Any] | None:
         raw = await self._run("read", root_id, [account_id])
         return None if raw and raw[0] == "cold" else list(raw)
+
+    async def accounts_without_marks(self, root_id: int, account_ids: list[int],
+                                     now_ms: int) -> list[int]:
+        """Accounts with no uid bucket for today or yesterday: their marks may be lost."""
+        today = now_ms // DAY_MS
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for account_id in account_ids:
+                pipe.exists(self.keys.uid_bucket(root_id, account_id, today),
+                            self.keys.uid_bucket(root_id, account_id, today - 1))
+            found = await pipe.execute()
+        return [a for a, n in zip(account_ids, found, strict=True) if not n]
+
+    async def restore_marks(self, root_id: int, marks: list[tuple[int, int, str]]) -> None:
+        """Re-remember committed uids: (account id, day, uid). Safe at any time: a mark for a
+        committed uid is always true."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(marks), 1000):
+                for account_id, day, uid in marks[start:start + 1000]:
+                    key = self.keys.uid_bucket(root_id, account_id, day)
+                    pipe.hset(key, uid, "1")
+                    pipe.expire(key, MARK_TTL_S)
+                await pipe.execute()
 
     async def journal_entries(self, root_id: int, max_id: str) -> list[tuple[str, dict[str, str]]]:
         entries = await self.redis.xrange(self.keys.journal(root_id), "-", max_id) or []

@@ -117,9 +117,14 @@ class Rows:
 
 
 def ops_outcome(records: list[JournalRecord], inserted: set[str], owners: dict[str, str]) -> list[str]:
-    """accepted, or duplicate when another operation with the same key committed first."""
-    return ["accepted" if r.op_key in inserted or owners.get(r.op_key) == r.journal_id
-            else "duplicate" for r in records]
+    """accepted, or duplicate when another operation with the same key committed first
+    (in an earlier batch, or earlier in this one: the first row of a key is the one kept)."""
+    outcomes, seen = [], set()
+    for r in records:
+        new = r.op_key in inserted and r.op_key not in seen
+        outcomes.append("accepted" if new or owners.get(r.op_key) == r.journal_id else "duplicate")
+        seen.add(r.op_key)
+    return outcomes
 
 
 class Journal:

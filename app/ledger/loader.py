@@ -19,9 +19,9 @@ from typing import Any
 import asyncpg
 
 from app.errors import Unavailable
-from app.hotstate.store import HotState
+from app.hotstate.store import DAY_MS, HotState, mark_window_start
 from app.ledger import repository as repo
-from app.ledger.journal import JournalRecord
+from app.ledger.journal import JournalRecord, ms_to_dt
 from app.money import to_scaled
 
 ATTEMPTS = 8
@@ -76,12 +76,25 @@ class Loader:
                 return
             records = [JournalRecord.from_stream(root_id, eid, f) for eid, f in entries]
             state = await self._state(root_id, records)
+            await self._restore_marks(root_id, [int(a["id"]) for a in state["accounts"]])
             outcome = await self.hot.install(root_id, ver, secrets.token_hex(6),
                                              time.time_ns() // 1_000_000, json.dumps(state))
             if outcome in ("ok", "exists"):
                 return
             await asyncio.sleep(0.005)
         raise Unavailable("hot state could not be rebuilt; retry")
+
+    async def _restore_marks(self, root_id: int, account_ids: list[int]) -> None:
+        """After Redis lost a root's uid marks (FLUSHALL, restart), bring back those of the mark
+        window from Postgres, so a replayed uid is refused before it touches any balance."""
+        now = time.time_ns() // 1_000_000
+        lost = await self.hot.accounts_without_marks(root_id, account_ids, now)
+        if not lost:
+            return
+        since = mark_window_start(now)
+        rows = await repo.recent_uids(self.pool, lost, ms_to_dt(since))
+        await self.hot.restore_marks(root_id, [
+            (r["account_id"], to_ms(r["recorded_at"]) // DAY_MS, r["uid"]) for r in rows])
 
     async def _state(self, root_id: int, records: list[JournalRecord]) -> dict[str, Any]:
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read",

@@ -225,3 +225,11 @@ async def void_pending_balance(conn: Conn, balance_id: int) -> bool:
     result = await conn.execute(
         "UPDATE balances SET status = 'voided' WHERE id = $1 AND status = 'pending'", balance_id)
     return result.endswith(" 1")
+
+
+async def recent_uids(conn: Conn, account_ids: list[int], since: datetime) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT account_id, uid, recorded_at FROM usage_events
+           WHERE account_id = ANY($1::int8[]) AND recorded_at >= $2""",
+        account_ids, since,
+    )
