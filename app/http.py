@@ -75,6 +75,10 @@ class Endpoint:
     # the handler parses the JSON itself (per-item errors); `body` is then for the docs only
     raw_body: bool = False
     path_params: tuple[str, ...] = field(default=())
+    # other success statuses the handler may answer with (documented like `status`)
+    also: tuple[int, ...] = ()
+    # an admin write that must not run without an `Idempotency-Key` (it charges money)
+    idempotency_required: bool = False
 
     @property
     def idempotent_write(self) -> bool:
@@ -178,6 +182,9 @@ def to_route(endpoint: Endpoint) -> Route:
         try:
             call = await parse_call(endpoint, request, ctx)
             key = request.headers.get("idempotency-key")
+            if key is None and endpoint.idempotency_required:
+                raise ValidationProblem("this route needs an Idempotency-Key header",
+                                        field="Idempotency-Key")
             if key is not None and endpoint.idempotent_write and call.principal is not None:
                 from app.idempotency import run_idempotent
 

@@ -48,22 +48,21 @@ def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
             params.append({"name": name, "in": "query", "required": name in required,
                            "schema": prop})
     if endpoint.idempotent_write:
-        params.append({"name": "Idempotency-Key", "in": "header", "required": False,
+        params.append({"name": "Idempotency-Key", "in": "header",
+                       "required": endpoint.idempotency_required,
                        "schema": {"type": "string", "minLength": 1, "maxLength": 255}})
     return params
 
 
 def _operation(endpoint: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
     problem = {"description": "problem", "content": {"application/problem+json": {"schema": PROBLEM}}}
-    responses: dict[str, Any] = {
-        str(endpoint.status): {
-            "description": "success",
-            "content": {"application/json": {
-                "schema": refs[(endpoint.response, "serialization")]}} if endpoint.response else {},
-        },
-        "4XX": problem,
-        "503": problem,
+    success = {
+        "description": "success",
+        "content": {"application/json": {
+            "schema": refs[(endpoint.response, "serialization")]}} if endpoint.response else {},
     }
+    responses: dict[str, Any] = {str(status): success for status in (endpoint.status, *endpoint.also)}
+    responses |= {"4XX": problem, "503": problem}
     op: dict[str, Any] = {
         "summary": endpoint.summary,
         "operationId": endpoint.handler.__module__.split(".")[1] + "_" + endpoint.handler.__name__,
