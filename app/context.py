@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 from redis.asyncio import Redis
@@ -13,6 +14,9 @@ from app.http import KeyCache
 from app.ledger.journal import Journal
 from app.ledger.loader import Loader
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.purchases.stripe_gateway import StripeGateway
 
 
 @dataclass
@@ -25,3 +29,4 @@ class AppContext:
     keys: KeyCache
     journal: Journal
     loader: Loader
+    stripe: StripeGateway | None = None  # None: no STRIPE_API_KEY, no purchases

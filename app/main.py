@@ -29,11 +29,13 @@ from app.http import Endpoint, KeyCache, to_route
 from app.ledger.endpoints import ENDPOINTS as LEDGER
 from app.ledger.journal import Journal
 from app.ledger.loader import Loader
+from app.purchases.endpoints import ENDPOINTS as PURCHASES
+from app.purchases.stripe_gateway import StripeGateway
 from app.settings import Settings
 from app.workers import run_workers
 
 log = logging.getLogger(__name__)
-ENDPOINTS: list[Endpoint] = [*CONFIG, *LEDGER, *RUNTIME]
+ENDPOINTS: list[Endpoint] = [*CONFIG, *LEDGER, *RUNTIME, *PURCHASES]
 
 
 async def healthz(request: Request) -> Response:
@@ -91,6 +93,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         journal = Journal(pool, hot)
         ctx = AppContext(settings, pool, redis, hot, Catalog(pool), KeyCache(), journal,
                          Loader(pool, hot))
+        ctx.stripe = StripeGateway.from_settings(settings)
         app.state.ctx = ctx
         journal.start()
         workers = asyncio.create_task(run_workers(ctx)) if settings.run_workers else None
@@ -102,6 +105,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 with contextlib.suppress(asyncio.CancelledError):
                     await workers
             await journal.stop()
+            if ctx.stripe:
+                await ctx.stripe.close()
             await redis.aclose()
             await pool.close()
 

@@ -31,6 +31,13 @@ class Settings:
     redis_url: str
     migrations_dir: Path = field(default=REPO_ROOT / "migrations")
     db_pool_size: int = 10
+    # Stripe (app/purchases/): without an API key this deployment takes no purchases.
+    # STRIPE_API_BASE points the SDK elsewhere (a proxy; a fake in tests).
+    stripe_api_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_api_base: str = ""
+    stripe_max_network_retries: int = 2
+    stripe_timeout_s: float = 30.0
     # Journal entries older than this are assumed orphaned by a dead process and re-flushed.
     journal_orphan_ms: int = 5_000
     # How long a usage uid is remembered in Redis; Postgres keeps it forever.
@@ -53,6 +60,11 @@ class Settings:
             redis_url=redis_url,
             migrations_dir=migrations_dir(),
             db_pool_size=_int("CREDITGATE_DB_POOL_SIZE", 10),
+            stripe_api_key=os.environ.get("STRIPE_API_KEY", ""),
+            stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET", ""),
+            stripe_api_base=os.environ.get("STRIPE_API_BASE", ""),
+            stripe_max_network_retries=_int("STRIPE_MAX_NETWORK_RETRIES", 2),
+            stripe_timeout_s=_float("STRIPE_TIMEOUT_S", 30.0),
             journal_orphan_ms=_int("CREDITGATE_JOURNAL_ORPHAN_MS", 5_000),
             worker_interval_s=_float("CREDITGATE_WORKER_INTERVAL_S", 2.0),
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",

@@ -1,4 +1,5 @@
-"""Background work every app process runs: orphaned-journal sweep and credit expiry.
+"""Background work every app process runs: orphaned-journal sweep, credit expiry and the
+purchase reconciler.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
 balance id.
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from app.errors import STORE_ERRORS
 from app.ledger.service import expire_due
+from app.purchases.tasks import run_reconciler
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -20,6 +22,11 @@ log = logging.getLogger(__name__)
 
 
 async def run_workers(ctx: AppContext) -> None:
+    # Stripe calls may take seconds: the purchase reconciler runs beside this loop, not in it
+    await asyncio.gather(_store_workers(ctx), run_reconciler(ctx))
+
+
+async def _store_workers(ctx: AppContext) -> None:
     while True:
         try:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
