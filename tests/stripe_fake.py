@@ -67,7 +67,7 @@ class FakeStripe:
     customers: dict[str, dict[str, Any]] = field(default_factory=dict)
     replies: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     outcomes: list[Outcome] = field(default_factory=list)
-    faults: list[str] = field(default_factory=list)  # consumed one per request
+    faults: list[str | None] = field(default_factory=list)  # consumed one per request
     requests: list[httpx.Request] = field(default_factory=list)
     # awaited inside a PaymentIntent create, after Stripe "charged" and before it answers
     during_create: Callable[[dict[str, Any]], Awaitable[None]] | None = None
@@ -289,11 +289,16 @@ class Shop:
             "GET", f"/v1/accounts/{account}/purchases/{purchase_id}")
         return result
 
-    async def reconcile(self, db: asyncpg.Connection, purchase_id: int | None = None) -> int:
-        """Make this purchase (or every unsettled one) due, and run one reconciler pass."""
-        if purchase_id is not None:
-            await db.execute("UPDATE purchases SET check_after = now() - interval '1 second' "
-                             "WHERE id = $1", purchase_id)
+    async def reconcile(self, db: asyncpg.Connection, purchase_id: int | None = None,
+                        event_id: str | None = None) -> int:
+        """One reconciler pass with only this purchase (and this stored event) due: whatever
+        other tests left unsettled waits."""
+        await db.execute("UPDATE purchases SET check_after = CASE WHEN id = $1 THEN now() - "
+                         "interval '1 second' ELSE now() + interval '1 hour' END "
+                         "WHERE status IN ('pending', 'granting')", purchase_id)
+        await db.execute("UPDATE stripe_events SET retry_after = CASE WHEN id = $1 THEN now() - "
+                         "interval '1 second' ELSE now() + interval '1 hour' END "
+                         "WHERE handled_at IS NULL", event_id)
         return await reconcile_once(self.ctx)
 
 
@@ -304,7 +309,7 @@ async def open_shop(settings: Settings, keys: dict[str, str]) -> AsyncIterator[S
         stripe_webhook_secret=WEBHOOK_SECRET, stripe_max_network_retries=2, stripe_timeout_s=5)
     app = create_app(shop_settings)
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a 500, as served
         async with httpx.AsyncClient(transport=transport, base_url="http://creditgate") as client:
             yield Shop(app.state.ctx, Api(client, keys), client)
 

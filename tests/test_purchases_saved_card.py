@@ -194,17 +194,17 @@ async def test_concurrent_requests_with_one_key_create_one_purchase(
     n = await shop.customer_account(stripe_fake)
     path = f"/v1/accounts/{n['account']}/purchases"
     body = json.dumps({"credits": "7", "price": "7.00", "currency": "usd", "expires_in": "P30D"})
-    gate = asyncio.Event()
+    charging, gate = asyncio.Event(), asyncio.Event()
 
     async def slow_stripe(intent: dict[str, Any]) -> None:
+        charging.set()
         await asyncio.wait_for(gate.wait(), 5)
 
     stripe_fake.during_create = slow_stripe
     headers = {**shop.api.admin, "Idempotency-Key": uuid.uuid4().hex,
                "content-type": "application/json"}
     first = asyncio.create_task(shop.client.post(path, content=body, headers=headers))
-    while not stripe_fake.creates():
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(charging.wait(), 5)
     second = await shop.client.post(path, content=body, headers=headers)
     assert second.status_code == 409 and second.json()["field"] == "Idempotency-Key"
     gate.set()

@@ -15,10 +15,11 @@ row), so a late `payment_failed` never voids granted credit, and the grant itsel
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from app.context import AppContext
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The creating request settles a purchase itself; the reconciler looks only after this.
 FIRST_CHECK = timedelta(seconds=30)
@@ -358,9 +360,18 @@ async def advance(ctx: AppContext, row: asyncpg.Record) -> Progress:
         return Progress(await _reload(ctx, row["id"]), intent)
 
 
+async def _known(read: Awaitable[T], what: str) -> T:
+    """Read an object we created. Stripe refusing to show it (wrong key, wrong account) says
+    nothing about the payment: keep waiting and let an operator look, never fail on it."""
+    try:
+        return await read
+    except Rejected as exc:
+        raise Unreachable(f"Stripe refused to show {what}: {exc.message}") from exc
+
+
 async def _current_intent(gw: StripeGateway, row: asyncpg.Record) -> Intent | None:
     if row["payment_intent_id"]:
-        return await gw.intent(row["payment_intent_id"])
+        return await _known(gw.intent(row["payment_intent_id"]), row["payment_intent_id"])
     if _age(row) < RESEND_WINDOW:
         # first attempt, or a re-send of one whose answer we never got: same key, same params
         return await gw.create_intent(ChargeRequest(
@@ -368,12 +379,14 @@ async def _current_intent(gw: StripeGateway, row: asyncpg.Record) -> Intent | No
             currency=row["currency"], customer=row["stripe_customer_id"],
             payment_method=row["payment_method_id"], description=row["description"]),
             f"purchase-{row['id']}-pi")
-    return await gw.find_intent(row["id"])
+    return await _known(gw.find_intent(row["id"]), f"purchase {row['id']}'s PaymentIntent")
 
 
 async def _advance_checkout(ctx: AppContext, gw: StripeGateway, row: asyncpg.Record) -> asyncpg.Record:
     if row["checkout_session_id"]:
-        return await apply_session(ctx, row, await gw.checkout_session(row["checkout_session_id"]))
+        session = await _known(gw.checkout_session(row["checkout_session_id"]),
+                               row["checkout_session_id"])
+        return await apply_session(ctx, row, session)
     if _age(row) >= RESEND_WINDOW:  # never created, so never shown to anyone: nothing was paid
         return await _fail(ctx, row, "stripe_unreachable", None,
                            "the Checkout Session could not be created in Stripe in time")
