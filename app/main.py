@@ -24,6 +24,7 @@ from app.db import create_pool, pending_migrations
 from app.entitlements.endpoints import ENDPOINTS as RUNTIME
 from app.errors import STORE_ERRORS, NotFound, Problem, problem_response
 from app.hotstate.keys import Keys
+from app.hotstate.resp import FastRedis
 from app.hotstate.store import HotState
 from app.http import Endpoint, KeyCache, to_route
 from app.ledger.endpoints import ENDPOINTS as LEDGER
@@ -35,7 +36,8 @@ from app.settings import Settings
 from app.workers import run_workers
 
 log = logging.getLogger(__name__)
-ENDPOINTS: list[Endpoint] = [*CONFIG, *LEDGER, *RUNTIME, *PURCHASES]
+# the hot path first: Starlette tries routes in order
+ENDPOINTS: list[Endpoint] = [*RUNTIME, *CONFIG, *LEDGER, *PURCHASES]
 
 
 async def healthz(request: Request) -> Response:
@@ -88,8 +90,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)
-        redis = aioredis.from_url(settings.redis_url, decode_responses=True)
-        hot = HotState(redis, Keys(settings.redis_prefix))
+        # a blocking pool waits for a free connection instead of failing at max_connections
+        redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, decode_responses=True, max_connections=64, timeout=5))
+        fast = FastRedis(settings.redis_url)
+        hot = HotState(redis, fast, Keys(settings.redis_prefix))
         journal = Journal(pool, hot)
         ctx = AppContext(settings, pool, redis, hot, Catalog(pool), KeyCache(), journal,
                          Loader(pool, hot))
@@ -107,6 +112,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await journal.stop()
             if ctx.stripe:
                 await ctx.stripe.close()
+            await fast.aclose()
             await redis.aclose()
             await pool.close()
 

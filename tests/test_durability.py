@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 
 from app.db import create_pool
 from app.hotstate.keys import Keys
+from app.hotstate.resp import FastRedis
 from app.hotstate.store import DecideArgs, HotState, LedgerOpArgs
 from app.ledger.journal import Journal, JournalRecord
 from app.ledger.loader import Loader
@@ -300,7 +301,7 @@ async def test_orphaned_journal_entries_are_committed_by_a_live_process(
         redis = aioredis.from_url(settings.redis_url, decode_responses=True)
         pool = await create_pool(settings.database_url, 2)
         try:
-            hot = HotState(redis, Keys(apps.prefix))
+            hot = HotState(redis, FastRedis(settings.redis_url), Keys(apps.prefix))
             loader = Loader(pool, hot)
             uid = f"orphan-{uuid.uuid4().hex[:8]}"
             amount = to_scaled(Decimal("3.75"), 2)
@@ -366,7 +367,7 @@ async def test_a_commit_landing_while_a_cold_root_is_rebuilt_is_not_lost(
     pool = await create_pool(settings.database_url, 2)
     keys_ = Keys(f"{settings.redis_prefix}w{uuid.uuid4().hex[:6]}")  # this test's alone
     try:
-        hot = HotState(redis, keys_)
+        hot = HotState(redis, FastRedis(settings.redis_url), keys_)
         journal = Journal(pool, hot)
         pending: list[JournalRecord] = []
 

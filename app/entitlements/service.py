@@ -73,7 +73,8 @@ async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> Check
     credit_type = await resolve_credit_type(ctx, account, body.credit_type)
     amount = scaled(body.amount, credit_type) if body.amount is not None else 0
     at = now_ms()
-    payload = _usage_payload(account, credit_type, key or "", body.product, amount, at)
+    payload = _usage_payload(account, credit_type, key or "", body.product, amount, at) \
+        if body.consume else ""
     args = DecideArgs(account.id, account.chain_arg, key or "", body.product, credit_type.code,
                       amount, at, "c" if body.consume else "q", payload)
     decided_at, [decision] = await decide(ctx, account.root_id, [args])

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from app.hotstate.keys import Keys
+from app.hotstate.resp import FastRedis, Script
 
 LUA_DIR = Path(__file__).parent / "lua"
 SCRIPTS = ("decide", "ledger_op", "account", "snapshot", "install", "ack", "read", "watch")
@@ -79,13 +79,13 @@ class LedgerOpResult:
 
 
 class HotState:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
-        self.redis = redis
+    def __init__(self, redis: Redis, fast: FastRedis, keys: Keys) -> None:
+        self.redis = redis  # redis-py: everything off the hot path
+        self.fast = fast  # pipelined client: the scripts
         self.keys = keys
         lib = (LUA_DIR / "lib.lua").read_text()
-        self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(lib + (LUA_DIR / f"{name}.lua").read_text())
-            for name in SCRIPTS
+        self._scripts: dict[str, Script] = {
+            name: Script(fast, lib + (LUA_DIR / f"{name}.lua").read_text()) for name in SCRIPTS
         }
 
     async def _run(self, name: str, root_id: int, args: list[Any]) -> Any:

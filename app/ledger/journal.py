@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from app.db import Connection
 from app.errors import STORE_ERRORS
 from app.hotstate.keys import root_of
 from app.hotstate.store import HotState
@@ -128,7 +129,7 @@ def ops_outcome(records: list[JournalRecord], inserted: set[str], owners: dict[s
 
 
 class Journal:
-    def __init__(self, pool: asyncpg.Pool, hot: HotState, parallel: int = 3) -> None:
+    def __init__(self, pool: asyncpg.Pool, hot: HotState, parallel: int = 4) -> None:
         self.pool = pool
         self.hot = hot
         self._queue: asyncio.Queue[tuple[JournalRecord, asyncio.Future[str]]] = asyncio.Queue()
@@ -157,10 +158,12 @@ class Journal:
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            first = await self._queue.get()
+            # wait for a free transaction slot first: whatever queues meanwhile joins this batch
+            await self._slots.acquire()
+            batch = [first]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._slots.acquire()
             task = asyncio.create_task(self._flush_waiting(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -185,18 +188,27 @@ class Journal:
         rows = Rows()
         for record in sorted(records, key=lambda r: r.op_key):  # one lock order: no deadlocks
             rows.add(record)
-        async with self.pool.acquire() as conn, conn.transaction():
-            inserted = await repo.write_rows(conn, rows)
-            missing = [r.op_key for r in records if r.op_key not in inserted]
-            owners = await repo.op_owners(conn, missing) if missing else {}
-            outcomes = ops_outcome(records, inserted, owners)
-            # only what this batch really committed raises events: a duplicate applied twice
-            # in a forgetful Redis must not announce a flag flip that never happened
-            await publish(conn, [event for record, outcome in zip(records, outcomes, strict=True)
-                                 if outcome == "accepted"
-                                 for event in events_for(record, ms_to_dt(record.recorded_ms))])
+        events = [events_for(r, ms_to_dt(r.recorded_ms)) for r in records]
+        async with self.pool.acquire() as conn:
+            if rows.balances or rows.statuses or any(events):
+                async with conn.transaction():
+                    inserted = await repo.write_rows(conn, rows)
+                    outcomes = await self._outcomes(conn, records, inserted)
+                    # only what this batch really committed raises events: a duplicate applied
+                    # twice by a forgetful Redis must not announce a flip that never happened
+                    await publish(conn, [event for evts, outcome in zip(events, outcomes, strict=True)
+                                         if outcome == "accepted" for event in evts])
+            else:  # plain usage: write_rows is a single statement, atomic on its own
+                inserted = await repo.write_rows(conn, rows)
+                outcomes = await self._outcomes(conn, records, inserted)
         await self._after_commit(records, outcomes)
         return outcomes
+
+    async def _outcomes(self, conn: Connection, records: list[JournalRecord],
+                        inserted: set[str]) -> list[str]:
+        missing = [r.op_key for r in records if r.op_key not in inserted]
+        owners = await repo.op_owners(conn, missing) if missing else {}
+        return ops_outcome(records, inserted, owners)
 
     async def _after_commit(self, records: list[JournalRecord], outcomes: list[str]) -> None:
         by_root: dict[int, list[JournalRecord]] = defaultdict(list)
@@ -206,9 +218,11 @@ class Journal:
             if outcome == "duplicate":  # the hot copy applied it twice: rebuild from Postgres
                 stale.add(record.root_id)
         try:
-            for root_id, group in by_root.items():
-                gen = await self.hot.ack(root_id, [r.stream_id for r in group])
-                if gen and any(r.gen != gen for r in group):
+            roots = list(by_root)
+            gens = await asyncio.gather(*(
+                self.hot.ack(root_id, [r.stream_id for r in by_root[root_id]]) for root_id in roots))
+            for root_id, gen in zip(roots, gens, strict=True):
+                if gen and any(r.gen != gen for r in by_root[root_id]):
                     # a rebuild ran while these were in flight and may have missed them
                     stale.add(root_id)
             for root_id in stale:

@@ -33,8 +33,17 @@ async def write_rows(conn: Connection, rows: Rows) -> set[str]:
             *_columns([(b[0], b[1], b[2], ",".join(b[3]) if b[3] is not None else None, *b[4:])
                        for b in rows.balances], 9),
         )
+    # usage events and ledger entries in one statement: a batch of plain usage needs no
+    # explicit transaction, so it costs one round trip and one commit
     inserted = await conn.fetch(
-        """INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id, kind,
+        """WITH usage AS (
+               INSERT INTO usage_events (account_id, uid, product_code, credit_type_id, amount,
+                                         overage, event_time, recorded_at)
+               SELECT * FROM unnest($13::int8[], $14::text[], $15::text[], $16::int8[],
+                                    $17::numeric[], $18::numeric[], $19::timestamptz[],
+                                    $20::timestamptz[])
+               ON CONFLICT (account_id, uid) DO NOTHING)
+           INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id, kind,
                                        amount, usage_uid, product_code, description, created_at,
                                        journal_id)
            SELECT * FROM unnest($1::text[], $2::int2[], $3::int8[], $4::int8[], $5::int8[],
@@ -42,18 +51,8 @@ async def write_rows(conn: Connection, rows: Rows) -> set[str]:
                                 $11::timestamptz[], $12::text[])
            ON CONFLICT (op_key, seq) DO NOTHING
            RETURNING op_key""",
-        *_columns(rows.entries, 12),
+        *_columns(rows.entries, 12), *_columns(rows.usage, 8),
     )
-    if rows.usage:
-        await conn.execute(
-            """INSERT INTO usage_events (account_id, uid, product_code, credit_type_id, amount,
-                                         overage, event_time, recorded_at)
-               SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[],
-                                    $5::numeric[], $6::numeric[], $7::timestamptz[],
-                                    $8::timestamptz[])
-               ON CONFLICT (account_id, uid) DO NOTHING""",
-            *_columns(rows.usage, 8),
-        )
     if rows.statuses:
         await conn.execute(
             """UPDATE balances SET status = s.status
