@@ -1,0 +1,20 @@
+-- Single-event POST /v1/usage: a fresh uid per request, accounts round-robin.
+-- args: accounts account_prefix token run_id timestamp
+local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+dofile(dir .. "report.lua")
+
+local n, prefix, run, ts, headers, i = 0, "", "", "", nil, 0
+
+function init(args)
+  n, prefix, run, ts = tonumber(args[1]), args[2], args[4], args[5]
+  headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. args[3]}
+  i = 0
+end
+
+function request()
+  i = i + 1
+  local body = string.format(
+    '{"uid": "%s-%d-%d", "account": "%s-%d", "product": "api", "amount": "0.01", ' ..
+    '"timestamp": "%s"}', run, tid or 0, i, prefix, (i + (tid or 0) * 7919) % n, ts)
+  return wrk.format("POST", "/v1/usage", headers, body)
+end
