@@ -624,7 +624,8 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
         "granian": granian.__version__, "wrk": wrk_version.strip(),
         "duration_s": opts.duration, "warmup_s": opts.warmup, "wrk_threads": opts.threads,
         "concurrency": opts.concurrency, "batch_concurrency": opts.batch_concurrency,
-        "batch_size": opts.batch_size, "accounts": opts.accounts, "granian_loop": opts.loop, "workers": opts.workers,
+        "batch_size": opts.batch_size, "accounts": opts.accounts, "granian_loop": opts.loop,
+        "workers": opts.workers,
         "redis_url": opts.redis_url, "pin_server": opts.pin_server, "pin_client": opts.pin_client,
         "postgres": pg_settings(db_url),
     }
