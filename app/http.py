@@ -166,10 +166,14 @@ def _no_constants(name: str) -> object:
     raise ValueError(f"{name} is not a number")
 
 
+# one decoder for the process: json.loads(..., parse_float=...) would build one per call
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_no_constants)
+
+
 def loads(raw: bytes) -> Any:
     """Parse JSON with every fraction as an exact Decimal: no amount ever passes a float."""
     try:
-        return json.loads(raw, parse_float=Decimal, parse_constant=_no_constants)
+        return _DECODER.decode(raw.decode())
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody("request body is not valid JSON", field="body") from exc
 

@@ -116,8 +116,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await redis.aclose()
             await pool.close()
 
-    routes = [Route("/healthz", healthz), Route("/readyz", readyz),
-              Route("/openapi.json", openapi_json), *[to_route(e) for e in ENDPOINTS]]
+    routes = [*[to_route(e) for e in ENDPOINTS], Route("/healthz", healthz),
+              Route("/readyz", readyz), Route("/openapi.json", openapi_json)]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.openapi = json.dumps(openapi.build(ENDPOINTS))

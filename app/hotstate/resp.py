@@ -157,3 +157,16 @@ class Script:
         except NoScriptError:
             await self.client.execute("SCRIPT", "LOAD", self.source)
             return await self.client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    async def many(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Several calls pipelined on one connection without a task per call."""
+        conn = await self.client._connection()
+        futures = [conn.send(hiredis.pack_command(
+            ("EVALSHA", self.sha, len(keys), *keys, *args))) for keys, args in calls]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        if any(isinstance(r, NoScriptError) for r in results):
+            return [await self(keys, args) for keys, args in calls]
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results

@@ -127,8 +127,11 @@ class HotState:
         args = [account_id, name, credit_type, "" if threshold is None else threshold, op, now_ms]
         return bool(await self._run("watch", root_id, args))
 
-    async def ack(self, root_id: int, stream_ids: list[str]) -> str:
-        return str(await self._run("ack", root_id, stream_ids))
+    async def ack(self, batches: dict[int, list[str]]) -> dict[int, str]:
+        """Drop committed journal entries of several roots in one pipeline; each root's gen."""
+        roots = list(batches)
+        gens = await self._scripts["ack"].many([([self.keys.root(r)], batches[r]) for r in roots])
+        return {root: str(gen) for root, gen in zip(roots, gens, strict=True)}
 
     async def invalidate(self, root_id: int) -> None:
         """Forget a root's hot state; the next request rebuilds it from Postgres."""

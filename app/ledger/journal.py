@@ -154,6 +154,8 @@ class Journal:
             future: asyncio.Future[str] = loop.create_future()
             self._queue.put_nowait((record, future))
             futures.append(future)
+        if len(futures) == 1:
+            return [await futures[0]]
         return list(await asyncio.gather(*futures))
 
     async def _run(self) -> None:
@@ -218,10 +220,9 @@ class Journal:
             if outcome == "duplicate":  # the hot copy applied it twice: rebuild from Postgres
                 stale.add(record.root_id)
         try:
-            roots = list(by_root)
-            gens = await asyncio.gather(*(
-                self.hot.ack(root_id, [r.stream_id for r in by_root[root_id]]) for root_id in roots))
-            for root_id, gen in zip(roots, gens, strict=True):
+            gens = await self.hot.ack({root_id: [r.stream_id for r in group]
+                                       for root_id, group in by_root.items()})
+            for root_id, gen in gens.items():
                 if gen and any(r.gen != gen for r in by_root[root_id]):
                     # a rebuild ran while these were in flight and may have missed them
                     stale.add(root_id)
