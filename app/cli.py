@@ -1,4 +1,4 @@
-"""The `creditgate` command: serve, migrate, keys create.
+"""The `creditgate` command: serve, migrate, keys create, webhooks send-test/watch.
 
 With DATABASE_URL unset (and REDIS_URL, for `serve`), the commands use embedded Postgres and
 Redis kept in the data folder (--data-dir, env CREDITGATE_DATA_DIR, default ./.data); see
@@ -74,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--scope", required=True, choices=[s.value for s in Scope])
     create.add_argument("--name", default="")
     create.set_defaults(run=_cmd_keys_create)
+
+    hooks = commands.add_parser("webhooks", help="outbound webhooks: send a test, watch deliveries")
+    hook_commands = hooks.add_subparsers(dest="webhooks_command", required=True, metavar="COMMAND")
+    test = hook_commands.add_parser("send-test", parents=[data],
+                                    help="send a webhook.test event to one endpoint only")
+    test.add_argument("endpoint_id", type=_positive_int)
+    test.set_defaults(run=_cmd_webhooks_send_test)
+    watch = hook_commands.add_parser("watch", parents=[data],
+                                     help="print deliveries and attempts as they happen")
+    watch.add_argument("--endpoint", type=_positive_int, default=None, help="only this endpoint id")
+    watch.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
+    watch.set_defaults(run=_cmd_webhooks_watch)
     return parser
 
 
@@ -112,6 +124,27 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
         key = asyncio.run(_create_key(os.environ["DATABASE_URL"], Scope(args.scope), args.name))
     print(key)
     _note(f"created an API key with scope {args.scope}; it is shown only this once")
+    return 0
+
+
+def _cmd_webhooks_send_test(args: argparse.Namespace) -> int:
+    from app.errors import Problem
+    from app.webhooks.commands import send_test
+
+    with _backing_services(args.data_dir, need_redis=False):
+        try:
+            print(asyncio.run(send_test(os.environ["DATABASE_URL"], args.endpoint_id)))
+        except Problem as exc:
+            raise CliError(exc.detail) from exc
+    return 0
+
+
+def _cmd_webhooks_watch(args: argparse.Namespace) -> int:
+    from app.webhooks.commands import watch
+
+    with _backing_services(args.data_dir, need_redis=False):
+        asyncio.run(watch(os.environ["DATABASE_URL"], args.endpoint, args.interval,
+                          lambda line: print(line, flush=True)))
     return 0
 
 

@@ -33,11 +33,13 @@ from app.ledger.loader import Loader
 from app.purchases.endpoints import ENDPOINTS as PURCHASES
 from app.purchases.stripe_gateway import StripeGateway
 from app.settings import Settings
+from app.webhooks.dispatcher import DispatchConfig, Dispatcher
+from app.webhooks.endpoints import ENDPOINTS as WEBHOOKS
 from app.workers import run_workers
 
 log = logging.getLogger(__name__)
 # the hot path first: Starlette tries routes in order
-ENDPOINTS: list[Endpoint] = [*RUNTIME, *CONFIG, *LEDGER, *PURCHASES]
+ENDPOINTS: list[Endpoint] = [*RUNTIME, *CONFIG, *LEDGER, *WEBHOOKS, *PURCHASES]
 
 
 async def healthz(request: Request) -> Response:
@@ -102,6 +104,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.ctx = ctx
         journal.start()
         workers = asyncio.create_task(run_workers(ctx)) if settings.run_workers else None
+        webhooks = Dispatcher(pool, DispatchConfig.from_settings(settings)) \
+            if settings.run_workers and settings.webhooks_dispatch else None
+        if webhooks:
+            webhooks.start()
         try:
             yield
         finally:
@@ -109,6 +115,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 workers.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await workers
+            if webhooks:
+                await webhooks.stop()
             await journal.stop()
             if ctx.stripe:
                 await ctx.stripe.close()

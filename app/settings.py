@@ -19,6 +19,11 @@ def _float(name: str, default: float) -> float:
     return float(raw) if raw else default  # float-ok: a duration, not an amount
 
 
+def _floats(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    raw = os.environ.get(name)
+    return tuple(float(part) for part in raw.split(",")) if raw else default  # float-ok: durations
+
+
 def migrations_dir() -> Path:
     """`CREDITGATE_MIGRATIONS_DIR`, else the repository's `migrations/`."""
     configured = os.environ.get("CREDITGATE_MIGRATIONS_DIR")
@@ -48,6 +53,14 @@ class Settings:
     worker_interval_s: float = 2.0
     run_workers: bool = True
     redis_prefix: str = "cg"
+    # Outbound webhooks (app/webhooks/). Link-local and cloud-metadata receivers are refused
+    # unless allowed; loopback and private networks always are. Retries wait these seconds
+    # after each failed attempt, then the delivery fails.
+    webhooks_allow_private: bool = False
+    webhooks_dispatch: bool = True
+    webhooks_concurrency: int = 50
+    webhooks_poll_s: float = 0.1
+    webhooks_retry_schedule_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -69,4 +82,10 @@ class Settings:
             worker_interval_s=_float("CREDITGATE_WORKER_INTERVAL_S", 2.0),
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",
             redis_prefix=os.environ.get("CREDITGATE_REDIS_PREFIX", "cg"),
+            webhooks_allow_private=os.environ.get("CREDITGATE_WEBHOOKS_ALLOW_PRIVATE") == "1",
+            webhooks_dispatch=os.environ.get("CREDITGATE_WEBHOOKS_DISPATCH", "1") != "0",
+            webhooks_concurrency=_int("CREDITGATE_WEBHOOKS_CONCURRENCY", 50),
+            webhooks_poll_s=_float("CREDITGATE_WEBHOOKS_POLL_S", 0.1),
+            webhooks_retry_schedule_s=_floats("CREDITGATE_WEBHOOKS_RETRY_SCHEDULE_S",
+                                              cls.webhooks_retry_schedule_s),
         )
