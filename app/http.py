@@ -26,6 +26,7 @@ from app.errors import (
     STORE_ERRORS,
     Forbidden,
     MalformedBody,
+    NotFound,
     Problem,
     Unauthenticated,
     Unavailable,
@@ -144,22 +145,51 @@ async def parse_call(endpoint: Endpoint, request: Incoming, ctx: AppContext) -> 
     if endpoint.scopes:
         principal = await authenticate(ctx, request, endpoint.scopes)
     call = Call(request, ctx, principal)
+    for name, value in request.path_params.items():
+        if "\x00" in str(value):  # Postgres text cannot hold NUL: nothing by that name exists
+            raise NotFound("no such resource: the path holds a NUL character", field=name)
     if endpoint.query is not None:
+        params = dict(request.query_params)
+        _reject_nul(params, ("query",))
         try:
-            call.query = endpoint.query.model_validate(dict(request.query_params))
+            call.query = endpoint.query.model_validate(params)
         except ValidationError as exc:
             raise validation_problem(exc, ("query",)) from exc
     if endpoint.body is not None or endpoint.raw_body:
-        data = loads(await request.body() or b"{}")
+        raw = await request.body() or b"{}"
+        data = loads(raw)
         if endpoint.raw_body:
             call.body = data
         else:
             assert endpoint.body is not None
+            if b"\\u0000" in raw:  # cheap test first: JSON can only spell NUL as an escape
+                _reject_nul(data)
             try:
                 call.body = endpoint.body.model_validate(data)
             except ValidationError as exc:
                 raise validation_problem(exc) from exc
     return call
+
+
+def _find_nul(value: Any, path: tuple[int | str, ...]) -> tuple[int | str, ...] | None:
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and "\x00" in key:
+            return (*path, key)
+        found = _find_nul(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _reject_nul(data: Any, prefix: tuple[int | str, ...] = ()) -> None:
+    """Postgres text cannot hold a NUL character: refuse it here rather than fail in SQL."""
+    path = _find_nul(data, prefix)
+    if path is not None:
+        raise ValidationProblem("may not contain a NUL character", field=field_path(path))
 
 
 def _no_constants(name: str) -> object:

@@ -112,7 +112,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             if workers:
-                workers.cancel()
+                # redis-py sometimes swallows a CancelledError (one landing inside its
+                # read timeout): a single cancel could leave shutdown waiting forever
+                while not workers.done():
+                    workers.cancel()
+                    await asyncio.wait([workers], timeout=1.0)
                 with contextlib.suppress(asyncio.CancelledError):
                     await workers
             if webhooks:

@@ -45,8 +45,6 @@ class Settings:
     stripe_timeout_s: float = 30.0
     # Journal entries older than this are assumed orphaned by a dead process and re-flushed.
     journal_orphan_ms: int = 5_000
-    # How long a usage uid is remembered in Redis; Postgres keeps it forever.
-    uid_mark_ttl_s: int = 7 * 24 * 3600
     # How far a usage timestamp may lie in the future (clock skew) or in the past.
     usage_future_skew_s: int = 300
     usage_max_age_s: int = 35 * 24 * 3600
