@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
 from app.config import repository as repo
@@ -21,56 +23,47 @@ from app.config.schemas import (
     ProductPatch,
 )
 from app.errors import NotFound
-from app.http import ADMIN, Call, Endpoint
-from app.schemas import ListQuery, next_cursor
+from app.http import ADMIN, Call, Endpoint, Handler
+from app.schemas import ListQuery, Page, next_cursor
 
 
 async def create_credit_type(call: Call) -> BaseModel:
     return await service.create_credit_type(call.ctx, call.body)
 
 
-async def get_credit_type(call: Call) -> BaseModel:
-    row = await repo.credit_type_by_code(call.ctx.pool, call.path("code"))
-    if row is None:
-        raise NotFound(f"no credit type {call.path('code')!r}", field="code")
-    return CreditTypeOut.model_validate(dict(row))
-
-
-async def list_credit_types(call: Call) -> BaseModel:
-    rows = await repo.list_rows(call.ctx.pool, "credit_types", call.query.after_id(), call.query.limit)
-    return CreditTypePage(data=[CreditTypeOut.model_validate(dict(r)) for r in rows],
-                          next_cursor=next_cursor([r["id"] for r in rows], call.query.limit))
-
-
-async def update_credit_type(call: Call) -> BaseModel:
-    row = await repo.rename(call.ctx.pool, "credit_types", call.path("code"), call.body.name)
-    if row is None:
-        raise NotFound(f"no credit type {call.path('code')!r}", field="code")
-    return CreditTypeOut.model_validate(dict(row))
-
-
 async def create_product(call: Call) -> BaseModel:
     return await service.create_product(call.ctx, call.body)
 
 
-async def get_product(call: Call) -> BaseModel:
-    row = await repo.product_by_code(call.ctx.pool, call.path("code"))
-    if row is None:
-        raise NotFound(f"no product {call.path('code')!r}", field="code")
-    return ProductOut.model_validate(dict(row))
+def _named(table: str, label: str, out: type[BaseModel], page: type[Page[Any]]) -> tuple[Handler, ...]:
+    """Read, list and rename handlers of a catalog of named codes (credit types, products)."""
+
+    async def read(call: Call) -> BaseModel:
+        row = await repo.named_by_code(call.ctx.pool, table, call.path("code"))
+        if row is None:
+            raise NotFound(f"no {label} {call.path('code')!r}", field="code")
+        return out.model_validate(dict(row))
+
+    async def list_all(call: Call) -> BaseModel:
+        rows = await repo.list_rows(call.ctx.pool, table, call.query.after_id(), call.query.limit)
+        return page(data=[out.model_validate(dict(r)) for r in rows],
+                    next_cursor=next_cursor([r["id"] for r in rows], call.query.limit))
+
+    async def rename(call: Call) -> BaseModel:
+        row = await repo.rename(call.ctx.pool, table, call.path("code"), call.body.name)
+        if row is None:
+            raise NotFound(f"no {label} {call.path('code')!r}", field="code")
+        return out.model_validate(dict(row))
+
+    singular = table.removesuffix("s")
+    for handler, name in ((read, "get_"), (list_all, "list_"), (rename, "update_")):
+        handler.__name__ = handler.__qualname__ = name + (singular if name != "list_" else table)
+    return read, list_all, rename
 
 
-async def list_products(call: Call) -> BaseModel:
-    rows = await repo.list_rows(call.ctx.pool, "products", call.query.after_id(), call.query.limit)
-    return ProductPage(data=[ProductOut.model_validate(dict(r)) for r in rows],
-                       next_cursor=next_cursor([r["id"] for r in rows], call.query.limit))
-
-
-async def update_product(call: Call) -> BaseModel:
-    row = await repo.rename(call.ctx.pool, "products", call.path("code"), call.body.name)
-    if row is None:
-        raise NotFound(f"no product {call.path('code')!r}", field="code")
-    return ProductOut.model_validate(dict(row))
+get_credit_type, list_credit_types, update_credit_type = _named(
+    "credit_types", "credit type", CreditTypeOut, CreditTypePage)
+get_product, list_products, update_product = _named("products", "product", ProductOut, ProductPage)
 
 
 async def create_account(call: Call) -> BaseModel:

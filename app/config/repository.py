@@ -37,6 +37,11 @@ async def list_rows(conn: Conn, table: str, after_id: int, limit: int) -> list[a
     )
 
 
+async def named_by_code(conn: Conn, table: str, code: str) -> asyncpg.Record | None:
+    assert table in ("credit_types", "products")
+    return await conn.fetchrow(f"SELECT * FROM {table} WHERE code = $1", code)
+
+
 async def rename(conn: Conn, table: str, code: str, name: str) -> asyncpg.Record | None:
     assert table in ("credit_types", "products")
     return await conn.fetchrow(
