@@ -14,6 +14,10 @@ from app.hotstate.resp import FastRedis, Script
 LUA_DIR = Path(__file__).parent / "lua"
 SCRIPTS = ("decide", "ledger_op", "account", "snapshot", "install", "ack", "read", "watch")
 # Hot path numbers are passed to Lua as strings; the bucket of a usage uid is its UTC day.
+# Threshold watches (lib.lua check_watches), by name: `balance.low` and auto-recharge.
+LOW_WATCH = "low"
+RECHARGE_WATCH = "recharge"
+
 # Usage uids are remembered per UTC day of recording, for today and yesterday; older replays
 # are checked against Postgres (entitlements.service) and rebuilt marks come from it (loader).
 DAY_MS = 86_400_000

@@ -25,6 +25,7 @@ from app.hotstate.keys import root_of
 from app.hotstate.store import HotState
 from app.ledger import repository as repo
 from app.money import from_scaled
+from app.recharge.triggers import insert_triggers, triggers_for
 from app.webhooks.outbox import events_for, publish
 
 log = logging.getLogger(__name__)
@@ -191,15 +192,19 @@ class Journal:
         for record in sorted(records, key=lambda r: r.op_key):  # one lock order: no deadlocks
             rows.add(record)
         events = [events_for(r, ms_to_dt(r.recorded_ms)) for r in records]
+        triggers = [triggers_for(r) for r in records]
         async with self.pool.acquire() as conn:
-            if rows.balances or rows.statuses or any(events):
+            if rows.balances or rows.statuses or any(events) or any(triggers):
                 async with conn.transaction():
                     inserted = await repo.write_rows(conn, rows)
                     outcomes = await self._outcomes(conn, records, inserted)
                     # only what this batch really committed raises events: a duplicate applied
                     # twice by a forgetful Redis must not announce a flip that never happened
-                    await publish(conn, [event for evts, outcome in zip(events, outcomes, strict=True)
-                                         if outcome == "accepted" for event in evts])
+                    accepted = [o == "accepted" for o in outcomes]
+                    await publish(conn, [e for evts, ok in zip(events, accepted, strict=True)
+                                         if ok for e in evts])
+                    await insert_triggers(conn, [t for found, ok in zip(triggers, accepted, strict=True)
+                                                 if ok for t in found])
             else:  # plain usage: write_rows is a single statement, atomic on its own
                 inserted = await repo.write_rows(conn, rows)
                 outcomes = await self._outcomes(conn, records, inserted)

@@ -25,7 +25,6 @@ from app.ledger.journal import JournalRecord, ms_to_dt
 from app.money import to_scaled
 
 ATTEMPTS = 8
-LOW_WATCH = "low"  # the threshold watch behind `balance.low`
 STATUS_CODE = {"active": "a", "pending": "p", "voided": "v", "expired": "x"}
 
 
@@ -103,7 +102,7 @@ class Loader:
             ids = [a["id"] for a in accounts]
             balances = await repo.live_balances(conn, ids)
             overages = await repo.overages(conn, ids)
-            thresholds = await repo.thresholds(conn, ids)
+            watches = await repo.watches(conn, ids)
             done = await repo.committed_ops(conn, [r.op_key for r in records]) if records else set()
         state: dict[int, dict[str, Any]] = {
             a["id"]: {"id": str(a["id"]), "st": a["status"], "par": str(a["parent_id"] or ""),
@@ -118,9 +117,10 @@ class Loader:
         for o in overages:
             state[o["account_id"]]["o"][o["credit_type"]] = str(
                 to_scaled(Decimal(o["overage"]), o["decimal_places"]))
-        for t in thresholds:
-            state[t["account_id"]]["w"].append(
-                [LOW_WATCH, t["credit_type"], str(to_scaled(Decimal(t["low"]), t["decimal_places"])), "lt"])
+        for w in watches:
+            state[w["account_id"]]["w"].append([
+                w["name"], w["credit_type"],
+                str(to_scaled(Decimal(w["threshold"]), w["decimal_places"])), w["op"]])
         for record in records:
             if record.op_key not in done:
                 _apply(state, record)

@@ -195,6 +195,22 @@ async def thresholds(conn: Conn, account_ids: list[int]) -> list[asyncpg.Record]
     )
 
 
+async def watches(conn: Conn, account_ids: list[int]) -> list[asyncpg.Record]:
+    """Every threshold the hot state watches: `low` (balance.low, below) and `recharge`
+    (enabled auto-recharge, to or below)."""
+    return await conn.fetch(
+        """SELECT t.account_id, 'low' AS name, ct.code AS credit_type, ct.decimal_places,
+                  t.low AS threshold, 'lt' AS op
+           FROM balance_thresholds t JOIN credit_types ct ON ct.id = t.credit_type_id
+           WHERE t.account_id = ANY($1::int8[])
+           UNION ALL
+           SELECT r.account_id, 'recharge', ct.code, ct.decimal_places, r.threshold, 'le'
+           FROM auto_recharge_configs r JOIN credit_types ct ON ct.id = r.credit_type_id
+           WHERE r.account_id = ANY($1::int8[]) AND r.enabled""",
+        account_ids,
+    )
+
+
 async def set_threshold(conn: Conn, account_id: int, credit_type_id: int, low: Decimal | None) -> None:
     if low is None:
         await conn.execute(

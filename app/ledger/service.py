@@ -12,8 +12,9 @@ import asyncpg
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.config.repository import existing_products
 from app.errors import Conflict, NotFound, ValidationProblem
+from app.hotstate.store import LOW_WATCH
 from app.ledger import repository as repo
-from app.ledger.loader import LOW_WATCH, balance_def, to_ms
+from app.ledger.loader import balance_def, to_ms
 from app.ledger.ops import ledger_op, now_ms
 from app.ledger.schemas import (
     AdjustmentIn,
