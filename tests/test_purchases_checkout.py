@@ -69,6 +69,20 @@ async def test_checkout_returns_the_session_url_and_grants_once_paid(
     assert await shop.api.available(n["account"]) == "2005.00"
 
 
+async def test_the_card_is_saved_even_when_the_intents_event_came_first(
+        shop: Shop, stripe_fake: FakeStripe) -> None:
+    n = await shop.customer_account(stripe_fake, default_payment_method=None)
+    pending = await shop.buy(n["account"], 202, method="checkout", success_url=RETURN)
+    completed = stripe_fake.complete_session(pending["stripe"]["checkout_session"])
+    intent = stripe_fake.intents[completed["payment_intent"]]
+    assert (await shop.deliver(event("payment_intent.succeeded", intent))).status_code == 200
+    assert (await shop.purchase(n["account"], pending["id"]))["status"] == "paid"
+    assert (await shop.deliver(event("checkout.session.completed", completed))).status_code == 200
+    customer = stripe_fake.customers[n["customer"]]
+    assert customer["invoice_settings"]["default_payment_method"] == "pm_from_checkout"
+    assert await shop.api.available(n["account"]) == "20.00"
+
+
 async def test_checkout_needs_a_return_url(shop: Shop, stripe_fake: FakeStripe) -> None:
     n = await shop.customer_account(stripe_fake, default_payment_method=None)
     problem = await shop.buy(n["account"], 422, method="checkout")

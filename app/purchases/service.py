@@ -451,9 +451,8 @@ async def apply_session(ctx: AppContext, row: asyncpg.Record, session: Session) 
     await repo.record_session(ctx.pool, row["id"], session.id, None, session.status,
                               session.payment_intent)
     if session.payment_status == "paid":
-        was = row["status"]
         row = await _grant(ctx, row, session.payment_intent)
-        if was != "paid" and row["status"] == "paid":
+        if row["status"] == "paid":  # also when the intent's own event granted first
             await _save_card(ctx, row, session)
         return row
     if session.status == "expired":
