@@ -1,0 +1,130 @@
+"""Routes of the rating API: configuration (admin), measurements and bill-to-date."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from app.errors import NotFound
+from app.http import ADMIN, Call, Endpoint
+from app.rating import repository as repo
+from app.rating import service
+from app.rating.schemas import (
+    AccountPlanIn,
+    AccountPlanList,
+    AccountPlanOut,
+    AggregationIn,
+    AggregationOut,
+    AggregationPage,
+    ConversionRateIn,
+    ConversionRateOut,
+    CounterIn,
+    CounterOut,
+    CounterPage,
+    MeterIn,
+    MeterOut,
+    MeterPage,
+    PlanIn,
+    PlanOut,
+    PlanPage,
+    PlanTemplateIn,
+    PlanTemplateOut,
+    PlanTemplatePage,
+    PricingIn,
+    PricingOut,
+    PricingPage,
+    PricingQuery,
+)
+from app.schemas import ListQuery, decode_cursor, next_cursor
+
+PAGES: dict[str, type[BaseModel]] = {
+    "meters": MeterPage, "aggregations": AggregationPage, "counters": CounterPage,
+    "plan_templates": PlanTemplatePage, "plans": PlanPage}
+
+
+def _create(create: object) -> object:
+    async def handler(call: Call) -> BaseModel:
+        return await create(call.ctx, call.body)  # type: ignore[operator, no-any-return]
+    handler.__name__ = create.__name__  # type: ignore[attr-defined]
+    return handler
+
+
+def _read(table: str) -> object:
+    async def handler(call: Call) -> BaseModel:
+        return await service.read(call.ctx, table, call.path("code"))
+    handler.__name__ = f"get_{table}"
+    return handler
+
+
+def _list(table: str) -> object:
+    async def handler(call: Call) -> BaseModel:
+        rows = await repo.page(call.ctx.pool, table, call.query.after_id(), call.query.limit)
+        return PAGES[table](data=[service.OUT[table](r) for r in rows],
+                            next_cursor=next_cursor([r["id"] for r in rows], call.query.limit))
+    handler.__name__ = f"list_{table}"
+    return handler
+
+
+async def list_pricings(call: Call) -> BaseModel:
+    plan_id = await repo.id_of(call.ctx.pool, "plans", call.query.plan)
+    if plan_id is None:
+        raise NotFound(f"no plan {call.query.plan!r}", field="query.plan")
+    rows = await repo.pricings_of_plan(call.ctx.pool, plan_id, decode_cursor(call.query.cursor),
+                                       call.query.limit)
+    return PricingPage(data=[service.pricing_out(r) for r in rows],
+                       next_cursor=next_cursor([r["id"] for r in rows], call.query.limit))
+
+
+async def attach_plan(call: Call) -> BaseModel:
+    return await service.attach_plan(call.ctx, call.path("code"), call.body)
+
+
+async def account_plans(call: Call) -> BaseModel:
+    account_id = await repo.id_of(call.ctx.pool, "accounts", call.path("code"))
+    if account_id is None:
+        raise NotFound(f"no account {call.path('code')!r}", field="code")
+    rows = await repo.account_plans(call.ctx.pool, account_id)
+    return AccountPlanList(data=[AccountPlanOut.model_validate(dict(r)) for r in rows])
+
+
+async def set_rate(call: Call) -> BaseModel:
+    return await service.set_rate(call.ctx, call.path("code"), call.body)
+
+
+def _crud(path: str, table: str, what: str, tag: str, body: type[BaseModel],
+          out: type[BaseModel], create: object) -> list[Endpoint]:
+    page: type[BaseModel] = PAGES[table]
+    return [
+        Endpoint("POST", path, _create(create), ADMIN, f"Create {what}", tag,  # type: ignore[arg-type]
+                 body=body, response=out, status=201),
+        Endpoint("GET", path, _list(table), ADMIN, f"List {tag}", tag,  # type: ignore[arg-type]
+                 query=ListQuery, response=page),
+        Endpoint("GET", path + "/{code}", _read(table), ADMIN, f"Read {what}", tag,  # type: ignore[arg-type]
+                 response=out),
+    ]
+
+
+ENDPOINTS = [
+    *_crud("/v1/meters", "meters", "a meter (data and derived fields)", "meters", MeterIn,
+           MeterOut, service.create_meter),
+    *_crud("/v1/aggregations", "aggregations", "an aggregation of a meter field",
+           "aggregations", AggregationIn, AggregationOut, service.create_aggregation),
+    *_crud("/v1/counters", "counters", "a counter (seats, licenses)", "counters", CounterIn,
+           CounterOut, service.create_counter),
+    *_crud("/v1/plan-templates", "plan_templates", "a plan template", "plan templates",
+           PlanTemplateIn, PlanTemplateOut, service.create_template),
+    *_crud("/v1/plans", "plans", "a plan from a template", "plans", PlanIn, PlanOut,
+           service.create_plan),
+    Endpoint("POST", "/v1/pricings", _create(service.create_pricing), ADMIN,  # type: ignore[arg-type]
+             "Price an aggregation or counter on a plan for a date range", "pricings",
+             body=PricingIn, response=PricingOut, status=201),
+    Endpoint("GET", "/v1/pricings", list_pricings, ADMIN, "List the pricings of a plan",
+             "pricings", query=PricingQuery, response=PricingPage),
+    Endpoint("POST", "/v1/accounts/{code}/plans", attach_plan, ADMIN,
+             "Attach a plan to an account for a date range", "plans", body=AccountPlanIn,
+             response=AccountPlanOut, status=201),
+    Endpoint("GET", "/v1/accounts/{code}/plans", account_plans, ADMIN,
+             "The plans attached to an account", "plans", response=AccountPlanList),
+    Endpoint("POST", "/v1/credit-types/{code}/conversion-rates", set_rate, ADMIN,
+             "Set the rate of a credit type to a fiat currency from a date on", "credit types",
+             body=ConversionRateIn, response=ConversionRateOut),
+]

@@ -1,0 +1,315 @@
+"""Bodies of the rating API: meters, aggregations, counters, plans, pricings, measurements."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from app.entitlements.schemas import Uid
+from app.schemas import Code, Name, Page, Strict, Timestamp
+
+FieldName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+# bounded so that no arithmetic on them can overflow a Decimal context
+Number = Annotated[Decimal, Field(max_digits=30, decimal_places=12, allow_inf_nan=False)]
+Function = Literal["SUM", "COUNT", "MIN", "MAX", "MEAN", "LATEST", "UNIQUE"]
+Rounding = Literal["up", "down", "nearest", "none"]
+PricingType = Literal["per_unit", "tiered", "volume", "stair_step"]
+Frequency = Literal["daily", "monthly", "quarterly", "annual"]
+Day = Annotated[date, Field(ge=date(2000, 1, 1), le=date(2999, 12, 31))]
+MAX_MEASUREMENTS = 1_000
+
+
+class DataField(Strict):
+    code: FieldName
+    category: Literal["measure", "who", "what", "where"] = Field(
+        description="measure: a number; who/what/where: a dimension (a string to segment by)")
+
+
+class DerivedField(Strict):
+    code: FieldName
+    expression: str = Field(max_length=500, description="numbers, field names, + - * / ( )")
+
+
+class MeterIn(Strict):
+    code: Code
+    name: Name
+    product: Code | None = Field(default=None, description="omitted: a global meter")
+    data_fields: list[DataField] = Field(min_length=1, max_length=50)
+    derived_fields: list[DerivedField] = Field(default=[], max_length=50)
+
+
+class MeterOut(BaseModel):
+    code: str
+    name: str
+    product: str | None
+    data_fields: list[DataField]
+    derived_fields: list[DerivedField]
+    created_at: datetime
+
+
+class AggregationIn(Strict):
+    code: Code
+    name: Name
+    meter: Code
+    target_field: FieldName
+    function: Function
+    quantity_per_unit: Number = Field(default=Decimal(1), gt=0)
+    rounding: Rounding = "none"
+    segment_field: FieldName | None = Field(default=None, description="a dimension field")
+
+
+class AggregationOut(BaseModel):
+    code: str
+    name: str
+    meter: str
+    target_field: str
+    function: str
+    quantity_per_unit: str
+    rounding: str
+    segment_field: str | None
+    created_at: datetime
+
+
+class CounterIn(Strict):
+    code: Code
+    name: Name
+    unit: Name
+    product: Code | None = None
+
+
+class CounterOut(BaseModel):
+    code: str
+    name: str
+    unit: str
+    product: str | None
+    created_at: datetime
+
+
+class PlanTemplateIn(Strict):
+    code: Code
+    name: Name
+    product: Code
+    bill_frequency: Frequency
+    bill_interval: int = Field(default=1, ge=1, le=366)
+    currency: Code = Field(description="the credit type prices are in (usually fiat)")
+    standing_charge: Number = Field(default=Decimal(0), ge=0)
+    minimum_spend: Number = Field(default=Decimal(0), ge=0)
+
+
+class PlanTemplateOut(BaseModel):
+    code: str
+    name: str
+    product: str
+    bill_frequency: str
+    bill_interval: int
+    currency: str
+    standing_charge: str
+    minimum_spend: str
+    created_at: datetime
+
+
+class PlanIn(Strict):
+    code: Code
+    name: Name
+    template: Code
+    standing_charge: Number | None = Field(default=None, ge=0, description="overrides the template")
+    minimum_spend: Number | None = Field(default=None, ge=0, description="overrides the template")
+
+
+class PlanOut(BaseModel):
+    code: str
+    name: str
+    template: str
+    standing_charge: str
+    minimum_spend: str
+    created_at: datetime
+
+
+class BandIn(Strict):
+    up_to: Number | None = Field(gt=0, description="upper bound (inclusive); null: open-ended")
+    price: Number = Field(ge=0, description="per unit; stair-step: the band's fixed amount")
+
+
+class PricingIn(Strict):
+    plan: Code
+    aggregation: Code | None = None
+    counter: Code | None = None
+    start_date: Day
+    end_date: Day | None = Field(default=None, description="exclusive; omitted: open")
+    type: PricingType
+    bands: list[BandIn] = Field(min_length=1, max_length=50)
+    fixed_fee: Number = Field(default=Decimal(0), ge=0, description="per period with usage")
+    counter_mode: Literal["prorate", "peak"] = "prorate"
+
+
+class PricingOut(BaseModel):
+    id: int
+    plan: str
+    aggregation: str | None
+    counter: str | None
+    start_date: date
+    end_date: date | None
+    type: str
+    bands: list[dict[str, Any]]
+    fixed_fee: str
+    counter_mode: str
+    created_at: datetime
+
+
+class PricingQuery(Strict):
+    plan: Code
+    cursor: str | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+
+
+class AccountPlanIn(Strict):
+    plan: Code
+    start_date: Day
+    end_date: Day | None = Field(default=None, description="exclusive; omitted: open")
+
+
+class AccountPlanOut(BaseModel):
+    id: int
+    account: str
+    plan: str
+    start_date: date
+    end_date: date | None
+    created_at: datetime
+
+
+class AccountPlanList(BaseModel):
+    data: list[AccountPlanOut]
+
+
+class CounterAdjustmentIn(Strict):
+    counter: Code
+    effective: Day = Field(description="the level holds from this date on")
+    level: Number = Field(ge=0)
+
+
+class CounterAdjustmentOut(BaseModel):
+    account: str
+    counter: str
+    effective: date
+    level: str
+
+
+class ConversionRateIn(Strict):
+    fiat: Code = Field(description="a fiat credit type")
+    effective: Day = Field(description="the rate holds from this date on")
+    rate: Number = Field(gt=0, description="1 unit of this credit type = rate units of fiat")
+
+
+class ConversionRateOut(BaseModel):
+    credit_type: str
+    fiat: str
+    effective: date
+    rate: str
+
+
+class MeasurementIn(Strict):
+    uid: Uid = Field(description="unique per account: a repeated uid is a duplicate")
+    account: Code
+    meter: Code
+    timestamp: Timestamp
+    data: dict[str, Any] = Field(description="{field: value}: numbers for measures, strings "
+                                 "for dimensions")
+
+
+class MeasurementBatch(Strict):
+    measurements: list[MeasurementIn] = Field(min_length=1, max_length=MAX_MEASUREMENTS)
+
+
+class ItemError(BaseModel):
+    code: str
+    field: str
+    message: str
+
+
+class Debit(BaseModel):
+    pricing: str = Field(description="`p<pricing id>`, or `s<account plan id>` (standing charge)")
+    product: str
+    credit_type: str
+    amount: str
+
+
+class MeasurementResult(BaseModel):
+    uid: str | None
+    status: Literal["rated", "unrated", "duplicate", "rejected"]
+    debits: list[Debit] = []
+    error: ItemError | None = None
+
+
+class MeasurementBatchOut(BaseModel):
+    rated: int
+    unrated: int
+    duplicates: int
+    rejected: int
+    results: list[MeasurementResult]
+
+
+class UsageQuery(Strict):
+    at: Day | None = Field(default=None, description="a day in the period; omitted: today")
+
+
+class BandApplied(BaseModel):
+    up_to: str | None
+    price: str
+    units: str
+    amount: str
+
+
+class PricingUsage(BaseModel):
+    pricing: int
+    aggregation: str | None
+    counter: str | None
+    segment: str | None
+    quantity: str
+    bands: list[BandApplied]
+    fixed_fee: str
+    amount: str = Field(description="in the plan's currency, exact")
+
+
+class PlanUsage(BaseModel):
+    plan: str
+    currency: str
+    period_start: date
+    period_end: date
+    standing_charge: str
+    minimum_spend: str
+    pricings: list[PricingUsage]
+    total: str = Field(description="standing charge + pricings, in the plan's currency")
+    drawn: str = Field(description="what real-time drawdown has debited, balance credit type")
+    credit_type: str
+
+
+class AccountUsageOut(BaseModel):
+    account: str
+    plans: list[PlanUsage]
+
+
+class MeterPage(Page[MeterOut]):
+    pass
+
+
+class AggregationPage(Page[AggregationOut]):
+    pass
+
+
+class CounterPage(Page[CounterOut]):
+    pass
+
+
+class PlanTemplatePage(Page[PlanTemplateOut]):
+    pass
+
+
+class PlanPage(Page[PlanOut]):
+    pass
+
+
+class PricingPage(Page[PricingOut]):
+    pass

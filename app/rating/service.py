@@ -1,0 +1,274 @@
+"""Rules of the rating configuration: meters, aggregations, counters, plans and pricings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from pydantic import BaseModel
+
+from app.errors import Conflict, NotFound, ValidationProblem
+from app.rating import repository as repo
+from app.rating.expressions import ExpressionError, fields, parse
+from app.rating.pricing import Band, check_bands
+from app.rating.schemas import (
+    AccountPlanIn,
+    AccountPlanOut,
+    AggregationIn,
+    AggregationOut,
+    BandIn,
+    ConversionRateIn,
+    ConversionRateOut,
+    CounterIn,
+    CounterOut,
+    MeterIn,
+    MeterOut,
+    PlanIn,
+    PlanOut,
+    PlanTemplateIn,
+    PlanTemplateOut,
+    PricingIn,
+    PricingOut,
+)
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+NUMERIC = ("measure",)
+
+
+async def _unique(write: Awaitable[Any], what: str) -> None:
+    try:
+        await write
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(f"a {what} with this code exists", field="code") from exc
+
+
+async def required_id(ctx: AppContext, table: str, code: str, field: str) -> int:
+    found = await repo.id_of(ctx.pool, table, code)
+    if found is None:
+        raise ValidationProblem(f"unknown {table.rstrip('s').replace('_', ' ')} {code!r}",
+                                field=field)
+    return found
+
+
+async def optional_product(ctx: AppContext, code: str | None) -> int | None:
+    return None if code is None else await required_id(ctx, "products", code, "product")
+
+
+def text(value: Any) -> str:
+    return f"{Decimal(value):f}"
+
+
+# --- meters --------------------------------------------------------------------------------
+
+def check_meter_fields(body: MeterIn) -> None:
+    seen: set[str] = set()
+    numeric: set[str] = set()
+    for i, data_field in enumerate(body.data_fields):
+        if data_field.code in seen:
+            raise ValidationProblem("field codes must be unique", field=f"data_fields.{i}.code")
+        seen.add(data_field.code)
+        if data_field.category in NUMERIC:
+            numeric.add(data_field.code)
+    for i, derived in enumerate(body.derived_fields):
+        where = f"derived_fields.{i}"
+        if derived.code in seen:
+            raise ValidationProblem("field codes must be unique", field=f"{where}.code")
+        try:
+            names = fields(parse(derived.expression))
+        except ExpressionError as exc:
+            raise ValidationProblem(f"expression {exc}", field=f"{where}.expression") from exc
+        unknown = names - numeric
+        if unknown:
+            raise ValidationProblem(
+                f"{sorted(unknown)[0]!r} is not a measure or an earlier derived field",
+                field=f"{where}.expression")
+        seen.add(derived.code)
+        numeric.add(derived.code)
+
+
+def meter_out(row: asyncpg.Record) -> BaseModel:
+    return MeterOut(code=row["code"], name=row["name"], product=row["product"],
+                    data_fields=json.loads(row["data_fields"]),
+                    derived_fields=json.loads(row["derived_fields"]), created_at=row["created_at"])
+
+
+async def create_meter(ctx: AppContext, body: MeterIn) -> BaseModel:
+    check_meter_fields(body)
+    product_id = await optional_product(ctx, body.product)
+    await _unique(repo.insert_meter(
+        ctx.pool, body.code, body.name, product_id,
+        [f.model_dump() for f in body.data_fields], [f.model_dump() for f in body.derived_fields]),
+        "meter")
+    return await read(ctx, "meters", body.code)
+
+
+# --- aggregations and counters -------------------------------------------------------------
+
+def meter_field_kinds(meter: asyncpg.Record) -> dict[str, str]:
+    kinds = {f["code"]: f["category"] for f in json.loads(meter["data_fields"])}
+    kinds.update({f["code"]: "derived" for f in json.loads(meter["derived_fields"])})
+    return kinds
+
+
+async def create_aggregation(ctx: AppContext, body: AggregationIn) -> BaseModel:
+    meter = await repo.by_code(ctx.pool, "meters", body.meter)
+    if meter is None:
+        raise ValidationProblem(f"unknown meter {body.meter!r}", field="meter")
+    kinds = meter_field_kinds(meter)
+    kind = kinds.get(body.target_field)
+    if kind is None:
+        raise ValidationProblem(f"meter {body.meter!r} has no field {body.target_field!r}",
+                                field="target_field")
+    if kind not in ("measure", "derived") and body.function not in ("COUNT", "UNIQUE"):
+        raise ValidationProblem(f"{body.function} needs a numeric field (a measure or a "
+                                "derived field)", field="target_field")
+    if body.segment_field is not None and kinds.get(body.segment_field) not in ("who", "what", "where"):
+        raise ValidationProblem("must be a dimension field (who, what or where) of the meter",
+                                field="segment_field")
+    values = {**body.model_dump(), "meter_id": meter["id"]}
+    await _unique(repo.insert_aggregation(ctx.pool, values), "aggregation")
+    return await read(ctx, "aggregations", body.code)
+
+
+async def create_counter(ctx: AppContext, body: CounterIn) -> BaseModel:
+    product_id = await optional_product(ctx, body.product)
+    await _unique(repo.insert_counter(ctx.pool, body.code, body.name, body.unit, product_id),
+                  "counter")
+    return await read(ctx, "counters", body.code)
+
+
+# --- plans -----------------------------------------------------------------------------------
+
+async def create_template(ctx: AppContext, body: PlanTemplateIn) -> BaseModel:
+    values = {**body.model_dump(),
+              "product_id": await required_id(ctx, "products", body.product, "product"),
+              "currency_id": await required_id(ctx, "credit_types", body.currency, "currency")}
+    await _unique(repo.insert_template(ctx.pool, values), "plan template")
+    return await read(ctx, "plan_templates", body.code)
+
+
+async def create_plan(ctx: AppContext, body: PlanIn) -> BaseModel:
+    template_id = await required_id(ctx, "plan_templates", body.template, "template")
+    await _unique(repo.insert_plan(ctx.pool, body.code, body.name, template_id,
+                                   body.standing_charge, body.minimum_spend), "plan")
+    return await read(ctx, "plans", body.code)
+
+
+def bands_of(raw: list[BandIn]) -> list[Band]:
+    return [Band(b.up_to, b.price) for b in raw]
+
+
+def check_pricing(body: PricingIn) -> None:
+    if (body.aggregation is None) == (body.counter is None):
+        raise ValidationProblem("name exactly one of aggregation or counter", field="aggregation")
+    if body.end_date is not None and body.end_date <= body.start_date:
+        raise ValidationProblem("must be after start_date", field="end_date")
+    problem = check_bands(bands_of(body.bands))
+    if problem:
+        raise ValidationProblem(problem, field="bands")
+    if body.type == "per_unit" and len(body.bands) != 1:
+        raise ValidationProblem("per_unit takes exactly one (open-ended) band", field="bands")
+
+
+async def create_pricing(ctx: AppContext, body: PricingIn) -> PricingOut:
+    check_pricing(body)
+    plan_id = await required_id(ctx, "plans", body.plan, "plan")
+    aggregation_id = None if body.aggregation is None else \
+        await required_id(ctx, "aggregations", body.aggregation, "aggregation")
+    counter_id = None if body.counter is None else \
+        await required_id(ctx, "counters", body.counter, "counter")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await repo.lock_plan(conn, plan_id)  # serialises the overlap check per plan
+        if await repo.overlapping_pricing(conn, plan_id, aggregation_id, counter_id,
+                                          body.start_date, body.end_date):
+            raise Conflict("this plan already prices this aggregation or counter for an "
+                           "overlapping date range", field="start_date")
+        pricing_id = await repo.insert_pricing(conn, {
+            "plan_id": plan_id, "aggregation_id": aggregation_id, "counter_id": counter_id,
+            "start_date": body.start_date, "end_date": body.end_date, "pricing_type": body.type,
+            "bands": json.dumps([{"up_to": None if b.up_to is None else f"{b.up_to:f}",
+                                  "price": f"{b.price:f}"} for b in body.bands]),
+            "fixed_fee": body.fixed_fee, "counter_mode": body.counter_mode})
+    row = await repo.pricing(ctx.pool, pricing_id)
+    assert row is not None
+    return pricing_out(row)
+
+
+def pricing_out(row: asyncpg.Record) -> PricingOut:
+    return PricingOut(id=row["id"], plan=row["plan"], aggregation=row["aggregation"],
+                      counter=row["counter"], start_date=row["start_date"],
+                      end_date=row["end_date"], type=row["pricing_type"],
+                      bands=json.loads(row["bands"]), fixed_fee=text(row["fixed_fee"]),
+                      counter_mode=row["counter_mode"], created_at=row["created_at"])
+
+
+async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> AccountPlanOut:
+    account_id = await repo.id_of(ctx.pool, "accounts", code)
+    if account_id is None:
+        raise NotFound(f"no account {code!r}", field="code")
+    plan = await repo.by_code(ctx.pool, "plans", body.plan)
+    if plan is None:
+        raise ValidationProblem(f"unknown plan {body.plan!r}", field="plan")
+    if body.end_date is not None and body.end_date <= body.start_date:
+        raise ValidationProblem("must be after start_date", field="end_date")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await repo.lock_account(conn, account_id)
+        if await repo.overlapping_account_plan(conn, account_id, plan["product"],
+                                               body.start_date, body.end_date):
+            raise Conflict("the account already has a plan for this product in an overlapping "
+                           "date range", field="start_date")
+        ap_id = await repo.insert_account_plan(conn, account_id, plan["id"], body.start_date,
+                                               body.end_date)
+    rows = await repo.account_plans(ctx.pool, account_id)
+    return next(AccountPlanOut.model_validate(dict(r)) for r in rows if r["id"] == ap_id)
+
+
+async def set_rate(ctx: AppContext, code: str, body: ConversionRateIn) -> ConversionRateOut:
+    credit_type = await ctx.catalog.credit_type(code)
+    if credit_type is None:
+        raise NotFound(f"no credit type {code!r}", field="code")
+    fiat = await ctx.catalog.credit_type(body.fiat)
+    if fiat is None or fiat.kind != "fiat" or fiat.id == credit_type.id:
+        raise ValidationProblem("must be another credit type, of kind fiat", field="fiat")
+    await repo.upsert_rate(ctx.pool, credit_type.id, fiat.id, body.effective, body.rate)
+    return ConversionRateOut(credit_type=code, fiat=body.fiat, effective=body.effective,
+                             rate=f"{body.rate:f}")
+
+
+# --- reads -----------------------------------------------------------------------------------
+
+def _amounts(row: asyncpg.Record, *names: str) -> dict[str, Any]:
+    return {**dict(row), **{name: text(row[name]) for name in names}}
+
+
+def aggregation_out(row: asyncpg.Record) -> BaseModel:
+    return AggregationOut.model_validate(_amounts(row, "quantity_per_unit"))
+
+
+def counter_out(row: asyncpg.Record) -> BaseModel:
+    return CounterOut.model_validate(dict(row))
+
+
+def template_out(row: asyncpg.Record) -> BaseModel:
+    return PlanTemplateOut.model_validate(_amounts(row, "standing_charge", "minimum_spend"))
+
+
+def plan_out(row: asyncpg.Record) -> BaseModel:
+    return PlanOut.model_validate(_amounts(row, "standing_charge", "minimum_spend"))
+
+
+OUT: dict[str, Callable[[asyncpg.Record], BaseModel]] = {
+    "meters": meter_out, "aggregations": aggregation_out, "counters": counter_out,
+    "plan_templates": template_out, "plans": plan_out}
+
+
+async def read(ctx: AppContext, table: str, code: str) -> BaseModel:
+    row = await repo.by_code(ctx.pool, table, code)
+    if row is None:
+        raise NotFound(f"no {table.rstrip('s').replace('_', ' ')} {code!r}", field="code")
+    return OUT[table](row)
