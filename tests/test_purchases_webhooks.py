@@ -205,6 +205,19 @@ async def test_a_refund_reported_before_the_success_grants_then_voids(
     assert len(await outbox(db, "payment.succeeded", pending["id"])) == 1
 
 
+async def test_a_refund_of_a_charge_whose_intent_we_never_heard_of_is_found(
+        shop: Shop, stripe_fake: FakeStripe, db: asyncpg.Connection) -> None:
+    n = await shop.customer_account(stripe_fake)
+    stripe_fake.faults.extend([None, "lost", "lost", "lost"])
+    pending = await shop.buy(n["account"], 202)
+    assert pending["stripe"]["payment_intent"] is None
+    [intent_id] = stripe_fake.intents
+    response = await shop.deliver(event("charge.refunded", stripe_fake.charge(intent_id)))
+    assert response.json()["outcome"] == f"purchase {pending['id']}: pending -> refunded"
+    assert await _grants(db, pending["balance_id"]) == 1
+    assert (await shop.api.check(n["account"], n["api"]))["allowed"] is False
+
+
 async def test_a_partial_refund_is_recorded_and_the_credits_stay(
         shop: Shop, stripe_fake: FakeStripe) -> None:
     n = await shop.customer_account(stripe_fake)

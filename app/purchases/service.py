@@ -583,6 +583,12 @@ async def _handle(ctx: AppContext, event_type: str, obj: Any) -> str:
     if event_type == "charge.refunded":
         charge = charge_from(obj)
         row = await _purchase_for(ctx, obj.get("metadata") or {}, intent_id=charge.payment_intent)
+        if row is None and charge.payment_intent:  # refunded before we learnt the intent's id?
+            try:
+                intent = await gateway(ctx).intent(charge.payment_intent)
+            except Rejected:
+                return "not ours"
+            row = await _purchase_for(ctx, intent.metadata)
         if row is None:
             return "not ours"
         return _outcome(row, await _refunded(ctx, row, charge))

@@ -211,7 +211,8 @@ class _HTTPXClient(stripe.HTTPXClient):
 
 class StripeGateway:
     def __init__(self, api_key: str, webhook_secret: str, *, api_base: str = "",
-                 max_network_retries: int = 2, timeout_s: float = 30.0) -> None:
+                 max_network_retries: int = 2,
+                 timeout_s: float = 30.0) -> None:  # float-ok: a duration
         self._http = _HTTPXClient(timeout=timeout_s)
         self._client = stripe.StripeClient(
             api_key, http_client=self._http, max_network_retries=max_network_retries,
