@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from app.errors import STORE_ERRORS
 from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
+from app.rating.drawdown import send_unsent
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -31,6 +32,7 @@ async def _store_workers(ctx: AppContext) -> None:
         try:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
             await expire_due(ctx)
+            await send_unsent(ctx)
         except STORE_ERRORS as exc:
             log.warning("worker pass skipped: %s", exc)
         except Exception:

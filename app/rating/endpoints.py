@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from app.errors import NotFound
-from app.http import ADMIN, Call, Endpoint
+from app.errors import NotFound, ValidationProblem
+from app.http import ADMIN, READ, RUNTIME, Call, Endpoint
+from app.rating import billing, drawdown, service
 from app.rating import repository as repo
-from app.rating import service
 from app.rating.schemas import (
+    MAX_MEASUREMENTS,
     AccountPlanIn,
     AccountPlanList,
     AccountPlanOut,
+    AccountUsageOut,
     AggregationIn,
     AggregationOut,
     AggregationPage,
@@ -20,6 +22,8 @@ from app.rating.schemas import (
     CounterIn,
     CounterOut,
     CounterPage,
+    MeasurementBatch,
+    MeasurementBatchOut,
     MeterIn,
     MeterOut,
     MeterPage,
@@ -33,6 +37,7 @@ from app.rating.schemas import (
     PricingOut,
     PricingPage,
     PricingQuery,
+    UsageQuery,
 )
 from app.schemas import ListQuery, decode_cursor, next_cursor
 
@@ -103,7 +108,46 @@ def _crud(path: str, table: str, what: str, tag: str, body: type[BaseModel],
     ]
 
 
+async def measurements(call: Call) -> BaseModel:
+    """One measurement, or {"measurements": [...]} up to 1,000 answered one by one."""
+    body = call.body
+    if isinstance(body, dict) and "measurements" in body:
+        items = body["measurements"]
+        if set(body) != {"measurements"}:
+            raise ValidationProblem("only `measurements` is allowed beside a batch",
+                                    field=sorted(set(body) - {"measurements"})[0])
+        if not isinstance(items, list) or not items:
+            raise ValidationProblem("must be a non-empty list of measurements",
+                                    field="measurements")
+        if len(items) > MAX_MEASUREMENTS:
+            raise ValidationProblem(f"at most {MAX_MEASUREMENTS} per batch", field="measurements")
+        results = await drawdown.record_measurements(call.ctx, items, "measurements.{}.")
+        return MeasurementBatchOut(
+            rated=sum(r.status == "rated" for r in results),
+            unrated=sum(r.status == "unrated" for r in results),
+            duplicates=sum(r.status == "duplicate" for r in results),
+            rejected=sum(r.status == "rejected" for r in results), results=results)
+    [result] = await drawdown.record_measurements(call.ctx, [body], "")
+    if result.error is not None:
+        raise ValidationProblem(result.error.message, field=result.error.field)
+    return result
+
+
+async def usage(call: Call) -> BaseModel:
+    return await billing.bill_to_date(call.ctx, call.path("code"), call.query.at)
+
+
+RUNTIME_ENDPOINTS = [
+    Endpoint("POST", "/v1/measurements", measurements, RUNTIME,
+             "Submit measurements: one, or {measurements: [...]} up to 1,000, each answered on "
+             "its own; rated ones draw balances down in real time", "runtime",
+             body=MeasurementBatch, response=MeasurementBatchOut, raw_body=True),
+]
+
 ENDPOINTS = [
+    Endpoint("GET", "/v1/accounts/{code}/usage", usage, READ,
+             "Bill-to-date: each pricing's quantity, bands and amount for a period", "runtime",
+             query=UsageQuery, response=AccountUsageOut),
     *_crud("/v1/meters", "meters", "a meter (data and derived fields)", "meters", MeterIn,
            MeterOut, service.create_meter),
     *_crud("/v1/aggregations", "aggregations", "an aggregation of a meter field",

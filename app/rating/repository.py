@@ -27,6 +27,7 @@ PRICING = """SELECT pr.*, pl.code AS plan, g.code AS aggregation, c.code AS coun
              FROM pricings pr JOIN plans pl ON pl.id = pr.plan_id
              LEFT JOIN aggregations g ON g.id = pr.aggregation_id
              LEFT JOIN counters c ON c.id = pr.counter_id"""
+_WITH_AGGREGATION = PRICING.replace("SELECT pr.*,", "SELECT pr.*, g2.*,")
 TABLES = {"meters": METER, "aggregations": AGGREGATION, "counters": COUNTER,
           "plan_templates": TEMPLATE, "plans": PLAN}
 ALIAS = {"meters": "m", "aggregations": "g", "counters": "c", "plan_templates": "t", "plans": "pl"}
@@ -183,3 +184,145 @@ async def rate_on(conn: Conn, credit_type_id: int, fiat_id: int, day: date) -> D
         """SELECT rate FROM conversion_rates WHERE credit_type_id = $1 AND fiat_id = $2
            AND effective <= $3 ORDER BY effective DESC LIMIT 1""", credit_type_id, fiat_id, day)
     return Decimal(found) if found is not None else None
+
+
+# --- measurements, aggregation state and rated charges (real-time drawdown) -----------------
+
+async def meter_by_code(conn: Conn, code: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT id, data_fields, derived_fields FROM meters WHERE code = $1",
+                               code)
+
+
+async def active_pricings(conn: Conn, account_id: int, meter_id: int,
+                          day: date) -> list[asyncpg.Record]:
+    """The pricings that rate this meter's measurements for this account on this day."""
+    return await conn.fetch(
+        """SELECT pr.id, pr.pricing_type, pr.bands, pr.fixed_fee, g.function, g.target_field,
+                  g.quantity_per_unit, g.rounding, g.segment_field, ap.start_date AS anchor,
+                  t.bill_frequency, t.bill_interval, t.currency_id, p.code AS product
+           FROM account_plans ap JOIN plans pl ON pl.id = ap.plan_id
+           JOIN plan_templates t ON t.id = pl.template_id JOIN products p ON p.id = t.product_id
+           JOIN pricings pr ON pr.plan_id = pl.id JOIN aggregations g ON g.id = pr.aggregation_id
+           WHERE ap.account_id = $1 AND g.meter_id = $2
+             AND ap.start_date <= $3 AND (ap.end_date IS NULL OR ap.end_date > $3)
+             AND pr.start_date <= $3 AND (pr.end_date IS NULL OR pr.end_date > $3)
+           ORDER BY pr.id""", account_id, meter_id, day)
+
+
+StateKey = tuple[int, int, date, str]
+
+
+async def lock_states(conn: Connection, keys: list[StateKey]) -> list[asyncpg.Record]:
+    """Create the missing state rows and lock all of them, in one fixed order (no deadlock)."""
+    columns = [list(c) for c in zip(*sorted(keys), strict=True)]
+    await conn.execute(
+        """INSERT INTO aggregation_states (account_id, pricing_id, period_start, segment)
+           SELECT * FROM unnest($1::int8[], $2::int8[], $3::date[], $4::text[]) ORDER BY 1, 2, 3, 4
+           ON CONFLICT DO NOTHING""", *columns)
+    return await conn.fetch(
+        """SELECT s.* FROM aggregation_states s
+           JOIN unnest($1::int8[], $2::int8[], $3::date[], $4::text[]) AS k(a, p, d, g)
+             ON s.account_id = k.a AND s.pricing_id = k.p AND s.period_start = k.d AND s.segment = k.g
+           ORDER BY 1, 2, 3, 4 FOR UPDATE OF s""", *columns)
+
+
+async def save_states(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    await conn.executemany(
+        """UPDATE aggregation_states SET count = $5, total = $6, low = $7, high = $8,
+                  latest = $9, latest_key = $10, uniques = $11
+           WHERE account_id = $1 AND pricing_id = $2 AND period_start = $3 AND segment = $4""",
+        rows)
+
+
+ChargeKey = tuple[int, str, date]
+
+
+async def lock_charges(conn: Connection, keys: list[tuple[int, str, date, int]]) -> list[asyncpg.Record]:
+    columns = [list(c) for c in zip(*sorted(keys), strict=True)]
+    await conn.execute(
+        """INSERT INTO rated_charges (account_id, charge_key, period_start, credit_type_id)
+           SELECT * FROM unnest($1::int8[], $2::text[], $3::date[], $4::int8[]) ORDER BY 1, 2, 3
+           ON CONFLICT DO NOTHING""", *columns)
+    return await conn.fetch(
+        """SELECT c.* FROM rated_charges c
+           JOIN unnest($1::int8[], $2::text[], $3::date[]) AS k(a, p, d)
+             ON c.account_id = k.a AND c.charge_key = k.p AND c.period_start = k.d
+           ORDER BY 1, 2, 3 FOR UPDATE OF c""", *columns[:3])
+
+
+async def save_charges(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    await conn.executemany(
+        """UPDATE rated_charges SET exact = $4, drawn_minor = $5
+           WHERE account_id = $1 AND charge_key = $2 AND period_start = $3""", rows)
+
+
+async def insert_measurements(conn: Connection, rows: list[tuple[Any, ...]]) -> set[tuple[int, str]]:
+    """Store new measurements; returns the (account, uid) that were new (not duplicates)."""
+    columns = [list(c) for c in zip(*rows, strict=True)]
+    found = await conn.fetch(
+        """INSERT INTO measurements (account_id, uid, meter_id, ts, data, rated)
+           SELECT a, u, m, t, d::jsonb, r
+           FROM unnest($1::int8[], $2::text[], $3::int8[], $4::timestamptz[], $5::text[],
+                       $6::bool[]) AS x(a, u, m, t, d, r)
+           ON CONFLICT DO NOTHING RETURNING account_id, uid""", *columns)
+    return {(r["account_id"], r["uid"]) for r in found}
+
+
+async def new_uniques(conn: Connection, rows: list[tuple[int, int, date, str, str]]) -> set[tuple[Any, ...]]:
+    if not rows:
+        return set()
+    columns = [list(c) for c in zip(*sorted(set(rows)), strict=True)]
+    found = await conn.fetch(
+        """INSERT INTO aggregation_uniques (account_id, pricing_id, period_start, segment, value)
+           SELECT * FROM unnest($1::int8[], $2::int8[], $3::date[], $4::text[], $5::text[])
+           ON CONFLICT DO NOTHING RETURNING *""", *columns)
+    return {tuple(r.values()) for r in found}
+
+
+async def insert_debits(conn: Connection, rows: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
+    columns = [list(c) for c in zip(*rows, strict=True)]
+    return await conn.fetch(
+        """INSERT INTO rated_debits (account_id, uid, product_code, credit_type, amount, ts)
+           SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::numeric[],
+                                $6::timestamptz[])
+           ON CONFLICT DO NOTHING RETURNING *""", *columns)
+
+
+async def unsent_debits(conn: Conn, older_than_s: float, limit: int) -> list[asyncpg.Record]:
+    """Rated debits a crash left before they reached the usage path."""
+    return await conn.fetch(
+        """SELECT d.*, a.code AS account FROM rated_debits d JOIN accounts a ON a.id = d.account_id
+           WHERE d.created_at < now() - make_interval(secs => $1)
+             AND d.created_at > now() - interval '7 days'
+             AND NOT EXISTS (SELECT 1 FROM usage_events u
+                             WHERE u.account_id = d.account_id AND u.uid = d.uid)
+           ORDER BY d.created_at LIMIT $2""", older_than_s, limit)
+
+
+async def states_of(conn: Conn, account_id: int, pricing_id: int,
+                    period_start: date) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT * FROM aggregation_states WHERE account_id = $1 AND pricing_id = $2
+           AND period_start = $3 ORDER BY segment""", account_id, pricing_id, period_start)
+
+
+async def drawn_minor(conn: Conn, account_id: int, charge_key: str, period_start: date) -> int:
+    found = await conn.fetchval(
+        """SELECT drawn_minor FROM rated_charges WHERE account_id = $1 AND charge_key = $2
+           AND period_start = $3""", account_id, charge_key, period_start)
+    return int(found or 0)
+
+
+async def plans_at(conn: Conn, account_id: int, day: date) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"""SELECT ap.start_date AS anchor, pl.* FROM account_plans ap JOIN ({PLAN}) pl
+            ON pl.id = ap.plan_id WHERE ap.account_id = $1 AND ap.start_date <= $2
+            AND (ap.end_date IS NULL OR ap.end_date > $2) ORDER BY ap.id""", account_id, day)
+
+
+async def pricings_at(conn: Conn, plan_id: int, day: date) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        _WITH_AGGREGATION + """ LEFT JOIN LATERAL (SELECT function, quantity_per_unit, rounding, segment_field
+                                FROM aggregations WHERE id = pr.aggregation_id) g2 ON true
+        WHERE pr.plan_id = $1 AND pr.start_date <= $2 AND (pr.end_date IS NULL OR pr.end_date > $2)
+        ORDER BY pr.id""", plan_id, day)

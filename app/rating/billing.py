@@ -1,0 +1,108 @@
+"""Bill-to-date: each pricing's quantity, bands applied and amount for a period, exactly."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from app.errors import NotFound
+from app.money import fmt
+from app.rating import repository as repo
+from app.rating.drawdown import _state
+from app.rating.periods import period_of
+from app.rating.pricing import (
+    Band,
+    aggregate,
+    charge,
+    counter_charge,
+    counter_levels,
+    quantity,
+)
+from app.rating.schemas import AccountUsageOut, BandApplied, PlanUsage, PricingUsage
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+
+def bands_applied(kind: str, bands: list[Band], units: Decimal) -> list[BandApplied]:
+    applied, lower = [], Decimal(0)
+    for band in bands:
+        upper = units if band.up_to is None else min(units, band.up_to)
+        reached = units > lower and (band.up_to is None or units <= band.up_to)
+        if kind == "tiered" and upper > lower:
+            applied.append(BandApplied(up_to=_s(band.up_to), price=f"{band.price:f}",
+                                       units=f"{upper - lower:f}",
+                                       amount=f"{(upper - lower) * band.price:f}"))
+        elif kind != "tiered" and reached:
+            amount = band.price if kind == "stair_step" else units * band.price
+            applied.append(BandApplied(up_to=_s(band.up_to), price=f"{band.price:f}",
+                                       units=f"{units:f}", amount=f"{amount:f}"))
+        if band.up_to is None or units <= band.up_to:
+            break
+        lower = band.up_to
+    return applied
+
+
+def _s(value: Decimal | None) -> str | None:
+    return None if value is None else f"{value:f}"
+
+
+def _bands(pricing: asyncpg.Record) -> list[Band]:
+    return [Band(None if b["up_to"] is None else Decimal(b["up_to"]), Decimal(b["price"]))
+            for b in json.loads(pricing["bands"])]
+
+
+async def _pricing_usage(ctx: AppContext, account_id: int, pricing: asyncpg.Record,
+                         start: date, end: date) -> list[PricingUsage]:
+    bands, fee = _bands(pricing), Decimal(pricing["fixed_fee"])
+    kind = pricing["pricing_type"]
+    if pricing["counter_id"] is not None:
+        levels = await repo.counter_levels(ctx.pool, account_id, pricing["counter_id"])
+        spans = counter_levels(levels, start, end)
+        amount = counter_charge(kind, bands, fee, spans, (end - start).days,
+                                pricing["counter_mode"])
+        peak = max((lvl for lvl, _ in spans), default=Decimal(0))
+        return [PricingUsage(pricing=pricing["id"], aggregation=None, counter=pricing["counter"],
+                             segment=None, quantity=f"{peak:f}", bands=[],
+                             fixed_fee=f"{fee:f}", amount=f"{amount:f}")]
+    out = []
+    for row in await repo.states_of(ctx.pool, account_id, pricing["id"], start):
+        state = _state(row)
+        units = quantity(aggregate(pricing["function"], state),
+                         Decimal(pricing["quantity_per_unit"]), pricing["rounding"])
+        amount = charge(kind, bands, fee, units, state.count > 0)
+        out.append(PricingUsage(
+            pricing=pricing["id"], aggregation=pricing["aggregation"], counter=None,
+            segment=row["segment"] if pricing["segment_field"] else None, quantity=f"{units:f}",
+            bands=bands_applied(kind, bands, units) if units > 0 else [],
+            fixed_fee=f"{fee if state.count else 0:f}", amount=f"{amount:f}"))
+    return out
+
+
+async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUsageOut:
+    account = await ctx.catalog.account(code)
+    if account is None:
+        raise NotFound(f"no account {code!r}", field="code")
+    day = at or datetime.now(UTC).date()
+    plans = []
+    for plan in await repo.plans_at(ctx.pool, account.id, day):
+        start, end = period_of(plan["anchor"], plan["bill_frequency"], plan["bill_interval"], day)
+        usages: list[PricingUsage] = []
+        drawn = 0
+        for pricing in await repo.pricings_at(ctx.pool, plan["id"], day):
+            usages += await _pricing_usage(ctx, account.id, pricing, start, end)
+            drawn += await repo.drawn_minor(ctx.pool, account.id, f"p{pricing['id']}", start)
+        standing = Decimal(plan["standing_charge"])
+        total = standing + sum((Decimal(u.amount) for u in usages), Decimal(0))
+        places = account.credit_type.decimal_places if account.credit_type else 0
+        plans.append(PlanUsage(
+            plan=plan["code"], currency=plan["currency"], period_start=start, period_end=end,
+            standing_charge=f"{standing:f}", minimum_spend=f"{Decimal(plan['minimum_spend']):f}",
+            pricings=usages, total=f"{total:f}",
+            drawn=fmt(Decimal(drawn).scaleb(-places), places),
+            credit_type=account.credit_type.code if account.credit_type else ""))
+    return AccountUsageOut(account=code, plans=plans)

@@ -1,0 +1,329 @@
+"""Measurements in, real-time drawdown out (DESIGN invariant 8).
+
+One Postgres transaction per batch: the aggregation states the batch touches are locked in a
+fixed order, the new measurements are stored (a duplicate uid changes nothing), each one moves
+its states, and for every pricing the charge delta `charge(after) - charge(before)` is added,
+converted to the account's credit type, to the pricing's cumulative charge for the period.
+What is debited is `round(cumulative after) - round(cumulative before)`: rounding happens once
+(half up at the credit type's places) and the remainder is carried, so the debits add up to the
+rounded total. Each debit is written as a `rated_debits` row in that transaction and then sent
+through the usage path under a deterministic uid; a crash in between is repaired by
+`send_unsent` (worker). A charge that goes down (MIN, LATEST, MEAN) is not refunded mid-period:
+the drawn amount stays at its high-water mark and the bill run settles the difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from pydantic import ValidationError
+
+from app.config.catalog import AccountRef
+from app.db import Connection
+from app.entitlements.service import record_usage
+from app.errors import Problem, ValidationProblem
+from app.http import validation_problem
+from app.rating import repository as repo
+from app.rating.expressions import Node, evaluate, parse
+from app.rating.periods import period_of
+from app.rating.pricing import AggState, Band, aggregate, charge, convert, quantity, to_minor
+from app.rating.schemas import Debit, ItemError, MeasurementIn, MeasurementResult
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+METER_TTL_S = 10.0
+MAX_MEASURE = Decimal("1e18")
+
+
+@dataclass(frozen=True)
+class Meter:
+    id: int
+    categories: dict[str, str]
+    derived: tuple[tuple[str, Node], ...]
+
+
+@dataclass
+class Item:
+    index: int
+    body: MeasurementIn
+    account: AccountRef
+    meter: Meter
+    values: dict[str, Decimal | str]
+    pricings: list[asyncpg.Record] = field(default_factory=list)
+    debits: list[Debit] = field(default_factory=list)
+
+
+_METERS: dict[str, tuple[Meter, float]] = {}
+
+
+async def meter(ctx: AppContext, code: str) -> Meter | None:
+    hit = _METERS.get(code)
+    if hit and hit[1] > time.monotonic():
+        return hit[0]
+    row = await repo.meter_by_code(ctx.pool, code)
+    if row is None:
+        return None
+    categories = {f["code"]: f["category"] for f in json.loads(row["data_fields"])}
+    derived = tuple((f["code"], parse(f["expression"])) for f in json.loads(row["derived_fields"]))
+    found = Meter(row["id"], categories, derived)
+    _METERS[code] = (found, time.monotonic() + METER_TTL_S)
+    return found
+
+
+def field_values(found: Meter, data: dict[str, Any]) -> dict[str, Decimal | str]:
+    """Validated data fields plus the derived ones (absent where a division is by zero)."""
+    values: dict[str, Decimal | str] = {}
+    for name, value in data.items():
+        where = f"data.{name}"
+        category = found.categories.get(name)
+        if category is None:
+            raise ValidationProblem("not a data field of this meter", field=where)
+        if category == "measure":
+            if isinstance(value, bool) or not isinstance(value, int | Decimal) \
+                    or not abs(Decimal(value)) < MAX_MEASURE:
+                raise ValidationProblem("must be a number below 1e18", field=where)
+            values[name] = Decimal(value)
+        else:
+            if not isinstance(value, str) or len(value) > 200 or "\x00" in value:
+                raise ValidationProblem("must be a string of at most 200 characters",
+                                        field=where)
+            values[name] = value
+    for name, category in found.categories.items():
+        if category == "measure" and name not in values:
+            raise ValidationProblem("this measure field is missing", field=f"data.{name}")
+    numbers = {k: v for k, v in values.items() if isinstance(v, Decimal)}
+    for name, node in found.derived:
+        result = evaluate(node, numbers)
+        if result is not None:
+            values[name] = numbers[name] = result
+    return values
+
+
+async def _item(ctx: AppContext, index: int, raw: Any, now: datetime) -> Item:
+    try:
+        body = MeasurementIn.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_problem(exc) from exc
+    account = await ctx.catalog.account(body.account)
+    if account is None:
+        raise ValidationProblem(f"unknown account {body.account!r}", field="account")
+    found = await meter(ctx, body.meter)
+    if found is None:
+        raise ValidationProblem(f"unknown meter {body.meter!r}", field="meter")
+    if body.timestamp > now + timedelta(seconds=ctx.settings.usage_future_skew_s):
+        raise ValidationProblem("is in the future", field="timestamp")
+    item = Item(index, body, account, found, field_values(found, body.data))
+    item.pricings = await repo.active_pricings(ctx.pool, account.id, found.id,
+                                               body.timestamp.date())
+    return item
+
+
+def _rejected(raw: Any, problem: Problem, prefix: str) -> MeasurementResult:
+    uid = raw.get("uid") if isinstance(raw, dict) else None
+    return MeasurementResult(uid=uid if isinstance(uid, str) else None, status="rejected",
+                             error=ItemError(code=problem.code,
+                                             field=prefix + (problem.field or "body"),
+                                             message=problem.detail))
+
+
+async def record_measurements(ctx: AppContext, items: list[Any],
+                              prefix: str) -> list[MeasurementResult]:
+    """Store and rate a batch; each measurement is answered on its own."""
+    now = datetime.now(UTC)
+    results: dict[int, MeasurementResult] = {}
+    valid: list[Item] = []
+    seen: set[tuple[int, str]] = set()
+    for index, raw in enumerate(items):
+        try:
+            item = await _item(ctx, index, raw, now)
+        except ValidationProblem as problem:
+            results[index] = _rejected(raw, problem, prefix.format(index))
+            continue
+        key = (item.account.id, item.body.uid)
+        if key in seen:
+            results[index] = MeasurementResult(uid=item.body.uid, status="duplicate")
+            continue
+        seen.add(key)
+        valid.append(item)
+    if valid:
+        try:
+            new = await _rate(ctx, valid)
+        except ValidationProblem as problem:  # e.g. no conversion rate: nothing was stored
+            for item in valid:
+                results[item.index] = _rejected(item.body.model_dump(), problem, "")
+            new = set()
+            valid = []
+        await _send(ctx, valid)
+        for item in valid:
+            results[item.index] = MeasurementResult(
+                uid=item.body.uid, debits=item.debits, status="duplicate" if item.index not in new
+                else "rated" if item.pricings else "unrated")
+    return [results[i] for i in range(len(items))]
+
+
+def debit_uid(uid: str, pricing_id: int) -> str:
+    usage_uid = f"r{pricing_id}:{uid}"
+    if len(usage_uid) <= 128:
+        return usage_uid
+    return f"r{pricing_id}:h:{hashlib.sha256(uid.encode()).hexdigest()}"
+
+
+@dataclass(frozen=True)
+class Rated:
+    """Where one measurement lands for one pricing."""
+
+    item: Item
+    pricing: asyncpg.Record
+    state_key: repo.StateKey
+    value: Decimal | str | None
+
+
+def _placement(item: Item, pricing: asyncpg.Record) -> Rated:
+    day = item.body.timestamp.date()
+    start, _ = period_of(pricing["anchor"], pricing["bill_frequency"], pricing["bill_interval"],
+                         day)
+    segment_field = pricing["segment_field"]
+    segment = str(item.values.get(segment_field, "")) if segment_field else ""
+    return Rated(item, pricing, (item.account.id, pricing["id"], start, segment),
+                 item.values.get(pricing["target_field"]))
+
+
+def _state(row: asyncpg.Record) -> AggState:
+    def dec(name: str) -> Decimal | None:
+        return None if row[name] is None else Decimal(row[name])
+    return AggState(row["count"], Decimal(row["total"]), dec("low"), dec("high"), dec("latest"),
+                    row["latest_key"], row["uniques"])
+
+
+def charge_of(pricing: asyncpg.Record, state: AggState) -> Decimal:
+    """A pricing's charge for one state: the fixed fee once it has usage, plus the price."""
+    bands = [Band(None if b["up_to"] is None else Decimal(b["up_to"]), Decimal(b["price"]))
+             for b in json.loads(pricing["bands"])]
+    units = quantity(aggregate(pricing["function"], state), Decimal(pricing["quantity_per_unit"]),
+                     pricing["rounding"])
+    return charge(pricing["pricing_type"], bands, Decimal(pricing["fixed_fee"]), units,
+                  state.count > 0)
+
+
+async def _factor(conn: Connection, pricing: asyncpg.Record, item: Item,
+                  cache: dict[tuple[int, int, date], tuple[Decimal, bool]]) -> tuple[Decimal, bool]:
+    """(rate, multiply) from the plan's currency to the account's credit type on the day."""
+    credit_type = item.account.credit_type
+    if credit_type is None:
+        raise ValidationProblem(f"account {item.account.code!r} has no credit type to draw down",
+                                field="account")
+    key = (pricing["currency_id"], credit_type.id, item.body.timestamp.date())
+    if key in cache:
+        return cache[key]
+    if pricing["currency_id"] == credit_type.id:
+        cache[key] = (Decimal(1), True)
+        return cache[key]
+    rate = await repo.rate_on(conn, credit_type.id, pricing["currency_id"], key[2])
+    if rate is not None:  # prices in fiat, balance in credits worth `rate` fiat each
+        cache[key] = (rate, False)
+        return cache[key]
+    rate = await repo.rate_on(conn, pricing["currency_id"], credit_type.id, key[2])
+    if rate is None:
+        raise ValidationProblem(f"no conversion rate between the plan's currency and credit "
+                                f"type {credit_type.code!r} on {key[2]}", field="account")
+    cache[key] = (rate, True)
+    return cache[key]
+
+
+async def _rate(ctx: AppContext, items: list[Item]) -> set[int]:
+    """Store the measurements and move the states; returns the indexes that were new."""
+    placements = [_placement(item, p) for item in items for p in item.pricings]
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        states = {}
+        if placements:
+            rows = await repo.lock_states(conn, list({r.state_key for r in placements}))
+            states = {(r["account_id"], r["pricing_id"], r["period_start"], r["segment"]): r
+                      for r in rows}
+            charge_keys = {(r.item.account.id, f"p{r.pricing['id']}", r.state_key[2],
+                            r.item.account.credit_type.id if r.item.account.credit_type else 0)
+                           for r in placements}
+            charges = {(r["account_id"], r["charge_key"], r["period_start"]): r
+                       for r in await repo.lock_charges(conn, list(charge_keys))}
+        new_keys = await repo.insert_measurements(conn, [
+            (i.account.id, i.body.uid, i.meter.id, i.body.timestamp, _plain(i.body.data),
+             bool(i.pricings)) for i in items])
+        new = {i.index for i in items if (i.account.id, i.body.uid) in new_keys}
+        placements = [r for r in placements if r.item.index in new]
+        if not placements:
+            return new
+        unique_rows = [(*r.state_key, _unique_text(r.value)) for r in placements
+                       if r.pricing["function"] == "UNIQUE" and r.value is not None]
+        fresh = await repo.new_uniques(conn, unique_rows)
+        agg = {key: _state(row) for key, row in states.items()}
+        exact = {key: Decimal(row["exact"]) for key, row in charges.items()}
+        drawn = {key: int(row["drawn_minor"]) for key, row in charges.items()}
+        factors: dict[tuple[int, int, date], tuple[Decimal, bool]] = {}
+        debits = []
+        for r in placements:
+            if r.value is None:  # the target field is absent (a division by zero)
+                continue
+            state = agg[r.state_key]
+            before = charge_of(r.pricing, state)
+            unique = (*r.state_key, _unique_text(r.value))
+            is_new = unique in fresh
+            fresh.discard(unique)
+            ts_key = f"{int(r.item.body.timestamp.timestamp() * 1000):015d}:{r.item.body.uid}"
+            state.add(r.value if isinstance(r.value, Decimal) else Decimal(0), ts_key, is_new)
+            delta = charge_of(r.pricing, state) - before
+            ck = (r.item.account.id, f"p{r.pricing['id']}", r.state_key[2])
+            rate, multiply = await _factor(conn, r.pricing, r.item, factors)
+            exact[ck] += convert(delta, rate, multiply)
+            credit_type = r.item.account.credit_type
+            assert credit_type is not None
+            target = max(drawn[ck], to_minor(exact[ck], credit_type.decimal_places))
+            if target > drawn[ck]:
+                amount = Decimal(target - drawn[ck]).scaleb(-credit_type.decimal_places)
+                drawn[ck] = target
+                debit = Debit(pricing=f"p{r.pricing['id']}", product=r.pricing["product"],
+                              credit_type=credit_type.code, amount=f"{amount:f}")
+                r.item.debits.append(debit)
+                debits.append((r.item.account.id, debit_uid(r.item.body.uid, r.pricing["id"]),
+                               debit.product, debit.credit_type, amount, datetime.now(UTC)))
+        await repo.save_states(conn, [(*k, s.count, s.total, s.low, s.high, s.latest,
+                                       s.latest_key, s.uniques) for k, s in agg.items()])
+        await repo.save_charges(conn, [(*k, exact[k], drawn[k]) for k in exact])
+        if debits:
+            await repo.insert_debits(conn, debits)
+    return new
+
+
+def _unique_text(value: Decimal | str | None) -> str:
+    return f"{value.normalize():f}" if isinstance(value, Decimal) else str(value)
+
+
+def _plain(data: dict[str, Any]) -> str:
+    return json.dumps({k: v if isinstance(v, str) else f"{Decimal(v):f}" for k, v in data.items()})
+
+
+async def _send(ctx: AppContext, items: list[Item]) -> None:
+    """Debit through the usage path (drawdown order, overage, durability, idempotency by uid)."""
+    events = [{"uid": debit_uid(item.body.uid, int(d.pricing[1:])), "account": item.account.code,
+               "product": d.product, "amount": d.amount, "credit_type": d.credit_type,
+               "timestamp": datetime.now(UTC)}
+              for item in items for d in item.debits]
+    if events:
+        await record_usage(ctx, events, "")
+
+
+async def send_unsent(ctx: AppContext, older_than_s: float = 5.0, limit: int = 500) -> int:
+    """Worker: send the rated debits a crash kept from reaching the usage path."""
+    rows = await repo.unsent_debits(ctx.pool, older_than_s, limit)
+    if rows:
+        await record_usage(ctx, [{"uid": r["uid"], "account": r["account"],
+                                  "product": r["product_code"], "amount": Decimal(r["amount"]),
+                                  "credit_type": r["credit_type"],
+                                  "timestamp": datetime.now(UTC)} for r in rows], "")
+    return len(rows)

@@ -1,0 +1,28 @@
+"""Billing periods: anchored at the account plan's start date, every `interval` days or months."""
+
+from __future__ import annotations
+
+import calendar
+from datetime import date, timedelta
+
+MONTHS = {"monthly": 1, "quarterly": 3, "annual": 12}
+
+
+def add_months(anchor: date, months: int) -> date:
+    year, month = divmod(anchor.month - 1 + months, 12)
+    year += anchor.year
+    day = min(anchor.day, calendar.monthrange(year, month + 1)[1])
+    return date(year, month + 1, day)
+
+
+def period_of(anchor: date, frequency: str, interval: int, day: date) -> tuple[date, date]:
+    """[start, end) of the billing period holding `day` (day >= anchor)."""
+    if frequency == "daily":
+        k = (day - anchor).days // interval
+        start = anchor + timedelta(days=k * interval)
+        return start, start + timedelta(days=interval)
+    step = MONTHS[frequency] * interval
+    k = ((day.year - anchor.year) * 12 + day.month - anchor.month) // step
+    while add_months(anchor, k * step) > day:
+        k -= 1
+    return add_months(anchor, k * step), add_months(anchor, (k + 1) * step)

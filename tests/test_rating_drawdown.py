@@ -1,0 +1,157 @@
+"""Real-time drawdown from measurements, bill-to-date, and bad measurements."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal as D
+from typing import Any
+
+import asyncpg
+
+from tests.conftest import Api
+from tests.test_rating_config import _code, meter, plan
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def month_start() -> str:
+    return datetime.now(UTC).date().replace(day=1).isoformat()
+
+
+async def aggregation(api: Api, meter_code: str, target: str, function: str,
+                      **extra: Any) -> str:
+    code = _code("agg")
+    await api.call("POST", "/v1/aggregations", expect=201, json={
+        "code": code, "name": code, "meter": meter_code, "target_field": target,
+        "function": function, **extra})
+    return code
+
+
+async def price(api: Api, plan_code: str, kind: str, bands: list[tuple[str | None, str]],
+                **extra: Any) -> int:
+    made = await api.call("POST", "/v1/pricings", expect=201, json={
+        "plan": plan_code, "start_date": month_start(), "type": kind,
+        "bands": [{"up_to": u, "price": p} for u, p in bands], **extra})
+    return int(made["id"])
+
+
+async def measure(api: Api, account: str, meter_code: str, expect: int = 200,
+                  **data: Any) -> dict[str, Any]:
+    result: dict[str, Any] = await api.call("POST", "/v1/measurements", scope="runtime",
+                                            expect=expect, json={
+        "uid": uuid.uuid4().hex, "account": account, "meter": meter_code, "timestamp": _now(),
+        "data": data})
+    return result
+
+
+async def storage_setup(api: Api) -> tuple[dict[str, str], str, str]:
+    names = await api.setup()
+    await api.grant(names["account"], "1000")
+    meter_code = await meter(api, names["storage"])
+    plan_code = await plan(api, names["storage"], names["credit_type"], standing_charge="10")
+    await api.call("POST", f"/v1/accounts/{names['account']}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": month_start()})
+    return names, meter_code, plan_code
+
+
+async def test_worked_example_storage_files_addon_and_standing_charge(api: Api) -> None:
+    names, meter_code, plan_code = await storage_setup(api)
+    await price(api, plan_code, "tiered", [("50", "0.50"), (None, "0.40")],
+                aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    await price(api, plan_code, "per_unit", [(None, "0.10")],
+                aggregation=await aggregation(api, meter_code, "files", "SUM"))
+    await price(api, plan_code, "stair_step", [("5", "2.00"), (None, "5.00")],
+                aggregation=await aggregation(api, meter_code, "per_file", "MEAN"))
+    first = await measure(api, names["account"], meter_code, gb=50, files=8, seconds=29)
+    assert first["status"] == "rated"
+    # 50 GB at 0.50 + 8 files at 0.10 + 3.625 s per file -> the 2.00 step
+    assert sorted(D(d["amount"]) for d in first["debits"]) == [D("0.80"), D(2), D(25)]
+    second = await measure(api, names["account"], meter_code, gb=20, files=2, seconds=31)
+    # 20 GB more at 0.40; 2 files; mean per file (3.625 + 15.5) / 2 crosses 5 s: 3.00 more
+    assert sorted(D(d["amount"]) for d in second["debits"]) == [D("0.20"), D(3), D(8)]
+    assert D(await api.available(names["account"])) == D(1000) - D("39.00")
+    bill = await api.call("GET", f"/v1/accounts/{names['account']}/usage", scope="runtime")
+    [usage] = bill["plans"]
+    assert usage["standing_charge"] == "10" and D(usage["total"]) == D(49)
+    assert D(usage["drawn"]) == D(39)
+    amounts = sorted(D(p["amount"]) for p in usage["pricings"])
+    assert amounts == [D(1), D(5), D(33)]
+    storage = next(p for p in usage["pricings"] if D(p["amount"]) == 33)
+    assert [(b["units"], b["amount"]) for b in storage["bands"]] == [("50", "25.00"),
+                                                                     ("20", "8.00")]
+
+
+async def test_division_by_zero_leaves_the_derived_field_absent(api: Api) -> None:
+    names, meter_code, plan_code = await storage_setup(api)
+    await price(api, plan_code, "per_unit", [(None, "1")],
+                aggregation=await aggregation(api, meter_code, "per_file", "SUM"))
+    result = await measure(api, names["account"], meter_code, gb=1, files=0, seconds=5)
+    assert result["status"] == "rated" and result["debits"] == []
+
+
+async def test_measurement_without_a_plan_is_stored_unrated(api: Api,
+                                                            db: asyncpg.Connection) -> None:
+    names = await api.setup()
+    meter_code = await meter(api)
+    result = await measure(api, names["account"], meter_code, gb=1, files=1, seconds=1)
+    assert result["status"] == "unrated"
+    assert await db.fetchval("SELECT rated FROM measurements WHERE uid = $1",
+                             result["uid"]) is False
+
+
+async def test_a_repeated_uid_changes_nothing(api: Api) -> None:
+    names, meter_code, plan_code = await storage_setup(api)
+    await price(api, plan_code, "per_unit", [(None, "1")],
+                aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    body = {"uid": "same-1", "account": names["account"], "meter": meter_code,
+            "timestamp": _now(), "data": {"gb": 3, "files": 1, "seconds": 1}}
+    first = await api.call("POST", "/v1/measurements", scope="runtime", json=body)
+    again = await api.call("POST", "/v1/measurements", scope="runtime",
+                           json={"measurements": [body, body]})
+    assert first["status"] == "rated" and again["duplicates"] == 2
+    assert D(await api.available(names["account"])) == D(997)
+
+
+async def test_bad_measurements_name_the_field(api: Api) -> None:
+    names = await api.setup()
+    meter_code = await meter(api)
+    base = {"uid": "u1", "account": names["account"], "meter": meter_code, "timestamp": _now()}
+    cases = [({"gb": 1, "files": 1}, "data.seconds"),
+             ({"gb": "lots", "files": 1, "seconds": 1}, "data.gb"),
+             ({"gb": True, "files": 1, "seconds": 1}, "data.gb"),
+             ({"gb": 1, "files": 1, "seconds": 1, "colour": "x"}, "data.colour"),
+             ({"gb": 1, "files": 1, "seconds": 1, "region": 5}, "data.region")]
+    for data, field in cases:
+        body = await api.call("POST", "/v1/measurements", scope="runtime", expect=422,
+                              json={**base, "data": data})
+        assert body["field"] == field, body
+    body = await api.call("POST", "/v1/measurements", scope="runtime", expect=422,
+                          json={**base, "meter": "no-such-meter", "data": {}})
+    assert body["field"] == "meter"
+    batch = await api.call("POST", "/v1/measurements", scope="runtime", json={"measurements": [
+        {**base, "data": {"gb": 1, "files": 1, "seconds": 1}},
+        {**base, "uid": "u2", "x": 1, "data": {"gb": 1, "files": 1, "seconds": 1}}]})
+    assert batch["unrated"] == 1 and batch["rejected"] == 1
+    assert batch["results"][1]["error"]["field"] == "measurements.1.x"
+
+
+async def test_a_rated_debit_lost_in_a_crash_is_sent_by_the_worker(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    from app.rating.drawdown import send_unsent
+
+    names = await api.setup()
+    await api.grant(names["account"], "100")
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", names["account"])
+    # what a process leaves when it dies between the rating commit and the debit
+    await db.execute(
+        """INSERT INTO rated_debits (account_id, uid, product_code, credit_type, amount, ts,
+                                     created_at)
+           VALUES ($1, 'r1:lost', $2, $3, 7, now(), now() - interval '1 minute')""",
+        account_id, names["storage"], names["credit_type"])
+    assert await send_unsent(app.state.ctx) >= 1
+    assert D(await api.available(names["account"])) == D(93)
+    assert await send_unsent(app.state.ctx, limit=10_000) == 0 or \
+        D(await api.available(names["account"])) == D(93)
