@@ -155,3 +155,31 @@ async def test_a_rated_debit_lost_in_a_crash_is_sent_by_the_worker(
     assert D(await api.available(names["account"])) == D(93)
     assert await send_unsent(app.state.ctx, limit=10_000) == 0 or \
         D(await api.available(names["account"])) == D(93)
+
+
+async def test_license_counter_raised_and_lowered_mid_month(api: Api) -> None:
+    names = await api.setup()
+    counter = _code("licenses")
+    await api.call("POST", "/v1/counters", expect=201,
+                   json={"code": counter, "name": "Dev licenses", "unit": "licenses"})
+    plan_code = await plan(api, names["storage"], names["credit_type"])
+    await api.call("POST", f"/v1/accounts/{names['account']}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": "2024-07-01"})
+    for mode in ("prorate", "peak"):
+        await api.call("POST", "/v1/pricings", expect=201, json={
+            "plan": plan_code, "counter": counter, "type": "per_unit", "counter_mode": mode,
+            "bands": [{"up_to": None, "price": "31"}],
+            "start_date": "2024-07-01" if mode == "prorate" else "2024-08-01",
+            "end_date": "2024-08-01" if mode == "prorate" else None})
+    path = f"/v1/accounts/{names['account']}/counter-adjustments"
+    for day, level in (("2024-07-01", 10), ("2024-07-16", 20), ("2024-07-26", 5)):
+        await api.call("POST", path, json={"counter": counter, "effective": day, "level": level})
+    bill = await api.call("GET", f"/v1/accounts/{names['account']}/usage",
+                          params={"at": "2024-07-20"})
+    [usage] = bill["plans"][0]["pricings"]
+    # 10 licenses for 15 days, 20 for 10, 5 for 6, at 31 a month: 1 a license-day
+    assert D(usage["amount"]) == 150 + 200 + 30 and usage["quantity"] == "20"
+    bill = await api.call("GET", f"/v1/accounts/{names['account']}/usage",
+                          params={"at": "2024-08-20"})
+    [usage] = bill["plans"][0]["pricings"]
+    assert D(usage["amount"]) == 5 * 31  # at the peak: 5 all of August

@@ -19,6 +19,8 @@ from app.rating.schemas import (
     AggregationPage,
     ConversionRateIn,
     ConversionRateOut,
+    CounterAdjustmentIn,
+    CounterAdjustmentOut,
     CounterIn,
     CounterOut,
     CounterPage,
@@ -89,6 +91,10 @@ async def account_plans(call: Call) -> BaseModel:
         raise NotFound(f"no account {call.path('code')!r}", field="code")
     rows = await repo.account_plans(call.ctx.pool, account_id)
     return AccountPlanList(data=[AccountPlanOut.model_validate(dict(r)) for r in rows])
+
+
+async def adjust_counter(call: Call) -> BaseModel:
+    return await service.adjust_counter(call.ctx, call.path("code"), call.body)
 
 
 async def set_rate(call: Call) -> BaseModel:
@@ -168,6 +174,9 @@ ENDPOINTS = [
              response=AccountPlanOut, status=201),
     Endpoint("GET", "/v1/accounts/{code}/plans", account_plans, ADMIN,
              "The plans attached to an account", "plans", response=AccountPlanList),
+    Endpoint("POST", "/v1/accounts/{code}/counter-adjustments", adjust_counter, ADMIN,
+             "Set a counter's level for an account from a date on", "counters",
+             body=CounterAdjustmentIn, response=CounterAdjustmentOut),
     Endpoint("POST", "/v1/credit-types/{code}/conversion-rates", set_rate, ADMIN,
              "Set the rate of a credit type to a fiat currency from a date on", "credit types",
              body=ConversionRateIn, response=ConversionRateOut),

@@ -22,6 +22,8 @@ from app.rating.schemas import (
     BandIn,
     ConversionRateIn,
     ConversionRateOut,
+    CounterAdjustmentIn,
+    CounterAdjustmentOut,
     CounterIn,
     CounterOut,
     MeterIn,
@@ -238,6 +240,17 @@ async def set_rate(ctx: AppContext, code: str, body: ConversionRateIn) -> Conver
     await repo.upsert_rate(ctx.pool, credit_type.id, fiat.id, body.effective, body.rate)
     return ConversionRateOut(credit_type=code, fiat=body.fiat, effective=body.effective,
                              rate=f"{body.rate:f}")
+
+
+async def adjust_counter(ctx: AppContext, code: str,
+                         body: CounterAdjustmentIn) -> CounterAdjustmentOut:
+    account_id = await repo.id_of(ctx.pool, "accounts", code)
+    if account_id is None:
+        raise NotFound(f"no account {code!r}", field="code")
+    counter_id = await required_id(ctx, "counters", body.counter, "counter")
+    await repo.upsert_counter_level(ctx.pool, account_id, counter_id, body.effective, body.level)
+    return CounterAdjustmentOut(account=code, counter=body.counter, effective=body.effective,
+                                level=f"{body.level:f}")
 
 
 # --- reads -----------------------------------------------------------------------------------
