@@ -21,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from app.hotstate.resp import FastRedis, Script
+
 SCRIPT = "return redis.call('HGET', KEYS[1], ARGV[1])"
 
 
@@ -37,6 +39,14 @@ async def bare_redis(request: Request) -> Response:
     return Response(json.dumps(out), media_type="application/json")
 
 
+async def bare_fast(request: Request) -> Response:
+    """The same with creditgate's own pipelined client (app/hotstate/resp.py)."""
+    body = json.loads(await request.body() or b"{}")
+    value = await request.app.state.fast_script(keys=["bench:bare"], args=[body.get("account", "")])
+    out = {"allowed": True, "reason": "ok", "account": body.get("account"), "value": value}
+    return Response(json.dumps(out), media_type="application/json")
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     url = os.environ.get("BARE_REDIS_URL")
@@ -45,15 +55,19 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         return
     client = aioredis.from_url(url, decode_responses=True)
     app.state.script = client.register_script(SCRIPT)
+    fast = FastRedis(url)
+    app.state.fast_script = Script(fast, SCRIPT)
     try:
         yield
     finally:
+        await fast.aclose()
         await client.aclose()
 
 
 def create_app() -> Starlette:
     return Starlette(routes=[Route("/bare", bare, methods=["POST"]),
-                             Route("/bare_redis", bare_redis, methods=["POST"])],
+                             Route("/bare_redis", bare_redis, methods=["POST"]),
+                             Route("/bare_fast", bare_fast, methods=["POST"])],
                      lifespan=lifespan)
 
 

@@ -460,7 +460,7 @@ def git_rev() -> str:
 # --- main ----------------------------------------------------------------------------------
 
 
-ALL = ("bare", "bare_redis", "bare_uvicorn", "naive", "check", "usage", "batch")
+ALL = ("bare", "bare_redis", "bare_fast", "bare_uvicorn", "naive", "check", "usage", "batch")
 
 
 def main() -> None:
@@ -573,6 +573,13 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                     {"BARE_REDIS_URL": opts.redis_url}, bare_probe, port, pin) as (base, proc):
             run_scenario("bare_redis", "bare + one redis-py EVALSHA", "granian", base,
                          "static.lua", static_args("bare_redis"), opts, proc=proc)
+    if "bare_fast" in wanted:
+        port = free_port()
+        with server("bare_fast", granian_cmd("bench.bare:app", port, False),
+                    {"BARE_REDIS_URL": opts.redis_url}, bare_probe, port, pin) as (base, proc):
+            run_scenario("bare_fast", "bare + one EVALSHA through app/hotstate/resp.py", "granian",
+                         base,
+                         "static.lua", static_args("bare_fast"), opts, proc=proc)
     if "bare_uvicorn" in wanted:
         port = free_port()
         with server("bare_uvicorn", uvicorn_cmd("bench.bare:app", port), {}, bare_probe, port,

@@ -1,5 +1,5 @@
 -- bare, check and naive: a fixed request per account, accounts taken round-robin.
--- args: kind (bare|bare_redis|check|naive) accounts account_prefix token
+-- args: kind (bare|bare_redis|bare_fast|check|naive) accounts account_prefix token
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 dofile(dir .. "report.lua")
 
