@@ -36,3 +36,12 @@ def from_scaled(value: int, decimal_places: int) -> Decimal:
 def fmt(amount: Decimal, decimal_places: int) -> str:
     """Render with exactly the credit type's decimal places (amounts are strings in JSON)."""
     return f"{amount.quantize(Decimal(1).scaleb(-decimal_places)):f}"
+
+
+def scaled_text(value: int, decimal_places: int) -> str:
+    """Minor units as an exact decimal literal ("-1234", 2 -> "-12.34"), for Postgres."""
+    if decimal_places == 0:
+        return str(value)
+    digits = str(abs(value)).rjust(decimal_places + 1, "0")
+    sign = "-" if value < 0 else ""
+    return f"{sign}{digits[:-decimal_places]}.{digits[-decimal_places:]}"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.entitlements.schemas import (
@@ -129,21 +129,58 @@ def _rejected(uid: Any, problem: Problem, prefix: str) -> UsageResult:
                                         message=problem.detail))
 
 
-async def prepare(ctx: AppContext, index: int, raw: Any, now: datetime) -> Prepared:
+class Lookups:
+    """Configuration a batch needs, looked up once per code however many events name it."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.accounts: dict[str, AccountRef | None] = {}
+        self.products: dict[str, bool] = {}
+
+    async def account(self, code: str) -> AccountRef | None:
+        if code not in self.accounts:
+            self.accounts[code] = await self.ctx.catalog.account(code)
+        return self.accounts[code]
+
+    async def product_exists(self, code: str) -> bool:
+        if code not in self.products:
+            self.products[code] = await self.ctx.catalog.product_exists(code)
+        return self.products[code]
+
+
+_EVENTS: TypeAdapter[list[UsageEvent]] = TypeAdapter(list[UsageEvent])
+
+
+def validate_events(items: list[Any]) -> list[UsageEvent | Problem]:
+    """All events in one pydantic call; only a batch with an error is validated one by one."""
     try:
-        event = UsageEvent.model_validate(raw)
-    except ValidationError as exc:
-        raise validation_problem(exc) from exc
-    account = await ctx.catalog.account(event.account)
+        return list(_EVENTS.validate_python(items))
+    except ValidationError:
+        pass
+    checked: list[UsageEvent | Problem] = []
+    for raw in items:
+        try:
+            checked.append(UsageEvent.model_validate(raw))
+        except ValidationError as exc:
+            checked.append(validation_problem(exc))
+    return checked
+
+
+async def prepare(lookups: Lookups, index: int, event: UsageEvent, now: datetime) -> Prepared:
+    ctx = lookups.ctx
+    account = await lookups.account(event.account)
     if account is None:
         raise ValidationProblem(f"unknown account {event.account!r}", field="account")
-    if not await ctx.catalog.product_exists(event.product):
+    if not await lookups.product_exists(event.product):
         raise ValidationProblem(f"unknown product {event.product!r}", field="product")
     if event.timestamp > now + timedelta(seconds=ctx.settings.usage_future_skew_s):
         raise ValidationProblem("is in the future", field="timestamp")
     if event.timestamp < now - timedelta(seconds=ctx.settings.usage_max_age_s):
         raise ValidationProblem("is older than the accepted window", field="timestamp")
-    credit_type = await resolve_credit_type(ctx, account, event.credit_type)
+    if event.credit_type is None and account.credit_type is not None:
+        credit_type = account.credit_type
+    else:
+        credit_type = await resolve_credit_type(ctx, account, event.credit_type)
     amount = scaled(event.amount, credit_type)
     at = to_ms(event.timestamp)
     payload = _usage_payload(account, credit_type, event.uid, event.product, amount, at)
@@ -157,9 +194,12 @@ async def record_usage(ctx: AppContext, items: list[Any], prefix: str) -> list[U
     now = datetime.now(UTC)
     results: dict[int, UsageResult] = {}
     by_root: dict[int, list[Prepared]] = defaultdict(list)
-    for index, raw in enumerate(items):
+    lookups = Lookups(ctx)
+    for index, (raw, event) in enumerate(zip(items, validate_events(items), strict=True)):
         try:
-            prepared = await prepare(ctx, index, raw, now)
+            if isinstance(event, Problem):
+                raise event
+            prepared = await prepare(lookups, index, event, now)
         except ValidationProblem as problem:
             uid = raw.get("uid") if isinstance(raw, dict) else None
             results[index] = _rejected(uid, problem, prefix.format(index))

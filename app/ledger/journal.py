@@ -10,6 +10,7 @@ insert is keyed by the operation, so a second flush changes nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -24,7 +25,7 @@ from app.errors import STORE_ERRORS
 from app.hotstate.keys import root_of
 from app.hotstate.store import HotState
 from app.ledger import repository as repo
-from app.money import from_scaled
+from app.money import scaled_text
 from app.recharge.triggers import insert_triggers, triggers_for
 from app.webhooks.outbox import events_for, publish
 
@@ -36,7 +37,7 @@ def ms_to_dt(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)  # float-ok: a timestamp, not an amount
 
 
-@dataclass(frozen=True)
+@dataclass
 class JournalRecord:
     root_id: int
     stream_id: str
@@ -66,7 +67,7 @@ class JournalRecord:
         ms, _, counter = self.stream_id.partition("-")
         return int(ms) * 100_000 + int(counter or 0)
 
-    @property
+    @functools.cached_property
     def op_key(self) -> str:
         if self.kind == "usage":
             return f"u:{self.payload['a']}:{self.payload['uid']}"
@@ -88,7 +89,7 @@ class Rows:
 
         def entry(seq: int, owner: int, balance: int | None, kind: str, scaled: int) -> None:
             self.entries.append((rec.op_key, seq, owner, balance, credit_type, kind,
-                                 from_scaled(scaled, dp), p.get("uid"), p.get("prod"),
+                                 scaled_text(scaled, dp), p.get("uid"), p.get("prod"),
                                  p.get("desc", ""), at, rec.journal_id))
 
         if rec.kind == "usage":
@@ -99,7 +100,7 @@ class Rows:
             if rec.overage:
                 entry(seq + 1 if rec.allocations else 0, account, None, "overage", -rec.overage)
             self.usage.append((account, p["uid"], p["prod"], credit_type,
-                               from_scaled(int(p["amt"]), dp), from_scaled(rec.overage, dp),
+                               scaled_text(int(p["amt"]), dp), scaled_text(rec.overage, dp),
                                ms_to_dt(int(p["ts"])), at))
             return
         balance_id = int(p["b"])

@@ -40,15 +40,15 @@ async def write_rows(conn: Connection, rows: Rows) -> set[str]:
                INSERT INTO usage_events (account_id, uid, product_code, credit_type_id, amount,
                                          overage, event_time, recorded_at)
                SELECT * FROM unnest($13::int8[], $14::text[], $15::text[], $16::int8[],
-                                    $17::numeric[], $18::numeric[], $19::timestamptz[],
-                                    $20::timestamptz[])
+                                    $17::text[]::numeric[], $18::text[]::numeric[],
+                                    $19::timestamptz[], $20::timestamptz[])
                ON CONFLICT (account_id, uid) DO NOTHING)
            INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id, kind,
                                        amount, usage_uid, product_code, description, created_at,
                                        journal_id)
            SELECT * FROM unnest($1::text[], $2::int2[], $3::int8[], $4::int8[], $5::int8[],
-                                $6::text[], $7::numeric[], $8::text[], $9::text[], $10::text[],
-                                $11::timestamptz[], $12::text[])
+                                $6::text[], $7::text[]::numeric[], $8::text[], $9::text[],
+                                $10::text[], $11::timestamptz[], $12::text[])
            ON CONFLICT (op_key, seq) DO NOTHING
            RETURNING op_key""",
         *_columns(rows.entries, 12), *_columns(rows.usage, 8),
