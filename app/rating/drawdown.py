@@ -78,6 +78,18 @@ async def meter(ctx: AppContext, code: str) -> Meter | None:
     return found
 
 
+def _number(value: Any, where: str) -> Decimal:
+    """A measure: a JSON number, or a string holding one (exact either way)."""
+    try:
+        number = Decimal(value) if isinstance(value, str | int | Decimal) \
+            and not isinstance(value, bool) and len(str(value)) <= 60 else None
+    except ArithmeticError:
+        number = None
+    if number is None or not number.is_finite() or not abs(number) < MAX_MEASURE:
+        raise ValidationProblem("must be a number below 1e18", field=where)
+    return number
+
+
 def field_values(found: Meter, data: dict[str, Any]) -> dict[str, Decimal | str]:
     """Validated data fields plus the derived ones (absent where a division is by zero)."""
     values: dict[str, Decimal | str] = {}
@@ -87,10 +99,7 @@ def field_values(found: Meter, data: dict[str, Any]) -> dict[str, Decimal | str]
         if category is None:
             raise ValidationProblem("not a data field of this meter", field=where)
         if category == "measure":
-            if isinstance(value, bool) or not isinstance(value, int | Decimal) \
-                    or not abs(Decimal(value)) < MAX_MEASURE:
-                raise ValidationProblem("must be a number below 1e18", field=where)
-            values[name] = Decimal(value)
+            values[name] = _number(value, where)
         else:
             if not isinstance(value, str) or len(value) > 200 or "\x00" in value:
                 raise ValidationProblem("must be a string of at most 200 characters",

@@ -1,0 +1,107 @@
+"""Invariant 8 under concurrency: two app processes rate random measurement sequences, and the
+sum of real-time drawdowns equals the pricing function applied to the final aggregate."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from decimal import Decimal as D
+from typing import Any
+
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.rating.pricing import Band, price, to_minor
+from app.settings import Settings
+from tests.procs import run_apps
+from tests.test_rating_drawdown import _now, month_start
+
+BANDS = [Band(D(10), D("0.333")), Band(D(50), D("0.25")), Band(None, D("0.125"))]
+SPEC = [{"up_to": "10", "price": "0.333"}, {"up_to": "50", "price": "0.25"},
+        {"up_to": None, "price": "0.125"}]
+values = st.lists(st.decimals(min_value=0, max_value=20, places=3), min_size=1, max_size=25)
+
+
+async def _call(client: httpx.AsyncClient, key: str, method: str, path: str,
+                **kwargs: Any) -> Any:
+    response = await client.request(method, path, headers={"Authorization": f"Bearer {key}"},
+                                     **kwargs)
+    assert response.status_code < 300, response.text
+    return response.json()
+
+
+async def _setup(client: httpx.AsyncClient, admin: str) -> dict[str, str]:
+    s = uuid.uuid4().hex[:8]
+    names = {"ct": f"usd-{s}", "product": f"store-{s}", "meter": f"m-{s}", "plan": f"p-{s}"}
+    await _call(client, admin, "POST", "/v1/credit-types", json={
+        "code": names["ct"], "name": "usd", "kind": "fiat", "decimal_places": 2})
+    await _call(client, admin, "POST", "/v1/products", json={"code": names["product"], "name": "s"})
+    await _call(client, admin, "POST", "/v1/meters", json={
+        "code": names["meter"], "name": "m", "data_fields": [{"code": "gb", "category": "measure"}]})
+    await _call(client, admin, "POST", "/v1/plan-templates", json={
+        "code": f"t-{s}", "name": "t", "product": names["product"], "bill_frequency": "monthly",
+        "currency": names["ct"]})
+    await _call(client, admin, "POST", "/v1/plans", json={"code": names["plan"], "name": "p",
+                                                          "template": f"t-{s}"})
+    for function, kind in (("SUM", "tiered"), ("MAX", "volume")):
+        await _call(client, admin, "POST", "/v1/aggregations", json={
+            "code": f"{function}-{s}", "name": "a", "meter": names["meter"], "target_field": "gb",
+            "function": function})
+        await _call(client, admin, "POST", "/v1/pricings", json={
+            "plan": names["plan"], "aggregation": f"{function}-{s}", "start_date": month_start(),
+            "type": kind, "bands": SPEC})
+    return names
+
+
+async def _example(urls: list[str], keys: dict[str, str], names: dict[str, str],
+                   amounts: list[D], seed: int) -> None:
+    clients = [httpx.AsyncClient(base_url=u, timeout=30) for u in urls]
+    try:
+        admin, runtime = keys["admin"], keys["runtime"]
+        account = f"acct-{uuid.uuid4().hex[:8]}"
+        await _call(clients[0], admin, "POST", "/v1/accounts", json={
+            "code": account, "name": "a", "credit_type": names["ct"]})
+        await _call(clients[0], admin, "POST", f"/v1/accounts/{account}/grants",
+                    json={"amount": "100000"})
+        await _call(clients[0], admin, "POST", f"/v1/accounts/{account}/plans",
+                    json={"plan": names["plan"], "start_date": month_start()})
+        items = [{"uid": f"u{i}", "account": account, "meter": names["meter"], "timestamp": _now(),
+                  "data": {"gb": f"{v}"}} for i, v in enumerate(amounts)]
+        rng = random.Random(seed)
+        rng.shuffle(items)
+        items += rng.sample(items, min(3, len(items)))  # retries: duplicates change nothing
+
+        async def send(i: int, item: dict[str, Any]) -> None:
+            body = item if rng.random() < 0.5 else {"measurements": [item]}
+            await _call(clients[i % 2], runtime, "POST", "/v1/measurements", json=body)
+        await asyncio.gather(*(send(i, item) for i, item in enumerate(items)))
+        view = await _call(clients[1], runtime, "GET", f"/v1/accounts/{account}/balances")
+        drawn = D(100000) - D(view["totals"][0]["available"])
+        expected = to_minor(price("tiered", BANDS, sum(amounts, D(0))), 2) + \
+            to_minor(price("volume", BANDS, max(amounts)), 2)
+        assert drawn == D(expected).scaleb(-2), (drawn, expected, amounts)
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_drawdowns_add_up_to_the_price_of_the_final_aggregate(
+        settings: Settings, keys: dict[str, str]) -> None:
+    async with run_apps(settings, 2) as apps:
+        urls = [a.url for a in apps]
+        async with httpx.AsyncClient(base_url=urls[0], timeout=30) as client:
+            names = await _setup(client, keys["admin"])
+
+        @settings_(max_examples=8, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=list(HealthCheck))
+        @given(values, st.integers(0, 2**32))
+        def prop(amounts: list[D], seed: int) -> None:
+            asyncio.run(_example(urls, keys, names, amounts, seed))
+
+        await asyncio.to_thread(prop)
+        assert not apps.tracebacks(), apps.tracebacks()
+
+
+settings_ = settings
