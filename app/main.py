@@ -34,6 +34,7 @@ from app.purchases.endpoints import ENDPOINTS as PURCHASES
 from app.purchases.stripe_gateway import StripeGateway
 from app.rating.endpoints import ENDPOINTS as RATING
 from app.rating.endpoints import RUNTIME_ENDPOINTS as MEASUREMENTS
+from app.recharge.endpoints import ENDPOINTS as RECHARGE
 from app.settings import Settings
 from app.webhooks.dispatcher import DispatchConfig, Dispatcher
 from app.webhooks.endpoints import ENDPOINTS as WEBHOOKS
@@ -42,7 +43,7 @@ from app.workers import run_workers
 log = logging.getLogger(__name__)
 # the hot path first: Starlette tries routes in order
 ENDPOINTS: list[Endpoint] = [*RUNTIME, *MEASUREMENTS, *CONFIG, *LEDGER, *WEBHOOKS, *PURCHASES,
-                             *RATING]
+                             *RATING, *RECHARGE]
 
 
 async def healthz(request: Request) -> Response:

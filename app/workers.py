@@ -1,5 +1,5 @@
-"""Background work every app process runs: orphaned-journal sweep, credit expiry and the
-purchase reconciler.
+"""Background work every app process runs: orphaned-journal sweep, credit expiry, the
+purchase reconciler and the auto-recharge runner.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
 balance id.
@@ -15,6 +15,7 @@ from app.errors import STORE_ERRORS
 from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
 from app.rating.drawdown import send_unsent
+from app.recharge.runner import run_recharges
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 async def run_workers(ctx: AppContext) -> None:
     # Stripe calls may take seconds: the purchase reconciler runs beside this loop, not in it
-    await asyncio.gather(_store_workers(ctx), run_reconciler(ctx))
+    await asyncio.gather(_store_workers(ctx), run_reconciler(ctx), run_recharges(ctx))
 
 
 async def _store_workers(ctx: AppContext) -> None:

@@ -71,6 +71,29 @@ async def insert_purchase(conn: Conn, *, account_id: int, balance_id: int, credi
     return purchase_id
 
 
+async def insert_recharge_purchase(conn: Conn, *, recharge_id: int, account_id: int,
+                                   balance_id: int, credit_type_id: int, credits: Decimal,
+                                   price: Decimal, currency: str, amount_minor: int,
+                                   customer_id: str, payment_method_id: str, description: str,
+                                   first_check: timedelta) -> int | None:
+    """An auto-recharge's purchase (saved card); None when the recharge has one already."""
+    purchase_id: int | None = await conn.fetchval(
+        """INSERT INTO purchases (account_id, balance_id, credit_type_id, credits, price, currency,
+                                  amount_minor, method, stripe_customer_id, payment_method_id,
+                                  description, recharge_id, check_after)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, 'saved_card', $8, $9, $10, $11,
+                   now() + $12::interval)
+           ON CONFLICT (recharge_id) DO NOTHING
+           RETURNING id""",
+        account_id, balance_id, credit_type_id, credits, price, currency, amount_minor,
+        customer_id, payment_method_id, description, recharge_id, first_check)
+    return purchase_id
+
+
+async def purchase_by_recharge(conn: Conn, recharge_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(_PURCHASE + " WHERE p.recharge_id = $1", recharge_id)
+
+
 async def purchase(conn: Conn, purchase_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(_PURCHASE + " WHERE p.id = $1", purchase_id)
 

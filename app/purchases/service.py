@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from app.config import repository as config_repo
+from app.config.catalog import AccountRef, CreditTypeRef
 from app.config.service import account_row
 from app.errors import Conflict, NotFound, Problem, Unavailable, ValidationProblem
 from app.ledger import repository as ledger_repo
@@ -315,6 +316,62 @@ async def _default_payment_method(ctx: AppContext, code: str, customer_id: str) 
     return customer.default_payment_method
 
 
+# paying an auto-recharge (app/recharge/)
+
+@dataclass(frozen=True)
+class RechargePurchase:
+    recharge_id: int
+    account: AccountRef
+    credit_type: CreditTypeRef
+    credits: Decimal
+    price: Decimal
+    currency: str
+    expires_at: datetime | None
+    products: list[str] | None
+    payment_method: str | None  # None: the customer's default
+
+
+async def saved_payment_method(ctx: AppContext, account: AccountRef,
+                               chosen: str | None) -> tuple[str, str]:
+    """The account's Stripe customer and the payment method an off-session charge uses."""
+    link = await repo.customer_link(ctx.pool, account.id)
+    if link is None:
+        raise NoStripeCustomer(f"account {account.code!r} has no Stripe customer: "
+                               f"POST /v1/accounts/{account.code}/stripe-customer", field="account")
+    if chosen:
+        return link["customer_id"], chosen
+    return link["customer_id"], await _default_payment_method(ctx, account.code, link["customer_id"])
+
+
+async def purchase_for_recharge(ctx: AppContext, request: RechargePurchase) -> Progress:
+    """The one purchase paying an auto-recharge (off-session, saved card): created on the first
+    call, moved on like any other purchase on every later one."""
+    existing = await repo.purchase_by_recharge(ctx.pool, request.recharge_id)
+    if existing is not None:
+        return await advance(ctx, existing)
+    price = currency(request.currency)
+    amount = price.minor_units(request.price)
+    customer_id, payment_method = await saved_payment_method(ctx, request.account,
+                                                             request.payment_method)
+    description = (f"auto-recharge: {fmt(request.credits, request.credit_type.decimal_places)} "
+                   f"{request.credit_type.code} credits")
+    balance_id = await ledger.create_pending(ctx, request.account, request.credit_type,
+                                             products=request.products,
+                                             expires_at=request.expires_at,
+                                             description=description, source="auto_recharge")
+    purchase_id = await repo.insert_recharge_purchase(
+        ctx.pool, recharge_id=request.recharge_id, account_id=request.account.id,
+        balance_id=balance_id, credit_type_id=request.credit_type.id, credits=request.credits,
+        price=request.price, currency=price.code, amount_minor=amount, customer_id=customer_id,
+        payment_method_id=payment_method, description=description, first_check=FIRST_CHECK)
+    if purchase_id is None:  # another runner created it first: continue that one
+        await ledger.cancel_pending(ctx, balance_id)
+        existing = await repo.purchase_by_recharge(ctx.pool, request.recharge_id)
+        assert existing is not None
+        return await advance(ctx, existing)
+    return await advance(ctx, await _reload(ctx, purchase_id))
+
+
 # moving a purchase on (request, webhook and reconciler alike)
 
 async def _reload(ctx: AppContext, purchase_id: int) -> asyncpg.Record:
@@ -378,8 +435,16 @@ async def _current_intent(gw: StripeGateway, row: asyncpg.Record) -> Intent | No
             purchase_id=row["id"], account_code=row["account"], amount=row["amount_minor"],
             currency=row["currency"], customer=row["stripe_customer_id"],
             payment_method=row["payment_method_id"], description=row["description"]),
-            f"purchase-{row['id']}-pi")
+            _intent_key(row))
     return await _known(gw.find_intent(row["id"]), f"purchase {row['id']}'s PaymentIntent")
+
+
+def _intent_key(row: asyncpg.Record) -> str:
+    """Stripe's idempotency key of the purchase's PaymentIntent; an auto-recharge's names the
+    recharge, so one crossing is one charge whoever sends it."""
+    if row["recharge_id"] is not None:
+        return f"auto-recharge-{row['recharge_id']}-pi"
+    return f"purchase-{row['id']}-pi"
 
 
 async def _advance_checkout(ctx: AppContext, gw: StripeGateway, row: asyncpg.Record) -> asyncpg.Record:

@@ -14,6 +14,9 @@ EVENT_TYPES: dict[str, str] = {
     "entitlement.granted": "check allows the product again",
     "payment.succeeded": "a credit purchase was paid",
     "payment.failed": "a credit purchase's payment failed",
+    "auto_recharge.succeeded": "an auto-recharge was paid: credits bought and the new balance",
+    "auto_recharge.failed": "an auto-recharge was not paid (declined, or a guard), with the reason",
+    "auto_recharge.disabled": "auto-recharge was turned off after a failed payment, with the reason",
     "webhook_endpoint.disabled": "an endpoint was disabled after failing for five days",
     "webhook.test": "sent by `creditgate webhooks send-test`",
 }
