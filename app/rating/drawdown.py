@@ -14,9 +14,12 @@ the drawn amount stays at its high-water mark and the bill run settles the diffe
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -129,10 +132,7 @@ async def _item(ctx: AppContext, index: int, raw: Any, now: datetime) -> Item:
         raise ValidationProblem(f"unknown meter {body.meter!r}", field="meter")
     if body.timestamp > now + timedelta(seconds=ctx.settings.usage_future_skew_s):
         raise ValidationProblem("is in the future", field="timestamp")
-    item = Item(index, body, account, found, field_values(found, body.data))
-    item.pricings = await repo.active_pricings(ctx.pool, account.id, found.id,
-                                               body.timestamp.date())
-    return item
+    return Item(index, body, account, found, field_values(found, body.data))
 
 
 def _rejected(raw: Any, problem: Problem, prefix: str) -> MeasurementResult:
@@ -163,8 +163,13 @@ async def record_measurements(ctx: AppContext, items: list[Any],
         seen.add(key)
         valid.append(item)
     if valid:
+        found = await repo.active_pricings_many(
+            ctx.pool, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in valid}))
+        for item in valid:
+            item.pricings = found.get((item.account.id, item.meter.id,
+                                       item.body.timestamp.date()), [])
         try:
-            new = await _rate(ctx, valid)
+            new = await _group_of(ctx).rate(valid)
         except ValidationProblem as problem:  # e.g. no conversion rate: nothing was stored
             for item in valid:
                 results[item.index] = _rejected(item.body.model_dump(), problem, "")
@@ -173,7 +178,8 @@ async def record_measurements(ctx: AppContext, items: list[Any],
         await _send(ctx, valid)
         for item in valid:
             results[item.index] = MeasurementResult(
-                uid=item.body.uid, debits=item.debits, status="duplicate" if item.index not in new
+                uid=item.body.uid, debits=item.debits,
+                status="duplicate" if (item.account.id, item.body.uid) not in new
                 else "rated" if item.pricings else "unrated")
     return [results[i] for i in range(len(items))]
 
@@ -247,8 +253,89 @@ async def _factor(conn: Connection, pricing: asyncpg.Record, item: Item,
     return cache[key]
 
 
-async def _rate(ctx: AppContext, items: list[Item]) -> set[int]:
-    """Store the measurements and move the states; returns the indexes that were new."""
+class _Group:
+    """Group commit for measurements: the batches of concurrent requests (up to GROUP_ITEMS
+    measurements) are rated in one transaction by one runner task, like the journal does for
+    usage. A request is answered only after its group committed; a request whose uids another
+    request of the group also carries waits for the next group (a uid is rated once)."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.queue: list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]] = []
+        self.runner: asyncio.Task[None] | None = None
+
+    async def rate(self, items: list[Item]) -> set[tuple[int, str]]:
+        future: asyncio.Future[set[tuple[int, str]]] = asyncio.get_running_loop().create_future()
+        self.queue.append((items, future))
+        if self.runner is None or self.runner.done():
+            self.runner = asyncio.create_task(self._run())
+        return await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        while self.queue:
+            group: list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]] = []
+            keys: set[tuple[int, str]] = set()
+            size, later = 0, []
+            for items, future in self.queue:
+                mine = {(i.account.id, i.body.uid) for i in items}
+                if group and (size + len(items) > GROUP_ITEMS or mine & keys):
+                    later.append((items, future))
+                    continue
+                group.append((items, future))
+                keys |= mine
+                size += len(items)
+            self.queue = later
+            await self._commit(group)
+
+    async def _commit(self, group: list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]]
+                      ) -> None:
+        try:
+            new = await _rate(self.ctx, [i for items, _ in group for i in items])
+        except ValidationProblem:
+            if len(group) == 1:
+                raise_in(group[0][1])
+                return
+            for one in group:  # one request's bad input must not fail the others: alone
+                await self._commit([one])
+            return
+        except asyncio.CancelledError:  # shutdown: the waiting requests are cancelled too
+            for _, future in group:
+                future.cancel()
+            raise
+        except Exception as exc:  # a store error: every request of the group gets it
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for _, future in group:
+            if not future.done():
+                future.set_result(new)
+
+
+def raise_in(future: asyncio.Future[Any]) -> None:
+    """Hand the exception being handled to a waiting request."""
+    exc = sys.exc_info()[1]
+    if not future.done() and exc is not None:
+        future.set_exception(exc)
+
+
+GROUP_ITEMS = 1000
+_GROUPS: dict[int, tuple[weakref.ref[AppContext], _Group]] = {}
+
+
+def _group_of(ctx: AppContext) -> _Group:
+    hit = _GROUPS.get(id(ctx))
+    if hit is not None and hit[0]() is ctx:
+        return hit[1]
+    for key in [k for k, (ref, _) in _GROUPS.items() if ref() is None]:
+        del _GROUPS[key]
+    group = _Group(ctx)
+    _GROUPS[id(ctx)] = (weakref.ref(ctx), group)
+    return group
+
+
+async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
+    """Store the measurements and move the states; returns the (account, uid) that were new."""
     placements = [_placement(item, p) for item in items for p in item.pricings]
     async with ctx.pool.acquire() as conn, conn.transaction():
         states = {}
@@ -264,8 +351,8 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[int]:
         new_keys = await repo.insert_measurements(conn, [
             (i.account.id, i.body.uid, i.meter.id, i.body.timestamp, _plain(i.body.data),
              bool(i.pricings)) for i in items])
-        new = {i.index for i in items if (i.account.id, i.body.uid) in new_keys}
-        placements = [r for r in placements if r.item.index in new]
+        new = new_keys
+        placements = [r for r in placements if (r.item.account.id, r.item.body.uid) in new]
         if not placements:
             return new
         unique_rows = [(*r.state_key, _unique_text(r.value)) for r in placements

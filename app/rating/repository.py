@@ -193,20 +193,28 @@ async def meter_by_code(conn: Conn, code: str) -> asyncpg.Record | None:
                                code)
 
 
-async def active_pricings(conn: Conn, account_id: int, meter_id: int,
-                          day: date) -> list[asyncpg.Record]:
-    """The pricings that rate this meter's measurements for this account on this day."""
-    return await conn.fetch(
-        """SELECT pr.id, pr.pricing_type, pr.bands, pr.fixed_fee, g.function, g.target_field,
+async def active_pricings_many(conn: Conn, keys: list[tuple[int, int, date]]
+                               ) -> dict[tuple[int, int, date], list[asyncpg.Record]]:
+    """The pricings that rate each (account, meter, day) of a batch, in one query."""
+    columns = [list(c) for c in zip(*keys, strict=True)]
+    rows = await conn.fetch(
+        """SELECT k.a AS key_account, k.m AS key_meter, k.d AS key_day,
+                  pr.id, pr.pricing_type, pr.bands, pr.fixed_fee, g.function, g.target_field,
                   g.quantity_per_unit, g.rounding, g.segment_field, ap.start_date AS anchor,
                   t.bill_frequency, t.bill_interval, t.currency_id, p.code AS product
-           FROM account_plans ap JOIN plans pl ON pl.id = ap.plan_id
+           FROM unnest($1::int8[], $2::int8[], $3::date[]) AS k(a, m, d)
+           JOIN account_plans ap ON ap.account_id = k.a
+           JOIN plans pl ON pl.id = ap.plan_id
            JOIN plan_templates t ON t.id = pl.template_id JOIN products p ON p.id = t.product_id
            JOIN pricings pr ON pr.plan_id = pl.id JOIN aggregations g ON g.id = pr.aggregation_id
-           WHERE ap.account_id = $1 AND g.meter_id = $2
-             AND ap.start_date <= $3 AND (ap.end_date IS NULL OR ap.end_date > $3)
-             AND pr.start_date <= $3 AND (pr.end_date IS NULL OR pr.end_date > $3)
-           ORDER BY pr.id""", account_id, meter_id, day)
+           WHERE g.meter_id = k.m
+             AND ap.start_date <= k.d AND (ap.end_date IS NULL OR ap.end_date > k.d)
+             AND pr.start_date <= k.d AND (pr.end_date IS NULL OR pr.end_date > k.d)
+           ORDER BY pr.id""", *columns)
+    found: dict[tuple[int, int, date], list[asyncpg.Record]] = {}
+    for row in rows:
+        found.setdefault((row["key_account"], row["key_meter"], row["key_day"]), []).append(row)
+    return found
 
 
 StateKey = tuple[int, int, date, str]
