@@ -15,6 +15,7 @@ the drawn amount stays at its high-water mark and the bill run settles the diffe
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import sys
@@ -163,11 +164,6 @@ async def record_measurements(ctx: AppContext, items: list[Any],
         seen.add(key)
         valid.append(item)
     if valid:
-        found = await repo.active_pricings_many(
-            ctx.pool, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in valid}))
-        for item in valid:
-            item.pricings = found.get((item.account.id, item.meter.id,
-                                       item.body.timestamp.date()), [])
         try:
             new = await _group_of(ctx).rate(valid)
         except ValidationProblem as problem:  # e.g. no conversion rate: nothing was stored
@@ -218,10 +214,16 @@ def _state(row: asyncpg.Record) -> AggState:
                     row["latest_key"], row["uniques"])
 
 
+@functools.lru_cache(maxsize=1024)
+def _bands(text: str) -> tuple[Band, ...]:
+    """Parsed bands, by their stored JSON text (so a cached entry can never be stale)."""
+    return tuple(Band(None if b["up_to"] is None else Decimal(b["up_to"]), Decimal(b["price"]))
+                 for b in json.loads(text))
+
+
 def charge_of(pricing: asyncpg.Record, state: AggState) -> Decimal:
     """A pricing's charge for one state: the fixed fee once it has usage, plus the price."""
-    bands = [Band(None if b["up_to"] is None else Decimal(b["up_to"]), Decimal(b["price"]))
-             for b in json.loads(pricing["bands"])]
+    bands = _bands(pricing["bands"])
     units = quantity(aggregate(pricing["function"], state), Decimal(pricing["quantity_per_unit"]),
                      pricing["rounding"])
     return charge(pricing["pricing_type"], bands, Decimal(pricing["fixed_fee"]), units,
@@ -255,20 +257,23 @@ async def _factor(conn: Connection, pricing: asyncpg.Record, item: Item,
 
 class _Group:
     """Group commit for measurements: the batches of concurrent requests (up to GROUP_ITEMS
-    measurements) are rated in one transaction by one runner task, like the journal does for
-    usage. A request is answered only after its group committed; a request whose uids another
-    request of the group also carries waits for the next group (a uid is rated once)."""
+    measurements) are rated in one transaction by a runner task (GROUP_RUNNERS of them), like
+    the journal does for usage. A request is answered only after its group committed; a
+    request whose uids another request of the group also carries waits for the next group (a
+    uid is rated once)."""
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.queue: list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]] = []
-        self.runner: asyncio.Task[None] | None = None
+        self.runners: set[asyncio.Task[None]] = set()
 
     async def rate(self, items: list[Item]) -> set[tuple[int, str]]:
         future: asyncio.Future[set[tuple[int, str]]] = asyncio.get_running_loop().create_future()
         self.queue.append((items, future))
-        if self.runner is None or self.runner.done():
-            self.runner = asyncio.create_task(self._run())
+        if len(self.runners) < GROUP_RUNNERS:
+            runner = asyncio.create_task(self._run())
+            self.runners.add(runner)
+            runner.add_done_callback(self.runners.discard)
         return await asyncio.shield(future)
 
     async def _run(self) -> None:
@@ -320,6 +325,7 @@ def raise_in(future: asyncio.Future[Any]) -> None:
 
 
 GROUP_ITEMS = 1000
+GROUP_RUNNERS = 2  # transactions in flight per process: one's commit overlaps the next's work
 _GROUPS: dict[int, tuple[weakref.ref[AppContext], _Group]] = {}
 
 
@@ -336,8 +342,13 @@ def _group_of(ctx: AppContext) -> _Group:
 
 async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
     """Store the measurements and move the states; returns the (account, uid) that were new."""
-    placements = [_placement(item, p) for item in items for p in item.pricings]
     async with ctx.pool.acquire() as conn, conn.transaction():
+        found = await repo.active_pricings_many(
+            conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in items}))
+        for item in items:
+            item.pricings = found.get((item.account.id, item.meter.id,
+                                       item.body.timestamp.date()), [])
+        placements = [_placement(item, p) for item in items for p in item.pricings]
         states = {}
         if placements:
             rows = await repo.lock_states(conn, list({r.state_key for r in placements}))
