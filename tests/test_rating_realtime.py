@@ -136,3 +136,49 @@ async def test_the_worker_sends_a_debit_a_crash_left_exactly_once(
 async def _plan_start(api: Api, account: str) -> str:
     plans = await api.call("GET", f"/v1/accounts/{account}/plans")
     return str(plans["data"][0]["start_date"])
+
+
+async def test_a_request_refused_for_no_rate_does_not_fail_requests_rated_with_it(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    # concurrent requests are rated in one transaction; a refused one is retried alone
+    sizes: list[int] = []
+    rate = drawdown._rate
+
+    async def counting(ctx: Any, items: list[Any]) -> Any:
+        sizes.append(len(items))
+        return await rate(ctx, items)
+
+    monkeypatch.setattr(drawdown, "_rate", counting)
+    bad = await api.setup(credit_type="credits", decimal_places=0)
+    usd = _code("usd")
+    await api.call("POST", "/v1/credit-types", expect=201, json={
+        "code": usd, "name": "US dollar", "kind": "fiat", "decimal_places": 2})
+    bad_meter = await _meter(api)
+    bad_plan = await plan(api, bad["storage"], usd)
+    await api.call("POST", f"/v1/accounts/{bad['account']}/plans", expect=201,
+                   json={"plan": bad_plan, "start_date": "2024-07-01"})
+    await api.call("POST", "/v1/pricings", expect=201, json={
+        "plan": bad_plan, "aggregation": await aggregation(api, bad_meter, "gb", "SUM"),
+        "start_date": "2024-07-01", "type": "per_unit", "bands": [{"up_to": None, "price": "1"}]})
+    names, meter_code, plan_code = await storage_setup(api)
+    await api.call("POST", "/v1/pricings", expect=201, json={
+        "plan": plan_code, "aggregation": await aggregation(api, meter_code, "gb", "SUM"),
+        "start_date": await _plan_start(api, names["account"]), "type": "per_unit",
+        "bands": [{"up_to": None, "price": "1"}]})
+    for _ in range(5):
+        refused, rated = await asyncio.gather(
+            _measure_at_expect(api, bad["account"], bad_meter, 422, gb=1),
+            measure(api, names["account"], meter_code, gb=2, files=1, seconds=1))
+        assert refused["field"] == "account"
+        assert rated["status"] == "rated" and [d["amount"] for d in rated["debits"]] == ["2.00"]
+    assert D(await api.available(names["account"])) == D(1000 - 10)
+    assert max(sizes) == 2  # the two requests did share a transaction (then were split)
+
+
+async def _measure_at_expect(api: Api, account: str, meter_code: str, expect: int,
+                             **data: Any) -> dict[str, Any]:
+    result: dict[str, Any] = await api.call("POST", "/v1/measurements", scope="runtime",
+                                            expect=expect, json={
+        "uid": uuid.uuid4().hex, "account": account, "meter": meter_code,
+        "timestamp": "2024-07-10T00:00:00Z", "data": data})
+    return result

@@ -345,9 +345,10 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
     async with ctx.pool.acquire() as conn, conn.transaction():
         found = await repo.active_pricings_many(
             conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in items}))
-        for item in items:
+        for item in items:  # (a group retried after a rollback starts afresh)
             item.pricings = found.get((item.account.id, item.meter.id,
                                        item.body.timestamp.date()), [])
+            item.debits = []
         placements = [_placement(item, p) for item in items for p in item.pricings]
         states = {}
         if placements:
