@@ -205,14 +205,43 @@ async def record_usage(ctx: AppContext, items: list[Any], prefix: str) -> list[U
             results[index] = _rejected(uid, problem, prefix.format(index))
             continue
         by_root[prepared.account.root_id].append(prepared)
-    groups = list(by_root.values())
+    results.update(await _debit_roots(ctx, list(by_root.values())))
+    return [results[i] for i in range(len(items))]
+
+
+def prepared_usage(index: int, uid: str, account: AccountRef, credit_type: CreditTypeRef,
+                   product: str, amount: int, at_ms: int) -> Prepared:
+    """A usage event built by trusted code (codes already resolved, amount already scaled to
+    the credit type's places, timestamp now): no pydantic, no catalog lookups."""
+    event = UsageEvent.model_construct(uid=uid, account=account.code, product=product,
+                                       amount=from_scaled(amount, credit_type.decimal_places),
+                                       timestamp=ms_to_dt(at_ms), credit_type=credit_type.code)
+    payload = _usage_payload(account, credit_type, uid, product, amount, at_ms)
+    return Prepared(index, event, account, credit_type, DecideArgs(
+        account.id, account.chain_arg, uid, product, credit_type.code, amount, at_ms, "u",
+        payload))
+
+
+async def debit_prepared(ctx: AppContext, prepared: list[Prepared]) -> dict[int, UsageResult]:
+    """The usage path for events that are already prepared (see `prepared_usage`): decided per
+    root and journaled exactly as `record_usage` does; results by `Prepared.index`."""
+    by_root: dict[int, list[Prepared]] = defaultdict(list)
+    for p in prepared:
+        by_root[p.account.root_id].append(p)
+    return await _debit_roots(ctx, list(by_root.values()))
+
+
+async def _debit_roots(ctx: AppContext, groups: list[list[Prepared]]) -> dict[int, UsageResult]:
+    results: dict[int, UsageResult] = {}
+    if not groups:
+        return results
     if len(groups) == 1:  # the common case: no task per group
         outcomes = [await _debit_root(ctx, groups[0])]
     else:
         outcomes = await asyncio.gather(*(_debit_root(ctx, group) for group in groups))
     for group_results in outcomes:
         results.update(group_results)
-    return [results[i] for i in range(len(items))]
+    return results
 
 
 async def _known_before_window(ctx: AppContext, group: list[Prepared]) -> set[int]:

@@ -31,9 +31,11 @@ from pydantic import ValidationError
 
 from app.config.catalog import AccountRef
 from app.db import Connection
-from app.entitlements.service import record_usage
+from app.entitlements.service import Prepared, debit_prepared, prepared_usage, record_usage
 from app.errors import Problem, ValidationProblem
 from app.http import validation_problem
+from app.ledger.ops import now_ms
+from app.money import MAX_SCALED
 from app.rating import repository as repo
 from app.rating.expressions import Node, evaluate, parse
 from app.rating.periods import period_of
@@ -63,6 +65,8 @@ class Item:
     values: dict[str, Decimal | str]
     pricings: list[asyncpg.Record] = field(default_factory=list)
     debits: list[Debit] = field(default_factory=list)
+    # what goes to the usage path: (usage uid, product, amount in minor units)
+    sends: list[tuple[str, str, int]] = field(default_factory=list)
 
 
 _METERS: dict[str, tuple[Meter, float]] = {}
@@ -197,10 +201,14 @@ class Rated:
     value: Decimal | str | None
 
 
+@functools.lru_cache(maxsize=4096)
+def _period_start(anchor: date, frequency: str, interval: int, day: date) -> date:
+    return period_of(anchor, frequency, interval, day)[0]
+
+
 def _placement(item: Item, pricing: asyncpg.Record) -> Rated:
-    day = item.body.timestamp.date()
-    start, _ = period_of(pricing["anchor"], pricing["bill_frequency"], pricing["bill_interval"],
-                         day)
+    start = _period_start(pricing["anchor"], pricing["bill_frequency"], pricing["bill_interval"],
+                          item.body.timestamp.date())
     segment_field = pricing["segment_field"]
     segment = str(item.values.get(segment_field, "")) if segment_field else ""
     return Rated(item, pricing, (item.account.id, pricing["id"], start, segment),
@@ -342,13 +350,14 @@ def _group_of(ctx: AppContext) -> _Group:
 
 async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
     """Store the measurements and move the states; returns the (account, uid) that were new."""
+    now = datetime.now(UTC)
     async with ctx.pool.acquire() as conn, conn.transaction():
         found = await repo.active_pricings_many(
             conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in items}))
         for item in items:  # (a group retried after a rollback starts afresh)
             item.pricings = found.get((item.account.id, item.meter.id,
                                        item.body.timestamp.date()), [])
-            item.debits = []
+            item.debits, item.sends = [], []
         placements = [_placement(item, p) for item in items for p in item.pricings]
         states = {}
         if placements:
@@ -375,17 +384,21 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
         drawn = {key: int(row["drawn_minor"]) for key, row in charges.items()}
         factors: dict[tuple[int, int, date], tuple[Decimal, bool]] = {}
         debits = []
+        charged: dict[repo.StateKey, Decimal] = {}  # each state's charge after its last move
         for r in placements:
             if r.value is None:  # the target field is absent (a division by zero)
                 continue
             state = agg[r.state_key]
-            before = charge_of(r.pricing, state)
+            before = charged.get(r.state_key)
+            if before is None:
+                before = charge_of(r.pricing, state)
             unique = (*r.state_key, _unique_text(r.value))
             is_new = unique in fresh
             fresh.discard(unique)
             ts_key = f"{int(r.item.body.timestamp.timestamp() * 1000):015d}:{r.item.body.uid}"
             state.add(r.value if isinstance(r.value, Decimal) else Decimal(0), ts_key, is_new)
-            delta = charge_of(r.pricing, state) - before
+            after = charged[r.state_key] = charge_of(r.pricing, state)
+            delta = after - before
             ck = (r.item.account.id, f"p{r.pricing['id']}", r.state_key[2])
             rate, multiply = await _factor(conn, r.pricing, r.item, factors)
             exact[ck] += convert(delta, rate, multiply)
@@ -393,18 +406,20 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
             assert credit_type is not None
             target = max(drawn[ck], to_minor(exact[ck], credit_type.decimal_places))
             if target > drawn[ck]:
-                amount = Decimal(target - drawn[ck]).scaleb(-credit_type.decimal_places)
+                minor = target - drawn[ck]
+                amount = Decimal(minor).scaleb(-credit_type.decimal_places)
                 drawn[ck] = target
                 debit = Debit(pricing=f"p{r.pricing['id']}", product=r.pricing["product"],
                               credit_type=credit_type.code, amount=f"{amount:f}")
                 r.item.debits.append(debit)
-                debits.append((r.item.account.id, debit_uid(r.item.body.uid, r.pricing["id"]),
-                               debit.product, debit.credit_type, amount, datetime.now(UTC)))
-        await repo.save_states(conn, [(*k, s.count, s.total, s.low, s.high, s.latest,
-                                       s.latest_key, s.uniques) for k, s in agg.items()])
-        await repo.save_charges(conn, [(*k, exact[k], drawn[k]) for k in exact])
-        if debits:
-            await repo.insert_debits(conn, debits)
+                uid = debit_uid(r.item.body.uid, r.pricing["id"])
+                r.item.sends.append((uid, debit.product, minor))
+                debits.append((r.item.account.id, uid, debit.product, debit.credit_type, amount,
+                               now))
+        await repo.save_rating(
+            conn, [(*k, s.count, s.total, s.low, s.high, s.latest, s.latest_key, s.uniques)
+                   for k, s in agg.items()],
+            [(*k, exact[k], drawn[k]) for k in exact], debits)
     return new
 
 
@@ -417,13 +432,25 @@ def _plain(data: dict[str, Any]) -> str:
 
 
 async def _send(ctx: AppContext, items: list[Item]) -> None:
-    """Debit through the usage path (drawdown order, overage, durability, idempotency by uid)."""
-    events = [{"uid": debit_uid(item.body.uid, int(d.pricing[1:])), "account": item.account.code,
-               "product": d.product, "amount": d.amount, "credit_type": d.credit_type,
-               "timestamp": datetime.now(UTC)}
-              for item in items for d in item.debits]
-    if events:
-        await record_usage(ctx, events, "")
+    """Debit through the usage path (drawdown order, overage, durability, idempotency by uid).
+
+    The debits were computed here from validated configuration (the account's own credit type,
+    the pricing's product, an amount in minor units, now as timestamp), so they go in prepared:
+    no pydantic or catalog work per debit. One the usage path could not take (too large for
+    the hot state) stays in rated_debits as before; it is never retried by `send_unsent`
+    either, since that goes through `record_usage` and gets the same answer."""
+    at = now_ms()
+    prepared: list[Prepared] = []
+    for item in items:
+        credit_type = item.account.credit_type
+        if credit_type is None:
+            continue
+        for uid, product, minor in item.sends:
+            if 0 < minor < MAX_SCALED:
+                prepared.append(prepared_usage(len(prepared), uid, item.account, credit_type,
+                                               product, minor, at))
+    if prepared:
+        await debit_prepared(ctx, prepared)
 
 
 async def send_unsent(ctx: AppContext, older_than_s: float = 5.0, limit: int = 500) -> int:

@@ -221,47 +221,55 @@ StateKey = tuple[int, int, date, str]
 
 
 async def lock_states(conn: Connection, keys: list[StateKey]) -> list[asyncpg.Record]:
-    """Create the missing state rows and lock all of them, in one fixed order (no deadlock)."""
+    """Create the missing state rows and lock all of them, in one fixed order (no deadlock),
+    in one statement: the no-op DO UPDATE locks an existing row and returns it as it is."""
     columns = [list(c) for c in zip(*sorted(keys), strict=True)]
-    await conn.execute(
-        """INSERT INTO aggregation_states (account_id, pricing_id, period_start, segment)
-           SELECT * FROM unnest($1::int8[], $2::int8[], $3::date[], $4::text[]) ORDER BY 1, 2, 3, 4
-           ON CONFLICT DO NOTHING""", *columns)
     return await conn.fetch(
-        """SELECT s.* FROM aggregation_states s
-           JOIN unnest($1::int8[], $2::int8[], $3::date[], $4::text[]) AS k(a, p, d, g)
-             ON s.account_id = k.a AND s.pricing_id = k.p AND s.period_start = k.d AND s.segment = k.g
-           ORDER BY 1, 2, 3, 4 FOR UPDATE OF s""", *columns)
-
-
-async def save_states(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    await conn.executemany(
-        """UPDATE aggregation_states SET count = $5, total = $6, low = $7, high = $8,
-                  latest = $9, latest_key = $10, uniques = $11
-           WHERE account_id = $1 AND pricing_id = $2 AND period_start = $3 AND segment = $4""",
-        rows)
+        """INSERT INTO aggregation_states AS s (account_id, pricing_id, period_start, segment)
+           SELECT * FROM unnest($1::int8[], $2::int8[], $3::date[], $4::text[]) ORDER BY 1, 2, 3, 4
+           ON CONFLICT (account_id, pricing_id, period_start, segment)
+           DO UPDATE SET count = s.count RETURNING s.*""", *columns)
 
 
 ChargeKey = tuple[int, str, date]
 
 
 async def lock_charges(conn: Connection, keys: list[tuple[int, str, date, int]]) -> list[asyncpg.Record]:
+    """The same for rated charges (a row keeps the credit type it was created with)."""
     columns = [list(c) for c in zip(*sorted(keys), strict=True)]
-    await conn.execute(
-        """INSERT INTO rated_charges (account_id, charge_key, period_start, credit_type_id)
-           SELECT * FROM unnest($1::int8[], $2::text[], $3::date[], $4::int8[]) ORDER BY 1, 2, 3
-           ON CONFLICT DO NOTHING""", *columns)
     return await conn.fetch(
-        """SELECT c.* FROM rated_charges c
-           JOIN unnest($1::int8[], $2::text[], $3::date[]) AS k(a, p, d)
-             ON c.account_id = k.a AND c.charge_key = k.p AND c.period_start = k.d
-           ORDER BY 1, 2, 3 FOR UPDATE OF c""", *columns[:3])
+        """INSERT INTO rated_charges AS c (account_id, charge_key, period_start, credit_type_id)
+           SELECT * FROM unnest($1::int8[], $2::text[], $3::date[], $4::int8[]) ORDER BY 1, 2, 3
+           ON CONFLICT (account_id, charge_key, period_start)
+           DO UPDATE SET drawn_minor = c.drawn_minor RETURNING c.*""", *columns)
 
 
-async def save_charges(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    await conn.executemany(
-        """UPDATE rated_charges SET exact = $4, drawn_minor = $5
-           WHERE account_id = $1 AND charge_key = $2 AND period_start = $3""", rows)
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+async def save_rating(conn: Connection, states: list[tuple[Any, ...]],
+                      charges: list[tuple[Any, ...]], debits: list[tuple[Any, ...]]) -> None:
+    """Write back the locked states and charges and insert the debits, in one statement."""
+    await conn.execute(
+        """WITH st AS (
+             UPDATE aggregation_states s SET count = k.n, total = k.total, low = k.low,
+                    high = k.high, latest = k.latest, latest_key = k.lk, uniques = k.u
+             FROM unnest($1::int8[], $2::int8[], $3::date[], $4::text[], $5::int8[],
+                         $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::text[],
+                         $11::int8[]) AS k(a, p, d, g, n, total, low, high, latest, lk, u)
+             WHERE s.account_id = k.a AND s.pricing_id = k.p AND s.period_start = k.d
+               AND s.segment = k.g),
+           ch AS (
+             UPDATE rated_charges c SET exact = k.e, drawn_minor = k.m
+             FROM unnest($12::int8[], $13::text[], $14::date[], $15::numeric[], $16::int8[])
+                  AS k(a, ck, d, e, m)
+             WHERE c.account_id = k.a AND c.charge_key = k.ck AND c.period_start = k.d)
+           INSERT INTO rated_debits (account_id, uid, product_code, credit_type, amount, ts)
+           SELECT * FROM unnest($17::int8[], $18::text[], $19::text[], $20::text[],
+                                $21::numeric[], $22::timestamptz[])
+           ON CONFLICT DO NOTHING""",
+        *_columns(states, 11), *_columns(charges, 5), *_columns(debits, 6))
 
 
 async def insert_measurements(conn: Connection, rows: list[tuple[Any, ...]]) -> set[tuple[int, str]]:
