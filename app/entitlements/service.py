@@ -40,7 +40,7 @@ class Prepared:
     """A usage event that passed validation, ready for its root's script."""
 
     index: int
-    event: UsageEvent
+    event: UsageEvent | None  # None: built by trusted code (`prepared_usage`); uid: args.uid
     account: AccountRef
     credit_type: CreditTypeRef
     args: DecideArgs
@@ -213,32 +213,32 @@ def prepared_usage(index: int, uid: str, account: AccountRef, credit_type: Credi
                    product: str, amount: int, at_ms: int) -> Prepared:
     """A usage event built by trusted code (codes already resolved, amount already scaled to
     the credit type's places, timestamp now): no pydantic, no catalog lookups."""
-    event = UsageEvent.model_construct(uid=uid, account=account.code, product=product,
-                                       amount=from_scaled(amount, credit_type.decimal_places),
-                                       timestamp=ms_to_dt(at_ms), credit_type=credit_type.code)
     payload = _usage_payload(account, credit_type, uid, product, amount, at_ms)
-    return Prepared(index, event, account, credit_type, DecideArgs(
+    return Prepared(index, None, account, credit_type, DecideArgs(
         account.id, account.chain_arg, uid, product, credit_type.code, amount, at_ms, "u",
         payload))
 
 
-async def debit_prepared(ctx: AppContext, prepared: list[Prepared]) -> dict[int, UsageResult]:
+async def debit_prepared(ctx: AppContext, prepared: list[Prepared],
+                         answer: bool = True) -> dict[int, UsageResult]:
     """The usage path for events that are already prepared (see `prepared_usage`): decided per
-    root and journaled exactly as `record_usage` does; results by `Prepared.index`."""
+    root and journaled exactly as `record_usage` does; results by `Prepared.index`, or none at
+    all with `answer=False` (the caller does not read them: no result objects are built)."""
     by_root: dict[int, list[Prepared]] = defaultdict(list)
     for p in prepared:
         by_root[p.account.root_id].append(p)
-    return await _debit_roots(ctx, list(by_root.values()))
+    return await _debit_roots(ctx, list(by_root.values()), answer)
 
 
-async def _debit_roots(ctx: AppContext, groups: list[list[Prepared]]) -> dict[int, UsageResult]:
+async def _debit_roots(ctx: AppContext, groups: list[list[Prepared]],
+                       answer: bool = True) -> dict[int, UsageResult]:
     results: dict[int, UsageResult] = {}
     if not groups:
         return results
     if len(groups) == 1:  # the common case: no task per group
-        outcomes = [await _debit_root(ctx, groups[0])]
+        outcomes = [await _debit_root(ctx, groups[0], answer)]
     else:
-        outcomes = await asyncio.gather(*(_debit_root(ctx, group) for group in groups))
+        outcomes = await asyncio.gather(*(_debit_root(ctx, group, answer) for group in groups))
     for group_results in outcomes:
         results.update(group_results)
     return results
@@ -253,19 +253,20 @@ async def _known_before_window(ctx: AppContext, group: list[Prepared]) -> set[in
             old[prepared.account].append(prepared)
     known: set[int] = set()
     for account, events in old.items():
-        seen = await ledger_repo.usage_exists(ctx.pool, account.id, [p.event.uid for p in events])
-        known |= {p.index for p in events if p.event.uid in seen}
+        seen = await ledger_repo.usage_exists(ctx.pool, account.id, [p.args.uid for p in events])
+        known |= {p.index for p in events if p.args.uid in seen}
     return known
 
 
 def _duplicate(prepared: Prepared) -> UsageResult:
-    return UsageResult(uid=prepared.event.uid, status="duplicate",
+    return UsageResult(uid=prepared.args.uid, status="duplicate",
                        credit_type=prepared.credit_type.code)
 
 
-async def _debit_root(ctx: AppContext, group: list[Prepared]) -> dict[int, UsageResult]:
+async def _debit_root(ctx: AppContext, group: list[Prepared],
+                      answer: bool = True) -> dict[int, UsageResult]:
     known = await _known_before_window(ctx, group)
-    results = {p.index: _duplicate(p) for p in group if p.index in known}
+    results = {p.index: _duplicate(p) for p in group if p.index in known} if answer else {}
     group = [p for p in group if p.index not in known]
     if not group:
         return results
@@ -273,8 +274,9 @@ async def _debit_root(ctx: AppContext, group: list[Prepared]) -> dict[int, Usage
     records, applied, duplicates = [], [], defaultdict(list)
     for prepared, decision in zip(group, decisions, strict=True):
         if decision.status == "duplicate":
-            duplicates[prepared.account].append(prepared.event.uid)
-            results[prepared.index] = _duplicate(prepared)
+            duplicates[prepared.account].append(prepared.args.uid)
+            if answer:
+                results[prepared.index] = _duplicate(prepared)
         else:
             a = prepared.args
             records.append(_record(prepared.account, at, decision, _usage_fields(
@@ -283,10 +285,12 @@ async def _debit_root(ctx: AppContext, group: list[Prepared]) -> dict[int, Usage
     outcomes = await ctx.journal.commit(records) if records else []
     for account, uids in duplicates.items():
         await _confirm_committed(ctx, account, uids)
+    if not answer:
+        return results
     for (prepared, decision), outcome in zip(applied, outcomes, strict=True):
         ct = prepared.credit_type
         results[prepared.index] = _duplicate(prepared) if outcome != "accepted" else UsageResult(
-            uid=prepared.event.uid, status="accepted", credit_type=ct.code,
+            uid=prepared.args.uid, status="accepted", credit_type=ct.code,
             available=_amount(decision.available, ct), overage=_amount(decision.overage, ct))
     return results
 

@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from app.config.catalog import AccountRef
 from app.db import Connection
@@ -124,11 +124,29 @@ def field_values(found: Meter, data: dict[str, Any]) -> dict[str, Decimal | str]
     return values
 
 
-async def _item(ctx: AppContext, index: int, raw: Any, now: datetime) -> Item:
+_MEASUREMENTS: TypeAdapter[list[MeasurementIn]] = TypeAdapter(list[MeasurementIn])
+
+
+def _validated(items: list[Any]) -> list[MeasurementIn | Problem]:
+    """All measurements in one pydantic call; only a batch with an error is validated one by
+    one (each gets its own problem, as before)."""
     try:
-        body = MeasurementIn.model_validate(raw)
-    except ValidationError as exc:
-        raise validation_problem(exc) from exc
+        return list(_MEASUREMENTS.validate_python(items))
+    except ValidationError:
+        pass
+    checked: list[MeasurementIn | Problem] = []
+    for raw in items:
+        try:
+            checked.append(MeasurementIn.model_validate(raw))
+        except ValidationError as exc:
+            checked.append(validation_problem(exc))
+    return checked
+
+
+async def _item(ctx: AppContext, index: int, body: MeasurementIn | Problem,
+                now: datetime) -> Item:
+    if isinstance(body, Problem):
+        raise body
     account = await ctx.catalog.account(body.account)
     if account is None:
         raise ValidationProblem(f"unknown account {body.account!r}", field="account")
@@ -155,9 +173,9 @@ async def record_measurements(ctx: AppContext, items: list[Any],
     results: dict[int, MeasurementResult] = {}
     valid: list[Item] = []
     seen: set[tuple[int, str]] = set()
-    for index, raw in enumerate(items):
+    for index, (raw, body) in enumerate(zip(items, _validated(items), strict=True)):
         try:
-            item = await _item(ctx, index, raw, now)
+            item = await _item(ctx, index, body, now)
         except ValidationProblem as problem:
             results[index] = _rejected(raw, problem, prefix.format(index))
             continue
@@ -359,20 +377,20 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
                                        item.body.timestamp.date()), [])
             item.debits, item.sends = [], []
         placements = [_placement(item, p) for item in items for p in item.pricings]
-        states = {}
+        measurements = [(i.account.id, i.body.uid, i.meter.id, i.body.timestamp,
+                         _plain(i.body.data), bool(i.pricings)) for i in items]
+        states, charges = {}, {}
         if placements:
-            rows = await repo.lock_states(conn, list({r.state_key for r in placements}))
-            states = {(r["account_id"], r["pricing_id"], r["period_start"], r["segment"]): r
-                      for r in rows}
             charge_keys = {(r.item.account.id, f"p{r.pricing['id']}", r.state_key[2],
                             r.item.account.credit_type.id if r.item.account.credit_type else 0)
                            for r in placements}
-            charges = {(r["account_id"], r["charge_key"], r["period_start"]): r
-                       for r in await repo.lock_charges(conn, list(charge_keys))}
-        new_keys = await repo.insert_measurements(conn, [
-            (i.account.id, i.body.uid, i.meter.id, i.body.timestamp, _plain(i.body.data),
-             bool(i.pricings)) for i in items])
-        new = new_keys
+            state_rows, charge_rows, new = await repo.lock_and_insert(
+                conn, list({r.state_key for r in placements}), list(charge_keys), measurements)
+            states = {(r["account_id"], r["pricing_id"], r["period_start"], r["key"]): r
+                      for r in state_rows}
+            charges = {(r["account_id"], r["key"], r["period_start"]): r for r in charge_rows}
+        else:
+            new = await repo.insert_measurements(conn, measurements)
         placements = [r for r in placements if (r.item.account.id, r.item.body.uid) in new]
         if not placements:
             return new
@@ -450,7 +468,7 @@ async def _send(ctx: AppContext, items: list[Item]) -> None:
                 prepared.append(prepared_usage(len(prepared), uid, item.account, credit_type,
                                                product, minor, at))
     if prepared:
-        await debit_prepared(ctx, prepared)
+        await debit_prepared(ctx, prepared, answer=False)
 
 
 async def send_unsent(ctx: AppContext, older_than_s: float = 5.0, limit: int = 500) -> int:

@@ -244,6 +244,47 @@ async def lock_charges(conn: Connection, keys: list[tuple[int, str, date, int]])
            DO UPDATE SET drawn_minor = c.drawn_minor RETURNING c.*""", *columns)
 
 
+async def lock_and_insert(conn: Connection, state_keys: list[StateKey],
+                          charge_keys: list[tuple[int, str, date, int]],
+                          measurements: list[tuple[Any, ...]]
+                          ) -> tuple[list[asyncpg.Record], list[asyncpg.Record], set[tuple[int, str]]]:
+    """`lock_states`, `lock_charges` and `insert_measurements` in one statement (one round trip
+    while the locks are held): the states, then the charges, each in their fixed order, then the
+    measurements, as the three calls in that order would. Returns (states, charges, new)."""
+    rows = await conn.fetch(
+        """WITH st AS (
+             INSERT INTO aggregation_states AS s (account_id, pricing_id, period_start, segment)
+             SELECT * FROM unnest($1::int8[], $2::int8[], $3::date[], $4::text[])
+             ORDER BY 1, 2, 3, 4
+             ON CONFLICT (account_id, pricing_id, period_start, segment)
+             DO UPDATE SET count = s.count RETURNING s.*),
+           ch AS (
+             INSERT INTO rated_charges AS c (account_id, charge_key, period_start, credit_type_id)
+             SELECT * FROM unnest($5::int8[], $6::text[], $7::date[], $8::int8[]) ORDER BY 1, 2, 3
+             ON CONFLICT (account_id, charge_key, period_start)
+             DO UPDATE SET drawn_minor = c.drawn_minor RETURNING c.*),
+           ms AS (
+             INSERT INTO measurements (account_id, uid, meter_id, ts, data, rated)
+             SELECT a, u, m, t, d::jsonb, r
+             FROM unnest($9::int8[], $10::text[], $11::int8[], $12::timestamptz[], $13::text[],
+                         $14::bool[]) AS x(a, u, m, t, d, r)
+             ON CONFLICT DO NOTHING RETURNING account_id, uid)
+         SELECT 1 AS kind, account_id, segment AS key, pricing_id, period_start, count, total,
+                low, high, latest, latest_key, uniques, NULL::numeric AS exact,
+                NULL::int8 AS drawn_minor FROM st
+         UNION ALL
+         SELECT 2, account_id, charge_key, NULL, period_start, NULL, NULL, NULL, NULL, NULL, NULL,
+                NULL, exact, drawn_minor FROM ch
+         UNION ALL
+         SELECT 3, account_id, uid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                NULL FROM ms""",
+        *_columns(sorted(state_keys), 4), *_columns(sorted(charge_keys), 4),
+        *_columns(measurements, 6))
+    states = [r for r in rows if r["kind"] == 1]
+    charges = [r for r in rows if r["kind"] == 2]
+    return states, charges, {(r["account_id"], r["key"]) for r in rows if r["kind"] == 3}
+
+
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
