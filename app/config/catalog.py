@@ -7,6 +7,7 @@ the process that changed it. Status and balances are not cached here; they live 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -33,8 +34,8 @@ class AccountRef:
     chain: tuple[int, ...]
     credit_type: CreditTypeRef | None
 
-    @property
-    def chain_arg(self) -> str:
+    @functools.cached_property
+    def chain_arg(self) -> str:  # (cached in the instance's __dict__: fields stay frozen)
         return ",".join(map(str, self.chain))
 
 

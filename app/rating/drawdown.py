@@ -209,7 +209,7 @@ def debit_uid(uid: str, pricing_id: int) -> str:
     return f"r{pricing_id}:h:{hashlib.sha256(uid.encode()).hexdigest()}"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Rated:
     """Where one measurement lands for one pricing."""
 
@@ -445,8 +445,15 @@ def _unique_text(value: Decimal | str | None) -> str:
     return f"{value.normalize():f}" if isinstance(value, Decimal) else str(value)
 
 
+_quote = json.encoder.encode_basestring_ascii  # what json.dumps uses for every str
+
+
 def _plain(data: dict[str, Any]) -> str:
-    return json.dumps({k: v if isinstance(v, str) else f"{Decimal(v):f}" for k, v in data.items()})
+    """json.dumps({field: value as text}), the same text written without the encoder's
+    machinery: the keys and values are all strings."""
+    return "{" + ", ".join(
+        f"{_quote(k)}: {_quote(v if isinstance(v, str) else f'{Decimal(v):f}')}"
+        for k, v in data.items()) + "}"
 
 
 async def _send(ctx: AppContext, items: list[Item]) -> None:

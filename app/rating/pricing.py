@@ -51,17 +51,25 @@ class AggState:
 def aggregate(function: str, state: AggState) -> Decimal:
     if state.count == 0:
         return Decimal(0)
-    with localcontext() as context:
-        context.prec = PRECISION
-        value = {
-            "SUM": state.total,
-            "COUNT": Decimal(state.count),
-            "MIN": state.low,
-            "MAX": state.high,
-            "MEAN": state.total / state.count,
-            "LATEST": state.latest,
-            "UNIQUE": Decimal(state.uniques),
-        }[function]
+    value: Decimal | None
+    if function == "SUM":
+        value = state.total
+    elif function == "COUNT":
+        value = Decimal(state.count)
+    elif function == "MIN":
+        value = state.low
+    elif function == "MAX":
+        value = state.high
+    elif function == "MEAN":  # the only quotient: PRECISION significant digits
+        with localcontext() as context:
+            context.prec = PRECISION
+            value = state.total / state.count
+    elif function == "LATEST":
+        value = state.latest
+    elif function == "UNIQUE":
+        value = Decimal(state.uniques)
+    else:
+        raise KeyError(function)
     assert value is not None
     return value
 
