@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -220,28 +221,7 @@ async def active_pricings_many(conn: Conn, keys: list[tuple[int, int, date]]
 StateKey = tuple[int, int, date, str]
 
 
-async def lock_states(conn: Connection, keys: list[StateKey]) -> list[asyncpg.Record]:
-    """Create the missing state rows and lock all of them, in one fixed order (no deadlock),
-    in one statement: the no-op DO UPDATE locks an existing row and returns it as it is."""
-    columns = [list(c) for c in zip(*sorted(keys), strict=True)]
-    return await conn.fetch(
-        """INSERT INTO aggregation_states AS s (account_id, pricing_id, period_start, segment)
-           SELECT * FROM unnest($1::int8[], $2::int8[], $3::date[], $4::text[]) ORDER BY 1, 2, 3, 4
-           ON CONFLICT (account_id, pricing_id, period_start, segment)
-           DO UPDATE SET count = s.count RETURNING s.*""", *columns)
-
-
 ChargeKey = tuple[int, str, date]
-
-
-async def lock_charges(conn: Connection, keys: list[tuple[int, str, date, int]]) -> list[asyncpg.Record]:
-    """The same for rated charges (a row keeps the credit type it was created with)."""
-    columns = [list(c) for c in zip(*sorted(keys), strict=True)]
-    return await conn.fetch(
-        """INSERT INTO rated_charges AS c (account_id, charge_key, period_start, credit_type_id)
-           SELECT * FROM unnest($1::int8[], $2::text[], $3::date[], $4::int8[]) ORDER BY 1, 2, 3
-           ON CONFLICT (account_id, charge_key, period_start)
-           DO UPDATE SET drawn_minor = c.drawn_minor RETURNING c.*""", *columns)
 
 
 async def lock_and_insert(conn: Connection, state_keys: list[StateKey],
@@ -254,20 +234,23 @@ async def lock_and_insert(conn: Connection, state_keys: list[StateKey],
     rows = await conn.fetch(
         """WITH st AS (
              INSERT INTO aggregation_states AS s (account_id, pricing_id, period_start, segment)
-             SELECT * FROM unnest($1::int8[], $2::int8[], $3::date[], $4::text[])
+             SELECT * FROM unnest($1::text::int8[], $2::text::int8[], $3::text::date[],
+                                  $4::text::text[])
              ORDER BY 1, 2, 3, 4
              ON CONFLICT (account_id, pricing_id, period_start, segment)
              DO UPDATE SET count = s.count RETURNING s.*),
            ch AS (
              INSERT INTO rated_charges AS c (account_id, charge_key, period_start, credit_type_id)
-             SELECT * FROM unnest($5::int8[], $6::text[], $7::date[], $8::int8[]) ORDER BY 1, 2, 3
+             SELECT * FROM unnest($5::text::int8[], $6::text::text[], $7::text::date[],
+                                  $8::text::int8[]) ORDER BY 1, 2, 3
              ON CONFLICT (account_id, charge_key, period_start)
              DO UPDATE SET drawn_minor = c.drawn_minor RETURNING c.*),
            ms AS (
              INSERT INTO measurements (account_id, uid, meter_id, ts, data, rated)
              SELECT a, u, m, t, d::jsonb, r
-             FROM unnest($9::int8[], $10::text[], $11::int8[], $12::timestamptz[], $13::text[],
-                         $14::bool[]) AS x(a, u, m, t, d, r)
+             FROM unnest($9::text::int8[], $10::text::text[], $11::text::int8[],
+                         $12::text::timestamptz[], $13::text::text[], $14::text::bool[])
+                  AS x(a, u, m, t, d, r)
              ON CONFLICT DO NOTHING RETURNING account_id, uid)
          SELECT 1 AS kind, account_id, segment AS key, pricing_id, period_start, count, total,
                 low, high, latest, latest_key, uniques, NULL::numeric AS exact,
@@ -278,15 +261,37 @@ async def lock_and_insert(conn: Connection, state_keys: list[StateKey],
          UNION ALL
          SELECT 3, account_id, uid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
                 NULL FROM ms""",
-        *_columns(sorted(state_keys), 4), *_columns(sorted(charge_keys), 4),
-        *_columns(measurements, 6))
+        *_columns(sorted(state_keys), "iidt"), *_columns(sorted(charge_keys), "itdi"),
+        *_columns(measurements, "itistb"))
     states = [r for r in rows if r["kind"] == 1]
     charges = [r for r in rows if r["kind"] == 2]
     return states, charges, {(r["account_id"], r["key"]) for r in rows if r["kind"] == 3}
 
 
-def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+def _text(value: str) -> str:
+    if "\\" in value or '"' in value:
+        value = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{value}"'
+
+
+_LITERAL: dict[str, Callable[[Any], str]] = {
+    "i": str,  # int8
+    "n": lambda v: "NULL" if v is None else str(v),  # numeric (exact: Decimal's own text)
+    "d": date.isoformat,  # date
+    "s": lambda v: f'"{v.isoformat()}"',  # timestamptz (aware datetimes)
+    "t": _text,  # text, quoted and escaped
+    "b": lambda v: "t" if v else "f",  # bool
+}
+
+
+def _columns(rows: list[tuple[Any, ...]], kinds: str) -> list[str]:
+    """Each column as a Postgres array literal (`$n::text::T[]` in the SQL): one text
+    parameter per column is far cheaper for asyncpg to send than a Python list, whose every
+    element is checked and encoded on its own."""
+    if not rows:
+        return ["{}"] * len(kinds)
+    return ["{" + ",".join(map(_LITERAL[kind], column)) + "}"
+            for kind, column in zip(kinds, zip(*rows, strict=True), strict=True)]
 
 
 async def save_rating(conn: Connection, states: list[tuple[Any, ...]],
@@ -296,21 +301,25 @@ async def save_rating(conn: Connection, states: list[tuple[Any, ...]],
         """WITH st AS (
              UPDATE aggregation_states s SET count = k.n, total = k.total, low = k.low,
                     high = k.high, latest = k.latest, latest_key = k.lk, uniques = k.u
-             FROM unnest($1::int8[], $2::int8[], $3::date[], $4::text[], $5::int8[],
-                         $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::text[],
-                         $11::int8[]) AS k(a, p, d, g, n, total, low, high, latest, lk, u)
+             FROM unnest($1::text::int8[], $2::text::int8[], $3::text::date[], $4::text::text[],
+                         $5::text::int8[], $6::text::numeric[], $7::text::numeric[],
+                         $8::text::numeric[], $9::text::numeric[], $10::text::text[],
+                         $11::text::int8[]) AS k(a, p, d, g, n, total, low, high, latest, lk, u)
              WHERE s.account_id = k.a AND s.pricing_id = k.p AND s.period_start = k.d
                AND s.segment = k.g),
            ch AS (
              UPDATE rated_charges c SET exact = k.e, drawn_minor = k.m
-             FROM unnest($12::int8[], $13::text[], $14::date[], $15::numeric[], $16::int8[])
+             FROM unnest($12::text::int8[], $13::text::text[], $14::text::date[],
+                         $15::text::numeric[], $16::text::int8[])
                   AS k(a, ck, d, e, m)
              WHERE c.account_id = k.a AND c.charge_key = k.ck AND c.period_start = k.d)
            INSERT INTO rated_debits (account_id, uid, product_code, credit_type, amount, ts)
-           SELECT * FROM unnest($17::int8[], $18::text[], $19::text[], $20::text[],
-                                $21::numeric[], $22::timestamptz[])
+           SELECT * FROM unnest($17::text::int8[], $18::text::text[], $19::text::text[],
+                                $20::text::text[], $21::text::numeric[],
+                                $22::text::timestamptz[])
            ON CONFLICT DO NOTHING""",
-        *_columns(states, 11), *_columns(charges, 5), *_columns(debits, 6))
+        *_columns(states, "iidtinnnnti"), *_columns(charges, "itdni"),
+        *_columns(debits, "itttns"))
 
 
 async def insert_measurements(conn: Connection, rows: list[tuple[Any, ...]]) -> set[tuple[int, str]]:
