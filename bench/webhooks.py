@@ -176,6 +176,33 @@ async def pending_count(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'"))
 
 
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+    """CPU seconds used so far, per process, by each group ("postgres": every postgres process
+    on the machine, so other users of a shared server are counted too)."""
+    import psutil
+
+    found: dict[str, dict[int, float]] = {}
+    groups = {**pids, "postgres": [p.pid for p in psutil.process_iter(["name"])
+                                   if p.info["name"] == "postgres"]}
+    for name, members in groups.items():
+        found[name] = {}
+        for pid in members:
+            try:
+                times = psutil.Process(pid).cpu_times()
+                found[name][pid] = times.user + times.system
+            except psutil.Error:
+                pass
+    return found
+
+
+def cpu_per_delivery(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]],
+                     n: int) -> dict[str, int]:
+    """µs per delivery of each group: processes that ended meanwhile are not counted."""
+    used = {name: sum(t - before.get(name, {}).get(pid, 0.0) for pid, t in procs.items())
+            for name, procs in after.items()}
+    return {name: round(seconds / n * 1e6) for name, seconds in used.items()}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -188,6 +215,7 @@ class Setup:
     receiver: subprocess.Popen[bytes]
     receiver_out: Path
     args: argparse.Namespace
+    cpu: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def start_dispatchers(s: Setup) -> list[subprocess.Popen[bytes]]:
@@ -216,8 +244,13 @@ async def throughput(s: Setup, conn: asyncpg.Connection, run: str) -> list[str]:
         await publish_batch(s.pool, batch)
         ids += [e.id for e in batch]
     dispatchers = start_dispatchers(s)
+    pids = {"dispatchers": [p.pid for p in dispatchers], "receiver": [s.receiver.pid],
+            "producer": [os.getpid()]}
+    before = cpu_seconds(pids)
     try:
         await wait_drained(conn, 300)
+        s.cpu["throughput"] = cpu_per_delivery(before, cpu_seconds(pids),
+                                               len(ids) * s.args.endpoints)
     finally:
         for proc in dispatchers:
             stop(proc)
@@ -230,6 +263,9 @@ async def latency(s: Setup, conn: asyncpg.Connection, run: str) -> tuple[float, 
     committed: dict[str, float] = {}
     try:
         await asyncio.sleep(2.0)  # dispatchers up and polling
+        pids = {"dispatchers": [p.pid for p in dispatchers], "receiver": [s.receiver.pid],
+                "producer": [os.getpid()]}
+        before = cpu_seconds(pids)
         total = int(s.args.rate * s.args.duration)
         sent = 0
         begin = time.monotonic()
@@ -243,6 +279,7 @@ async def latency(s: Setup, conn: asyncpg.Connection, run: str) -> tuple[float, 
             await asyncio.sleep(0.01)
         offered = total / (time.monotonic() - begin)
         await wait_drained(conn, 60)
+        s.cpu["latency"] = cpu_per_delivery(before, cpu_seconds(pids), total * s.args.endpoints)
     finally:
         for proc in dispatchers:
             stop(proc)
@@ -297,6 +334,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         "p50_ms": round(pct(waits, 0.5) * 1000, 1),
                         "p99_ms": round(pct(waits, 0.99) * 1000, 1),
                         "max_ms": round(max(waits) * 1000, 1)},
+            "cpu_us_per_delivery": setup.cpu,
             "receiver": {"repeated_ids": got["duplicates"], "signatures_checked": got["verified"],
                          "bad_signatures": got["bad"]},
         }
@@ -320,6 +358,7 @@ def report(args: argparse.Namespace, found: dict[str, Any]) -> None:
     print(f"  latency at {lat['deliveries_per_s']} deliveries/s ({lat['offered_per_s']} events/s) for "
           f"{args.duration:g} s: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max "
           f"{lat['max_ms']} ms  (p99 x{lat['p99_ms'] / 1000 / TARGET_P99_S:.2f} of the 1 s bound)")
+    print(f"  CPU µs per delivery: {found['cpu_us_per_delivery']}")
     print(f"  receiver: {found['receiver']}")
     print(json.dumps(found))
 

@@ -62,7 +62,9 @@ async def test_every_delivery_is_signed_and_verifies(
         return len(account_events(receiver, hook["path"], acct)) == 3
 
     await eventually(three)
-    got = account_events(receiver, hook["path"], acct)
+    # sent concurrently, so in any order: receivers order them by the ledger sequence
+    got = sorted(account_events(receiver, hook["path"], acct),
+                 key=lambda r: json.loads(r.body)["data"]["sequence"])
     assert [json.loads(r.body)["type"] for r in got] == \
         ["credits.granted", "balance.low", "balance.depleted"]
     stored = {r["id"]: r["payload"] for r in await db.fetch(
@@ -231,37 +233,87 @@ async def test_two_dispatchers_never_send_the_same_attempt_twice(
 
 
 async def test_concurrent_claims_are_disjoint(settings: Settings, endpoints: Endpoints,
-                                              db: asyncpg.Connection) -> None:
+                                              receiver: Receiver, db: asyncpg.Connection) -> None:
     from app.webhooks import repository as repo
 
-    hook = await endpoints.create(None, url="http://127.0.0.1:9/never", event_types=["webhook.test"])
-    await db.execute("UPDATE webhook_endpoints SET enabled = false WHERE id = $1", hook["id"])
-    event = OutboxEvent(event_id("claims", uuid.uuid4()), "webhook.test", None, None,
-                        datetime.now(UTC), {})
+    # a receiver that holds on: the app's own dispatcher may take a few, and keeps them
+    hook = await endpoints.create(receiver, event_types=["webhook.test"])
+    receiver.behaviours[hook["path"]] = lambda got: Reply(200, delay_s=30)
     ids = []
-    for i in range(200):  # each its own event; pending, but for now not due
-        e = OutboxEvent(f"{event.id}-{i}", "webhook.test", None, None, event.created_at, {})
-        ids.append(await repo.insert_event_for(db, e, hook["id"]))
-    await db.execute("UPDATE webhook_deliveries SET next_attempt_at = now() + interval '1 day' "
-                     "WHERE id = ANY($1::int8[])", ids)
+    async with db.transaction():  # queued, but not due yet
+        for i in range(300):
+            e = OutboxEvent(event_id("claims", uuid.uuid4(), i), "webhook.test", None, None,
+                            datetime.now(UTC), {})
+            ids.append(await repo.insert_event_for(db, e, hook["id"]))
+        await db.execute("UPDATE webhook_deliveries SET next_attempt_at = now() + interval '1 day' "
+                         "WHERE id = ANY($1::int8[])", ids)
     pool = await create_pool(settings.database_url, 8)
     try:
-        # due all at once, then eight claimers race (the app's own dispatcher may join in)
+        # due all at once, then eight claimers race
         await db.execute("UPDATE webhook_deliveries SET next_attempt_at = now() "
                          "WHERE id = ANY($1::int8[])", ids)
 
+        ours = set(ids)
+        done = asyncio.Event()
+
         async def claimer() -> list[int]:
-            mine = []
-            for _ in range(20):
-                rows = await repo.claim(pool, 5, [], 5, timedelta(minutes=5))
-                mine += [r["id"] for r in rows if r["id"] in set(ids)]
+            mine: list[int] = []
+            while not done.is_set():
+                rows = await repo.claim(pool, 5, [], [], [], 5, timedelta(minutes=5))
+                mine += [r["id"] for r in rows if r["id"] in ours]
+                await asyncio.sleep(0)
             return mine
 
-        claimed = [i for batch in await asyncio.gather(*(claimer() for _ in range(8)))
-                   for i in batch]
+        async def all_claimed() -> bool:
+            return not await db.fetchval(
+                "SELECT count(*) FROM webhook_deliveries WHERE id = ANY($1::int8[]) "
+                "AND attempts = 0", ids)
+
+        racing = asyncio.gather(*(claimer() for _ in range(8)))
+        try:
+            await eventually(all_claimed, within=20)
+        finally:
+            done.set()
+            claimed = [i for batch in await racing for i in batch]
     finally:
         await pool.close()
     assert len(claimed) == len(set(claimed)) > 0
+    # every delivery was claimed exactly once: by one of the eight or by the app's dispatcher
     counts = {r["id"]: r["attempts"] for r in await db.fetch(
-        "SELECT id, attempts FROM webhook_deliveries WHERE id = ANY($1::int8[])", claimed)}
+        "SELECT id, attempts FROM webhook_deliveries WHERE id = ANY($1::int8[])", ids)}
     assert set(counts.values()) == {1}
+
+
+async def test_a_claim_left_by_a_dead_dispatcher_is_sent_after_its_lease(
+        settings: Settings, endpoints: Endpoints, receiver: Receiver,
+        db: asyncpg.Connection) -> None:
+    from app.webhooks import repository as repo
+    from app.webhooks.dispatcher import Job, Outcome, record_attempts, settled_rows
+    from app.webhooks.service import make_test_event
+
+    hook = await endpoints.create(receiver, event_types=["webhook.test"])
+    event = make_test_event(hook["id"])
+    async with db.transaction():  # queued and claimed at once, as by a dispatcher that then died
+        delivery = await repo.insert_event_for(db, event, hook["id"])
+        await db.execute("UPDATE webhook_deliveries SET attempts = 1, "
+                         "next_attempt_at = now() + interval '60 seconds' WHERE id = $1", delivery)
+    await asyncio.sleep(1.0)
+    assert receiver.at(hook["path"]) == []  # nobody else sends a claimed delivery
+    await db.execute("UPDATE webhook_deliveries SET next_attempt_at = now() WHERE id = $1",
+                     delivery)  # the lease runs out
+
+    async def delivered() -> bool:
+        return await statuses(db, hook["id"]) == ["delivered"]
+
+    await eventually(delivered)
+    [got] = receiver.at(hook["path"])
+    assert got.webhook_id == event.id
+    # the dead claim's outcome, arriving late, is logged but changes nothing
+    job = Job(delivery, 1, 0, hook["id"], event.id, "{}", hook["url"], True, [])
+    late = [Outcome(job, "failed", datetime.now(UTC), 10, 500, "answered 500")]
+    await record_attempts(db, late, settled_rows(late, DispatchConfig(), random.Random()),
+                          DispatchConfig())
+    [row] = await delivery_rows(db, hook["id"])
+    assert (row["status"], row["attempts"], row["last_status"]) == ("delivered", 2, 200)
+    assert [(a["attempt"], a["status_code"]) for a in await attempt_rows(db, hook["id"])] == \
+        [(2, 200), (1, 500)]

@@ -217,3 +217,11 @@ async def make_due(db: asyncpg.Connection, endpoint_id: int) -> None:
            WHERE endpoint_id = $1 AND status = 'pending' AND attempts > 0
              AND attempts = (SELECT count(*) FROM webhook_attempts a WHERE a.delivery_id = d.id)""",
         endpoint_id)
+
+
+async def exhaust_retries(db: asyncpg.Connection, endpoint_id: int) -> None:
+    """Time travel: the endpoint's pending deliveries are on their last try, due now."""
+    await db.execute(
+        """UPDATE webhook_deliveries SET retry_base = attempts - 7
+           WHERE endpoint_id = $1 AND status = 'pending'""", endpoint_id)
+    await make_due(db, endpoint_id)

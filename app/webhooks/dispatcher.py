@@ -18,34 +18,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal, TypeVar, cast
 
 import asyncpg
 import httpx
 
-from app.db import Connection
+from app.db import Conn, Connection
 from app.errors import STORE_ERRORS
 from app.webhooks import repository as repo
 from app.webhooks import service
+from app.webhooks.net import transport
 from app.webhooks.signing import signed_headers
-from app.webhooks.urls import transport
 
 if TYPE_CHECKING:
     from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["delivered", "failed", "gone", "cancelled", "interrupted"]
+Kind = Literal["delivered", "failed", "gone", "cancelled", "interrupted", "released"]
 RETRY_ERRORS: tuple[type[BaseException], ...] = (
     *STORE_ERRORS, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-JITTER = 0.1  # each retry waits its scheduled delay +-10%
+JITTER = 0.1
+T = TypeVar("T")  # each retry waits its scheduled delay +-10%
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class DispatchConfig:
     excerpt_wait_s: float = 1.0
     disable_after: timedelta = timedelta(days=5)
     max_claim: int = 100
+    record_wait_s: float = 0.01
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DispatchConfig:
@@ -84,6 +87,7 @@ class Job:
     url: str
     enabled: bool
     secrets: list[str]
+    claimed_at: float = 0.0  # time.monotonic()
 
     @property
     def nth(self) -> int:
@@ -136,7 +140,7 @@ def settlement(outcome: Outcome, config: DispatchConfig,
         return outcome.kind, None
     if outcome.kind == "gone":
         return "failed", None
-    if outcome.kind == "interrupted":
+    if outcome.kind in ("interrupted", "released"):
         return "pending", 0.0
     wait = retry_in(outcome, config, rng)
     return ("failed", None) if wait is None else ("pending", wait)
@@ -165,8 +169,29 @@ async def read_excerpt(response: httpx.Response, limit: int, wait_s: float) -> s
     return _clean(got.decode("utf-8", "replace"), limit)
 
 
-async def attempt(client: httpx.AsyncClient, job: Job, config: DispatchConfig) -> Outcome:
-    """POST the event once, signed; never raises for anything the receiver does."""
+@functools.lru_cache(maxsize=4096)
+def parsed_url(url: str) -> httpx.URL:
+    return httpx.URL(url)
+
+
+async def post(transport: httpx.AsyncBaseTransport, request: httpx.Request,
+               config: DispatchConfig, deadline: float) -> tuple[int, str | None, str]:
+    """(status, Retry-After, the start of the body) of one POST; redirects are not followed."""
+    response = await transport.handle_async_request(request)
+    try:
+        # the body is only for the log: never let it cost the status already in hand
+        wait_s = min(config.excerpt_wait_s, deadline - time.monotonic() - 0.05)
+        excerpt = await read_excerpt(response, config.excerpt_bytes, wait_s) if wait_s > 0 else ""
+        return response.status_code, response.headers.get("retry-after"), excerpt
+    finally:
+        await response.aclose()
+
+
+async def attempt(transport: httpx.AsyncBaseTransport, job: Job, config: DispatchConfig) -> Outcome:
+    """POST the event once, signed; never raises for anything the receiver does.
+
+    Straight through the transport: no client logic (redirects, cookies, a log line per
+    request) is wanted here."""
     body = job.payload.encode()
     attempted_at = datetime.now(UTC)
     headers = signed_headers(job.event_id, int(time.time()), body, job.secrets)
@@ -175,11 +200,12 @@ async def attempt(client: httpx.AsyncClient, job: Job, config: DispatchConfig) -
     excerpt = error = None
     retry_after = None
     try:
+        # no per-operation timeouts: the deadline below covers connect, send and answer
+        request = httpx.Request("POST", parsed_url(job.url), content=body, headers=headers)
         async with asyncio.timeout(config.timeout_s):
-            async with client.stream("POST", job.url, content=body, headers=headers) as response:
-                code = response.status_code
-                retry_after = parse_retry_after(response.headers.get("retry-after"), attempted_at)
-                excerpt = await read_excerpt(response, config.excerpt_bytes, config.excerpt_wait_s)
+            code, retry_header, excerpt = await post(transport, request, config,
+                                                     started + config.timeout_s)
+        retry_after = parse_retry_after(retry_header, attempted_at)
     except TimeoutError:
         error = f"no complete answer within {config.timeout_s:g} s"
     except httpx.HTTPError as exc:
@@ -224,23 +250,26 @@ def settled_rows(outcomes: list[Outcome], config: DispatchConfig,
     return rows
 
 
-async def record_attempts(conn: Connection, outcomes: list[Outcome],
-                          settled: list[tuple[object, ...]]) -> None:
-    """Log the attempts and settle their deliveries, in one transaction."""
+async def record_attempts(conn: Conn, outcomes: list[Outcome],
+                          settled: list[tuple[object, ...]], config: DispatchConfig) -> bool:
+    """Log the attempts and settle their deliveries (one statement); whether the endpoints'
+    streaks need record_streaks."""
     attempts = [(o.job.delivery_id, o.job.claim, o.attempted_at, o.status_code, o.latency_ms,
-                 o.error, o.excerpt) for o in outcomes if o.kind != "cancelled"]
-    async with conn.transaction():
-        await repo.insert_attempts(conn, attempts)
-        await repo.settle_deliveries(conn, settled)
+                 o.error, o.excerpt) for o in outcomes if o.kind not in ("cancelled", "released")]
+    released = [(o.job.delivery_id, o.job.claim) for o in outcomes if o.kind == "released"]
+    sent = [row for row, o in zip(settled, outcomes, strict=True) if o.kind != "released"]
+    changing = await repo.record_outcomes(conn, attempts, sent, released, streaks(outcomes),
+                                          config.disable_after)
+    return changing or any(o.kind == "gone" for o in outcomes)
 
 
 async def record_streaks(conn: Connection, outcomes: list[Outcome], config: DispatchConfig) -> None:
     """Update the endpoints' failing streaks and disable the endpoints that are gone or have
     failed for too long. A transaction of its own: like every writer here it locks endpoint
     rows before delivery rows (and those in id order), so writers never deadlock."""
+    gone = sorted({o.job.endpoint_id for o in outcomes if o.kind == "gone"})
     async with conn.transaction():
         failing = await repo.update_streaks(conn, streaks(outcomes), config.disable_after)
-        gone = sorted({o.job.endpoint_id for o in outcomes if o.kind == "gone"})
         for endpoint_id in gone:
             await service.disable_endpoint(conn, endpoint_id, "gone",
                                            "the receiver answered 410 Gone")
@@ -253,33 +282,41 @@ async def record_streaks(conn: Connection, outcomes: list[Outcome], config: Disp
 
 @dataclass
 class Dispatcher:
+    """Claims ahead: each endpoint holds up to 2 x `per_endpoint` claimed deliveries, at most
+    `per_endpoint` of them in flight, the rest queued here and sent the moment a slot frees,
+    with no database round trip in between. The queue is bounded, so a queued claim is sent
+    well within its lease (or released if it waited half of it)."""
+
     pool: asyncpg.Pool
     config: DispatchConfig = field(default_factory=DispatchConfig)
     rng: random.Random = field(default_factory=random.Random)
-    _client: httpx.AsyncClient | None = None
+    attempts_made: int = 0
+    _transport: httpx.AsyncBaseTransport | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _inflight: dict[asyncio.Task[None], Job] = field(default_factory=dict)
-    _per_endpoint: Counter[int] = field(default_factory=Counter)
+    _sending: Counter[int] = field(default_factory=Counter)  # in flight, per endpoint
+    _held: Counter[int] = field(default_factory=Counter)  # in flight or queued, per endpoint
+    _queued: dict[int, deque[Job]] = field(default_factory=dict)
     _outcomes: asyncio.Queue[Outcome] = field(default_factory=asyncio.Queue)
-    _freed: asyncio.Event = field(default_factory=asyncio.Event)
-    attempts_made: int = 0
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def start(self) -> None:
-        limits = httpx.Limits(max_connections=self.config.concurrency,
-                              max_keepalive_connections=self.config.concurrency)
-        self._client = httpx.AsyncClient(
-            transport=transport(limits, guarded=not self.config.allow_private),
-            timeout=self.config.timeout_s, follow_redirects=False, trust_env=False)
+        self._transport = transport(self.config.per_endpoint, guarded=not self.config.allow_private)
         self._tasks = [asyncio.create_task(self._claim_loop(), name="webhooks-claim"),
                        asyncio.create_task(self._record_loop(), name="webhooks-record")]
 
     async def stop(self, drain_s: float = 2.0) -> None:
-        """Let attempts in flight finish (for up to drain_s), record them, close."""
+        """Release what is queued, let attempts in flight finish (for up to drain_s), record
+        everything, close."""
         claim_loop, record_loop = self._tasks or (None, None)
         if claim_loop:
             claim_loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await claim_loop
+        for queue in self._queued.values():
+            for job in queue:
+                self._outcomes.put_nowait(Outcome(job, "released", datetime.now(UTC)))
+        self._queued.clear()
         if self._inflight:
             _, late = await asyncio.wait(list(self._inflight), timeout=drain_s)
             for task in late:
@@ -291,69 +328,120 @@ class Dispatcher:
             record_loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await record_loop
-        if self._client:
-            await self._client.aclose()
+        if self._transport:
+            await self._transport.aclose()
 
     # --- claiming and sending --------------------------------------------------------------
 
-    def _busy(self, step: int) -> list[int]:
-        return [e for e, n in self._per_endpoint.items() if n > self.config.per_endpoint - step]
+    @property
+    def _hold_cap(self) -> int:
+        return 2 * self.config.per_endpoint
 
-    async def _claim(self, free: int) -> list[Job]:
-        step = max(1, self.config.per_endpoint // 2)
-        rows = await repo.claim(self.pool, min(free, self.config.max_claim), self._busy(step),
-                                step, self.config.lease)
+    def _room(self) -> tuple[list[int], list[int], list[int]]:
+        """(endpoints with no room left, endpoints with some, how much each has)."""
+        full, some, room = [], [], []
+        for endpoint_id, n in self._held.items():
+            left = self._hold_cap - n
+            if left > 0:
+                some.append(endpoint_id)
+                room.append(left)
+            else:
+                full.append(endpoint_id)
+        return full, some, room
+
+    async def _claim(self, limit: int) -> list[Job]:
+        full, some, room = self._room()
+        rows = await repo.claim(self.pool, limit, full, some, room, self._hold_cap,
+                                self.config.lease)
+        now = time.monotonic()
         return [Job(r["id"], r["attempts"], r["retry_base"], r["endpoint_id"], r["event_id"],
-                    r["payload"], r["url"], r["enabled"], list(r["secrets"])) for r in rows]
+                    r["payload"], r["url"], r["enabled"], list(r["secrets"]), now) for r in rows]
 
     async def _claim_loop(self) -> None:
-        low_water = max(1, self.config.concurrency // 5)
         while True:
-            free = self.config.concurrency - len(self._inflight)
-            if free < low_water and self._inflight:
-                # wait for a few slots rather than claim one row at a time
-                self._freed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._freed.wait(), self.config.poll_s)
-                if self.config.concurrency - len(self._inflight) < 1:
+            self._wake.clear()  # before the claim: a landing during it still wakes us
+            held = sum(self._held.values())
+            limit = min(2 * self.config.concurrency - held, self.config.max_claim)
+            jobs: list[Job] = []
+            if limit > 0:
+                try:
+                    jobs = await self._claim(limit)
+                except RETRY_ERRORS as exc:
+                    log.warning("webhook claim failed, retrying: %s", exc)
+                    await asyncio.sleep(1.0)
                     continue
-                free = self.config.concurrency - len(self._inflight)
-            try:
-                jobs = await self._claim(free)
-            except RETRY_ERRORS as exc:
-                log.warning("webhook claim failed, retrying: %s", exc)
-                await asyncio.sleep(1.0)
-                continue
-            except Exception:
-                log.exception("webhook claim failed")
-                await asyncio.sleep(1.0)
-                continue
+                except Exception:
+                    log.exception("webhook claim failed")
+                    await asyncio.sleep(1.0)
+                    continue
             for job in jobs:
-                self._launch(job)
-            if len(jobs) < min(free, self.config.max_claim):
-                await asyncio.sleep(self.config.poll_s)
+                self._queued.setdefault(job.endpoint_id, deque()).append(job)
+                self._held[job.endpoint_id] += 1
+            self._pump()
+            if limit > 0 and len(jobs) == limit:
+                continue  # a full claim: more may be due
+            if any(self._held.get(e, 0) <= self.config.per_endpoint
+                   for e in {job.endpoint_id for job in jobs}):
+                continue  # landings during the claim left an endpoint with due work half empty
+            # idle, or everything held: poll again, sooner once room frees up
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.poll_s)
+
+    def _pump(self, first: int | None = None) -> None:
+        """Send queued deliveries while their endpoint and the dispatcher have room; the
+        endpoint that just freed a slot goes first."""
+        order = list(self._queued)
+        if first in self._queued:
+            order.remove(first)
+            order.insert(0, first)
+        stale = time.monotonic() - self.config.lease.total_seconds() / 2
+        for endpoint_id in order:
+            queue = self._queued[endpoint_id]
+            while queue and self._sending[endpoint_id] < self.config.per_endpoint \
+                    and len(self._inflight) < self.config.concurrency:
+                job = queue.popleft()
+                if job.claimed_at < stale:  # waited too long: let any dispatcher take it
+                    self._drop(job)
+                    self._outcomes.put_nowait(Outcome(job, "released", datetime.now(UTC)))
+                else:
+                    self._launch(job)
+            if not queue:
+                del self._queued[endpoint_id]
+            if len(self._inflight) >= self.config.concurrency:
+                return
 
     def _launch(self, job: Job) -> None:
         task = asyncio.create_task(self._deliver(job))
         self._inflight[task] = job
-        self._per_endpoint[job.endpoint_id] += 1
+        self._sending[job.endpoint_id] += 1
         task.add_done_callback(self._landed)
+
+    def _drop(self, job: Job) -> None:
+        self._held[job.endpoint_id] -= 1
+        if self._held[job.endpoint_id] <= 0:
+            del self._held[job.endpoint_id]
 
     def _landed(self, task: asyncio.Task[None]) -> None:
         job = self._inflight.pop(task)
-        self._per_endpoint[job.endpoint_id] -= 1
-        if self._per_endpoint[job.endpoint_id] <= 0:
-            del self._per_endpoint[job.endpoint_id]
-        self._freed.set()
+        endpoint_id = job.endpoint_id
+        self._sending[endpoint_id] -= 1
+        if self._sending[endpoint_id] <= 0:
+            del self._sending[endpoint_id]
+        self._drop(job)
+        self._pump(first=endpoint_id)
+        # claim again when it pays: half an endpoint's hold, or half of all, is free
+        if self._held.get(endpoint_id, 0) == self.config.per_endpoint or \
+                sum(self._held.values()) == self.config.concurrency:
+            self._wake.set()
 
     async def _deliver(self, job: Job) -> None:
         if not job.enabled:  # disabled after the delivery was queued
             self._outcomes.put_nowait(Outcome(job, "cancelled", datetime.now(UTC)))
             return
-        assert self._client is not None
+        assert self._transport is not None
         self.attempts_made += 1
         try:
-            outcome = await attempt(self._client, job, self.config)
+            outcome = await attempt(self._transport, job, self.config)
         except asyncio.CancelledError:
             self._outcomes.put_nowait(Outcome(job, "interrupted", datetime.now(UTC),
                                               error="interrupted: the dispatcher stopped"))
@@ -365,6 +453,8 @@ class Dispatcher:
     async def _record_loop(self) -> None:
         while True:
             batch = [await self._outcomes.get()]
+            # a moment for more outcomes to join: one transaction for many attempts
+            await asyncio.sleep(self.config.record_wait_s)
             while len(batch) < 1_000 and not self._outcomes.empty():
                 batch.append(self._outcomes.get_nowait())
             try:
@@ -375,23 +465,24 @@ class Dispatcher:
 
     async def _record(self, batch: list[Outcome]) -> None:
         settled = settled_rows(batch, self.config, self.rng)
-        if await self._retrying(len(batch), lambda conn: record_attempts(conn, batch, settled)):
+        streaks_changing = await self._retrying(
+            len(batch), lambda conn: record_attempts(conn, batch, settled, self.config))
+        if streaks_changing:  # rare: healthy endpoints need no transaction, no lock
             await self._retrying(len(batch), lambda conn: record_streaks(conn, batch, self.config))
 
-    async def _retrying(self, n: int, write: Callable[[Connection], Awaitable[None]]) -> bool:
+    async def _retrying(self, n: int, write: Callable[[Connection], Awaitable[T]]) -> T | None:
         # An outcome never recorded is not lost for good: its claim expires, it is sent again.
         deadline = time.monotonic() + self.config.lease.total_seconds() / 2
         while True:
             try:
                 async with self.pool.acquire() as conn:
-                    await write(conn)
-                return True
+                    return await write(conn)
             except RETRY_ERRORS as exc:
                 if time.monotonic() > deadline:
                     log.error("dropped %d webhook outcomes: %s", n, exc)
-                    return False
+                    return None
                 log.warning("recording webhook outcomes failed, retrying: %s", exc)
                 await asyncio.sleep(0.5)
             except Exception:
                 log.exception("dropped %d webhook outcomes", n)
-                return False
+                return None

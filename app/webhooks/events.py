@@ -17,6 +17,6 @@ EVENT_TYPES: dict[str, str] = {
     "auto_recharge.succeeded": "an auto-recharge was paid: credits bought and the new balance",
     "auto_recharge.failed": "an auto-recharge was not paid (declined, or a guard), with the reason",
     "auto_recharge.disabled": "auto-recharge was turned off after a failed payment, with the reason",
-    "webhook_endpoint.disabled": "an endpoint was disabled after failing for five days",
+    "webhook_endpoint.disabled": "an endpoint was disabled: it answered 410, or failed for five days",
     "webhook.test": "sent by `creditgate webhooks send-test`",
 }

@@ -107,10 +107,10 @@ async def event_by_id(conn: Conn, event_id: str) -> asyncpg.Record | None:
 # --- dispatch ------------------------------------------------------------------------------
 
 
-async def claim(conn: Conn, limit: int, busy: Sequence[int], per_endpoint: int,
-                lease: timedelta) -> list[asyncpg.Record]:
-    """Take up to `limit` due deliveries (at most `per_endpoint` per endpoint, none of the
-    `busy` endpoints) for one attempt each.
+async def claim(conn: Conn, limit: int, full: Sequence[int], some: Sequence[int],
+                room: Sequence[int], per_endpoint: int, lease: timedelta) -> list[asyncpg.Record]:
+    """Take up to `limit` due deliveries for one attempt each: none of the `full` endpoints,
+    at most room[i] of endpoint some[i], at most `per_endpoint` of any other.
 
     The claim is one statement: the rows are locked (SKIP LOCKED: dispatchers never wait on
     each other), their `attempts` go up by one and `next_attempt_at` moves past the lease, so
@@ -125,15 +125,18 @@ async def claim(conn: Conn, limit: int, busy: Sequence[int], per_endpoint: int,
                  AND endpoint_id <> ALL($2::int8[])
                ORDER BY next_attempt_at LIMIT $1 * 4
            ), ranked AS (
-               SELECT id, row_number() OVER (PARTITION BY endpoint_id ORDER BY id) AS nth FROM due
+               SELECT due.id, COALESCE(r.n, $5) AS room,
+                      row_number() OVER (PARTITION BY due.endpoint_id ORDER BY due.id) AS nth
+               FROM due LEFT JOIN unnest($3::int8[], $4::int4[]) AS r(endpoint_id, n)
+                    ON r.endpoint_id = due.endpoint_id
            ), picked AS (
                SELECT d.id FROM webhook_deliveries d JOIN ranked r ON r.id = d.id
-               WHERE r.nth <= $3 AND d.status = 'pending' AND d.next_attempt_at <= now()
+               WHERE r.nth <= r.room AND d.status = 'pending' AND d.next_attempt_at <= now()
                ORDER BY d.next_attempt_at LIMIT $1
                FOR UPDATE OF d SKIP LOCKED
            )
            UPDATE webhook_deliveries d
-           SET attempts = d.attempts + 1, next_attempt_at = now() + $4::interval
+           SET attempts = d.attempts + 1, next_attempt_at = now() + $6::interval
            FROM picked p, webhook_events e, webhook_endpoints w
            WHERE d.id = p.id AND e.id = d.event_id AND w.id = d.endpoint_id
            RETURNING d.id, d.attempts, d.retry_base, d.endpoint_id, d.event_id,
@@ -141,33 +144,40 @@ async def claim(conn: Conn, limit: int, busy: Sequence[int], per_endpoint: int,
                      array_remove(ARRAY[w.secret, CASE WHEN w.previous_secret_expires_at > now()
                                                        THEN w.previous_secret END], NULL)
                          AS secrets""",
-        limit, list(busy), per_endpoint, lease)
+        limit, list(full), list(some), list(room), per_endpoint, lease)
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)]
 
 
-async def insert_attempts(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """rows: (delivery_id, attempt, attempted_at, status_code, latency_ms, error, excerpt)."""
-    if rows:
-        await conn.execute(
-            """INSERT INTO webhook_attempts (delivery_id, attempt, attempted_at, status_code,
+async def record_outcomes(conn: Conn, attempts: Sequence[tuple[Any, ...]],
+                          settled: Sequence[tuple[Any, ...]], released: Sequence[tuple[int, int]],
+                          streaks: Sequence[tuple[int, bool, datetime | None]],
+                          disable_after: timedelta) -> bool:
+    """Write a batch of outcomes in one statement (so one round trip, atomic):
+
+    - attempts: (delivery_id, attempt, attempted_at, status_code, latency_ms, error, excerpt)
+      logged as they are;
+    - settled: (delivery_id, claim, status, retry_in_s, last_status, last_error, delivered_at)
+      applied only where that claim still holds the pending delivery;
+    - released: (delivery_id, claim) never sent: due again, the claim not counted.
+
+    Delivery rows are locked in id order, as every multi-row writer of deliveries does.
+    Returns whether update_streaks has anything to do for `streaks` (a read: no endpoint row
+    is locked here).
+    """
+    settled = sorted(settled, key=lambda r: (r[0], r[1]))
+    return bool(await conn.fetchval(
+        """WITH locked AS MATERIALIZED (
+               SELECT id FROM webhook_deliveries
+               WHERE id = ANY($1::int8[]) OR id = ANY($8::int8[]) ORDER BY id FOR UPDATE
+           ), logged AS (
+               INSERT INTO webhook_attempts (delivery_id, attempt, attempted_at, status_code,
                                              latency_ms, error, response_excerpt)
-               SELECT * FROM unnest($1::int8[], $2::int4[], $3::timestamptz[], $4::int4[],
-                                    $5::int4[], $6::text[], $7::text[])""",
-            *_columns(rows, 7))
-
-
-async def settle_deliveries(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """rows: (delivery_id, claim, status, retry_in_s, last_status, last_error, delivered_at);
-    only the claim still holding a pending delivery may settle it. Rows are locked in id
-    order, as every multi-row writer of deliveries does."""
-    if rows:
-        await conn.execute(
-            """WITH locked AS MATERIALIZED (
-                   SELECT id FROM webhook_deliveries WHERE id = ANY($1::int8[])
-                   ORDER BY id FOR UPDATE)
+               SELECT * FROM unnest($10::int8[], $11::int4[], $12::timestamptz[], $13::int4[],
+                                    $14::int4[], $15::text[], $16::text[])
+           ), settled AS (
                UPDATE webhook_deliveries d
                SET status = x.status, last_status = COALESCE(x.code, d.last_status),
                    last_error = x.error, delivered_at = COALESCE(x.delivered_at, d.delivered_at),
@@ -177,8 +187,23 @@ async def settle_deliveries(conn: Connection, rows: Sequence[tuple[Any, ...]]) -
                            $6::text[], $7::timestamptz[])
                     AS x(id, claim, status, retry_in, code, error, delivered_at), locked l
                WHERE d.id = x.id AND l.id = d.id AND d.attempts = x.claim
-                 AND d.status = 'pending'""",
-            *_columns(sorted(rows, key=lambda r: (r[0], r[1])), 7))
+                 AND d.status = 'pending'
+           ), released AS (
+               UPDATE webhook_deliveries d
+               SET attempts = d.attempts - 1, next_attempt_at = now()
+               FROM unnest($8::int8[], $9::int4[]) AS x(id, claim), locked l
+               WHERE d.id = x.id AND l.id = d.id AND d.attempts = x.claim
+                 AND d.status = 'pending'
+           )
+           SELECT EXISTS (
+               SELECT 1 FROM webhook_endpoints w
+               JOIN unnest($17::int8[], $18::bool[], $19::timestamptz[]) AS s(id, reset, fail_at)
+                 ON s.id = w.id
+               WHERE w.failing_since IS DISTINCT FROM
+                     CASE WHEN s.reset THEN s.fail_at ELSE COALESCE(w.failing_since, s.fail_at) END
+                  OR (NOT s.reset AND w.enabled AND w.failing_since <= now() - $20::interval))""",
+        *_columns(settled, 7), *_columns(sorted(released), 2), *_columns(attempts, 7),
+        *_columns(streaks, 3), disable_after))
 
 
 async def update_streaks(conn: Connection, rows: Sequence[tuple[int, bool, datetime | None]],

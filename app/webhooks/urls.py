@@ -4,7 +4,7 @@ A receiver may be on the public internet, a private network or this host (a self
 gateway often talks to the vendor's own services). It may never be link-local or a cloud
 metadata service, whose answers hold credentials, unless `CREDITGATE_WEBHOOKS_ALLOW_PRIVATE=1`.
 The rule is checked on the URL as written, on what its host resolves to when an endpoint is
-saved, and again on every new connection (GuardedBackend), so a DNS record changed later
+saved, and again on every new connection (app/webhooks/net.py), so a DNS record changed later
 cannot point a delivery at a forbidden address.
 """
 
@@ -15,7 +15,6 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 
-import httpcore
 import httpx
 
 MAX_URL_LENGTH = 2048
@@ -112,59 +111,3 @@ async def url_problem(url: httpx.URL) -> str | None:
         return None
     problem = first_problem(addresses)
     return f"{host} resolves to {problem}" if problem else None
-
-
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Resolves the host itself, refuses forbidden addresses, connects to a checked address."""
-
-    def __init__(self) -> None:
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
-                          local_address: str | None = None,
-                          socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-                          ) -> httpcore.AsyncNetworkStream:
-        named = host_problem(host)
-        if named:
-            raise httpcore.ConnectError(f"refused: {named}")
-        try:
-            async with asyncio.timeout(timeout):
-                addresses = await resolve(host, port)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from exc
-        except (OSError, UnicodeError) as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        problem = first_problem(addresses)
-        if problem:
-            raise httpcore.ConnectError(f"refused: {host} resolves to {problem}")
-        failure: Exception = httpcore.ConnectError(f"{host} has no address")
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(address, port, timeout, local_address,
-                                                     socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = exc
-        raise failure
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,  # noqa: ASYNC109
-                                  socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-                                  ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not receivers")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-def transport(limits: httpx.Limits, guarded: bool) -> httpx.AsyncHTTPTransport:
-    """An httpx transport that never reads proxy settings; `guarded`: through GuardedBackend."""
-    made = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-    if guarded:
-        # httpx takes no network backend; its pool does (the arguments mirror httpx's own)
-        made._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=GuardedBackend(),
-        )
-    return made
