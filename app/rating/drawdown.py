@@ -65,8 +65,8 @@ class Item:
     values: dict[str, Decimal | str]
     pricings: list[asyncpg.Record] = field(default_factory=list)
     debits: list[Debit] = field(default_factory=list)
-    # what goes to the usage path: (usage uid, product, amount in minor units)
-    sends: list[tuple[str, str, int]] = field(default_factory=list)
+    # what goes to the usage path: (usage uid, product, amount in minor units, pricing id)
+    sends: list[tuple[str, str, int, int]] = field(default_factory=list)
 
 
 _METERS: dict[str, tuple[Meter, float]] = {}
@@ -195,6 +195,13 @@ async def record_measurements(ctx: AppContext, items: list[Any],
             valid = []
         await _send(ctx, valid)
         for item in valid:
+            credit_type = item.account.credit_type
+            if item.sends and credit_type is not None:  # (built here, outside the group's lock)
+                places = -credit_type.decimal_places
+                item.debits = [Debit(pricing=f"p{pricing_id}", product=product,
+                                     credit_type=credit_type.code,
+                                     amount=f"{Decimal(minor).scaleb(places):f}")
+                               for _, product, minor, pricing_id in item.sends]
             results[item.index] = MeasurementResult(
                 uid=item.body.uid, debits=item.debits,
                 status="duplicate" if (item.account.id, item.body.uid) not in new
@@ -410,9 +417,11 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
             before = charged.get(r.state_key)
             if before is None:
                 before = charge_of(r.pricing, state)
-            unique = (*r.state_key, _unique_text(r.value))
-            is_new = unique in fresh
-            fresh.discard(unique)
+            is_new = False
+            if fresh and r.pricing["function"] == "UNIQUE":
+                unique = (*r.state_key, _unique_text(r.value))
+                is_new = unique in fresh
+                fresh.discard(unique)
             ts_key = f"{int(r.item.body.timestamp.timestamp() * 1000):015d}:{r.item.body.uid}"
             state.add(r.value if isinstance(r.value, Decimal) else Decimal(0), ts_key, is_new)
             after = charged[r.state_key] = charge_of(r.pricing, state)
@@ -427,13 +436,10 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
                 minor = target - drawn[ck]
                 amount = Decimal(minor).scaleb(-credit_type.decimal_places)
                 drawn[ck] = target
-                debit = Debit(pricing=f"p{r.pricing['id']}", product=r.pricing["product"],
-                              credit_type=credit_type.code, amount=f"{amount:f}")
-                r.item.debits.append(debit)
                 uid = debit_uid(r.item.body.uid, r.pricing["id"])
-                r.item.sends.append((uid, debit.product, minor))
-                debits.append((r.item.account.id, uid, debit.product, debit.credit_type, amount,
-                               now))
+                product = r.pricing["product"]
+                r.item.sends.append((uid, product, minor, r.pricing["id"]))
+                debits.append((r.item.account.id, uid, product, credit_type.code, amount, now))
         await repo.save_rating(
             conn, [(*k, s.count, s.total, s.low, s.high, s.latest, s.latest_key, s.uniques)
                    for k, s in agg.items()],
@@ -470,7 +476,7 @@ async def _send(ctx: AppContext, items: list[Item]) -> None:
         credit_type = item.account.credit_type
         if credit_type is None:
             continue
-        for uid, product, minor in item.sends:
+        for uid, product, minor, _ in item.sends:
             if 0 < minor < MAX_SCALED:
                 prepared.append(prepared_usage(len(prepared), uid, item.account, credit_type,
                                                product, minor, at))

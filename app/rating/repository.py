@@ -228,9 +228,13 @@ async def lock_and_insert(conn: Connection, state_keys: list[StateKey],
                           charge_keys: list[tuple[int, str, date, int]],
                           measurements: list[tuple[Any, ...]]
                           ) -> tuple[list[asyncpg.Record], list[asyncpg.Record], set[tuple[int, str]]]:
-    """`lock_states`, `lock_charges` and `insert_measurements` in one statement (one round trip
-    while the locks are held): the states, then the charges, each in their fixed order, then the
-    measurements, as the three calls in that order would. Returns (states, charges, new)."""
+    """Store the measurements, then create-and-lock the aggregation states and the rated
+    charges, in one statement (the UNION ALL runs its parts in this order). Each set goes in one
+    fixed order, so two transactions cannot deadlock: measurements by (account, uid), states and
+    charges by key; a state is locked only once the measurements are in, which keeps the lock
+    (the point where concurrent groups serialise) as short as possible. The no-op DO UPDATE
+    locks an existing row and returns it as it is. Returns (states, charges, new (account,
+    uid))."""
     rows = await conn.fetch(
         """WITH st AS (
              INSERT INTO aggregation_states AS s (account_id, pricing_id, period_start, segment)
@@ -251,16 +255,19 @@ async def lock_and_insert(conn: Connection, state_keys: list[StateKey],
              FROM unnest($9::text::int8[], $10::text::text[], $11::text::int8[],
                          $12::text::timestamptz[], $13::text::text[], $14::text::bool[])
                   AS x(a, u, m, t, d, r)
+             ORDER BY 1, 2
              ON CONFLICT DO NOTHING RETURNING account_id, uid)
-         SELECT 1 AS kind, account_id, segment AS key, pricing_id, period_start, count, total,
-                low, high, latest, latest_key, uniques, NULL::numeric AS exact,
-                NULL::int8 AS drawn_minor FROM st
+         SELECT 3 AS kind, account_id, uid AS key, NULL::int8 AS pricing_id,
+                NULL::date AS period_start, NULL::int8 AS count, NULL::numeric AS total,
+                NULL::numeric AS low, NULL::numeric AS high, NULL::numeric AS latest,
+                NULL::text AS latest_key, NULL::int8 AS uniques, NULL::numeric AS exact,
+                NULL::int8 AS drawn_minor FROM ms
+         UNION ALL
+         SELECT 1, account_id, segment, pricing_id, period_start, count, total, low, high, latest,
+                latest_key, uniques, NULL, NULL FROM st
          UNION ALL
          SELECT 2, account_id, charge_key, NULL, period_start, NULL, NULL, NULL, NULL, NULL, NULL,
-                NULL, exact, drawn_minor FROM ch
-         UNION ALL
-         SELECT 3, account_id, uid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                NULL FROM ms""",
+                NULL, exact, drawn_minor FROM ch""",
         *_columns(sorted(state_keys), "iidt"), *_columns(sorted(charge_keys), "itdi"),
         *_columns(measurements, "itistb"))
     states = [r for r in rows if r["kind"] == 1]
