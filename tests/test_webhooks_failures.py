@@ -148,11 +148,13 @@ async def next_attempt_in(db: asyncpg.Connection, endpoint_id: int) -> float:
 
 @pytest.mark.parametrize(("header", "expect_s"), [
     ("3600", 3600), ("120", 120),
-    (format_datetime(datetime.now(UTC) + timedelta(hours=2), usegmt=True), 7200),
+    ("<HTTP-date in 2 hours>", 7200),  # written when the test runs, not when it is collected
     ("999999999", 36000),  # capped at 10 hours
 ])
 async def test_retry_after_is_honoured(endpoints: Endpoints, receiver: Receiver,
                                        db: asyncpg.Connection, header: str, expect_s: int) -> None:
+    if header.startswith("<"):
+        header = format_datetime(datetime.now(UTC) + timedelta(hours=2), usegmt=True)
     hook = await endpoints.create(receiver, event_types=["webhook.test"])
     receiver.behaviours[hook["path"]] = lambda got: Reply(503, {"Retry-After": header})
     await endpoints.send_test(hook["id"])
