@@ -427,9 +427,11 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
             after = charged[r.state_key] = charge_of(r.pricing, state)
             delta = after - before
             ck = (r.item.account.id, f"p{r.pricing['id']}", r.state_key[2])
-            rate, multiply = await _factor(conn, r.pricing, r.item, factors)
-            exact[ck] += convert(delta, rate, multiply)
             credit_type = r.item.account.credit_type
+            known = factors.get((r.pricing["currency_id"], credit_type.id,
+                                 r.item.body.timestamp.date())) if credit_type else None
+            rate, multiply = known or await _factor(conn, r.pricing, r.item, factors)
+            exact[ck] += convert(delta, rate, multiply)
             assert credit_type is not None
             target = max(drawn[ck], to_minor(exact[ck], credit_type.decimal_places))
             if target > drawn[ck]:

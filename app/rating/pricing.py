@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
-from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal, localcontext
 
 PRECISION = 40
 FUNCTIONS = ("SUM", "COUNT", "MIN", "MAX", "MEAN", "LATEST", "UNIQUE")
@@ -18,6 +18,9 @@ ROUNDINGS = ("up", "down", "nearest", "none")
 PRICING_TYPES = ("per_unit", "tiered", "volume", "stair_step")
 # the documented rounding of a charge to a credit type's decimal places
 CHARGE_ROUNDING = ROUND_HALF_UP
+# what `localcontext()` with prec = PRECISION gives (the app never changes the default
+# context), kept instead of opening a context per quotient on the rating hot path
+_QUOTIENT = Context(prec=PRECISION)
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,7 @@ def aggregate(function: str, state: AggState) -> Decimal:
     elif function == "MAX":
         value = state.high
     elif function == "MEAN":  # the only quotient: PRECISION significant digits
-        with localcontext() as context:
-            context.prec = PRECISION
-            value = state.total / state.count
+        value = _QUOTIENT.divide(state.total, state.count)
     elif function == "LATEST":
         value = state.latest
     elif function == "UNIQUE":
@@ -76,9 +77,7 @@ def aggregate(function: str, state: AggState) -> Decimal:
 
 def quantity(value: Decimal, per_unit: Decimal, rounding: str) -> Decimal:
     """Units of an aggregated value: divided by the quantity per unit, then rounded."""
-    with localcontext() as context:
-        context.prec = PRECISION
-        units = value / per_unit
+    units = _QUOTIENT.divide(value, per_unit)
     if rounding == "none":
         return units
     mode = {"up": ROUND_CEILING, "down": ROUND_FLOOR, "nearest": ROUND_HALF_UP}[rounding]
@@ -136,9 +135,7 @@ def to_minor(amount: Decimal, decimal_places: int) -> int:
 
 def convert(amount: Decimal, rate: Decimal, to_fiat: bool) -> Decimal:
     """Credits <-> fiat at `rate` (1 credit = rate fiat)."""
-    with localcontext() as context:
-        context.prec = PRECISION
-        return amount * rate if to_fiat else amount / rate
+    return _QUOTIENT.multiply(amount, rate) if to_fiat else _QUOTIENT.divide(amount, rate)
 
 
 def counter_levels(levels: Sequence[tuple[date, Decimal]], start: date,
