@@ -3,9 +3,9 @@
 Any number of dispatchers run at once (one per app process). A claim is a single statement
 that locks due rows with SKIP LOCKED, counts the attempt and pushes `next_attempt_at` past a
 lease, so two dispatchers never send the same attempt; the HTTP call happens outside any
-transaction; outcomes are written in batches. A dispatcher that dies mid-send leaves its
-claims to expire: another one sends them again (at least once; receivers dedupe by
-`webhook-id`).
+transaction; outcomes are written in batches, each in one statement. A dispatcher that dies
+mid-send leaves its claims to expire: another one sends them again (at least once; receivers
+dedupe by `webhook-id`).
 
 A receiver cannot hold the dispatcher up: every attempt has a 15 s deadline for the whole
 exchange, reads at most 1 KB of the answer (for the log, and for at most 1 s once the status
@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 Kind = Literal["delivered", "failed", "gone", "cancelled", "interrupted", "released"]
 RETRY_ERRORS: tuple[type[BaseException], ...] = (
     *STORE_ERRORS, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-JITTER = 0.1
-T = TypeVar("T")  # each retry waits its scheduled delay +-10%
+JITTER = 0.1  # each retry waits its scheduled delay +-10%
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
