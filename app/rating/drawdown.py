@@ -15,6 +15,7 @@ the drawn amount stays at its high-water mark and the bill run settles the diffe
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import hashlib
 import json
@@ -311,31 +312,54 @@ class _Group:
 
     async def _run(self) -> None:
         while self.queue:
-            group: list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]] = []
-            keys: set[tuple[int, str]] = set()
-            size, later = 0, []
-            for items, future in self.queue:
-                mine = {(i.account.id, i.body.uid) for i in items}
-                if group and (size + len(items) > GROUP_ITEMS or mine & keys):
-                    later.append((items, future))
-                    continue
-                group.append((items, future))
-                keys |= mine
-                size += len(items)
-            self.queue = later
-            await self._commit(group)
+            # one connection for the groups run back to back (no acquire and reset per group);
+            # a fresh one after a store error
+            try:
+                async with self.ctx.pool.acquire() as conn:
+                    _RUNNER_CONN.set(conn)  # (this runner task's context only)
+                    try:
+                        while self.queue:
+                            if not await self._commit(self._next_group()):
+                                break
+                    finally:
+                        _RUNNER_CONN.set(None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # no connection to be had: what waits gets the error
+                waiting, self.queue = self.queue, []
+                for _, future in waiting:
+                    if not future.done():
+                        future.set_exception(exc)
+
+    def _next_group(self) -> list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]]:
+        group: list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]] = []
+        keys: set[tuple[int, str]] = set()
+        size, later = 0, []
+        for items, future in self.queue:
+            mine = {(i.account.id, i.body.uid) for i in items}
+            if group and (size + len(items) > GROUP_ITEMS or mine & keys):
+                later.append((items, future))
+                continue
+            group.append((items, future))
+            keys |= mine
+            size += len(items)
+        self.queue = later
+        return group
 
     async def _commit(self, group: list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]]
-                      ) -> None:
+                      ) -> bool:
+        """Rate a group and answer its requests; False after a store error (the runner then
+        takes another connection)."""
         try:
             new = await _rate(self.ctx, [i for items, _ in group for i in items])
         except ValidationProblem:
             if len(group) == 1:
                 raise_in(group[0][1])
-                return
+                return True
+            healthy = True
             for one in group:  # one request's bad input must not fail the others: alone
-                await self._commit([one])
-            return
+                healthy = await self._commit([one]) and healthy
+            return healthy
         except asyncio.CancelledError:  # shutdown: the waiting requests are cancelled too
             for _, future in group:
                 future.cancel()
@@ -344,10 +368,11 @@ class _Group:
             for _, future in group:
                 if not future.done():
                     future.set_exception(exc)
-            return
+            return False
         for _, future in group:
             if not future.done():
                 future.set_result(new)
+        return True
 
 
 def raise_in(future: asyncio.Future[Any]) -> None:
@@ -358,6 +383,8 @@ def raise_in(future: asyncio.Future[Any]) -> None:
 
 
 GROUP_ITEMS = 1000
+_RUNNER_CONN: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+    "rating_runner_connection", default=None)
 GROUP_RUNNERS = 2  # transactions in flight per process: one's commit overlaps the next's work
 _GROUPS: dict[int, tuple[weakref.ref[AppContext], _Group]] = {}
 
@@ -374,9 +401,18 @@ def _group_of(ctx: AppContext) -> _Group:
 
 
 async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
-    """Store the measurements and move the states; returns the (account, uid) that were new."""
+    """Store the measurements and move the states; returns the (account, uid) that were new.
+    In a group runner, on the runner's connection; elsewhere on one of the pool's."""
+    conn = _RUNNER_CONN.get()
+    if conn is None:
+        async with ctx.pool.acquire() as own:
+            token = _RUNNER_CONN.set(own)
+            try:
+                return await _rate(ctx, items)
+            finally:
+                _RUNNER_CONN.reset(token)
     now = datetime.now(UTC)
-    async with ctx.pool.acquire() as conn, conn.transaction():
+    async with conn.transaction():
         found = await repo.active_pricings_many(
             conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in items}))
         for item in items:  # (a group retried after a rollback starts afresh)
