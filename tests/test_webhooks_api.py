@@ -74,11 +74,7 @@ async def test_update_and_disable(api: Api, endpoints: Endpoints, db: asyncpg.Co
                                                   "description": "new", "event_types": None})
     assert (updated["url"], updated["description"], updated["event_types"]) == \
         ("https://example.invalid/b", "new", None)
-    # a queued delivery is cancelled when the endpoint is disabled
-    await db.execute("UPDATE webhook_endpoints SET url = 'http://127.0.0.1:9/a' WHERE id = $1",
-                     created["id"])
-    await db.execute("UPDATE webhook_deliveries SET status = 'cancelled' WHERE endpoint_id = $1",
-                     created["id"])
+    # a queued delivery (its receiver does not resolve: retried later) is cancelled on disable
     await endpoints.send_test(created["id"])
     disabled = await api.call("PATCH", path, json={"enabled": False})
     assert (disabled["enabled"], disabled["disabled_reason"]) == (False, "disabled by an admin")
