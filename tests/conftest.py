@@ -180,3 +180,22 @@ def now_iso() -> str:
 @pytest.fixture
 def api(client: httpx.AsyncClient, keys: dict[str, str]) -> Api:
     return Api(client, keys)
+
+
+# Stripe, faked at the HTTP boundary (tests/stripe_fake.py), for the purchase and recharge tests
+
+
+@pytest.fixture(scope="module")
+async def shop(settings: Settings, keys: dict[str, str]) -> AsyncIterator[Any]:
+    from tests.stripe_fake import open_shop
+
+    async with open_shop(settings, keys) as opened:
+        yield opened
+
+
+@pytest.fixture
+def stripe_fake() -> Iterator[Any]:
+    from tests.stripe_fake import fake_stripe
+
+    with fake_stripe() as fake:
+        yield fake

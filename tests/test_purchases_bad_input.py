@@ -3,7 +3,6 @@ creates nothing: no purchase, no balance, no Stripe call."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,21 +10,7 @@ import asyncpg
 import pytest
 
 from app.purchases.schemas import after
-from app.settings import Settings
-from tests.stripe_fake import FakeStripe, Shop, fake_stripe, open_shop
-
-
-@pytest.fixture(scope="module")
-async def shop(settings: Settings, keys: dict[str, str]) -> AsyncIterator[Shop]:
-    async with open_shop(settings, keys) as opened:
-        yield opened
-
-
-@pytest.fixture
-def stripe_fake() -> Iterator[FakeStripe]:
-    with fake_stripe() as fake:
-        yield fake
-
+from tests.stripe_fake import FakeStripe, Shop
 
 PAST = (datetime.now(UTC) - timedelta(days=1)).isoformat()
 

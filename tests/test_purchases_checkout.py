@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from urllib.parse import parse_qsl
 
 import asyncpg
-import pytest
 
-from app.settings import Settings
-from tests.stripe_fake import FakeStripe, Shop, event, fake_stripe, open_shop, outbox
+from tests.stripe_fake import FakeStripe, Shop, event, outbox
 
 RETURN = "https://vendor.example/credits/thanks"
-
-
-@pytest.fixture(scope="module")
-async def shop(settings: Settings, keys: dict[str, str]) -> AsyncIterator[Shop]:
-    async with open_shop(settings, keys) as opened:
-        yield opened
-
-
-@pytest.fixture
-def stripe_fake() -> Iterator[FakeStripe]:
-    with fake_stripe() as fake:
-        yield fake
 
 
 async def test_checkout_returns_the_session_url_and_grants_once_paid(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -15,20 +14,7 @@ import pytest
 from app.ledger import service as ledger
 from app.purchases import repository as purchases_repo
 from app.purchases import service
-from app.settings import Settings
-from tests.stripe_fake import FakeStripe, Outcome, Shop, event, fake_stripe, open_shop, outbox
-
-
-@pytest.fixture(scope="module")
-async def shop(settings: Settings, keys: dict[str, str]) -> AsyncIterator[Shop]:
-    async with open_shop(settings, keys) as opened:
-        yield opened
-
-
-@pytest.fixture
-def stripe_fake() -> Iterator[FakeStripe]:
-    with fake_stripe() as fake:
-        yield fake
+from tests.stripe_fake import FakeStripe, Outcome, Shop, event, outbox
 
 
 async def _grants(db: asyncpg.Connection, balance_id: int) -> int:

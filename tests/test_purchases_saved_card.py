@@ -5,27 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qsl
 
 import asyncpg
 import pytest
 
-from app.settings import Settings
-from tests.stripe_fake import FakeStripe, Outcome, Shop, event, fake_stripe, open_shop, outbox
-
-
-@pytest.fixture(scope="module")
-async def shop(settings: Settings, keys: dict[str, str]) -> AsyncIterator[Shop]:
-    async with open_shop(settings, keys) as opened:
-        yield opened
-
-
-@pytest.fixture
-def stripe_fake() -> Any:
-    with fake_stripe() as fake:
-        yield fake
+from tests.stripe_fake import FakeStripe, Outcome, Shop, event, outbox
 
 
 async def _ledger_grants(db: asyncpg.Connection, balance_id: int) -> int:

@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
-import pytest
 
-from app.settings import Settings
-from tests.stripe_fake import FakeStripe, Outcome, Shop, event, fake_stripe, open_shop, outbox
-
-
-@pytest.fixture(scope="module")
-async def shop(settings: Settings, keys: dict[str, str]) -> AsyncIterator[Shop]:
-    async with open_shop(settings, keys) as opened:
-        yield opened
-
-
-@pytest.fixture
-def stripe_fake() -> Iterator[FakeStripe]:
-    with fake_stripe() as fake:
-        yield fake
+from tests.stripe_fake import FakeStripe, Outcome, Shop, event, outbox
 
 
 async def _pending(shop: Shop, fake: FakeStripe, status: str = "processing",

@@ -3,28 +3,13 @@ sets or removes the hot-path watch."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
 import pytest
 
-from app.settings import Settings
 from tests.recharge_helpers import account_with_card, configure, recharges
-from tests.stripe_fake import FakeStripe, Shop, fake_stripe, open_shop
-
-
-@pytest.fixture(scope="module")
-async def shop(settings: Settings, keys: dict[str, str]) -> AsyncIterator[Shop]:
-    async with open_shop(settings, keys) as opened:
-        yield opened
-
-
-@pytest.fixture
-def stripe_fake() -> Iterator[FakeStripe]:
-    with fake_stripe() as fake:
-        yield fake
-
+from tests.stripe_fake import FakeStripe, Shop
 
 BAD: list[tuple[dict[str, Any], str]] = [
     ({"threshold": "20.00", "recharge_to": "20.00"}, "recharge_to"),

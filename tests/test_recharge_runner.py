@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from urllib.parse import parse_qsl
 
 import asyncpg
-import pytest
 
 from app.recharge import repository as repo
 from app.recharge import service
 from app.recharge.runner import run_once
-from app.settings import Settings
 from tests.recharge_helpers import (
     account_with_card,
     charged_intents,
@@ -24,19 +21,7 @@ from tests.recharge_helpers import (
     recharges,
     run,
 )
-from tests.stripe_fake import FakeStripe, Outcome, Shop, fake_stripe, open_shop
-
-
-@pytest.fixture(scope="module")
-async def shop(settings: Settings, keys: dict[str, str]) -> AsyncIterator[Shop]:
-    async with open_shop(settings, keys) as opened:
-        yield opened
-
-
-@pytest.fixture
-def stripe_fake() -> Iterator[FakeStripe]:
-    with fake_stripe() as fake:
-        yield fake
+from tests.stripe_fake import FakeStripe, Outcome, Shop
 
 
 async def test_crossing_charges_once_and_closes_the_gap(shop: Shop, stripe_fake: FakeStripe,

@@ -4,30 +4,15 @@ them low) are recharged by the sweep; a void is recharged once, whichever path s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
-import pytest
 
 from app.recharge import service
-from app.settings import Settings
 from tests.recharge_helpers import account_with_card, charged_intents, configure, recharges, run
-from tests.stripe_fake import FakeStripe, Shop, fake_stripe, open_shop
+from tests.stripe_fake import FakeStripe, Shop
 from tests.test_recharge_triggers import configure as configure_in_postgres
-
-
-@pytest.fixture(scope="module")
-async def shop(settings: Settings, keys: dict[str, str]) -> AsyncIterator[Shop]:
-    async with open_shop(settings, keys) as opened:
-        yield opened
-
-
-@pytest.fixture
-def stripe_fake() -> Iterator[FakeStripe]:
-    with fake_stripe() as fake:
-        yield fake
 
 
 async def _sweep_all(shop: Shop) -> None:
