@@ -14,7 +14,7 @@ def _int(name: str, default: int) -> int:
     return int(raw) if raw else default
 
 
-def _float(name: str, default: float) -> float:
+def _float(name: str, default: float) -> float:  # float-ok: durations
     raw = os.environ.get(name)
     return float(raw) if raw else default  # float-ok: a duration, not an amount
 

@@ -69,7 +69,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def stalled(self, now: float) -> bool:
+    def stalled(self, now: float) -> bool:  # float-ok: monotonic seconds
         return bool(self.waiters) and now - self.waiters[0][1] > STALL_S
 
     def close(self) -> None:
