@@ -6,16 +6,17 @@ auth test, so the three cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Send
@@ -98,6 +99,30 @@ def validation_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> Pr
     first = errors[0]
     return ValidationProblem(f"{first['field']}: {first['message']}", field=first["field"],
                              errors=errors)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@functools.cache
+def _list_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
+
+
+def validate_items(model: type[M], items: list[Any]) -> list[M | Problem]:
+    """A batch in one pydantic call; only a batch with an error is validated item by item, so
+    each bad item gets its own problem and the good ones stand."""
+    try:
+        return list(_list_adapter(model).validate_python(items))
+    except ValidationError:
+        pass
+    checked: list[M | Problem] = []
+    for raw in items:
+        try:
+            checked.append(model.model_validate(raw))
+        except ValidationError as exc:
+            checked.append(validation_problem(exc))
+    return checked
 
 
 class KeyCache:

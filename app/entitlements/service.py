@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter, ValidationError
-
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.entitlements.schemas import (
     AccountBalancesOut,
@@ -23,7 +21,7 @@ from app.entitlements.schemas import (
 )
 from app.errors import Problem, Unavailable, ValidationProblem
 from app.hotstate.store import DecideArgs, Decision, mark_window_start
-from app.http import validation_problem
+from app.http import validate_items
 from app.ledger import repository as ledger_repo
 from app.ledger.journal import JournalRecord, ms_to_dt
 from app.ledger.loader import to_ms
@@ -148,24 +146,6 @@ class Lookups:
         return self.products[code]
 
 
-_EVENTS: TypeAdapter[list[UsageEvent]] = TypeAdapter(list[UsageEvent])
-
-
-def validate_events(items: list[Any]) -> list[UsageEvent | Problem]:
-    """All events in one pydantic call; only a batch with an error is validated one by one."""
-    try:
-        return list(_EVENTS.validate_python(items))
-    except ValidationError:
-        pass
-    checked: list[UsageEvent | Problem] = []
-    for raw in items:
-        try:
-            checked.append(UsageEvent.model_validate(raw))
-        except ValidationError as exc:
-            checked.append(validation_problem(exc))
-    return checked
-
-
 async def prepare(lookups: Lookups, index: int, event: UsageEvent, now: datetime) -> Prepared:
     ctx = lookups.ctx
     account = await lookups.account(event.account)
@@ -195,7 +175,7 @@ async def record_usage(ctx: AppContext, items: list[Any], prefix: str) -> list[U
     results: dict[int, UsageResult] = {}
     by_root: dict[int, list[Prepared]] = defaultdict(list)
     lookups = Lookups(ctx)
-    for index, (raw, event) in enumerate(zip(items, validate_events(items), strict=True)):
+    for index, (raw, event) in enumerate(zip(items, validate_items(UsageEvent, items), strict=True)):
         try:
             if isinstance(event, Problem):
                 raise event

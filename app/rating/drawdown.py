@@ -28,13 +28,12 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-from pydantic import TypeAdapter, ValidationError
 
 from app.config.catalog import AccountRef
 from app.db import Connection
 from app.entitlements.service import Prepared, debit_prepared, prepared_usage, record_usage
 from app.errors import Problem, ValidationProblem
-from app.http import validation_problem
+from app.http import validate_items
 from app.ledger.ops import now_ms
 from app.money import MAX_SCALED
 from app.rating import repository as repo
@@ -125,25 +124,6 @@ def field_values(found: Meter, data: dict[str, Any]) -> dict[str, Decimal | str]
     return values
 
 
-_MEASUREMENTS: TypeAdapter[list[MeasurementIn]] = TypeAdapter(list[MeasurementIn])
-
-
-def _validated(items: list[Any]) -> list[MeasurementIn | Problem]:
-    """All measurements in one pydantic call; only a batch with an error is validated one by
-    one (each gets its own problem, as before)."""
-    try:
-        return list(_MEASUREMENTS.validate_python(items))
-    except ValidationError:
-        pass
-    checked: list[MeasurementIn | Problem] = []
-    for raw in items:
-        try:
-            checked.append(MeasurementIn.model_validate(raw))
-        except ValidationError as exc:
-            checked.append(validation_problem(exc))
-    return checked
-
-
 async def _item(ctx: AppContext, index: int, body: MeasurementIn | Problem,
                 now: datetime) -> Item:
     if isinstance(body, Problem):
@@ -174,7 +154,7 @@ async def record_measurements(ctx: AppContext, items: list[Any],
     results: dict[int, MeasurementResult] = {}
     valid: list[Item] = []
     seen: set[tuple[int, str]] = set()
-    for index, (raw, body) in enumerate(zip(items, _validated(items), strict=True)):
+    for index, (raw, body) in enumerate(zip(items, validate_items(MeasurementIn, items), strict=True)):
         try:
             item = await _item(ctx, index, body, now)
         except ValidationProblem as problem:
