@@ -20,7 +20,7 @@ from app.entitlements.schemas import (
     UsageResult,
 )
 from app.errors import Problem, Unavailable, ValidationProblem
-from app.hotstate.store import DecideArgs, Decision, mark_window_start
+from app.hotstate.store import DecideArgs, Decision, mark_window_start, pairs
 from app.http import validate_items
 from app.ledger import repository as ledger_repo
 from app.ledger.journal import JournalRecord, ms_to_dt
@@ -285,7 +285,7 @@ async def live_balances(ctx: AppContext, code: str) -> AccountBalancesOut:
         await ctx.loader.ensure(account.root_id)
     if raw is None:
         raise Unavailable("hot state could not be rebuilt; retry")
-    status, remaining, defs, overage = raw[0], _pairs(raw[1]), _pairs(raw[2]), _pairs(raw[3])
+    status, remaining, defs, overage = raw[0], pairs(raw[1]), pairs(raw[2]), pairs(raw[3])
     now = now_ms()
     balances: list[LiveBalance] = []
     totals: dict[str, int] = defaultdict(int)
@@ -314,8 +314,4 @@ async def live_balances(ctx: AppContext, code: str) -> AccountBalancesOut:
         CreditTypeAvailable(credit_type=c, available=_amount(totals.get(c, 0), types[c]),
                             overage=_amount(int(overage.get(c, "0")), types[c]))
         for c in sorted(types)])
-
-
-def _pairs(flat: list[str]) -> dict[str, str]:
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
