@@ -42,13 +42,13 @@ class Settings:
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""
     stripe_max_network_retries: int = 2
-    stripe_timeout_s: float = 30.0
+    stripe_timeout_s: float = 30.0  # float-ok: seconds
     # Journal entries older than this are assumed orphaned by a dead process and re-flushed.
     journal_orphan_ms: int = 5_000
     # How far a usage timestamp may lie in the future (clock skew) or in the past.
     usage_future_skew_s: int = 300
     usage_max_age_s: int = 35 * 24 * 3600
-    worker_interval_s: float = 2.0
+    worker_interval_s: float = 2.0  # float-ok: seconds
     run_workers: bool = True
     redis_prefix: str = "cg"
     # Outbound webhooks (app/webhooks/). Link-local and cloud-metadata receivers are refused
@@ -57,7 +57,7 @@ class Settings:
     webhooks_allow_private: bool = False
     webhooks_dispatch: bool = True
     webhooks_concurrency: int = 50
-    webhooks_poll_s: float = 0.1
+    webhooks_poll_s: float = 0.1  # float-ok: seconds
     webhooks_retry_schedule_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
 
     @classmethod
@@ -75,15 +75,15 @@ class Settings:
             stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET", ""),
             stripe_api_base=os.environ.get("STRIPE_API_BASE", ""),
             stripe_max_network_retries=_int("STRIPE_MAX_NETWORK_RETRIES", 2),
-            stripe_timeout_s=_float("STRIPE_TIMEOUT_S", 30.0),
+            stripe_timeout_s=_float("STRIPE_TIMEOUT_S", 30.0),  # float-ok: seconds
             journal_orphan_ms=_int("CREDITGATE_JOURNAL_ORPHAN_MS", 5_000),
-            worker_interval_s=_float("CREDITGATE_WORKER_INTERVAL_S", 2.0),
+            worker_interval_s=_float("CREDITGATE_WORKER_INTERVAL_S", 2.0),  # float-ok: seconds
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",
             redis_prefix=os.environ.get("CREDITGATE_REDIS_PREFIX", "cg"),
             webhooks_allow_private=os.environ.get("CREDITGATE_WEBHOOKS_ALLOW_PRIVATE") == "1",
             webhooks_dispatch=os.environ.get("CREDITGATE_WEBHOOKS_DISPATCH", "1") != "0",
             webhooks_concurrency=_int("CREDITGATE_WEBHOOKS_CONCURRENCY", 50),
-            webhooks_poll_s=_float("CREDITGATE_WEBHOOKS_POLL_S", 0.1),
+            webhooks_poll_s=_float("CREDITGATE_WEBHOOKS_POLL_S", 0.1),  # float-ok: seconds
             webhooks_retry_schedule_s=_floats("CREDITGATE_WEBHOOKS_RETRY_SCHEDULE_S",
                                               cls.webhooks_retry_schedule_s),
         )

@@ -502,7 +502,8 @@ async def _send(ctx: AppContext, items: list[Item]) -> None:
         await debit_prepared(ctx, prepared, answer=False)
 
 
-async def send_unsent(ctx: AppContext, older_than_s: float = 5.0, limit: int = 500) -> int:
+async def send_unsent(ctx: AppContext, older_than_s: float = 5.0,  # float-ok: seconds
+                      limit: int = 500) -> int:
     """Worker: send the rated debits a crash kept from reaching the usage path."""
     rows = await repo.unsent_debits(ctx.pool, older_than_s, limit)
     if rows:

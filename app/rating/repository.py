@@ -361,7 +361,8 @@ async def insert_debits(conn: Connection, rows: list[tuple[Any, ...]]) -> list[a
            ON CONFLICT DO NOTHING RETURNING *""", *columns)
 
 
-async def unsent_debits(conn: Conn, older_than_s: float, limit: int) -> list[asyncpg.Record]:
+async def unsent_debits(conn: Conn, older_than_s: float,  # float-ok: seconds
+                        limit: int) -> list[asyncpg.Record]:
     """Rated debits a crash left before they reached the usage path."""
     return await conn.fetch(
         """SELECT d.*, a.code AS account FROM rated_debits d JOIN accounts a ON a.id = d.account_id
