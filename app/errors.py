@@ -94,6 +94,13 @@ class Unavailable(Problem):
     title = "Service cannot decide right now"
 
 
+def internal_error() -> Problem:
+    """What a bug is answered with: no detail beyond that it was logged."""
+    problem = Problem("an internal error occurred; it has been logged")
+    problem.status, problem.code, problem.title = 500, "internal_error", "Internal error"
+    return problem
+
+
 def problem_response(problem: Problem) -> Response:
     headers = {"Retry-After": "1"} if problem.status == 503 else None
     return Response(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from app import openapi
 from app.config.catalog import Catalog
@@ -22,11 +24,11 @@ from app.config.endpoints import ENDPOINTS as CONFIG
 from app.context import AppContext
 from app.db import create_pool, pending_migrations
 from app.entitlements.endpoints import ENDPOINTS as RUNTIME
-from app.errors import STORE_ERRORS, NotFound, Problem, problem_response
+from app.errors import STORE_ERRORS, NotFound, Problem, internal_error, problem_response
 from app.hotstate.keys import Keys
 from app.hotstate.resp import FastRedis
 from app.hotstate.store import HotState
-from app.http import Endpoint, KeyCache, to_route
+from app.http import DirectRoutes, Endpoint, KeyCache, to_route
 from app.ledger.endpoints import ENDPOINTS as LEDGER
 from app.ledger.journal import Journal
 from app.ledger.loader import Loader
@@ -85,9 +87,36 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    problem = Problem("an internal error occurred; it has been logged")
-    problem.status, problem.code, problem.title = 500, "internal_error", "Internal error"
-    return problem_response(problem)
+    return problem_response(internal_error())
+
+
+class App(Starlette):
+    """Starlette, with the exact-path declared endpoints (the runtime hot path among them)
+    dispatched by one dict lookup before the middleware stack (`DirectRoutes`)."""
+
+    direct: DirectRoutes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        target = self.direct.find(scope)
+        if target is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        await target(scope, receive, send)
+
+
+# Young-generation collections every 100,000 allocations instead of 700, and the objects built
+# at start-up frozen out of every collection: a batch of 1,000 events allocates tens of
+# thousands of short-lived objects, and with the default thresholds the collector (mostly its
+# full passes over every live object) took ~40% of a batch's CPU. Reference counting still
+# frees nearly everything at once; only cycles wait for the rarer collections.
+GC_THRESHOLDS = (100_000, 50, 1000)
+
+
+def tune_gc() -> None:
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -107,6 +136,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ctx.stripe = StripeGateway.from_settings(settings)
         app.state.ctx = ctx
         journal.start()
+        tune_gc()
         workers = asyncio.create_task(run_workers(ctx)) if settings.run_workers else None
         webhooks = Dispatcher(pool, DispatchConfig.from_settings(settings)) \
             if settings.run_workers and settings.webhooks_dispatch else None
@@ -134,8 +164,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes = [*[to_route(e) for e in ENDPOINTS], Route("/healthz", healthz),
               Route("/readyz", readyz), Route("/openapi.json", openapi_json)]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app = App(routes=routes, lifespan=lifespan,
+              exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.direct = DirectRoutes(ENDPOINTS)
     app.state.openapi = json.dumps(openapi.build(ENDPOINTS))
     return app
 

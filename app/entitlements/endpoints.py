@@ -19,7 +19,7 @@ from app.http import READ, RUNTIME, Call, Endpoint
 
 
 async def check(call: Call) -> BaseModel:
-    return await service.check(call.ctx, call.body, call.request.headers.get("idempotency-key"))
+    return await service.check(call.ctx, call.body, call.request.header(b"idempotency-key"))
 
 
 async def usage(call: Call) -> BaseModel:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from app.context import AppContext
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prepared:
     """A usage event that passed validation, ready for its root's script."""
 
@@ -77,7 +77,9 @@ async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> Check
         raise ValidationProblem("consume needs an amount and an idempotency key", field=field)
     if body.credit_type is None and account.credit_type is None:
         return CheckOut(allowed=False, reason="no_eligible_balance", available="0", credit_type=None)
-    credit_type = await resolve_credit_type(ctx, account, body.credit_type)
+    credit_type = account.credit_type if body.credit_type is None else \
+        await resolve_credit_type(ctx, account, body.credit_type)
+    assert credit_type is not None  # (no credit type at all was answered above)
     amount = scaled(body.amount, credit_type) if body.amount is not None else 0
     at = now_ms()
     payload = _usage_payload(account, credit_type, key or "", body.product, amount, at) \

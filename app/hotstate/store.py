@@ -29,7 +29,7 @@ def mark_window_start(now_ms: int) -> int:
     return (now_ms // DAY_MS - 1) * DAY_MS
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built for every event: no frozen __setattr__ cost
 class DecideArgs:
     account_id: int
     chain: str  # "self,parent,...,root"
@@ -46,7 +46,7 @@ class DecideArgs:
                 self.amount, self.at_ms, self.mode, self.payload]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built for every event: no frozen __setattr__ cost
 class Decision:
     status: str
     available: int
