@@ -161,7 +161,7 @@ class Script:
         client = self.client
         try:
             conn = client.ready() or await client._connection()
-            return await conn.send(hiredis.pack_command(  # type: ignore[arg-type]  # stub too narrow
+            return await conn.send(hiredis.pack_command(
                 ("EVALSHA", self.sha, len(keys), *keys, *args)))
         except NoScriptError:
             await self.client.execute("SCRIPT", "LOAD", self.source)
