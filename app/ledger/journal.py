@@ -84,7 +84,8 @@ class Rows:
     statuses: list[tuple[int, str]] = field(default_factory=list)
 
     def add(self, rec: JournalRecord) -> None:
-        p, at = rec.payload, ms_to_dt(rec.recorded_ms)
+        # entries and usage rows carry their times as epoch milliseconds (repo.write_rows)
+        p, at = rec.payload, rec.recorded_ms
         dp, account, credit_type = int(p["dp"]), int(p["a"]), int(p["ct"])
 
         def entry(seq: int, owner: int, balance: int | None, kind: str, scaled: int) -> None:
@@ -101,7 +102,7 @@ class Rows:
                 entry(seq + 1 if rec.allocations else 0, account, None, "overage", -rec.overage)
             self.usage.append((account, p["uid"], p["prod"], credit_type,
                                scaled_text(int(p["amt"]), dp), scaled_text(rec.overage, dp),
-                               ms_to_dt(int(p["ts"])), at))
+                               int(p["ts"]), at))
             return
         balance_id = int(p["b"])
         if rec.kind == "grant":
@@ -134,7 +135,8 @@ class Journal:
     def __init__(self, pool: asyncpg.Pool, hot: HotState, parallel: int = 4) -> None:
         self.pool = pool
         self.hot = hot
-        self._queue: asyncio.Queue[tuple[JournalRecord, asyncio.Future[str]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[list[JournalRecord], asyncio.Future[list[str]]]] = \
+            asyncio.Queue()
         self._slots = asyncio.Semaphore(parallel)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -149,35 +151,36 @@ class Journal:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def commit(self, records: list[JournalRecord]) -> list[str]:
-        """Wait until the records are committed in Postgres; accepted/duplicate per record."""
-        loop = asyncio.get_running_loop()
-        futures = []
-        for record in records:
-            future: asyncio.Future[str] = loop.create_future()
-            self._queue.put_nowait((record, future))
-            futures.append(future)
-        if len(futures) == 1:
-            return [await futures[0]]
-        return list(await asyncio.gather(*futures))
+        """Wait until the records are committed in Postgres; accepted/duplicate per record.
+        A caller's records travel together (one future for all of them), and are committed
+        in one flush with whatever else is waiting."""
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((records, future))
+        return await future
 
     async def _run(self) -> None:
         while True:
             first = await self._queue.get()
             # wait for a free transaction slot first: whatever queues meanwhile joins this batch
             await self._slots.acquire()
-            batch = [first]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch, size = [first], len(first[0])
+            while size < MAX_BATCH and not self._queue.empty():
+                item = self._queue.get_nowait()
+                batch.append(item)
+                size += len(item[0])
             task = asyncio.create_task(self._flush_waiting(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _flush_waiting(self, batch: list[tuple[JournalRecord, asyncio.Future[str]]]) -> None:
+    async def _flush_waiting(
+            self, batch: list[tuple[list[JournalRecord], asyncio.Future[list[str]]]]) -> None:
         try:
-            outcomes = await self.flush([record for record, _ in batch])
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
+            outcomes = await self.flush([record for records, _ in batch for record in records])
+            at = 0
+            for records, future in batch:
                 if not future.done():
-                    future.set_result(outcome)
+                    future.set_result(outcomes[at:at + len(records)])
+                at += len(records)
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
