@@ -9,20 +9,25 @@
 local now, today, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = (#ARGV - 3) / 9
 local results = {}
+-- per call: each chain split and checked once, each account's balances read once
+local chains, cache = {}, {}
 
 for i = 0, n - 1 do
-  local o = 3 + i * 9
-  local chain = split(ARGV[o + 2], ',')
-  if not loaded(chain) then return {'cold'} end
+  local text = ARGV[3 + i * 9 + 2]
+  if not chains[text] then
+    local chain = split(text, ',')
+    if not loaded(chain) then return {'cold'} end
+    chains[text] = chain
+  end
 end
 
 for i = 0, n - 1 do
   local o = 3 + i * 9
-  local acct, chain, uid, product = ARGV[o + 1], split(ARGV[o + 2], ','), ARGV[o + 3], ARGV[o + 4]
+  local acct, chain, uid, product = ARGV[o + 1], chains[ARGV[o + 2]], ARGV[o + 3], ARGV[o + 4]
   local ct, amount, at, mode, payload = ARGV[o + 5], tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]),
     ARGV[o + 8], ARGV[o + 9]
   local today_key, yday_key = akey('u', acct .. ':' .. today), akey('u', acct .. ':' .. (today - 1))
-  local list = eligible(chain, product, ct, at)
+  local list = eligible(chain, product, ct, at, cache)
   local avail = total(list)
   local status = 'ok'
   if mode ~= 'q' and uid ~= '' and (redis.call('HEXISTS', today_key, uid) == 1
@@ -42,6 +47,7 @@ for i = 0, n - 1 do
       local take = math.min(b.rem, need)
       if take > 0 then
         redis.call('HINCRBY', akey('b', b.acct), b.bid, -take)
+        b.rem = b.rem - take  -- the cached copy follows Redis
         allocs[#allocs + 1] = b.bid .. ':' .. b.acct .. ':' .. string.format('%d', take)
         need = need - take
       end

@@ -50,30 +50,50 @@ local function blocked(chain)
   return false
 end
 
--- Eligible balances in drawdown order: the account's own before its parents', then
--- priority (lower first), expiry (soonest first, never last), creation (balance id).
-local function eligible(chain, product, ct, at)
-  local out = {}
-  for ci, acct in ipairs(chain) do
-    local defs = redis.call('HGETALL', akey('d', acct))
+-- An account's balances, parsed: {bid, id, acct, ct, prio, eff, exp, st, prods, rem}, with two
+-- reads (definitions and remaining amounts). `cache` (optional, one script call's table) keeps
+-- them for the call's later events: a caller that changes a remaining amount in Redis must
+-- change `rem` of the cached object too (decide.lua does).
+local function balances_of(acct, cache)
+  local found = cache and cache[acct]
+  if found then return found end
+  found = {}
+  local defs = redis.call('HGETALL', akey('d', acct))
+  if #defs > 0 then
+    local rems, raw = {}, redis.call('HGETALL', akey('b', acct))
+    for i = 1, #raw, 2 do rems[raw[i]] = tonumber(raw[i + 1]) end
     for i = 1, #defs, 2 do
       local d = parse_def(defs[i + 1])
-      if d.ct == ct and d.st == 'a' and d.eff <= at and (d.exp == 0 or at < d.exp)
-          and covers(d.prods, product) then
-        local rem = tonumber(redis.call('HGET', akey('b', acct), defs[i]) or '0')
-        local exp = d.exp
-        if exp == 0 then exp = math.huge end
-        out[#out + 1] = {acct = acct, bid = defs[i], rem = rem, prio = d.prio, exp = exp,
-                         id = tonumber(defs[i]), ci = ci}
+      d.bid, d.id, d.acct, d.rem = defs[i], tonumber(defs[i]), acct, rems[defs[i]] or 0
+      if d.exp == 0 then d.exp = math.huge end
+      found[#found + 1] = d
+    end
+  end
+  if cache then cache[acct] = found end
+  return found
+end
+
+local function drawdown_order(a, b)
+  if a.ci ~= b.ci then return a.ci < b.ci end
+  if a.prio ~= b.prio then return a.prio < b.prio end
+  if a.exp ~= b.exp then return a.exp < b.exp end
+  return a.id < b.id
+end
+
+-- Eligible balances in drawdown order: the account's own before its parents', then
+-- priority (lower first), expiry (soonest first, never last), creation (balance id).
+-- (`ci`, the chain position, is written on the balance object for the sort only.)
+local function eligible(chain, product, ct, at, cache)
+  local out = {}
+  for ci, acct in ipairs(chain) do
+    for _, d in ipairs(balances_of(acct, cache)) do
+      if d.ct == ct and d.st == 'a' and d.eff <= at and at < d.exp and covers(d.prods, product) then
+        d.ci = ci
+        out[#out + 1] = d
       end
     end
   end
-  table.sort(out, function(a, b)
-    if a.ci ~= b.ci then return a.ci < b.ci end
-    if a.prio ~= b.prio then return a.prio < b.prio end
-    if a.exp ~= b.exp then return a.exp < b.exp end
-    return a.id < b.id
-  end)
+  table.sort(out, drawdown_order)
   return out
 end
 
