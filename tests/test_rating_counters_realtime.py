@@ -96,7 +96,7 @@ async def test_license_counter_raised_and_lowered_mid_month_draws_at_each_adjust
         api: Api, db: asyncpg.Connection, mode: str) -> None:
     names = await api.setup()
     account = names["account"]
-    await api.grant(account, "1000")
+    await api.grant(account, "2000")
     licenses = await counter(api)
     attached = await attach(api, account, await license_plan(api, names, licenses, mode))
     assert attached["debits"] == []  # no licenses yet: nothing to draw
@@ -113,14 +113,18 @@ async def test_license_counter_raised_and_lowered_mid_month_draws_at_each_adjust
     usage = await bill(api, account, "2024-07-20")
     if mode == "prorate":
         assert D(usage["total"]) == 150 + 200 + 30 and D(usage["drawn"]) == 470
-        assert D(await api.available(account)) == 1000 - 470
+        assert D(await api.available(account)) == 2000 - 470
         # raised to 40 from the 28th: 150 + 200 + 5 x 2 + 40 x 4 = 520, 50 above the mark
         assert amounts(await adjust(api, account, licenses, "2024-07-28", 40)) == [D(50)]
-        await assert_bill_agrees(api, db, account, "2024-07-20", D(520))
-        assert D(await api.available(account)) == 1000 - 520
+        total = D(520)
     else:
         await assert_bill_agrees(api, db, account, "2024-07-20", D(620))
-        assert D(await api.available(account)) == 1000 - 620
+        assert D(await api.available(account)) == 2000 - 620
+        # a new peak of 40 from the 28th: 1240, 620 more
+        assert amounts(await adjust(api, account, licenses, "2024-07-28", 40)) == [D(620)]
+        total = D(1240)
+    await assert_bill_agrees(api, db, account, "2024-07-20", total)
+    assert D(await api.available(account)) == 2000 - total
     # the same adjustment again changes nothing
     again = await adjust(api, account, licenses, "2024-07-26", 5)
     assert again["debits"] == []
