@@ -1,8 +1,9 @@
-"""Background work every app process runs: orphaned-journal sweep, credit expiry, the
-purchase reconciler and the auto-recharge runner.
+"""Background work every app process runs: orphaned-journal sweep, credit expiry, rated
+debits a crash left, the standing charges and counter charges of billing periods that started,
+the purchase reconciler and the auto-recharge runner.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
-balance id.
+balance id, recurring charges are settled under the account's row lock.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from app.errors import STORE_ERRORS
 from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
 from app.rating.drawdown import send_unsent
+from app.rating.recurring import sweep as draw_recurring_charges
 from app.recharge.runner import run_recharges
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
             await expire_due(ctx)
             await send_unsent(ctx)
+            await draw_recurring_charges(ctx)
         except STORE_ERRORS as exc:
             log.warning("worker pass skipped: %s", exc)
         except Exception:

@@ -47,18 +47,22 @@ async def measure(api: Api, account: str, meter_code: str, expect: int = 200,
     return result
 
 
-async def storage_setup(api: Api) -> tuple[dict[str, str], str, str]:
+async def storage_setup(api: Api, standing_charge: str = "0") -> tuple[dict[str, str], str, str]:
     names = await api.setup()
     await api.grant(names["account"], "1000")
     meter_code = await meter(api, names["storage"])
-    plan_code = await plan(api, names["storage"], names["credit_type"], standing_charge="10")
-    await api.call("POST", f"/v1/accounts/{names['account']}/plans", expect=201,
-                   json={"plan": plan_code, "start_date": month_start()})
+    plan_code = await plan(api, names["storage"], names["credit_type"],
+                           standing_charge=standing_charge)
+    attached = await api.call("POST", f"/v1/accounts/{names['account']}/plans", expect=201,
+                              json={"plan": plan_code, "start_date": month_start()})
+    # attaching draws the period's standing charge at once
+    assert [D(d["amount"]) for d in attached["debits"]] == \
+        ([D(standing_charge)] if D(standing_charge) else [])
     return names, meter_code, plan_code
 
 
 async def test_worked_example_storage_files_addon_and_standing_charge(api: Api) -> None:
-    names, meter_code, plan_code = await storage_setup(api)
+    names, meter_code, plan_code = await storage_setup(api, standing_charge="10")
     await price(api, plan_code, "tiered", [("50", "0.50"), (None, "0.40")],
                 aggregation=await aggregation(api, meter_code, "gb", "SUM"))
     await price(api, plan_code, "per_unit", [(None, "0.10")],
@@ -72,11 +76,12 @@ async def test_worked_example_storage_files_addon_and_standing_charge(api: Api) 
     second = await measure(api, names["account"], meter_code, gb=20, files=2, seconds=31)
     # 20 GB more at 0.40; 2 files; mean per file (3.625 + 15.5) / 2 crosses 5 s: 3.00 more
     assert sorted(D(d["amount"]) for d in second["debits"]) == [D("0.20"), D(3), D(8)]
-    assert D(await api.available(names["account"])) == D(1000) - D("39.00")
+    # the standing charge 10 was drawn when the plan was attached
+    assert D(await api.available(names["account"])) == D(1000) - D("49.00")
     bill = await api.call("GET", f"/v1/accounts/{names['account']}/usage", scope="runtime")
     [usage] = bill["plans"]
     assert usage["standing_charge"] == "10" and D(usage["total"]) == D(49)
-    assert D(usage["drawn"]) == D(39)
+    assert D(usage["drawn"]) == D(49) and D(usage["standing_charge_drawn"]) == D(10)
     amounts = sorted(D(p["amount"]) for p in usage["pricings"])
     assert amounts == [D(1), D(5), D(33)]
     storage = next(p for p in usage["pricings"] if D(p["amount"]) == 33)

@@ -97,6 +97,9 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
             usages += await _pricing_usage(ctx, account.id, pricing, start, end)
             drawn += await repo.drawn_minor(ctx.pool, account.id, f"p{pricing['id']}", start)
         standing = Decimal(plan["standing_charge"])
+        standing_drawn = await repo.drawn_minor(ctx.pool, account.id,
+                                                f"s{plan['account_plan_id']}", start)
+        drawn += standing_drawn
         total = standing + sum((Decimal(u.amount) for u in usages), Decimal(0))
         places = account.credit_type.decimal_places if account.credit_type else 0
         plans.append(PlanUsage(
@@ -104,5 +107,6 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
             standing_charge=f"{standing:f}", minimum_spend=f"{Decimal(plan['minimum_spend']):f}",
             pricings=usages, total=f"{total:f}",
             drawn=fmt(Decimal(drawn).scaleb(-places), places),
+            standing_charge_drawn=fmt(Decimal(standing_drawn).scaleb(-places), places),
             credit_type=account.credit_type.code if account.credit_type else ""))
     return AccountUsageOut(account=code, plans=plans)

@@ -6,10 +6,11 @@ from pydantic import BaseModel
 
 from app.errors import NotFound, ValidationProblem
 from app.http import ADMIN, READ, RUNTIME, Call, Endpoint
-from app.rating import billing, drawdown, service
+from app.rating import billing, drawdown, recurring, service
 from app.rating import repository as repo
 from app.rating.schemas import (
     MAX_MEASUREMENTS,
+    AccountPlanAttached,
     AccountPlanIn,
     AccountPlanList,
     AccountPlanOut,
@@ -128,12 +129,14 @@ async def measurements(call: Call) -> BaseModel:
         if len(items) > MAX_MEASUREMENTS:
             raise ValidationProblem(f"at most {MAX_MEASUREMENTS} per batch", field="measurements")
         results = await drawdown.record_measurements(call.ctx, items, "measurements.{}.")
+        await recurring.after_measurements(call.ctx, items, results)
         return MeasurementBatchOut(
             rated=sum(r.status == "rated" for r in results),
             unrated=sum(r.status == "unrated" for r in results),
             duplicates=sum(r.status == "duplicate" for r in results),
             rejected=sum(r.status == "rejected" for r in results), results=results)
     [result] = await drawdown.record_measurements(call.ctx, [body], "")
+    await recurring.after_measurements(call.ctx, [body], [result])
     if result.error is not None:
         raise ValidationProblem(result.error.message, field=result.error.field)
     return result
@@ -170,12 +173,14 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/pricings", list_pricings, ADMIN, "List the pricings of a plan",
              "pricings", query=PricingQuery, response=PricingPage),
     Endpoint("POST", "/v1/accounts/{code}/plans", attach_plan, ADMIN,
-             "Attach a plan to an account for a date range", "plans", body=AccountPlanIn,
-             response=AccountPlanOut, status=201),
+             "Attach a plan to an account for a date range; the standing charge and counter "
+             "charges of its started periods are drawn at once", "plans", body=AccountPlanIn,
+             response=AccountPlanAttached, status=201),
     Endpoint("GET", "/v1/accounts/{code}/plans", account_plans, ADMIN,
              "The plans attached to an account", "plans", response=AccountPlanList),
     Endpoint("POST", "/v1/accounts/{code}/counter-adjustments", adjust_counter, ADMIN,
-             "Set a counter's level for an account from a date on", "counters",
+             "Set a counter's level for an account from a date on; the change to the charge "
+             "of the started periods it affects is drawn at once", "counters",
              body=CounterAdjustmentIn, response=CounterAdjustmentOut),
     Endpoint("POST", "/v1/credit-types/{code}/conversion-rates", set_rate, ADMIN,
              "Set the rate of a credit type to a fiat currency from a date on", "credit types",

@@ -180,6 +180,11 @@ class AccountPlanOut(BaseModel):
     created_at: datetime
 
 
+class AccountPlanAttached(AccountPlanOut):
+    debits: list[Debit] = Field(description="what attaching it drew: the standing charge and "
+                                "counter charges of its periods that have started")
+
+
 class AccountPlanList(BaseModel):
     data: list[AccountPlanOut]
 
@@ -195,6 +200,7 @@ class CounterAdjustmentOut(BaseModel):
     counter: str
     effective: date
     level: str
+    debits: list[Debit] = Field(default=[], description="what the new level drew at once")
 
 
 class ConversionRateIn(Strict):
@@ -283,6 +289,7 @@ class PlanUsage(BaseModel):
     pricings: list[PricingUsage]
     total: str = Field(description="standing charge + pricings, in the plan's currency")
     drawn: str = Field(description="what real-time drawdown has debited, balance credit type")
+    standing_charge_drawn: str = Field(description="of `drawn`: the standing charge")
     credit_type: str
 
 

@@ -11,12 +11,14 @@ import asyncpg
 from pydantic import BaseModel
 
 from app.errors import Conflict, NotFound, ValidationProblem
+from app.rating import recurring
+from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
 from app.rating.expressions import ExpressionError, fields, parse
 from app.rating.pricing import Band, check_bands
 from app.rating.schemas import (
+    AccountPlanAttached,
     AccountPlanIn,
-    AccountPlanOut,
     AggregationIn,
     AggregationOut,
     BandIn,
@@ -209,10 +211,12 @@ def pricing_out(row: asyncpg.Record) -> PricingOut:
                       counter_mode=row["counter_mode"], created_at=row["created_at"])
 
 
-async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> AccountPlanOut:
-    account_id = await repo.id_of(ctx.pool, "accounts", code)
-    if account_id is None:
+async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> AccountPlanAttached:
+    """Attach a plan; its started periods' standing charge and counter charges are drawn."""
+    account = await ctx.catalog.account(code)
+    if account is None:
         raise NotFound(f"no account {code!r}", field="code")
+    account_id = account.id
     plan = await repo.by_code(ctx.pool, "plans", body.plan)
     if plan is None:
         raise ValidationProblem(f"unknown plan {body.plan!r}", field="plan")
@@ -226,8 +230,11 @@ async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> Accoun
                            "date range", field="start_date")
         ap_id = await repo.insert_account_plan(conn, account_id, plan["id"], body.start_date,
                                                body.end_date)
+        draws = await recurring.on_attach(conn, account, ap_id)
+    await recurring.send(ctx, draws)
     rows = await repo.account_plans(ctx.pool, account_id)
-    return next(AccountPlanOut.model_validate(dict(r)) for r in rows if r["id"] == ap_id)
+    return next(AccountPlanAttached.model_validate({**dict(r), "debits": [d.debit() for d in draws]})
+                for r in rows if r["id"] == ap_id)
 
 
 async def set_rate(ctx: AppContext, code: str, body: ConversionRateIn) -> ConversionRateOut:
@@ -244,13 +251,18 @@ async def set_rate(ctx: AppContext, code: str, body: ConversionRateIn) -> Conver
 
 async def adjust_counter(ctx: AppContext, code: str,
                          body: CounterAdjustmentIn) -> CounterAdjustmentOut:
-    account_id = await repo.id_of(ctx.pool, "accounts", code)
-    if account_id is None:
+    """Set a level from a date; the started periods it changes are drawn at once."""
+    account = await ctx.catalog.account(code)
+    if account is None:
         raise NotFound(f"no account {code!r}", field="code")
     counter_id = await required_id(ctx, "counters", body.counter, "counter")
-    await repo.upsert_counter_level(ctx.pool, account_id, counter_id, body.effective, body.level)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await rrepo.lock_account(conn, account.id)
+        await repo.upsert_counter_level(conn, account.id, counter_id, body.effective, body.level)
+        draws = await recurring.on_adjust(conn, account, counter_id, body.effective)
+    await recurring.send(ctx, draws)
     return CounterAdjustmentOut(account=code, counter=body.counter, effective=body.effective,
-                                level=f"{body.level:f}")
+                                level=f"{body.level:f}", debits=[d.debit() for d in draws])
 
 
 # --- reads -----------------------------------------------------------------------------------

@@ -1,0 +1,315 @@
+"""Counters and standing charges drawn down in real time (DESIGN invariant 8).
+
+A counter pricing's charge for a period and a plan's standing charge do not move with
+measurements: they follow from what is known now (the account's counter levels, the plan).
+So real-time drawdown *settles* them: it recomputes the charge the bill would show for the
+whole period if nothing else changed (a prorated counter: each known level over the days it
+holds, the rest of the period at the latest level; a peak counter: the highest known level;
+the standing charge: the plan's) and draws the difference from what it already took,
+`charge(now) - charge(settled before)`, through the same machinery as measurements: the
+cumulative exact charge per (account, charge key, period) in `rated_charges` (`charged`
+remembers the plan-currency charge already in it), converted to the account's credit type,
+rounded once with the remainder carried, a `rated_debits` row in the same transaction, then
+the usage path under a deterministic uid (`send_unsent` repairs a crash in between).
+
+A charge that goes down (a counter lowered) is not given back mid-period: the drawn amount
+stays at its high-water mark and the bill run settles the difference, as for measurements.
+
+When it happens, each in one transaction under the account's row lock:
+- a counter adjustment settles every started period of the account's plans that price the
+  counter, from the period holding its effective date through the current one;
+- attaching a plan settles every started period of it (standing charge and counters);
+- the worker's sweep, and the first rated measurement of an account in a process each day,
+  settle the current period of every plan in effect that has not been settled yet (a new
+  period: the standing charge, and the counter levels carried over).
+Periods that have not started are settled when they start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from app.config.catalog import AccountRef, CreditTypeRef
+from app.db import Connection
+from app.entitlements.service import debit_prepared, prepared_usage
+from app.errors import STORE_ERRORS, ValidationProblem
+from app.ledger.ops import now_ms
+from app.money import MAX_SCALED
+from app.rating import recurring_repository as rrepo
+from app.rating import repository as repo
+from app.rating.periods import period_of
+from app.rating.pricing import Band, convert, counter_charge, counter_levels, to_minor
+from app.rating.schemas import Debit, MeasurementResult
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+log = logging.getLogger(__name__)
+
+Period = tuple[date, date]
+Levels = list[tuple[date, Decimal]]
+
+
+@dataclass(frozen=True, slots=True)
+class Draw:
+    """A debit a settlement owes, sent through the usage path once its transaction commits."""
+
+    account: AccountRef
+    credit_type: CreditTypeRef
+    charge_key: str
+    uid: str
+    product: str
+    minor: int
+
+    def debit(self) -> Debit:
+        amount = Decimal(self.minor).scaleb(-self.credit_type.decimal_places)
+        return Debit(pricing=self.charge_key, product=self.product,
+                     credit_type=self.credit_type.code, amount=f"{amount:f}")
+
+
+def today() -> date:
+    return datetime.now(UTC).date()
+
+
+def started_periods(plan: asyncpg.Record, first_day: date, day: date) -> Iterator[Period]:
+    """The billing periods of an account plan from the one holding `first_day` through the one
+    holding `day` (the ones that have started by then), none starting after the plan ends."""
+    anchor, end = plan["start_date"], plan["end_date"]
+    at = max(first_day, anchor)
+    while at <= day and (end is None or at < end):
+        period = period_of(anchor, plan["bill_frequency"], plan["bill_interval"], at)
+        yield period
+        at = period[1]
+
+
+def overlaps(pricing: asyncpg.Record, period: Period) -> bool:
+    """A counter pricing charges every period its date range touches (for the whole period,
+    as bill-to-date does: pricings are meant to start and end on period boundaries)."""
+    return pricing["start_date"] < period[1] and (pricing["end_date"] is None
+                                                  or pricing["end_date"] > period[0])
+
+
+def counter_amount(pricing: asyncpg.Record, levels: Levels, period: Period) -> Decimal:
+    """A counter pricing's charge for a period, in the plan's currency (what bill-to-date says)."""
+    bands = [Band(None if b["up_to"] is None else Decimal(b["up_to"]), Decimal(b["price"]))
+             for b in json.loads(pricing["bands"])]
+    start, end = period
+    return counter_charge(pricing["pricing_type"], bands, Decimal(pricing["fixed_fee"]),
+                          counter_levels(levels, start, end), (end - start).days,
+                          pricing["counter_mode"])
+
+
+async def _factor(conn: Connection, currency_id: int, credit_type: CreditTypeRef, day: date,
+                  account: AccountRef) -> tuple[Decimal, bool]:
+    """(rate, multiply) from the plan's currency to the account's credit type on the day."""
+    if currency_id == credit_type.id:
+        return Decimal(1), True
+    rate = await repo.rate_on(conn, credit_type.id, currency_id, day)
+    if rate is not None:  # prices in fiat, balance in credits worth `rate` fiat each
+        return rate, False
+    rate = await repo.rate_on(conn, currency_id, credit_type.id, day)
+    if rate is None:
+        raise ValidationProblem(f"no conversion rate between the plan's currency and credit "
+                                f"type {credit_type.code!r} of account {account.code!r} on "
+                                f"{day}", field="account")
+    return rate, True
+
+
+def _uid(key: str, start: date, drawn_before: int, drawn_after: int) -> str:
+    """The usage uid of a debit: fixed by what it brings the period's drawn total to, so a
+    retried settlement can never debit twice. A standing charge's one debit: `s<ap>:<start>`."""
+    if key.startswith("s") and drawn_before == 0:
+        return f"{key}:{start.isoformat()}"
+    prefix = "c" + key[1:] if key.startswith("p") else key
+    return f"{prefix}:{start.isoformat()}:{drawn_after}"
+
+
+class _Settlement:
+    """One transaction's settlements for one account (levels read once per counter)."""
+
+    def __init__(self, conn: Connection, account: AccountRef, credit_type: CreditTypeRef) -> None:
+        self.conn, self.account, self.credit_type = conn, account, credit_type
+        self.levels: dict[int, Levels] = {}
+        self.draws: list[Draw] = []
+
+    async def _levels(self, counter_id: int) -> Levels:
+        if counter_id not in self.levels:
+            self.levels[counter_id] = await repo.counter_levels(self.conn, self.account.id,
+                                                                counter_id)
+        return self.levels[counter_id]
+
+    async def period(self, plan: asyncpg.Record, pricings: list[asyncpg.Record], period: Period,
+                     changed: date | None = None) -> None:
+        """Draw one period of an account plan up to its standing charge and counter charges
+        known now. `changed`: the day a counter level changed (its delta is converted at the
+        rate of that day; everything else at the rate of the period's first day)."""
+        start = period[0]
+        targets: dict[str, tuple[Decimal, date]] = {}
+        standing = Decimal(plan["standing_charge"])
+        if standing > 0:
+            targets[f"s{plan['id']}"] = (standing, start)
+        for pricing in pricings:
+            if overlaps(pricing, period):
+                amount = counter_amount(pricing, await self._levels(pricing["counter_id"]), period)
+                targets[f"p{pricing['id']}"] = (amount, max(start, changed or start))
+        if not targets:
+            return
+        rows = await rrepo.lock_charges(self.conn, [(self.account.id, key, start,
+                                                     self.credit_type.id) for key in targets])
+        places, now = self.credit_type.decimal_places, datetime.now(UTC)
+        charges, debits = [], []
+        for row in rows:
+            key = row["charge_key"]
+            target, day = targets[key]
+            charged = Decimal(0) if row["charged"] is None else Decimal(row["charged"])
+            exact, drawn = Decimal(row["exact"]), int(row["drawn_minor"])
+            if target != charged:
+                rate, multiply = await _factor(self.conn, plan["currency_id"], self.credit_type,
+                                               day, self.account)
+                exact += convert(target - charged, rate, multiply)
+            after = max(drawn, to_minor(exact, places))
+            if row["charged"] is None or target != charged:
+                charges.append((self.account.id, key, start, exact, after, target))
+            if after > drawn:
+                draw = Draw(self.account, self.credit_type, key, _uid(key, start, drawn, after),
+                            plan["product"], after - drawn)
+                self.draws.append(draw)
+                debits.append((self.account.id, draw.uid, draw.product, self.credit_type.code,
+                               Decimal(draw.minor).scaleb(-places), now))
+        await rrepo.save_charges(self.conn, charges, debits)
+
+
+async def _pricings_by_plan(conn: Connection | asyncpg.Pool,
+                            plan_ids: Iterable[int]) -> dict[int, list[asyncpg.Record]]:
+    found: dict[int, list[asyncpg.Record]] = defaultdict(list)
+    for row in await rrepo.counter_pricings(conn, sorted(set(plan_ids))):
+        found[row["plan_id"]].append(row)
+    return found
+
+
+async def on_attach(conn: Connection, account: AccountRef, account_plan_id: int,
+                    day: date | None = None) -> list[Draw]:
+    """In the attaching transaction: settle every started period of the new account plan."""
+    if account.credit_type is None:
+        return []  # nothing to draw against: the bill run charges it
+    plan = await rrepo.account_plan(conn, account_plan_id)
+    assert plan is not None
+    pricings = (await _pricings_by_plan(conn, [plan["plan_id"]]))[plan["plan_id"]]
+    settlement = _Settlement(conn, account, account.credit_type)
+    for period in started_periods(plan, plan["start_date"], day or today()):
+        await settlement.period(plan, pricings, period)
+    return settlement.draws
+
+
+async def on_adjust(conn: Connection, account: AccountRef, counter_id: int, effective: date,
+                    day: date | None = None) -> list[Draw]:
+    """In the adjusting transaction (after the level is written): settle every started period
+    the new level changes, of every plan of the account that prices the counter."""
+    if account.credit_type is None:
+        return []
+    plans = await rrepo.account_plans_pricing_counter(conn, account.id, counter_id)
+    by_plan = await _pricings_by_plan(conn, [p["plan_id"] for p in plans])
+    settlement = _Settlement(conn, account, account.credit_type)
+    for plan in plans:
+        pricings = by_plan[plan["plan_id"]]
+        mine = [p for p in pricings if p["counter_id"] == counter_id]
+        for period in started_periods(plan, effective, day or today()):
+            if any(overlaps(p, period) for p in mine):
+                await settlement.period(plan, pricings, period, changed=effective)
+    return settlement.draws
+
+
+async def sweep(ctx: AppContext, day: date | None = None,
+                account_ids: list[int] | None = None) -> int:
+    """Worker: settle the current period of every account plan in effect whose standing charge
+    or counter charges that period has not been settled yet. Safe in any number of processes
+    (the account's row lock, then the charges' own); returns the debits drawn."""
+    day = day or today()
+    plans = await rrepo.active_account_plans(ctx.pool, day, account_ids)
+    if not plans:
+        return 0
+    by_plan = await _pricings_by_plan(ctx.pool, [p["plan_id"] for p in plans])
+    expected: dict[tuple[int, str, date], asyncpg.Record] = {}
+    for plan in plans:
+        period = period_of(plan["start_date"], plan["bill_frequency"], plan["bill_interval"], day)
+        keys = [f"s{plan['id']}"] if Decimal(plan["standing_charge"]) > 0 else []
+        keys += [f"p{p['id']}" for p in by_plan[plan["plan_id"]] if overlaps(p, period)]
+        for key in keys:
+            expected[(plan["account_id"], key, period[0])] = plan
+    done = await rrepo.settled(ctx.pool, list(expected))
+    due: dict[int, dict[int, asyncpg.Record]] = defaultdict(dict)
+    for charge, plan in expected.items():
+        if charge not in done:
+            due[plan["account_id"]][plan["id"]] = plan
+    drawn = 0
+    for account_plans in due.values():
+        drawn += await _settle_current(ctx, list(account_plans.values()), by_plan, day)
+    return drawn
+
+
+async def _settle_current(ctx: AppContext, plans: list[asyncpg.Record],
+                          by_plan: dict[int, list[asyncpg.Record]], day: date) -> int:
+    account = await ctx.catalog.account(plans[0]["account"])
+    if account is None or account.credit_type is None:
+        return 0
+    try:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            await rrepo.lock_account(conn, account.id)
+            settlement = _Settlement(conn, account, account.credit_type)
+            for plan in plans:
+                period = period_of(plan["start_date"], plan["bill_frequency"],
+                                   plan["bill_interval"], day)
+                await settlement.period(plan, by_plan[plan["plan_id"]], period)
+    except ValidationProblem as problem:  # e.g. no conversion rate yet: the next pass retries
+        log.warning("recurring charges of account %s not drawn: %s", account.code,
+                    problem.detail)
+        return 0
+    await send(ctx, settlement.draws)
+    return len(settlement.draws)
+
+
+async def send(ctx: AppContext, draws: list[Draw]) -> None:
+    """Debit through the usage path (drawdown order, overage, durability, idempotency by uid)."""
+    at = now_ms()
+    prepared = [prepared_usage(i, d.uid, d.account, d.credit_type, d.product, d.minor, at)
+                for i, d in enumerate(draws) if 0 < d.minor < MAX_SCALED]
+    if prepared:
+        await debit_prepared(ctx, prepared, answer=False)
+
+
+_SETTLED_ON: dict[int, date] = {}  # account id -> the day its current periods were last settled
+_SETTLED_MAX = 100_000
+
+
+async def after_measurements(ctx: AppContext, items: list[Any],
+                             results: list[MeasurementResult]) -> None:
+    """First activity in a period: the first rated measurement of an account (per process and
+    day) settles its current periods if the sweep has not yet. Best effort: the measurements
+    are already committed, and the sweep does the same."""
+    day = today()
+    codes = {item["account"] for item, result in zip(items, results, strict=True)
+             if result.status == "rated" and isinstance(item, dict)}
+    ids = []
+    for code in codes:
+        account = await ctx.catalog.account(code)
+        if account is not None and _SETTLED_ON.get(account.id) != day:
+            ids.append(account.id)
+    if not ids:
+        return
+    try:
+        await sweep(ctx, day, ids)
+    except STORE_ERRORS as exc:
+        log.warning("recurring charges not settled after measurements: %s", exc)
+        return
+    if len(_SETTLED_ON) > _SETTLED_MAX:
+        _SETTLED_ON.clear()
+    _SETTLED_ON.update(dict.fromkeys(ids, day))
