@@ -30,7 +30,7 @@ from app.recharge.triggers import insert_triggers, triggers_for
 from app.webhooks.outbox import events_for, publish
 
 log = logging.getLogger(__name__)
-MAX_BATCH = 2_000
+MAX_BATCH = 500
 
 
 def ms_to_dt(ms: int) -> datetime:
