@@ -15,6 +15,7 @@ from app.errors import STORE_ERRORS
 from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
 from app.rating.drawdown import send_unsent
+from app.rating.giveback import settle_unsettled
 from app.recharge.runner import run_recharges
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
             await expire_due(ctx)
             await send_unsent(ctx)
+            await settle_unsettled(ctx)
         except STORE_ERRORS as exc:
             log.warning("worker pass skipped: %s", exc)
         except Exception:

@@ -240,6 +240,8 @@ class MeasurementResult(BaseModel):
     uid: str | None
     status: Literal["rated", "unrated", "duplicate", "rejected"]
     debits: list[Debit] = []
+    credits: list[Debit] = Field(default=[], description="give-backs: what a charge that went "
+                                 "down credited back")
     error: ItemError | None = None
 
 
