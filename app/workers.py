@@ -16,6 +16,7 @@ from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
 from app.rating.drawdown import send_unsent
 from app.rating.giveback import settle_unsettled
+from app.rating.rerate import rerate_pending
 from app.recharge.runner import run_recharges
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await expire_due(ctx)
             await send_unsent(ctx)
             await settle_unsettled(ctx)
+            await rerate_pending(ctx)
         except STORE_ERRORS as exc:
             log.warning("worker pass skipped: %s", exc)
         except Exception:

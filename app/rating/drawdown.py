@@ -183,8 +183,7 @@ async def record_measurements(ctx: AppContext, items: list[Any],
                 results[item.index] = _rejected(item.body.model_dump(), problem, "")
             new = set()
             valid = []
-        await _send(ctx, valid)
-        await give_back(ctx, valid)
+        await send_rated(ctx, valid)
         for item in valid:
             credit_type = item.account.credit_type
             if credit_type is not None:  # (built here, outside the group's lock)
@@ -421,23 +420,50 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
         placements = [_placement(item, p) for item in items for p in item.pricings]
         measurements = [(i.account.id, i.body.uid, i.meter.id, i.body.timestamp,
                          _plain(i.body.data), bool(i.pricings)) for i in items]
-        states: dict[repo.StateKey, asyncpg.Record] = {}
-        charges: dict[repo.ChargeKey, asyncpg.Record] = {}
-        if placements:
-            charge_keys = {(r.item.account.id, f"p{r.pricing['id']}", r.state_key[2],
-                            r.item.account.credit_type.id if r.item.account.credit_type else 0)
-                           for r in placements}
-            state_rows, charge_rows, new = await repo.lock_and_insert(
-                conn, list({r.state_key for r in placements}), list(charge_keys), measurements)
-            states = {(r["account_id"], r["pricing_id"], r["period_start"], r["key"]): r
-                      for r in state_rows}
-            charges = {(r["account_id"], r["key"], r["period_start"]): r for r in charge_rows}
-        else:
-            new = await repo.insert_measurements(conn, measurements)
+        if not placements:
+            return await repo.insert_measurements(conn, measurements)
+        states, charges, new = await _lock(conn, placements, measurements)
         placements = [r for r in placements if (r.item.account.id, r.item.body.uid) in new]
         if placements:
             await _move(conn, placements, states, charges, now)
     return new
+
+
+async def _lock(conn: Connection, placements: list[Rated], measurements: list[tuple[Any, ...]]
+                ) -> tuple[dict[repo.StateKey, asyncpg.Record], dict[repo.ChargeKey, asyncpg.Record],
+                           set[tuple[int, str]]]:
+    """Store the measurements, then create-and-lock the states and running charges the
+    placements touch (`repo.lock_and_insert`: one fixed order, so no deadlock)."""
+    charge_keys = {(r.item.account.id, f"p{r.pricing['id']}", r.state_key[2],
+                    r.item.account.credit_type.id if r.item.account.credit_type else 0)
+                   for r in placements}
+    state_rows, charge_rows, new = await repo.lock_and_insert(
+        conn, list({r.state_key for r in placements}), list(charge_keys), measurements)
+    states = {(r["account_id"], r["pricing_id"], r["period_start"], r["key"]): r
+              for r in state_rows}
+    charges = {(r["account_id"], r["key"], r["period_start"]): r for r in charge_rows}
+    return states, charges, new
+
+
+async def rate_stored(conn: Connection, items: list[Item], today: date) -> list[Item]:
+    """Rate measurements stored unrated, in the caller's transaction (which holds their rows):
+    each is placed in the pricings that now cover its day, if that billing period is still
+    open (ends after `today`), and moves the states exactly as a new one would. Returns the
+    items rated; sending their debits and give-backs is the caller's, after the commit."""
+    found = await repo.active_pricings_many(
+        conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in items}))
+    for item in items:
+        day = item.body.timestamp.date()
+        item.pricings = [p for p in found.get((item.account.id, item.meter.id, day), [])
+                         if period_of(p["anchor"], p["bill_frequency"], p["bill_interval"],
+                                      day)[1] > today]
+        item.debits, item.sends, item.gives = [], [], []
+    rated = [item for item in items if item.pricings]
+    placements = [_placement(item, p) for item in rated for p in item.pricings]
+    if placements:
+        states, charges, _ = await _lock(conn, placements, [])
+        await _move(conn, placements, states, charges, datetime.now(UTC))
+    return rated
 
 
 async def _move(conn: Connection, placements: list[Rated],
@@ -536,6 +562,12 @@ async def _send(ctx: AppContext, items: list[Item]) -> None:
                                                product, minor, at))
     if prepared:
         await debit_prepared(ctx, prepared, answer=False)
+
+
+async def send_rated(ctx: AppContext, items: list[Item]) -> None:
+    """After the commit: the debits, then the give-backs, of rated measurements."""
+    await _send(ctx, items)
+    await give_back(ctx, items)
 
 
 async def give_back(ctx: AppContext, items: list[Item]) -> None:

@@ -587,8 +587,8 @@ async def claim_unrated(conn: Connection, account_id: int, limit: int) -> list[a
     current period's first), skipping those another re-rater holds. FOR UPDATE re-checks
     `NOT rated` on the latest version, so one rated meanwhile is never taken twice."""
     return await conn.fetch(
-        """SELECT m.uid, m.ts, m.data, mt.code AS meter FROM measurements m
-           JOIN meters mt ON mt.id = m.meter_id
+        """SELECT m.uid, m.ts, m.data, mt.code AS meter, a.code AS account FROM measurements m
+           JOIN meters mt ON mt.id = m.meter_id JOIN accounts a ON a.id = m.account_id
            WHERE m.account_id = $1 AND NOT m.rated
              AND EXISTS (
                SELECT 1 FROM account_plans ap JOIN pricings pr ON pr.plan_id = ap.plan_id
