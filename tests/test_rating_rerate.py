@@ -207,3 +207,21 @@ async def test_rerates_running_at_once_rate_each_measurement_once(
     assert await _drawn(api, account) == expected
     assert await db.fetchval("SELECT count FROM aggregation_states WHERE account_id = $1",
                              account_id) == 300
+
+
+async def test_a_request_is_kept_for_its_grace_period_then_dropped(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    from app.rating.rerate import rerate_pending
+
+    names = await api.setup()
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", names["account"])
+    await db.execute("INSERT INTO rerate_requests (account_id) VALUES ($1)", account_id)
+    await rerate_pending(app.state.ctx)
+    # young: kept (a measurement racing the plan's commit may still show up)
+    assert await db.fetchval("SELECT count(*) FROM rerate_requests WHERE account_id = $1",
+                             account_id) == 1
+    await db.execute("UPDATE rerate_requests SET requested_at = now() - interval '2 minutes' "
+                     "WHERE account_id = $1", account_id)
+    await rerate_pending(app.state.ctx)
+    assert await db.fetchval("SELECT count(*) FROM rerate_requests WHERE account_id = $1",
+                             account_id) == 0

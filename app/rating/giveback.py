@@ -87,9 +87,14 @@ async def settle_charge(ctx: AppContext, account_id: int, charge_key: str,
     done = await ledger_repo.committed_ops(ctx.pool, [
         part_op(p["account_id"], p["credit_uid"], p["seq"]) for p in parts] + [
         f"g:{p['fallback_balance_id']}" for p in parts if p["fallback_balance_id"]])
-    for part in parts:
-        await _apply(ctx, part, done)
-        await repo.part_applied(ctx.pool, part["account_id"], part["credit_uid"], part["seq"])
+    try:
+        for part in parts:
+            await _apply(ctx, part, done)
+            await repo.part_applied(ctx.pool, part["account_id"], part["credit_uid"],
+                                    part["seq"])
+    except Exception:  # the next pass may take them at once, not when the lease runs out
+        await repo.release_credit_parts(ctx.pool, account_id, [p["credit_uid"] for p in parts])
+        raise
     await repo.settle_credits(ctx.pool, account_id, charge_key, period_start)
 
 

@@ -509,6 +509,13 @@ async def part_applied(conn: Conn, account_id: int, credit_uid: str, seq: int) -
            WHERE account_id = $1 AND credit_uid = $2 AND seq = $3""", account_id, credit_uid, seq)
 
 
+async def release_credit_parts(conn: Conn, account_id: int, credit_uids: list[str]) -> None:
+    await conn.execute(
+        """UPDATE rated_credit_parts SET lease_until = NULL
+           WHERE account_id = $1 AND credit_uid = ANY($2::text[]) AND applied_at IS NULL""",
+        account_id, credit_uids)
+
+
 async def fallback_balance(conn: Conn, account_id: int, credit_uid: str, seq: int) -> int:
     """The balance id a part is granted under instead (reserved once, then always the same)."""
     found: int = await conn.fetchval(
@@ -573,7 +580,7 @@ async def accounts_on_plan(conn: Conn, plan_id: int) -> list[int]:
 async def rerate_requests(conn: Conn, limit: int) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT account_id, requested_at, now() - requested_at AS age FROM rerate_requests
-           ORDER BY requested_at LIMIT $1""", limit)
+           ORDER BY requested_at DESC LIMIT $1""", limit)
 
 
 async def drop_rerate_request(conn: Conn, account_id: int, requested_at: Any) -> None:

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 BATCH = 1_000
-ACCOUNTS_PER_PASS = 50
+# newest requests first: a fresh one is worked on the next pass however many are kept
+ACCOUNTS_PER_PASS = 500
 GRACE_S = 60.0  # float-ok: seconds
 
 
