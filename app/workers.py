@@ -16,7 +16,9 @@ from app.errors import STORE_ERRORS
 from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
 from app.rating.drawdown import send_unsent
+from app.rating.giveback import settle_unsettled
 from app.rating.recurring import sweep as draw_recurring_charges
+from app.rating.rerate import rerate_pending
 from app.recharge.runner import run_recharges
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ async def _store_workers(ctx: AppContext) -> None:
             await expire_due(ctx)
             await send_unsent(ctx)
             await draw_recurring_charges(ctx)
+            await settle_unsettled(ctx)
+            await rerate_pending(ctx)
         except STORE_ERRORS as exc:
             log.warning("worker pass skipped: %s", exc)
         except Exception:

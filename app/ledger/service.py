@@ -261,3 +261,43 @@ async def refund(ctx: AppContext, balance_id: int, granted: Decimal, description
     except Conflict:
         return False
     return True
+
+
+# Rating give-backs: credit returned under operation keys the caller chose, so a retry (or a
+# second process repairing the same give-back) changes nothing once the first one committed.
+
+async def credit_back(ctx: AppContext, account: AccountRef, credit_type: CreditTypeRef,
+                      balance_id: int, amount: int, op: str, *, uid: str, product: str,
+                      description: str) -> bool:
+    """Give `amount` (minor units) back to a balance as an adjustment keyed `op`, traced to
+    `uid` and `product`. False when the balance is no longer live (voided or expired)."""
+    payload = _op_payload(op, account, credit_type, balance_id, description, uid=uid,
+                          prod=product)
+    try:
+        await ledger_op(ctx, account, "adjustment", balance_id, payload, amount)
+    except Conflict:
+        return False
+    return True
+
+
+async def grant_reserved(ctx: AppContext, account: AccountRef, credit_type: CreditTypeRef,
+                         balance_id: int, amount: int, *, products: list[str] | None,
+                         priority: int, description: str, source: str) -> None:
+    """Grant a balance under an id the caller reserved (`next_balance_id`), effective now and
+    never expiring; once only, however often it is called."""
+    op = f"g:{balance_id}"
+    if await repo.committed_ops(ctx.pool, [op]):
+        return
+    eff_ms = now_ms()
+    scope = sorted(set(products)) if products else None
+    definition = balance_def(credit_type.code, priority, eff_ms, None, "active", scope)
+    payload = _op_payload(op, account, credit_type, balance_id, description, bal={
+        "products": scope, "priority": priority, "eff": eff_ms, "exp": None,
+        "description": description, "source": source})
+    payload["def"] = definition
+    try:
+        await ledger_op(ctx, account, "grant", balance_id, payload, amount, definition)
+    except Conflict:  # granted meanwhile by another caller: make sure that one is committed
+        await ctx.journal.recover_root(account.root_id)
+        if not await repo.committed_ops(ctx.pool, [op]):
+            raise

@@ -4,12 +4,17 @@ One Postgres transaction per batch: the aggregation states the batch touches are
 fixed order, the new measurements are stored (a duplicate uid changes nothing), each one moves
 its states, and for every pricing the charge delta `charge(after) - charge(before)` is added,
 converted to the account's credit type, to the pricing's cumulative charge for the period.
-What is debited is `round(cumulative after) - round(cumulative before)`: rounding happens once
-(half up at the credit type's places) and the remainder is carried, so the debits add up to the
-rounded total. Each debit is written as a `rated_debits` row in that transaction and then sent
-through the usage path under a deterministic uid; a crash in between is repaired by
-`send_unsent` (worker). A charge that goes down (MIN, LATEST, MEAN) is not refunded mid-period:
-the drawn amount stays at its high-water mark and the bill run settles the difference.
+What is drawn follows `round(cumulative)` both ways: rounding happens once (half up at the
+credit type's places) and the remainder is carried, so what was drawn always equals the rounded
+total. When it goes up, the difference is a debit: a `rated_debits` row written in that
+transaction (with its charge key and period), then sent through the usage path under the
+deterministic uid `r<pricing>:<uid>`; a crash in between is repaired by `send_unsent` (worker).
+When it goes down (MIN, LATEST or MEAN falling, a volume or stair-step price dropping to a
+cheaper band), the difference is a give-back: a `rated_credits` row (uid `c<pricing>:<uid>`)
+written in the same transaction, then paid by reversing the period's own earlier debits, newest
+first, overage before balances (`app/rating/giveback.py`); what a crash or a debit still in
+flight leaves unpaid, the worker (`giveback.settle_unsettled`) pays. A replayed measurement uid
+is not new, so it moves nothing and writes neither.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from app.errors import Problem, ValidationProblem
 from app.http import validate_items
 from app.ledger.ops import now_ms
 from app.money import MAX_SCALED
+from app.rating import giveback
 from app.rating import repository as repo
 from app.rating.expressions import Node, evaluate, parse
 from app.rating.periods import period_of
@@ -67,6 +73,9 @@ class Item:
     debits: list[Debit] = field(default_factory=list)
     # what goes to the usage path: (usage uid, product, amount in minor units, pricing id)
     sends: list[tuple[str, str, int, int]] = field(default_factory=list)
+    # give-backs: (credit uid, product, amount in minor units, pricing id, period start)
+    gives: list[tuple[str, str, int, int, date]] = field(default_factory=list)
+    credits: list[Debit] = field(default_factory=list)
 
 
 _METERS: dict[str, tuple[Meter, float]] = {}
@@ -174,27 +183,36 @@ async def record_measurements(ctx: AppContext, items: list[Any],
                 results[item.index] = _rejected(item.body.model_dump(), problem, "")
             new = set()
             valid = []
-        await _send(ctx, valid)
+        await send_rated(ctx, valid)
         for item in valid:
             credit_type = item.account.credit_type
-            if item.sends and credit_type is not None:  # (built here, outside the group's lock)
+            if credit_type is not None:  # (built here, outside the group's lock)
                 places = -credit_type.decimal_places
                 item.debits = [Debit(pricing=f"p{pricing_id}", product=product,
                                      credit_type=credit_type.code,
                                      amount=f"{Decimal(minor).scaleb(places):f}")
                                for _, product, minor, pricing_id in item.sends]
+                item.credits = [Debit(pricing=f"p{pricing_id}", product=product,
+                                      credit_type=credit_type.code,
+                                      amount=f"{Decimal(minor).scaleb(places):f}")
+                                for _, product, minor, pricing_id, _ in item.gives]
             results[item.index] = MeasurementResult(
-                uid=item.body.uid, debits=item.debits,
+                uid=item.body.uid, debits=item.debits, credits=item.credits,
                 status="duplicate" if (item.account.id, item.body.uid) not in new
                 else "rated" if item.pricings else "unrated")
     return [results[i] for i in range(len(items))]
 
 
-def debit_uid(uid: str, pricing_id: int) -> str:
-    usage_uid = f"r{pricing_id}:{uid}"
+def debit_uid(uid: str, pricing_id: int, prefix: str = "r") -> str:
+    usage_uid = f"{prefix}{pricing_id}:{uid}"
     if len(usage_uid) <= 128:
         return usage_uid
-    return f"r{pricing_id}:h:{hashlib.sha256(uid.encode()).hexdigest()}"
+    return f"{prefix}{pricing_id}:h:{hashlib.sha256(uid.encode()).hexdigest()}"
+
+
+def credit_uid(uid: str, pricing_id: int) -> str:
+    """The give-back a measurement caused for a pricing: `c<pricing id>:<uid>`."""
+    return debit_uid(uid, pricing_id, "c")
 
 
 @dataclass(slots=True)
@@ -398,71 +416,115 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
         for item in items:  # (a group retried after a rollback starts afresh)
             item.pricings = found.get((item.account.id, item.meter.id,
                                        item.body.timestamp.date()), [])
-            item.debits, item.sends = [], []
+            item.debits, item.sends, item.gives = [], [], []
         placements = [_placement(item, p) for item in items for p in item.pricings]
         measurements = [(i.account.id, i.body.uid, i.meter.id, i.body.timestamp,
                          _plain(i.body.data), bool(i.pricings)) for i in items]
-        states, charges = {}, {}
-        if placements:
-            charge_keys = {(r.item.account.id, f"p{r.pricing['id']}", r.state_key[2],
-                            r.item.account.credit_type.id if r.item.account.credit_type else 0)
-                           for r in placements}
-            state_rows, charge_rows, new = await repo.lock_and_insert(
-                conn, list({r.state_key for r in placements}), list(charge_keys), measurements)
-            states = {(r["account_id"], r["pricing_id"], r["period_start"], r["key"]): r
-                      for r in state_rows}
-            charges = {(r["account_id"], r["key"], r["period_start"]): r for r in charge_rows}
-        else:
-            new = await repo.insert_measurements(conn, measurements)
-        placements = [r for r in placements if (r.item.account.id, r.item.body.uid) in new]
         if not placements:
-            return new
-        unique_rows = [(*r.state_key, _unique_text(r.value)) for r in placements
-                       if r.pricing["function"] == "UNIQUE" and r.value is not None]
-        fresh = await repo.new_uniques(conn, unique_rows)
-        agg = {key: _state(row) for key, row in states.items()}
-        exact = {key: Decimal(row["exact"]) for key, row in charges.items()}
-        drawn = {key: int(row["drawn_minor"]) for key, row in charges.items()}
-        factors: dict[tuple[int, int, date], tuple[Decimal, bool]] = {}
-        debits = []
-        charged: dict[repo.StateKey, Decimal] = {}  # each state's charge after its last move
-        for r in placements:
-            if r.value is None:  # the target field is absent (a division by zero)
-                continue
-            state = agg[r.state_key]
-            before = charged.get(r.state_key)
-            if before is None:
-                before = charge_of(r.pricing, state)
-            is_new = False
-            if fresh and r.pricing["function"] == "UNIQUE":
-                unique = (*r.state_key, _unique_text(r.value))
-                is_new = unique in fresh
-                fresh.discard(unique)
-            ts_key = f"{int(r.item.body.timestamp.timestamp() * 1000):015d}:{r.item.body.uid}"
-            state.add(r.value if isinstance(r.value, Decimal) else Decimal(0), ts_key, is_new)
-            after = charged[r.state_key] = charge_of(r.pricing, state)
-            delta = after - before
-            ck = (r.item.account.id, f"p{r.pricing['id']}", r.state_key[2])
-            credit_type = r.item.account.credit_type
-            known = factors.get((r.pricing["currency_id"], credit_type.id,
-                                 r.item.body.timestamp.date())) if credit_type else None
-            rate, multiply = known or await _factor(conn, r.pricing, r.item, factors)
-            exact[ck] += convert(delta, rate, multiply)
-            assert credit_type is not None
-            target = max(drawn[ck], to_minor(exact[ck], credit_type.decimal_places))
-            if target > drawn[ck]:
-                minor = target - drawn[ck]
-                amount = Decimal(minor).scaleb(-credit_type.decimal_places)
-                drawn[ck] = target
-                uid = debit_uid(r.item.body.uid, r.pricing["id"])
-                product = r.pricing["product"]
-                r.item.sends.append((uid, product, minor, r.pricing["id"]))
-                debits.append((r.item.account.id, uid, product, credit_type.code, amount, now))
-        await repo.save_rating(
-            conn, [(*k, s.count, s.total, s.low, s.high, s.latest, s.latest_key, s.uniques)
-                   for k, s in agg.items()],
-            [(*k, exact[k], drawn[k]) for k in exact], debits)
+            return await repo.insert_measurements(conn, measurements)
+        states, charges, new = await _lock(conn, placements, measurements)
+        placements = [r for r in placements if (r.item.account.id, r.item.body.uid) in new]
+        if placements:
+            await _move(conn, placements, states, charges, now)
     return new
+
+
+async def _lock(conn: Connection, placements: list[Rated], measurements: list[tuple[Any, ...]]
+                ) -> tuple[dict[repo.StateKey, asyncpg.Record], dict[repo.ChargeKey, asyncpg.Record],
+                           set[tuple[int, str]]]:
+    """Store the measurements, then create-and-lock the states and running charges the
+    placements touch (`repo.lock_and_insert`: one fixed order, so no deadlock)."""
+    charge_keys = {(r.item.account.id, f"p{r.pricing['id']}", r.state_key[2],
+                    r.item.account.credit_type.id if r.item.account.credit_type else 0)
+                   for r in placements}
+    state_rows, charge_rows, new = await repo.lock_and_insert(
+        conn, list({r.state_key for r in placements}), list(charge_keys), measurements)
+    states = {(r["account_id"], r["pricing_id"], r["period_start"], r["key"]): r
+              for r in state_rows}
+    charges = {(r["account_id"], r["key"], r["period_start"]): r for r in charge_rows}
+    return states, charges, new
+
+
+async def rate_stored(conn: Connection, items: list[Item], today: date) -> list[Item]:
+    """Rate measurements stored unrated, in the caller's transaction (which holds their rows):
+    each is placed in the pricings that now cover its day, if that billing period is still
+    open (ends after `today`), and moves the states exactly as a new one would. Returns the
+    items rated; sending their debits and give-backs is the caller's, after the commit."""
+    found = await repo.active_pricings_many(
+        conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in items}))
+    for item in items:
+        day = item.body.timestamp.date()
+        item.pricings = [p for p in found.get((item.account.id, item.meter.id, day), [])
+                         if period_of(p["anchor"], p["bill_frequency"], p["bill_interval"],
+                                      day)[1] > today]
+        item.debits, item.sends, item.gives = [], [], []
+    rated = [item for item in items if item.pricings]
+    placements = [_placement(item, p) for item in rated for p in item.pricings]
+    if placements:
+        states, charges, _ = await _lock(conn, placements, [])
+        await _move(conn, placements, states, charges, datetime.now(UTC))
+    return rated
+
+
+async def _move(conn: Connection, placements: list[Rated],
+                states: dict[repo.StateKey, asyncpg.Record],
+                charges: dict[repo.ChargeKey, asyncpg.Record], now: datetime) -> None:
+    """Move the locked states by the placements, add each charge delta to its pricing's running
+    charge, and write back states, charges, debits and give-backs (one statement). The running
+    charge is drawn to `round(exact)` both ways: a debit when it goes up, a give-back when it
+    goes down."""
+    unique_rows = [(*r.state_key, _unique_text(r.value)) for r in placements
+                   if r.pricing["function"] == "UNIQUE" and r.value is not None]
+    fresh = await repo.new_uniques(conn, unique_rows)
+    agg = {key: _state(row) for key, row in states.items()}
+    exact = {key: Decimal(row["exact"]) for key, row in charges.items()}
+    drawn = {key: int(row["drawn_minor"]) for key, row in charges.items()}
+    factors: dict[tuple[int, int, date], tuple[Decimal, bool]] = {}
+    debits, credits = [], []
+    charged: dict[repo.StateKey, Decimal] = {}  # each state's charge after its last move
+    for r in placements:
+        if r.value is None:  # the target field is absent (a division by zero)
+            continue
+        state = agg[r.state_key]
+        before = charged.get(r.state_key)
+        if before is None:
+            before = charge_of(r.pricing, state)
+        is_new = False
+        if fresh and r.pricing["function"] == "UNIQUE":
+            unique = (*r.state_key, _unique_text(r.value))
+            is_new = unique in fresh
+            fresh.discard(unique)
+        ts_key = f"{int(r.item.body.timestamp.timestamp() * 1000):015d}:{r.item.body.uid}"
+        state.add(r.value if isinstance(r.value, Decimal) else Decimal(0), ts_key, is_new)
+        after = charged[r.state_key] = charge_of(r.pricing, state)
+        delta = after - before
+        ck = (r.item.account.id, f"p{r.pricing['id']}", r.state_key[2])
+        credit_type = r.item.account.credit_type
+        known = factors.get((r.pricing["currency_id"], credit_type.id,
+                             r.item.body.timestamp.date())) if credit_type else None
+        rate, multiply = known or await _factor(conn, r.pricing, r.item, factors)
+        exact[ck] += convert(delta, rate, multiply)
+        assert credit_type is not None
+        # never below nothing: a running charge made negative by rates that changed mid-period
+        target = max(0, to_minor(exact[ck], credit_type.decimal_places))
+        if target == drawn[ck]:
+            continue
+        minor = target - drawn[ck]
+        drawn[ck] = target
+        amount = Decimal(abs(minor)).scaleb(-credit_type.decimal_places)
+        product = r.pricing["product"]
+        if minor > 0:
+            uid = debit_uid(r.item.body.uid, r.pricing["id"])
+            r.item.sends.append((uid, product, minor, r.pricing["id"]))
+            debits.append((ck[0], uid, product, credit_type.code, amount, now, ck[1], ck[2]))
+        else:
+            uid = credit_uid(r.item.body.uid, r.pricing["id"])
+            r.item.gives.append((uid, product, -minor, r.pricing["id"], ck[2]))
+            credits.append((ck[0], uid, ck[1], ck[2], product, credit_type.code, amount, now))
+    await repo.save_rating(
+        conn, [(*k, s.count, s.total, s.low, s.high, s.latest, s.latest_key, s.uniques)
+               for k, s in agg.items()],
+        [(*k, exact[k], drawn[k]) for k in exact], debits, credits)
 
 
 def _unique_text(value: Decimal | str | None) -> str:
@@ -500,6 +562,20 @@ async def _send(ctx: AppContext, items: list[Item]) -> None:
                                                product, minor, at))
     if prepared:
         await debit_prepared(ctx, prepared, answer=False)
+
+
+async def send_rated(ctx: AppContext, items: list[Item]) -> None:
+    """After the commit: the debits, then the give-backs, of rated measurements."""
+    await _send(ctx, items)
+    await give_back(ctx, items)
+
+
+async def give_back(ctx: AppContext, items: list[Item]) -> None:
+    """Pay the give-backs a committed group wrote (see app/rating/giveback.py)."""
+    charges = {(item.account.id, f"p{pricing_id}", period)
+               for item in items for _, _, _, pricing_id, period in item.gives}
+    if charges:
+        await giveback.settle(ctx, sorted(charges))
 
 
 async def send_unsent(ctx: AppContext, older_than_s: float = 5.0,  # float-ok: seconds

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel
 
 from app.errors import NotFound, ValidationProblem
@@ -27,6 +29,7 @@ from app.rating.schemas import (
     CounterPage,
     MeasurementBatch,
     MeasurementBatchOut,
+    MeasurementOut,
     MeterIn,
     MeterOut,
     MeterPage,
@@ -142,11 +145,26 @@ async def measurements(call: Call) -> BaseModel:
     return result
 
 
+async def read_measurement(call: Call) -> BaseModel:
+    code, uid = call.path("code"), call.path("uid")
+    account = await call.ctx.catalog.account(code)
+    if account is None:
+        raise NotFound(f"no account {code!r}", field="code")
+    row = await repo.measurement(call.ctx.pool, account.id, uid)
+    if row is None:
+        raise NotFound(f"no measurement {uid!r} for this account", field="uid")
+    return MeasurementOut(uid=row["uid"], account=code, meter=row["meter"], timestamp=row["ts"],
+                          data=json.loads(row["data"]), rated=row["rated"])
+
+
 async def usage(call: Call) -> BaseModel:
     return await billing.bill_to_date(call.ctx, call.path("code"), call.query.at)
 
 
 RUNTIME_ENDPOINTS = [
+    Endpoint("GET", "/v1/accounts/{code}/measurements/{uid}", read_measurement, READ,
+             "A stored measurement and whether it has been rated", "runtime",
+             response=MeasurementOut),
     Endpoint("POST", "/v1/measurements", measurements, RUNTIME,
              "Submit measurements: one, or {measurements: [...]} up to 1,000, each answered on "
              "its own; rated ones draw balances down in real time", "runtime",
@@ -154,6 +172,9 @@ RUNTIME_ENDPOINTS = [
 ]
 
 ENDPOINTS = [
+    Endpoint("GET", "/v1/accounts/{code}/measurements/{uid}", read_measurement, READ,
+             "A stored measurement and whether it has been rated", "runtime",
+             response=MeasurementOut),
     Endpoint("GET", "/v1/accounts/{code}/usage", usage, READ,
              "Bill-to-date: each pricing's quantity, bands and amount for a period", "runtime",
              query=UsageQuery, response=AccountUsageOut),

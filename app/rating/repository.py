@@ -302,8 +302,10 @@ def _columns(rows: list[tuple[Any, ...]], kinds: str) -> list[str]:
 
 
 async def save_rating(conn: Connection, states: list[tuple[Any, ...]],
-                      charges: list[tuple[Any, ...]], debits: list[tuple[Any, ...]]) -> None:
-    """Write back the locked states and charges and insert the debits, in one statement."""
+                      charges: list[tuple[Any, ...]], debits: list[tuple[Any, ...]],
+                      credits: list[tuple[Any, ...]]) -> None:
+    """Write back the locked states and charges and insert the debits and give-backs, in one
+    statement."""
     await conn.execute(
         """WITH st AS (
              UPDATE aggregation_states s SET count = k.n, total = k.total, low = k.low,
@@ -319,14 +321,22 @@ async def save_rating(conn: Connection, states: list[tuple[Any, ...]],
              FROM unnest($12::text::int8[], $13::text::text[], $14::text::date[],
                          $15::text::numeric[], $16::text::int8[])
                   AS k(a, ck, d, e, m)
-             WHERE c.account_id = k.a AND c.charge_key = k.ck AND c.period_start = k.d)
-           INSERT INTO rated_debits (account_id, uid, product_code, credit_type, amount, ts)
+             WHERE c.account_id = k.a AND c.charge_key = k.ck AND c.period_start = k.d),
+           cr AS (
+             INSERT INTO rated_credits (account_id, uid, charge_key, period_start, product_code,
+                                        credit_type, amount, ts)
+             SELECT * FROM unnest($25::text::int8[], $26::text::text[], $27::text::text[],
+                                  $28::text::date[], $29::text::text[], $30::text::text[],
+                                  $31::text::numeric[], $32::text::timestamptz[])
+             ON CONFLICT DO NOTHING)
+           INSERT INTO rated_debits (account_id, uid, product_code, credit_type, amount, ts,
+                                     charge_key, period_start)
            SELECT * FROM unnest($17::text::int8[], $18::text::text[], $19::text::text[],
                                 $20::text::text[], $21::text::numeric[],
-                                $22::text::timestamptz[])
+                                $22::text::timestamptz[], $23::text::text[], $24::text::date[])
            ON CONFLICT DO NOTHING""",
         *_columns(states, "iidtinnnnti"), *_columns(charges, "itdni"),
-        *_columns(debits, "itttns"))
+        *_columns(debits, "itttnstd"), *_columns(credits, "ittdttns"))
 
 
 async def insert_measurements(conn: Connection, rows: list[tuple[Any, ...]]) -> set[tuple[int, str]]:
@@ -401,3 +411,213 @@ async def pricings_at(conn: Conn, plan_id: int, day: date) -> list[asyncpg.Recor
                                 FROM aggregations WHERE id = pr.aggregation_id) g2 ON true
         WHERE pr.plan_id = $1 AND pr.start_date <= $2 AND (pr.end_date IS NULL OR pr.end_date > $2)
         ORDER BY pr.id""", plan_id, day)
+
+
+# --- give-backs (a running charge that went down) -------------------------------------------
+
+GIVEBACK_LOCK = 0x67697665  # "give": advisory lock class of the per-charge give-back planning
+LEASE_S = 30
+
+
+async def lock_charge_giveback(conn: Connection, account_id: int, charge_key: str,
+                               period_start: date) -> None:
+    """Serialise give-back planning per running charge (never held while a part is applied)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1::int4, hashtext($2))", GIVEBACK_LOCK,
+                       f"{account_id}:{charge_key}:{period_start}")
+
+
+async def open_credits(conn: Conn, account_id: int, charge_key: str,
+                       period_start: date) -> list[asyncpg.Record]:
+    """A charge's unsettled give-backs, oldest first, with what their parts already cover."""
+    return await conn.fetch(
+        """SELECT c.uid, c.amount,
+                  COALESCE(sum(p.amount), 0) AS planned, COALESCE(max(p.seq) + 1, 0) AS next_seq
+           FROM rated_credits c LEFT JOIN rated_credit_parts p
+                ON p.account_id = c.account_id AND p.credit_uid = c.uid
+           WHERE c.account_id = $1 AND c.charge_key = $2 AND c.period_start = $3
+             AND c.settled_at IS NULL
+           GROUP BY c.uid, c.amount, c.created_at ORDER BY c.created_at, c.uid""",
+        account_id, charge_key, period_start)
+
+
+async def reversible(conn: Conn, account_id: int, charge_key: str,
+                     period_start: date) -> list[asyncpg.Record]:
+    """What each of a charge's debits took (per balance, and its overage) less what give-backs
+    have planned to reverse, newest ledger entry first: within a debit its overage (written
+    last) comes first, then its balances in the reverse of the order they were drawn."""
+    return await conn.fetch(
+        """WITH d AS (SELECT uid FROM rated_debits
+                      WHERE account_id = $1 AND charge_key = $2 AND period_start = $3),
+                e AS (SELECT e.id, d.uid AS debit_uid, e.account_id AS owner_id, e.balance_id,
+                             -e.amount AS amount
+                      FROM d JOIN ledger_entries e ON e.op_key = 'u:' || $1::text || ':' || d.uid
+                      WHERE e.kind IN ('debit', 'overage') AND e.amount < 0),
+                t AS (SELECT p.debit_uid, p.balance_id, sum(p.amount) AS taken
+                      FROM rated_credit_parts p
+                      WHERE p.account_id = $1 AND p.debit_uid IN (SELECT uid FROM d)
+                      GROUP BY p.debit_uid, p.balance_id)
+           SELECT e.debit_uid, e.owner_id, e.balance_id, e.amount - COALESCE(t.taken, 0) AS left
+           FROM e LEFT JOIN t ON t.debit_uid = e.debit_uid
+                             AND t.balance_id IS NOT DISTINCT FROM e.balance_id
+           WHERE e.amount > COALESCE(t.taken, 0)
+           ORDER BY e.id DESC""", account_id, charge_key, period_start)
+
+
+async def unsent_charge_debits(conn: Conn, account_id: int, charge_key: str,
+                               period_start: date) -> list[asyncpg.Record]:
+    """A charge's rated debits not (yet) in usage_events."""
+    return await conn.fetch(
+        """SELECT d.*, a.code AS account FROM rated_debits d JOIN accounts a ON a.id = d.account_id
+           WHERE d.account_id = $1 AND d.charge_key = $2 AND d.period_start = $3
+             AND NOT EXISTS (SELECT 1 FROM usage_events u
+                             WHERE u.account_id = d.account_id AND u.uid = d.uid)""",
+        account_id, charge_key, period_start)
+
+
+async def insert_credit_parts(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    columns = [list(c) for c in zip(*rows, strict=True)]
+    await conn.execute(
+        """INSERT INTO rated_credit_parts (account_id, credit_uid, seq, source, debit_uid,
+                                           owner_id, balance_id, amount)
+           SELECT * FROM unnest($1::int8[], $2::text[], $3::int4[], $4::text[], $5::text[],
+                                $6::int8[], $7::int8[], $8::numeric[])""", *columns)
+
+
+async def claim_credit_parts(conn: Connection, account_id: int, charge_key: str,
+                             period_start: date) -> list[asyncpg.Record]:
+    """Lease a charge's unapplied give-back parts (to the caller, for LEASE_S: a crashed
+    applier's parts are taken over once the lease runs out), with what applying them needs."""
+    return await conn.fetch(
+        f"""UPDATE rated_credit_parts p SET lease_until = now() + interval '{LEASE_S} seconds'
+            FROM rated_credits c JOIN accounts a ON a.id = c.account_id
+            WHERE c.account_id = $1 AND c.charge_key = $2 AND c.period_start = $3
+              AND c.settled_at IS NULL AND p.account_id = c.account_id
+              AND p.credit_uid = c.uid AND p.applied_at IS NULL
+              AND (p.lease_until IS NULL OR p.lease_until < now())
+            RETURNING p.*, c.product_code, c.credit_type, a.code AS account,
+                      (SELECT code FROM accounts o WHERE o.id = p.owner_id) AS owner,
+                      (SELECT product_codes FROM balances b WHERE b.id = p.balance_id)
+                          AS product_codes,
+                      (SELECT priority FROM balances b WHERE b.id = p.balance_id) AS priority""",
+        account_id, charge_key, period_start)
+
+
+async def part_applied(conn: Conn, account_id: int, credit_uid: str, seq: int) -> None:
+    await conn.execute(
+        """UPDATE rated_credit_parts SET applied_at = now(), lease_until = NULL
+           WHERE account_id = $1 AND credit_uid = $2 AND seq = $3""", account_id, credit_uid, seq)
+
+
+async def release_credit_parts(conn: Conn, account_id: int, credit_uids: list[str]) -> None:
+    await conn.execute(
+        """UPDATE rated_credit_parts SET lease_until = NULL
+           WHERE account_id = $1 AND credit_uid = ANY($2::text[]) AND applied_at IS NULL""",
+        account_id, credit_uids)
+
+
+async def fallback_balance(conn: Conn, account_id: int, credit_uid: str, seq: int) -> int:
+    """The balance id a part is granted under instead (reserved once, then always the same)."""
+    found: int = await conn.fetchval(
+        """UPDATE rated_credit_parts
+           SET fallback_balance_id = COALESCE(fallback_balance_id, nextval('balances_id_seq'))
+           WHERE account_id = $1 AND credit_uid = $2 AND seq = $3
+           RETURNING fallback_balance_id""", account_id, credit_uid, seq)
+    return found
+
+
+async def insert_overage_credit(conn: Conn, op: str, account_id: int, credit_type_id: int,
+                                amount: Decimal, uid: str, product: str,
+                                description: str) -> bool:
+    """Reverse overage: an `overage` ledger entry with a positive amount (what the account owes
+    goes down), once per op key. The hot copy's overage is refreshed by the caller."""
+    found = await conn.fetchval(
+        """INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id, kind,
+                                       amount, usage_uid, product_code, description, created_at)
+           VALUES ($1, 0, $2, NULL, $3, 'overage', $4, $5, $6, $7, now())
+           ON CONFLICT (op_key, seq) DO NOTHING RETURNING 1""",
+        op, account_id, credit_type_id, amount, uid, product, description)
+    return found is not None
+
+
+async def settle_credits(conn: Conn, account_id: int, charge_key: str,
+                         period_start: date) -> None:
+    """Mark settled the give-backs whose parts cover them and are all applied."""
+    await conn.execute(
+        """UPDATE rated_credits c SET settled_at = now()
+           WHERE c.account_id = $1 AND c.charge_key = $2 AND c.period_start = $3
+             AND c.settled_at IS NULL
+             AND c.amount = (SELECT COALESCE(sum(p.amount), 0) FROM rated_credit_parts p
+                             WHERE p.account_id = c.account_id AND p.credit_uid = c.uid)
+             AND NOT EXISTS (SELECT 1 FROM rated_credit_parts p
+                             WHERE p.account_id = c.account_id AND p.credit_uid = c.uid
+                               AND p.applied_at IS NULL)""",
+        account_id, charge_key, period_start)
+
+
+async def unsettled_charges(conn: Conn, older_than_s: float,  # float-ok: seconds
+                            limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT DISTINCT account_id, charge_key, period_start FROM rated_credits
+           WHERE settled_at IS NULL AND created_at < now() - make_interval(secs => $1)
+           LIMIT $2""", older_than_s, limit)
+
+
+# --- re-rating measurements stored unrated ----------------------------------------------------
+
+async def request_rerate(conn: Conn, account_ids: list[int]) -> None:
+    await conn.execute(
+        """INSERT INTO rerate_requests (account_id) SELECT * FROM unnest($1::int8[])
+           ON CONFLICT (account_id) DO UPDATE SET requested_at = now()""", account_ids)
+
+
+async def accounts_on_plan(conn: Conn, plan_id: int) -> list[int]:
+    rows = await conn.fetch("SELECT DISTINCT account_id FROM account_plans WHERE plan_id = $1",
+                            plan_id)
+    return [r["account_id"] for r in rows]
+
+
+async def rerate_requests(conn: Conn, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT account_id, requested_at, now() - requested_at AS age FROM rerate_requests
+           ORDER BY requested_at DESC LIMIT $1""", limit)
+
+
+async def drop_rerate_request(conn: Conn, account_id: int, requested_at: Any) -> None:
+    """Forget a request, unless it was renewed since it was read."""
+    await conn.execute("DELETE FROM rerate_requests WHERE account_id = $1 AND requested_at = $2",
+                       account_id, requested_at)
+
+
+async def claim_unrated(conn: Connection, account_id: int, limit: int) -> list[asyncpg.Record]:
+    """Lock an account's unrated measurements that a pricing now covers, newest first (the
+    current period's first), skipping those another re-rater holds. FOR UPDATE re-checks
+    `NOT rated` on the latest version, so one rated meanwhile is never taken twice."""
+    return await conn.fetch(
+        """SELECT m.uid, m.ts, m.data, mt.code AS meter, a.code AS account FROM measurements m
+           JOIN meters mt ON mt.id = m.meter_id JOIN accounts a ON a.id = m.account_id
+           WHERE m.account_id = $1 AND NOT m.rated
+             AND EXISTS (
+               SELECT 1 FROM account_plans ap JOIN pricings pr ON pr.plan_id = ap.plan_id
+               JOIN aggregations g ON g.id = pr.aggregation_id
+               WHERE ap.account_id = m.account_id AND g.meter_id = m.meter_id
+                 AND ap.start_date <= (m.ts AT TIME ZONE 'UTC')::date
+                 AND (ap.end_date IS NULL OR ap.end_date > (m.ts AT TIME ZONE 'UTC')::date)
+                 AND pr.start_date <= (m.ts AT TIME ZONE 'UTC')::date
+                 AND (pr.end_date IS NULL OR pr.end_date > (m.ts AT TIME ZONE 'UTC')::date))
+           ORDER BY m.ts DESC, m.uid LIMIT $2
+           FOR UPDATE OF m SKIP LOCKED""", account_id, limit)
+
+
+async def mark_rated(conn: Connection, account_id: int, uids: list[str]) -> None:
+    await conn.execute(
+        "UPDATE measurements SET rated = true WHERE account_id = $1 AND uid = ANY($2::text[])",
+        account_id, uids)
+
+
+async def measurement(conn: Conn, account_id: int, uid: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """SELECT m.uid, m.ts, m.data, m.rated, mt.code AS meter FROM measurements m
+           JOIN meters mt ON mt.id = m.meter_id WHERE m.account_id = $1 AND m.uid = $2""",
+        account_id, uid)

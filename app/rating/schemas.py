@@ -225,6 +225,16 @@ class MeasurementIn(Strict):
                                  "for dimensions")
 
 
+class MeasurementOut(BaseModel):
+    uid: str
+    account: str
+    meter: str
+    timestamp: datetime
+    data: dict[str, str]
+    rated: bool = Field(description="false: no active pricing covered it when it arrived; it "
+                        "becomes true when a plan or pricing attached later rates it")
+
+
 class MeasurementBatch(Strict):
     measurements: list[MeasurementIn] = Field(min_length=1, max_length=MAX_MEASUREMENTS)
 
@@ -246,6 +256,8 @@ class MeasurementResult(BaseModel):
     uid: str | None
     status: Literal["rated", "unrated", "duplicate", "rejected"]
     debits: list[Debit] = []
+    credits: list[Debit] = Field(default=[], description="give-backs: what a charge that went "
+                                 "down credited back")
     error: ItemError | None = None
 
 

@@ -1,0 +1,227 @@
+"""Measurements stored unrated are rated once a plan or pricing covers them: exactly once,
+promptly (by the worker), beside concurrent new measurements and across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal as D
+from typing import Any
+
+import asyncpg
+import httpx
+
+from app.settings import Settings
+from tests.conftest import Api
+from tests.procs import run_apps
+from tests.test_rating_config import meter, plan
+from tests.test_rating_drawdown import _now, aggregation, measure, month_start, price
+
+
+async def _rated(api: Api, account: str, uid: str) -> bool:
+    found = await api.call("GET", f"/v1/accounts/{account}/measurements/{uid}", scope="runtime")
+    return bool(found["rated"])
+
+
+async def _until_rated(api: Api, account: str, uids: list[str], seconds: float = 15) -> None:
+    for _ in range(int(seconds / 0.1)):
+        if all([await _rated(api, account, uid) for uid in uids]):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("not rated in time")
+
+
+async def _drawn(api: Api, account: str) -> D:
+    [usage] = (await api.call("GET", f"/v1/accounts/{account}/usage", scope="runtime"))["plans"]
+    return D(usage["drawn"])
+
+
+async def _setup(api: Api, grant: str = "100") -> tuple[dict[str, str], str, str]:
+    names = await api.setup()
+    await api.grant(names["account"], grant)
+    meter_code = await meter(api, names["storage"])
+    plan_code = await plan(api, names["storage"], names["credit_type"])
+    return names, meter_code, plan_code
+
+
+async def test_unrated_measurements_are_rated_once_a_plan_is_attached(
+        api: Api, db: asyncpg.Connection) -> None:
+    names, meter_code, plan_code = await _setup(api)
+    account = names["account"]
+    await price(api, plan_code, "tiered", [("5", "2"), (None, "1")],
+                aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    uids = []
+    for gb in (3, 4, 1):
+        result = await measure(api, account, meter_code, gb=gb, files=1, seconds=1)
+        assert result["status"] == "unrated"
+        uids.append(result["uid"])
+    assert not await _rated(api, account, uids[0])
+    assert D(await api.available(account)) == 100
+    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": month_start()})
+    await _until_rated(api, account, uids)
+    # 8 GB tiered: 5 at 2 + 3 at 1 = 13
+    assert D(await api.available(account)) == 87 and await _drawn(api, account) == 13
+    await asyncio.sleep(1.5)  # three more worker passes rate nothing again
+    assert D(await api.available(account)) == 87 and await _drawn(api, account) == 13
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
+    assert await db.fetchval("SELECT count(*) FROM rated_debits WHERE account_id = $1",
+                             account_id) == 3
+    # a replayed uid is a duplicate and changes nothing
+    again = await api.call("POST", "/v1/measurements", scope="runtime", json={
+        "uid": uids[1], "account": account, "meter": meter_code, "timestamp": _now(),
+        "data": {"gb": 50, "files": 1, "seconds": 1}})
+    assert again["status"] == "duplicate" and again["debits"] == []
+    assert D(await api.available(account)) == 87
+
+
+async def test_a_pricing_added_later_rates_what_the_plan_left_unrated(api: Api) -> None:
+    names, meter_code, plan_code = await _setup(api)
+    account = names["account"]
+    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": month_start()})
+    first = await measure(api, account, meter_code, gb=10, files=1, seconds=1)
+    assert first["status"] == "unrated"  # the plan prices nothing of this meter yet
+    await price(api, plan_code, "per_unit", [(None, "0.5")],
+                aggregation=await aggregation(api, meter_code, "gb", "LATEST"))
+    await _until_rated(api, account, [first["uid"]])
+    assert D(await api.available(account)) == 95
+    # from now on it is rated on arrival, and a lower LATEST gives back
+    second = await measure(api, account, meter_code, gb=4, files=1, seconds=1)
+    assert second["status"] == "rated" and [c["amount"] for c in second["credits"]] == ["3.00"]
+    assert D(await api.available(account)) == 98
+
+
+async def test_a_closed_period_is_not_rated_later(api: Api) -> None:
+    names, meter_code, plan_code = await _setup(api)
+    account = names["account"]
+    await price(api, plan_code, "per_unit", [(None, "1")],
+                aggregation=await aggregation(api, meter_code, "gb", "SUM"),
+                start_date="2020-01-01")
+    last_month = datetime.now(UTC).replace(day=1) - timedelta(days=2)
+    old = await api.call("POST", "/v1/measurements", scope="runtime", json={
+        "uid": uuid.uuid4().hex, "account": account, "meter": meter_code,
+        "timestamp": last_month.isoformat(), "data": {"gb": 7, "files": 1, "seconds": 1}})
+    new = await measure(api, account, meter_code, gb=2, files=1, seconds=1)
+    assert old["status"] == new["status"] == "unrated"
+    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": "2020-01-01"})
+    await _until_rated(api, account, [new["uid"]])
+    await asyncio.sleep(1.0)
+    assert not await _rated(api, account, old["uid"])  # its period is over: left to billing
+    assert D(await api.available(account)) == 98
+
+
+async def test_an_unknown_measurement_is_a_404_naming_the_uid(api: Api) -> None:
+    names = await api.setup()
+    body = await api.call("GET", f"/v1/accounts/{names['account']}/measurements/nope",
+                          scope="runtime", expect=404)
+    assert body["field"] == "uid"
+
+
+async def _call(client: httpx.AsyncClient, key: str, method: str, path: str,
+                **kwargs: Any) -> Any:
+    response = await client.request(method, path, headers={"Authorization": f"Bearer {key}"},
+                                     **kwargs)
+    assert response.status_code < 300, response.text
+    return response.json()
+
+
+async def test_rerating_beside_new_measurements_in_two_processes_rates_each_once(
+        api: Api, settings: Settings, keys: dict[str, str], db: asyncpg.Connection) -> None:
+    names, meter_code, plan_code = await _setup(api, grant="100000")
+    account = names["account"]
+    await price(api, plan_code, "tiered", [("100", "1"), (None, "0.5")],
+                aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    await price(api, plan_code, "per_unit", [(None, "2")],
+                aggregation=await aggregation(api, meter_code, "gb", "MAX"))
+    stored = [{"uid": f"old-{i}", "account": account, "meter": meter_code, "timestamp": _now(),
+               "data": {"gb": i % 7, "files": 1, "seconds": 1}} for i in range(400)]
+    for start in range(0, len(stored), 200):
+        batch = await api.call("POST", "/v1/measurements", scope="runtime",
+                               json={"measurements": stored[start:start + 200]})
+        assert batch["unrated"] == 200
+    fresh = [{"uid": f"new-{i}", "account": account, "meter": meter_code, "timestamp": _now(),
+              "data": {"gb": 3 + i % 5, "files": 1, "seconds": 1}} for i in range(80)]
+    async with run_apps(settings, 2) as apps:
+        clients = [httpx.AsyncClient(base_url=a.url, timeout=30) for a in apps]
+        try:
+            # the plan arrives; the workers of three processes re-rate while new measurements
+            # for the same account and meter arrive through two of them
+            await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                           json={"plan": plan_code, "start_date": month_start()})
+            await asyncio.gather(*(
+                _call(clients[i % 2], keys["runtime"], "POST", "/v1/measurements", json=item)
+                for i, item in enumerate(fresh)))
+            account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
+            for _ in range(150):
+                if not await db.fetchval("SELECT count(*) FROM measurements "
+                                         "WHERE account_id = $1 AND NOT rated", account_id):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            for client in clients:
+                await client.aclose()
+        assert not apps.tracebacks(), apps.tracebacks()
+    values = [D(item["data"]["gb"]) for item in stored + fresh]  # type: ignore[index]
+    total = sum(values, D(0))
+    expected = 100 + (total - 100) * D("0.5") + 2 * max(values)
+    assert await _drawn(api, account) == expected
+    debits = await db.fetchval("SELECT sum(amount) FROM rated_debits WHERE account_id = $1",
+                               account_id)
+    ledger = await db.fetchval("SELECT -sum(amount) FROM ledger_entries WHERE account_id = $1 "
+                               "AND kind IN ('debit', 'overage')", account_id)
+    assert D(debits) == D(ledger) == expected
+    states = await db.fetch("SELECT count FROM aggregation_states WHERE account_id = $1",
+                            account_id)
+    assert [r["count"] for r in states] == [len(values), len(values)]
+
+
+async def test_rerates_running_at_once_rate_each_measurement_once(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    from app.rating.rerate import rerate_account
+
+    names, meter_code, plan_code = await _setup(api, grant="100000")
+    account = names["account"]
+    await price(api, plan_code, "per_unit", [(None, "1")],
+                aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    stored = [{"uid": f"s-{i}", "account": account, "meter": meter_code, "timestamp": _now(),
+               "data": {"gb": 1 + i % 3, "files": 1, "seconds": 1}} for i in range(300)]
+    await api.call("POST", "/v1/measurements", scope="runtime", json={"measurements": stored})
+    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": month_start()})
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
+
+    async def drain() -> int:  # small batches, four at a time (and the worker beside them)
+        rated, more = 0, True
+        while more:
+            count, more = await rerate_account(app.state.ctx, account_id, limit=20)
+            rated += count
+        return rated
+
+    counts = await asyncio.gather(*(drain() for _ in range(4)))
+    assert sum(counts) <= 300
+    await _until_rated(api, account, ["s-0", "s-299"])
+    expected = sum((D(1 + i % 3) for i in range(300)), D(0))
+    assert await _drawn(api, account) == expected
+    assert await db.fetchval("SELECT count FROM aggregation_states WHERE account_id = $1",
+                             account_id) == 300
+
+
+async def test_a_request_is_kept_for_its_grace_period_then_dropped(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    from app.rating.rerate import rerate_pending
+
+    names = await api.setup()
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", names["account"])
+    await db.execute("INSERT INTO rerate_requests (account_id) VALUES ($1)", account_id)
+    await rerate_pending(app.state.ctx)
+    # young: kept (a measurement racing the plan's commit may still show up)
+    assert await db.fetchval("SELECT count(*) FROM rerate_requests WHERE account_id = $1",
+                             account_id) == 1
+    await db.execute("UPDATE rerate_requests SET requested_at = now() - interval '2 minutes' "
+                     "WHERE account_id = $1", account_id)
+    await rerate_pending(app.state.ctx)
+    assert await db.fetchval("SELECT count(*) FROM rerate_requests WHERE account_id = $1",
+                             account_id) == 0
