@@ -81,7 +81,20 @@ async def pending_migrations(conn: Conn, folder: Path) -> list[str]:
     return [m.name for m in load_migrations(folder) if m.version not in applied]
 
 
+class LeanConnection(asyncpg.Connection):
+    """A pool connection returned without asyncpg's reset query (`pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL`): one more round trip, and Postgres work, on every
+    release of every connection, for session state this app never creates (its advisory
+    locks are transaction-scoped, it sets no session variables, keeps no cursors and listens
+    to nothing). An open transaction is still rolled back on release (asyncpg does that
+    whatever the reset query)."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=size)
+    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=size,
+                                     connection_class=LeanConnection)
     assert pool is not None
     return pool

@@ -22,9 +22,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 POOL_SIZE = int(os.environ.get("NAIVE_POOL_SIZE", "10"))
-# asyncpg resets a connection (one more round trip) on every release by default; the naive
-# baseline keeps that default unless NAIVE_POOL_RESET=0.
-POOL_RESET = os.environ.get("NAIVE_POOL_RESET", "1") != "0"
+# asyncpg resets a connection (one more round trip) on every release by default; creditgate's
+# pool skips that (app/db.py: LeanConnection), so the naive baseline does too, for a fair
+# comparison (NAIVE_POOL_RESET=1 restores asyncpg's default).
+POOL_RESET = os.environ.get("NAIVE_POOL_RESET", "0") != "0"
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:

@@ -204,8 +204,14 @@ def prepared_usage(index: int, uid: str, account: AccountRef, credit_type: Credi
 async def debit_prepared(ctx: AppContext, prepared: list[Prepared],
                          answer: bool = True) -> dict[int, UsageResult]:
     """The usage path for events that are already prepared (see `prepared_usage`): decided per
-    root and journaled exactly as `record_usage` does; results by `Prepared.index`, or none at
-    all with `answer=False` (the caller does not read them: no result objects are built)."""
+    root and journaled exactly as `record_usage` does; results by `Prepared.index`.
+
+    `answer=False` is for callers whose debits are already durable in Postgres in a form that
+    is replayed after a crash (rating's `rated_debits`): no result objects are built, and the
+    call returns once the hot state has applied the debits (balances and entitlement flags
+    are current) while the journal's group commit writes their ledger entries in the
+    background. A crash in between loses nothing: the journal entry is committed by the
+    orphan sweeper, or the debit is sent again from its durable row under the same uid."""
     by_root: dict[int, list[Prepared]] = defaultdict(list)
     for p in prepared:
         by_root[p.account.root_id].append(p)
@@ -264,11 +270,13 @@ async def _debit_root(ctx: AppContext, group: list[Prepared],
             records.append(_record(prepared.account, at, decision, _usage_fields(
                 prepared.account, prepared.credit_type, a.uid, a.product, a.amount, a.at_ms)))
             applied.append((prepared, decision))
+    if not answer:  # (see debit_prepared) durable elsewhere: the commit need not be awaited
+        if records:
+            ctx.journal.commit_soon(records)
+        return results
     outcomes = await ctx.journal.commit(records) if records else []
     for account, uids in duplicates.items():
         await _confirm_committed(ctx, account, uids)
-    if not answer:
-        return results
     for (prepared, decision), outcome in zip(applied, outcomes, strict=True):
         ct = prepared.credit_type
         results[prepared.index] = _duplicate(prepared) if outcome != "accepted" else UsageResult(

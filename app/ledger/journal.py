@@ -131,6 +131,11 @@ def ops_outcome(records: list[JournalRecord], inserted: set[str], owners: dict[s
     return outcomes
 
 
+def _log_failure(future: asyncio.Future[list[str]]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("journal commit failed; the sweeper will retry: %s", future.exception())
+
+
 class Journal:
     def __init__(self, pool: asyncpg.Pool, hot: HotState, parallel: int = 4) -> None:
         self.pool = pool
@@ -157,6 +162,14 @@ class Journal:
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((records, future))
         return await future
+
+    def commit_soon(self, records: list[JournalRecord]) -> None:
+        """Queue records for the group commit without waiting for it (for callers whose
+        operations are durable in Postgres already; see `debit_prepared`). An error is
+        logged: the entries stay in their streams and the sweeper commits them."""
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_log_failure)
+        self._queue.put_nowait((records, future))
 
     async def _run(self) -> None:
         while True:
