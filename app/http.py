@@ -135,6 +135,11 @@ class KeyCache:
     def __init__(self) -> None:
         self._known: dict[str, tuple[Principal, float]] = {}
 
+    def cached(self, key: str) -> Principal | None:
+        """The key's principal when cached and fresh (no coroutine); None: ask `principal`."""
+        hit = self._known.get(key)
+        return hit[0] if hit and hit[1] > time.monotonic() else None
+
     async def principal(self, ctx: AppContext, key: str) -> Principal | None:
         hit = self._known.get(key)
         now = time.monotonic()
@@ -153,7 +158,8 @@ async def authenticate(ctx: AppContext, request: Incoming, scopes: frozenset[Sco
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise Unauthenticated("send `Authorization: Bearer <api key>`", field="Authorization")
-    principal = await ctx.keys.principal(ctx, key.strip())
+    key = key.strip()
+    principal = ctx.keys.cached(key) or await ctx.keys.principal(ctx, key)
     if principal is None:
         raise Unauthenticated("unknown or revoked API key", field="Authorization")
     if principal.scope not in scopes:

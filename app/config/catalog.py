@@ -47,6 +47,16 @@ class Catalog:
         self._types_by_id: dict[int, CreditTypeRef] = {}
         self._products: set[str] = set()
 
+    def cached_account(self, code: str) -> AccountRef | None:
+        """The account when it is cached and fresh (no coroutine: the hot path's common case);
+        None means "ask `account`"."""
+        hit = self._accounts.get(code)
+        return hit[0] if hit and hit[1] > time.monotonic() else None
+
+    def known_product(self, code: str) -> bool:
+        """True when the product is known to exist (False means "ask `product_exists`")."""
+        return code in self._products
+
     async def account(self, code: str) -> AccountRef | None:
         hit = self._accounts.get(code)
         now = time.monotonic()

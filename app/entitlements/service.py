@@ -66,10 +66,11 @@ def _usage_fields(account: AccountRef, credit_type: CreditTypeRef, uid: str, pro
 
 
 async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> CheckOut:
-    account = await ctx.catalog.account(body.account)
+    catalog = ctx.catalog
+    account = catalog.cached_account(body.account) or await catalog.account(body.account)
     if account is None:
         return CheckOut(allowed=False, reason="unknown_account", available=None, credit_type=None)
-    if not await ctx.catalog.product_exists(body.product):
+    if not catalog.known_product(body.product) and not await catalog.product_exists(body.product):
         return CheckOut(allowed=False, reason="unknown_product", available=None, credit_type=None)
     key = body.idempotency_key or header_key
     if body.consume and (body.amount is None or key is None):

@@ -15,7 +15,7 @@ local chains, cache = {}, {}
 for i = 0, n - 1 do
   local text = ARGV[3 + i * 9 + 2]
   if not chains[text] then
-    local chain = split(text, ',')
+    local chain = split(text)
     if not loaded(chain) then return {'cold'} end
     chains[text] = chain
   end

@@ -6,7 +6,7 @@
 --         {"insufficient", remaining} |
 --         {"ok", amount applied, remaining after, stream id, gen, flag changes, crossings,
 --          owed (refund: the spent part, now overage)}
-local now, kind, acct, chain, bid = ARGV[1], ARGV[2], ARGV[3], split(ARGV[4], ','), ARGV[5]
+local now, kind, acct, chain, bid = ARGV[1], ARGV[2], ARGV[3], split(ARGV[4]), ARGV[5]
 local amount, def, at, payload = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
 if not loaded(chain) then return {'cold'} end
 

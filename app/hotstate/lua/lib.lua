@@ -6,10 +6,11 @@ local T = string.sub(KEYS[1], 1, -6)
 
 local function akey(kind, acct) return T .. ':' .. kind .. ':' .. acct end
 
-local function split(s, sep)
+-- (a comma-separated list: account chains, product scopes)
+local function split(s)
   local out = {}
   if s == nil or s == '' then return out end
-  for part in string.gmatch(s, '[^' .. sep .. ']+') do out[#out + 1] = part end
+  for part in string.gmatch(s, '[^,]+') do out[#out + 1] = part end
   return out
 end
 
@@ -34,18 +35,25 @@ local function covers(prods, product)
   return false
 end
 
--- true when every account of the chain is in the hot state
+-- Account statuses read by `loaded`, for `blocked` (one script call's cache: a status does
+-- not change inside the scripts that read it).
+local statuses = {}
+
+-- true when every account of the chain is in the hot state (every account hash has `st`)
 local function loaded(chain)
   if redis.call('EXISTS', KEYS[1]) == 0 then return false end
   for _, acct in ipairs(chain) do
-    if redis.call('EXISTS', akey('a', acct)) == 0 then return false end
+    local st = statuses[acct] or redis.call('HGET', akey('a', acct), 'st')
+    if not st then return false end
+    statuses[acct] = st
   end
   return true
 end
 
+-- (after `loaded` of the same chain)
 local function blocked(chain)
   for _, acct in ipairs(chain) do
-    if redis.call('HGET', akey('a', acct), 'st') == 'blocked' then return true end
+    if statuses[acct] == 'blocked' then return true end
   end
   return false
 end
