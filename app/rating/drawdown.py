@@ -137,10 +137,12 @@ async def _item(ctx: AppContext, index: int, body: MeasurementIn | Problem,
                 now: datetime) -> Item:
     if isinstance(body, Problem):
         raise body
-    account = await ctx.catalog.account(body.account)
+    catalog = ctx.catalog
+    account = catalog.cached_account(body.account) or await catalog.account(body.account)
     if account is None:
         raise ValidationProblem(f"unknown account {body.account!r}", field="account")
-    found = await meter(ctx, body.meter)
+    hit = _METERS.get(body.meter)  # (the cached meter without a coroutine: the common case)
+    found = hit[0] if hit and hit[1] > time.monotonic() else await meter(ctx, body.meter)
     if found is None:
         raise ValidationProblem(f"unknown meter {body.meter!r}", field="meter")
     if body.timestamp > now + timedelta(seconds=ctx.settings.usage_future_skew_s):
@@ -177,7 +179,7 @@ async def record_measurements(ctx: AppContext, items: list[Any],
         valid.append(item)
     if valid:
         try:
-            new = await _group_of(ctx).rate(valid)
+            new = await _group_of(ctx).rate(valid, seen)
         except ValidationProblem as problem:  # e.g. no conversion rate: nothing was stored
             for item in valid:
                 results[item.index] = _rejected(item.body.model_dump(), problem, "")
@@ -287,6 +289,10 @@ async def _factor(conn: Connection, pricing: asyncpg.Record, item: Item,
     return cache[key]
 
 
+# a request waiting for a group: its items, their (account id, uid), its answer
+Waiting = tuple[list["Item"], set[tuple[int, str]], asyncio.Future[set[tuple[int, str]]]]
+
+
 class _Group:
     """Group commit for measurements: the batches of concurrent requests (up to GROUP_ITEMS
     measurements) are rated in one transaction by a runner task (GROUP_RUNNERS of them), like
@@ -296,12 +302,13 @@ class _Group:
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
-        self.queue: list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]] = []
+        self.queue: list[Waiting] = []
         self.runners: set[asyncio.Task[None]] = set()
 
-    async def rate(self, items: list[Item]) -> set[tuple[int, str]]:
+    async def rate(self, items: list[Item], keys: set[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Rate `items` in the next group; `keys` are their (account id, uid)."""
         future: asyncio.Future[set[tuple[int, str]]] = asyncio.get_running_loop().create_future()
-        self.queue.append((items, future))
+        self.queue.append((items, keys, future))
         if len(self.runners) < GROUP_RUNNERS:
             runner = asyncio.create_task(self._run())
             self.runners.add(runner)
@@ -325,49 +332,48 @@ class _Group:
                 raise
             except Exception as exc:  # no connection to be had: what waits gets the error
                 waiting, self.queue = self.queue, []
-                for _, future in waiting:
+                for _, _, future in waiting:
                     if not future.done():
                         future.set_exception(exc)
 
-    def _next_group(self) -> list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]]:
-        group: list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]] = []
+    def _next_group(self) -> list[Waiting]:
+        group: list[Waiting] = []
         keys: set[tuple[int, str]] = set()
         size, later = 0, []
-        for items, future in self.queue:
-            mine = {(i.account.id, i.body.uid) for i in items}
-            if group and (size + len(items) > GROUP_ITEMS or mine & keys):
-                later.append((items, future))
+        for waiting in self.queue:
+            items, mine, _ = waiting
+            if group and (size + len(items) > GROUP_ITEMS or not mine.isdisjoint(keys)):
+                later.append(waiting)
                 continue
-            group.append((items, future))
+            group.append(waiting)
             keys |= mine
             size += len(items)
         self.queue = later
         return group
 
-    async def _commit(self, group: list[tuple[list[Item], asyncio.Future[set[tuple[int, str]]]]]
-                      ) -> bool:
+    async def _commit(self, group: list[Waiting]) -> bool:
         """Rate a group and answer its requests; False after a store error (the runner then
         takes another connection)."""
         try:
-            new = await _rate(self.ctx, [i for items, _ in group for i in items])
+            new = await _rate(self.ctx, [i for items, _, _ in group for i in items])
         except ValidationProblem:
             if len(group) == 1:
-                raise_in(group[0][1])
+                raise_in(group[0][2])
                 return True
             healthy = True
             for one in group:  # one request's bad input must not fail the others: alone
                 healthy = await self._commit([one]) and healthy
             return healthy
         except asyncio.CancelledError:  # shutdown: the waiting requests are cancelled too
-            for _, future in group:
+            for _, _, future in group:
                 future.cancel()
             raise
         except Exception as exc:  # a store error: every request of the group gets it
-            for _, future in group:
+            for _, _, future in group:
                 if not future.done():
                     future.set_exception(exc)
             return False
-        for _, future in group:
+        for _, _, future in group:
             if not future.done():
                 future.set_result(new)
         return True
