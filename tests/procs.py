@@ -251,3 +251,12 @@ def live_total(view: dict[str, Any]) -> tuple[Decimal, Decimal]:
 
 def live_remaining(view: dict[str, Any]) -> dict[int, Decimal]:
     return {b["id"]: Decimal(b["remaining"]) for b in view["balances"]}
+
+
+async def call_as(client: httpx.AsyncClient, key: str, method: str, path: str,
+                  **kwargs: Any) -> Any:
+    """One request to an app process with an API key; a non-2xx answer fails the test."""
+    response = await client.request(method, path, headers={"Authorization": f"Bearer {key}"},
+                                     **kwargs)
+    assert response.status_code < 300, response.text
+    return response.json()

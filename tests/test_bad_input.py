@@ -148,6 +148,7 @@ def raw(case: Case) -> Case:
 CASES = [
     # check: unknown references, bad amounts, wrong types, unknown fields
     check("unknown-credit-type", "credit_type", credit_type="nope"),
+    check("consume-reserved-key", "idempotency_key", consume=True, idempotency_key="r1:x"),
     check("zero-amount", "amount", amount="0"),
     check("negative-amount", "amount", amount="-1.00"),
     check("too-many-decimals", "amount", amount="1.005"),
@@ -163,6 +164,10 @@ CASES = [
     raw(check("x", "body")),
     # usage, one event
     usage("unknown-account", "account", account="nope"),
+    # the shapes of rated debits' uids are reserved (a collision would deduplicate a charge)
+    usage("reserved-uid-rated", "uid", uid="r12:abc"),
+    usage("reserved-uid-standing", "uid", uid="s3:2026-11-01"),
+    usage("reserved-uid-counter", "uid", uid="c7:2026-11-01:100"),
     usage("unknown-product", "product", product="nope"),
     usage("unknown-credit-type", "credit_type", credit_type="nope"),
     usage("zero-amount", "amount", amount="0"),
@@ -303,6 +308,21 @@ async def test_bad_input_is_a_problem_naming_the_field_and_changes_nothing(
     assert problem["field"] == case.field, problem
     assert problem["type"].endswith("/" + problem["code"]) and problem["detail"]
     assert "Traceback" not in response.text
+    assert await snapshot() == before
+
+
+@pytest.mark.parametrize("key", ['a"b', "a b", "-lead", "x" * 129, "r5:reserved", "é"])
+async def test_consume_key_in_the_header_is_held_to_the_uid_rules(
+        key: str, api: Api, world: World, snapshot: Callable[[], Any]) -> None:
+    """The Idempotency-Key header becomes the consumed debit's usage uid (and travels in the
+    journal as is): the same rules as `idempotency_key` in the body, 422 naming the header."""
+    before = await snapshot()
+    response = await api.client.post(
+        "/v1/check", json={"account": world.account, "product": world.product,
+                           "amount": "1.00", "consume": True},
+        headers={**api.runtime, "Idempotency-Key": key.encode()})
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "Idempotency-Key"
     assert await snapshot() == before
 
 

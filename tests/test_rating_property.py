@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from app.rating.pricing import PRECISION, Band, price, to_minor
 from app.settings import Settings
-from tests.procs import run_apps
+from tests.procs import call_as, run_apps
 from tests.test_rating_drawdown import month_start
 
 BANDS = [Band(D(10), D("0.333")), Band(D(50), D("0.25")), Band(None, D("0.125"))]
@@ -30,32 +30,24 @@ PRICED = (("SUM", "tiered"), ("MAX", "volume"), ("LATEST", "volume"), ("MEAN", "
 values = st.lists(st.decimals(min_value=0, max_value=20, places=3), min_size=1, max_size=25)
 
 
-async def _call(client: httpx.AsyncClient, key: str, method: str, path: str,
-                **kwargs: Any) -> Any:
-    response = await client.request(method, path, headers={"Authorization": f"Bearer {key}"},
-                                     **kwargs)
-    assert response.status_code < 300, response.text
-    return response.json()
-
-
 async def _setup(client: httpx.AsyncClient, admin: str) -> dict[str, str]:
     s = uuid.uuid4().hex[:8]
     names = {"ct": f"usd-{s}", "product": f"store-{s}", "meter": f"m-{s}", "plan": f"p-{s}"}
-    await _call(client, admin, "POST", "/v1/credit-types", json={
+    await call_as(client, admin, "POST", "/v1/credit-types", json={
         "code": names["ct"], "name": "usd", "kind": "fiat", "decimal_places": 2})
-    await _call(client, admin, "POST", "/v1/products", json={"code": names["product"], "name": "s"})
-    await _call(client, admin, "POST", "/v1/meters", json={
+    await call_as(client, admin, "POST", "/v1/products", json={"code": names["product"], "name": "s"})
+    await call_as(client, admin, "POST", "/v1/meters", json={
         "code": names["meter"], "name": "m", "data_fields": [{"code": "gb", "category": "measure"}]})
-    await _call(client, admin, "POST", "/v1/plan-templates", json={
+    await call_as(client, admin, "POST", "/v1/plan-templates", json={
         "code": f"t-{s}", "name": "t", "product": names["product"], "bill_frequency": "monthly",
         "currency": names["ct"]})
-    await _call(client, admin, "POST", "/v1/plans", json={"code": names["plan"], "name": "p",
+    await call_as(client, admin, "POST", "/v1/plans", json={"code": names["plan"], "name": "p",
                                                           "template": f"t-{s}"})
     for function, kind in PRICED:
-        await _call(client, admin, "POST", "/v1/aggregations", json={
+        await call_as(client, admin, "POST", "/v1/aggregations", json={
             "code": f"{function}-{s}", "name": "a", "meter": names["meter"], "target_field": "gb",
             "function": function})
-        await _call(client, admin, "POST", "/v1/pricings", json={
+        await call_as(client, admin, "POST", "/v1/pricings", json={
             "plan": names["plan"], "aggregation": f"{function}-{s}", "start_date": month_start(),
             "type": kind, "bands": SPEC})
     return names
@@ -67,11 +59,11 @@ async def _example(urls: list[str], keys: dict[str, str], names: dict[str, str],
     try:
         admin, runtime = keys["admin"], keys["runtime"]
         account = f"acct-{uuid.uuid4().hex[:8]}"
-        await _call(clients[0], admin, "POST", "/v1/accounts", json={
+        await call_as(clients[0], admin, "POST", "/v1/accounts", json={
             "code": account, "name": "a", "credit_type": names["ct"]})
-        await _call(clients[0], admin, "POST", f"/v1/accounts/{account}/grants",
+        await call_as(clients[0], admin, "POST", f"/v1/accounts/{account}/grants",
                     json={"amount": "100000"})
-        await _call(clients[0], admin, "POST", f"/v1/accounts/{account}/plans",
+        await call_as(clients[0], admin, "POST", f"/v1/accounts/{account}/plans",
                     json={"plan": names["plan"], "start_date": month_start()})
         start = datetime.now(UTC) - timedelta(seconds=2)  # one timestamp each: LATEST = the last
         items = [{"uid": f"u{i}", "account": account, "meter": names["meter"],
@@ -83,7 +75,7 @@ async def _example(urls: list[str], keys: dict[str, str], names: dict[str, str],
 
         async def send(i: int, item: dict[str, Any]) -> None:
             body = item if rng.random() < 0.5 else {"measurements": [item]}
-            await _call(clients[i % 2], runtime, "POST", "/v1/measurements", json=body)
+            await call_as(clients[i % 2], runtime, "POST", "/v1/measurements", json=body)
         await asyncio.gather(*(send(i, item) for i, item in enumerate(items)))
         with localcontext() as context:  # the mean to PRECISION digits, as the service takes it
             context.prec = PRECISION
@@ -94,7 +86,7 @@ async def _example(urls: list[str], keys: dict[str, str], names: dict[str, str],
                          for function, kind in PRICED)).scaleb(-2)
         drawn = None
         for _ in range(50):  # a give-back left to the worker (interval 0.5 s) comes promptly
-            view = await _call(clients[1], runtime, "GET", f"/v1/accounts/{account}/balances")
+            view = await call_as(clients[1], runtime, "GET", f"/v1/accounts/{account}/balances")
             drawn = D(100000) - D(view["totals"][0]["available"])
             if drawn == expected:
                 break

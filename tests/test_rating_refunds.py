@@ -17,7 +17,7 @@ from app.rating.drawdown import credit_uid
 from app.rating.giveback import settle_unsettled
 from app.settings import Settings
 from tests.conftest import Api
-from tests.procs import run_apps
+from tests.procs import call_as, run_apps
 from tests.test_rating_config import meter, plan
 from tests.test_rating_drawdown import aggregation, month_start, price
 
@@ -217,14 +217,6 @@ async def test_a_give_back_with_nothing_left_to_reverse_goes_to_the_account(
     assert fresh["products"] == [s.names["storage"]]
 
 
-async def _call(client: httpx.AsyncClient, key: str, method: str, path: str,
-                **kwargs: Any) -> Any:
-    response = await client.request(method, path, headers={"Authorization": f"Bearer {key}"},
-                                     **kwargs)
-    assert response.status_code < 300, response.text
-    return response.json()
-
-
 async def test_two_processes_going_up_and_down_draw_exactly_the_final_price(
         api: Api, settings: Settings, keys: dict[str, str], db: asyncpg.Connection) -> None:
     s = await _setup(api, grants=(("50", 100),))
@@ -240,7 +232,7 @@ async def test_two_processes_going_up_and_down_draw_exactly_the_final_price(
         clients = [httpx.AsyncClient(base_url=a.url, timeout=30) for a in apps]
         try:
             await asyncio.gather(*(
-                _call(clients[i % 2], keys["runtime"], "POST", "/v1/measurements", json=item)
+                call_as(clients[i % 2], keys["runtime"], "POST", "/v1/measurements", json=item)
                 for i, item in enumerate(items)))
             for _ in range(100):  # anything left to the worker (interval 0.5 s) is paid promptly
                 if not await db.fetchval("SELECT count(*) FROM rated_credits "
@@ -248,7 +240,7 @@ async def test_two_processes_going_up_and_down_draw_exactly_the_final_price(
                                          account_id):
                     break
                 await asyncio.sleep(0.2)
-            view = await _call(clients[1], keys["runtime"], "GET",
+            view = await call_as(clients[1], keys["runtime"], "GET",
                                f"/v1/accounts/{s.account}/balances")
         finally:
             for client in clients:

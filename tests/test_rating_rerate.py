@@ -14,7 +14,7 @@ import httpx
 
 from app.settings import Settings
 from tests.conftest import Api
-from tests.procs import run_apps
+from tests.procs import call_as, run_apps
 from tests.test_rating_config import meter, plan
 from tests.test_rating_drawdown import _now, aggregation, measure, month_start, price
 
@@ -120,14 +120,6 @@ async def test_an_unknown_measurement_is_a_404_naming_the_uid(api: Api) -> None:
     assert body["field"] == "uid"
 
 
-async def _call(client: httpx.AsyncClient, key: str, method: str, path: str,
-                **kwargs: Any) -> Any:
-    response = await client.request(method, path, headers={"Authorization": f"Bearer {key}"},
-                                     **kwargs)
-    assert response.status_code < 300, response.text
-    return response.json()
-
-
 async def test_rerating_beside_new_measurements_in_two_processes_rates_each_once(
         api: Api, settings: Settings, keys: dict[str, str], db: asyncpg.Connection) -> None:
     names, meter_code, plan_code = await _setup(api, grant="100000")
@@ -152,7 +144,7 @@ async def test_rerating_beside_new_measurements_in_two_processes_rates_each_once
             await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
                            json={"plan": plan_code, "start_date": month_start()})
             await asyncio.gather(*(
-                _call(clients[i % 2], keys["runtime"], "POST", "/v1/measurements", json=item)
+                call_as(clients[i % 2], keys["runtime"], "POST", "/v1/measurements", json=item)
                 for i, item in enumerate(fresh)))
             account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
             for _ in range(150):

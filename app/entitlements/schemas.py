@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from app.schemas import Code, Strict, Timestamp
 
-Uid = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
+UID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN)]
+# Usage uids the rating engine gives its own debits (`r<pricing>:…`, `s<account plan>:…`,
+# `c<pricing>:…`): a client's usage uid or consume key may not take that shape, so it can
+# never collide with (and silently deduplicate) a rated debit.
+RESERVED_UID = re.compile(r"^[rsc][0-9]+:")
+
+
+def _not_reserved(value: str) -> str:
+    if RESERVED_UID.match(value):
+        raise ValueError("uids of the form r<digits>:…, s<digits>:… and c<digits>:… are "
+                         "reserved for rated debits")
+    return value
+
+
+UsageUid = Annotated[Uid, AfterValidator(_not_reserved)]
 Reason = Literal["ok", "insufficient_balance", "no_eligible_balance", "account_blocked",
                  "unknown_account", "unknown_product"]
 MAX_BATCH = 1_000
@@ -24,7 +40,7 @@ class CheckIn(Strict):
     credit_type: Code | None = Field(default=None, description="default: the account's")
     consume: bool = Field(default=False,
                           description="debit `amount` now, atomically, only if allowed")
-    idempotency_key: Uid | None = Field(
+    idempotency_key: UsageUid | None = Field(
         default=None, description="required with consume (or the Idempotency-Key header)")
 
 
@@ -38,7 +54,7 @@ class CheckOut(BaseModel):
 
 
 class UsageEvent(Strict):
-    uid: Uid = Field(description="unique per account: a repeated uid is a duplicate")
+    uid: UsageUid = Field(description="unique per account: a repeated uid is a duplicate")
     account: Code
     product: Code
     amount: Decimal = Field(gt=0, description="in the credit type's units")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.entitlements.schemas import (
+    RESERVED_UID,
+    UID_PATTERN,
     AccountBalancesOut,
     CheckIn,
     CheckOut,
@@ -72,7 +75,7 @@ async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> Check
         return CheckOut(allowed=False, reason="unknown_account", available=None, credit_type=None)
     if not catalog.known_product(body.product) and not await catalog.product_exists(body.product):
         return CheckOut(allowed=False, reason="unknown_product", available=None, credit_type=None)
-    key = body.idempotency_key or header_key
+    key = body.idempotency_key or _header_key(header_key)
     if body.consume and (body.amount is None or key is None):
         field = "amount" if body.amount is None else "idempotency_key"
         raise ValidationProblem("consume needs an amount and an idempotency key", field=field)
@@ -104,6 +107,19 @@ async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> Check
         # the consume was done before, so its retry is a duplicate, not a denial
         out.allowed, out.reason, out.duplicate = True, "ok", True
     return out
+
+
+_HEADER_KEY = re.compile(UID_PATTERN)
+
+
+def _header_key(value: str | None) -> str | None:
+    """The Idempotency-Key header as a consume key: held to the rules of `idempotency_key`
+    (it becomes the debit's usage uid, and travels in the journal unescaped)."""
+    if value is not None and (not _HEADER_KEY.match(value) or RESERVED_UID.match(value)):
+        raise ValidationProblem("must be 1-128 of A-Z a-z 0-9 _ . : - (starting with a letter "
+                                "or digit), not of the form r<digits>:…, s<digits>:… or "
+                                "c<digits>:…", field="Idempotency-Key")
+    return value
 
 
 def _record(account: AccountRef, at: int, decision: Decision,

@@ -36,10 +36,11 @@ import asyncpg
 
 from app.config.catalog import AccountRef
 from app.db import Connection
-from app.entitlements.service import Prepared, debit_prepared, prepared_usage, record_usage
+from app.entitlements.service import Prepared, debit_prepared, prepared_usage
 from app.errors import Problem, ValidationProblem
 from app.http import validate_items
 from app.ledger.ops import now_ms
+from app.ledger.service import scaled
 from app.money import MAX_SCALED
 from app.rating import giveback
 from app.rating import repository as repo
@@ -272,20 +273,8 @@ async def _factor(conn: Connection, pricing: asyncpg.Record, item: Item,
         raise ValidationProblem(f"account {item.account.code!r} has no credit type to draw down",
                                 field="account")
     key = (pricing["currency_id"], credit_type.id, item.body.timestamp.date())
-    if key in cache:
-        return cache[key]
-    if pricing["currency_id"] == credit_type.id:
-        cache[key] = (Decimal(1), True)
-        return cache[key]
-    rate = await repo.rate_on(conn, credit_type.id, pricing["currency_id"], key[2])
-    if rate is not None:  # prices in fiat, balance in credits worth `rate` fiat each
-        cache[key] = (rate, False)
-        return cache[key]
-    rate = await repo.rate_on(conn, pricing["currency_id"], credit_type.id, key[2])
-    if rate is None:
-        raise ValidationProblem(f"no conversion rate between the plan's currency and credit "
-                                f"type {credit_type.code!r} on {key[2]}", field="account")
-    cache[key] = (rate, True)
+    if key not in cache:
+        cache[key] = await repo.factor_on(conn, key[0], credit_type, key[2], item.account.code)
     return cache[key]
 
 
@@ -555,7 +544,7 @@ async def _send(ctx: AppContext, items: list[Item]) -> None:
     the pricing's product, an amount in minor units, now as timestamp), so they go in prepared:
     no pydantic or catalog work per debit. One the usage path could not take (too large for
     the hot state) stays in rated_debits as before; it is never retried by `send_unsent`
-    either, since that goes through `record_usage` and gets the same answer."""
+    either (`resend` skips it the same way)."""
     at = now_ms()
     prepared: list[Prepared] = []
     for item in items:
@@ -588,9 +577,24 @@ async def send_unsent(ctx: AppContext, older_than_s: float = 5.0,  # float-ok: s
                       limit: int = 500) -> int:
     """Worker: send the rated debits a crash kept from reaching the usage path."""
     rows = await repo.unsent_debits(ctx.pool, older_than_s, limit)
-    if rows:
-        await record_usage(ctx, [{"uid": r["uid"], "account": r["account"],
-                                  "product": r["product_code"], "amount": Decimal(r["amount"]),
-                                  "credit_type": r["credit_type"],
-                                  "timestamp": datetime.now(UTC)} for r in rows], "")
+    await resend(ctx, rows)
     return len(rows)
+
+
+async def resend(ctx: AppContext, rows: list[asyncpg.Record]) -> None:
+    """Send `rated_debits` rows (account, uid, product_code, credit_type, amount) through the
+    usage path again under their own uids, and wait for their commit: the usage path takes a
+    uid once (one it has seen waits for its first use's commit). They go in as trusted,
+    prepared events: their uids have the shape the public usage API reserves for rating."""
+    at, prepared = now_ms(), list[Prepared]()
+    for row in rows:
+        account = await ctx.catalog.account(row["account"])
+        credit_type = await ctx.catalog.credit_type(row["credit_type"])
+        if account is None or credit_type is None:
+            continue
+        minor = scaled(Decimal(row["amount"]), credit_type)
+        if 0 < minor < MAX_SCALED:  # (one too large for the hot state stays unsent)
+            prepared.append(prepared_usage(len(prepared), row["uid"], account, credit_type,
+                                           row["product_code"], minor, at))
+    if prepared:
+        await debit_prepared(ctx, prepared)

@@ -26,13 +26,12 @@ it and are all in the ledger; the worker (`settle_unsettled`) finishes any that 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, date, datetime
+from datetime import date
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from app.entitlements.service import record_usage
 from app.errors import STORE_ERRORS, Problem
 from app.ledger import repository as ledger_repo
 from app.ledger.service import credit_back, grant_reserved
@@ -130,12 +129,10 @@ async def _send_pending_debits(ctx: AppContext, account_id: int, charge_key: str
     """Make sure the debits a give-back may reverse are in the ledger: a debit still on its
     way (another process, or one a crash stopped) is sent again under its own uid (the usage
     path takes a uid once, and waits for the first use's commit)."""
-    rows = await repo.unsent_charge_debits(ctx.pool, account_id, charge_key, period_start)
-    if rows:
-        await record_usage(ctx, [{"uid": r["uid"], "account": r["account"],
-                                  "product": r["product_code"], "amount": Decimal(r["amount"]),
-                                  "credit_type": r["credit_type"],
-                                  "timestamp": datetime.now(UTC)} for r in rows], "")
+    from app.rating.drawdown import resend  # (drawdown imports this module)
+
+    await resend(ctx, await repo.unsent_charge_debits(ctx.pool, account_id, charge_key,
+                                                      period_start))
 
 
 async def _apply(ctx: AppContext, part: asyncpg.Record, done: set[str]) -> None:

@@ -108,22 +108,6 @@ def counter_amount(pricing: asyncpg.Record, levels: Levels, period: Period) -> D
                           pricing["counter_mode"])
 
 
-async def _factor(conn: Connection, currency_id: int, credit_type: CreditTypeRef, day: date,
-                  account: AccountRef) -> tuple[Decimal, bool]:
-    """(rate, multiply) from the plan's currency to the account's credit type on the day."""
-    if currency_id == credit_type.id:
-        return Decimal(1), True
-    rate = await repo.rate_on(conn, credit_type.id, currency_id, day)
-    if rate is not None:  # prices in fiat, balance in credits worth `rate` fiat each
-        return rate, False
-    rate = await repo.rate_on(conn, currency_id, credit_type.id, day)
-    if rate is None:
-        raise ValidationProblem(f"no conversion rate between the plan's currency and credit "
-                                f"type {credit_type.code!r} of account {account.code!r} on "
-                                f"{day}", field="account")
-    return rate, True
-
-
 def _uid(key: str, start: date, drawn_before: int, drawn_after: int) -> str:
     """The usage uid of a debit: fixed by what it brings the period's drawn total to, so a
     retried settlement can never debit twice. A standing charge's one debit: `s<ap>:<start>`."""
@@ -173,8 +157,8 @@ class _Settlement:
             charged = Decimal(0) if row["charged"] is None else Decimal(row["charged"])
             exact, drawn = Decimal(row["exact"]), int(row["drawn_minor"])
             if target != charged:
-                rate, multiply = await _factor(self.conn, plan["currency_id"], self.credit_type,
-                                               day, self.account)
+                rate, multiply = await repo.factor_on(self.conn, plan["currency_id"],
+                                                      self.credit_type, day, self.account.code)
                 exact += convert(target - charged, rate, multiply)
             after = max(drawn, to_minor(exact, places))
             if row["charged"] is None or target != charged:

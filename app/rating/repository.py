@@ -10,7 +10,9 @@ from typing import Any
 
 import asyncpg
 
+from app.config.catalog import CreditTypeRef
 from app.db import Conn, Connection
+from app.errors import ValidationProblem
 
 METER = """SELECT m.*, p.code AS product FROM meters m LEFT JOIN products p ON p.id = m.product_id"""
 AGGREGATION = """SELECT g.*, m.code AS meter FROM aggregations g JOIN meters m ON m.id = g.meter_id"""
@@ -185,6 +187,24 @@ async def rate_on(conn: Conn, credit_type_id: int, fiat_id: int, day: date) -> D
         """SELECT rate FROM conversion_rates WHERE credit_type_id = $1 AND fiat_id = $2
            AND effective <= $3 ORDER BY effective DESC LIMIT 1""", credit_type_id, fiat_id, day)
     return Decimal(found) if found is not None else None
+
+
+async def factor_on(conn: Conn, currency_id: int, credit_type: CreditTypeRef, day: date,
+                    account_code: str) -> tuple[Decimal, bool]:
+    """(rate, multiply) from a plan's currency to an account's credit type on a day: multiply
+    when the rate is "1 unit of the plan's currency = rate credits", divide when credits are
+    priced in the plan's currency. A 422 on `account` when neither rate exists."""
+    if currency_id == credit_type.id:
+        return Decimal(1), True
+    rate = await rate_on(conn, credit_type.id, currency_id, day)
+    if rate is not None:  # prices in fiat, balance in credits worth `rate` fiat each
+        return rate, False
+    rate = await rate_on(conn, currency_id, credit_type.id, day)
+    if rate is None:
+        raise ValidationProblem(f"no conversion rate between the plan's currency and credit "
+                                f"type {credit_type.code!r} of account {account_code!r} on "
+                                f"{day}", field="account")
+    return rate, True
 
 
 # --- measurements, aggregation state and rated charges (real-time drawdown) -----------------
