@@ -30,6 +30,10 @@ class Keys:
     def root(self, root_id: int) -> str:
         return f"{self.tag(root_id)}:root"
 
+    def ops(self, root_id: int) -> str:
+        """The root's operation counter (lib.lua `journal`, snapshot.lua, install.lua)."""
+        return f"{self.tag(root_id)}:v"
+
     def journal(self, root_id: int) -> str:
         return f"{self.tag(root_id)}:j"
 

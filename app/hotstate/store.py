@@ -139,8 +139,14 @@ class HotState:
         return {root: str(gen) for root, gen in zip(roots, gens, strict=True)}
 
     async def invalidate(self, root_id: int) -> None:
-        """Forget a root's hot state; the next request rebuilds it from Postgres."""
-        await self.redis.delete(self.keys.root(root_id))
+        """Forget a root's hot state; the next request rebuilds it from Postgres. The root's
+        operation counter moves too, so a rebuild already under way (its Postgres snapshot
+        perhaps older than the change that called for this) cannot install: install.lua
+        refuses a counter that moved since the snapshot, and the rebuild starts again."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.root(root_id))
+            pipe.incr(self.keys.ops(root_id))
+            await pipe.execute()
 
     async def read_account(self, root_id: int, account_id: int) -> list[Any] | None:
         raw = await self._run("read", root_id, [account_id])
