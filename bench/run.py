@@ -19,6 +19,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -338,14 +339,15 @@ def create_catalog(base: str, admin_key: str, prefix: str, accounts: int) -> Non
     headers = {"Authorization": f"Bearer {admin_key}"}
     with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
 
-        def post(path: str, body: dict[str, Any]) -> None:
+        def post(path: str, body: dict[str, Any], exists_ok: bool = False) -> None:
             r = c.post(path, json=body)
-            if r.status_code != 201:
+            if r.status_code != 201 and not (exists_ok and r.status_code == 409):
                 raise RuntimeError(f"POST {path}: {r.status_code} {r.text}")
 
+        # (shared by the rounds of a run: only the accounts are new in each)
         post("/v1/credit-types", {"code": "usd", "name": "US dollar", "kind": "fiat",
-                                  "decimal_places": 2})
-        post("/v1/products", {"code": "api", "name": "API calls"})
+                                  "decimal_places": 2}, exists_ok=True)
+        post("/v1/products", {"code": "api", "name": "API calls"}, exists_ok=True)
         for a in range(accounts):
             code = f"{prefix}-{a}"
             post("/v1/accounts", {"code": code, "name": code, "credit_type": "usd"})
@@ -402,6 +404,38 @@ def check_committed(res: Result, committed: int, events_per_request: int) -> Non
         print(f"    WARNING: {answered} events answered 2xx but only {committed} in usage_events")
 
 
+def combine(rounds: list[dict[str, Result]]) -> dict[str, Result]:
+    """Each scenario over all rounds: requests and seconds added up (so rates are totals over
+    totals), latency percentiles and CPU per request the median of the rounds'. With one round,
+    that round. Rounds interleave the scenarios, so a machine that speeds up or slows down
+    during a run (this shared one does, by ±30%) weighs on every scenario alike."""
+    if len(rounds) == 1:
+        return rounds[0]
+    combined: dict[str, Result] = {}
+    for name, first in rounds[0].items():
+        runs = [r[name] for r in rounds if name in r]
+        seconds = sum(r.duration_s for r in runs)
+        requests = sum(r.requests for r in runs)
+        res = Result(first.name, first.what, first.server, first.connections, requests,
+                     round(seconds, 2), round(requests / seconds, 1) if seconds else 0.0)
+        for attr in ("p50_ms", "p90_ms", "p99_ms", "max_ms"):
+            setattr(res, attr, statistics.median(getattr(r, attr) for r in runs))
+        for r in runs:
+            for key, value in r.errors.items():
+                res.errors[key] = res.errors.get(key, 0) + value
+        per_event = first.notes.get("events_per_request")
+        if per_event:
+            res.events_per_s = round(res.rps * per_event, 1)
+            res.notes["events_per_request"] = per_event
+        cpu = [r.notes["server_cpu_us_per_request"] for r in runs
+               if "server_cpu_us_per_request" in r.notes]
+        if cpu:
+            res.notes["server_cpu_us_per_request"] = statistics.median(cpu)
+        res.notes["rounds"] = [r.rps for r in runs]
+        combined[name] = res
+    return combined
+
+
 def ratios(results: dict[str, Result]) -> dict[str, float | None]:
     def ratio(a: str, b: str) -> float | None:
         if a in results and b in results and results[b].rps:
@@ -418,7 +452,8 @@ def ratios(results: dict[str, Result]) -> dict[str, float | None]:
 
 def markdown(results: dict[str, Result], rat: dict[str, float | None], meta: dict[str, Any]) -> str:
     lines = [
-        f"Run {meta['started_at']} on {meta['cpus']} CPUs, {meta['duration_s']:g} s per scenario, "
+        f"Run {meta['started_at']} on {meta['cpus']} CPUs, {meta['duration_s']:g} s per scenario"
+        f"{' in each of ' + str(meta['rounds']) + ' rounds' if meta.get('rounds', 1) > 1 else ''}, "
         f"wrk {meta['wrk_threads']} thread(s), load average {meta['load_avg_before']} before / "
         f"{meta['load_avg_after']} after; commit {meta['git']}.",
         "",
@@ -434,7 +469,10 @@ def markdown(results: dict[str, Result], rat: dict[str, float | None], meta: dic
         lines.append(f"| {r.name} — {r.what} | {r.server} | {r.connections} | {rps} | {ev} "
                      f"| {r.p50_ms:.2f} | {r.p99_ms:.2f} | {'' if cpu is None else f'{cpu:,.0f}'} "
                      f"| {err} |")
-    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
+    per_round = meta.get("round_ratios") or []
+    lines += ["", "| ratio | value | target | met |"
+              + (" rounds |" if len(per_round) > 1 else ""),
+              "|---|---:|---:|---|" + ("---|" if len(per_round) > 1 else "")]
     for key, label in [("check_over_bare", "check / bare"), ("usage_over_naive", "usage / naive"),
                        ("batch_events_per_s", "batch events/s"),
                        ("granian_over_uvicorn", "granian / uvicorn (bare)")]:
@@ -442,7 +480,12 @@ def markdown(results: dict[str, Result], rat: dict[str, float | None], meta: dic
         shown = "n/a" if value is None else (f"{value:,.0f}" if value > 100 else f"{value:.2f}")
         tshown = "" if target is None else (f">= {target:,}" if target > 100 else f">= {target}")
         met = "" if target is None or value is None else ("yes" if value >= target else "**no**")
-        lines.append(f"| {label} | {shown} | {tshown} | {met} |")
+        spread = ""
+        if len(per_round) > 1:
+            values = [r.get(key) for r in per_round]
+            spread = " " + ", ".join("n/a" if v is None else (f"{v:,.0f}" if v > 100 else f"{v:.2f}")
+                                     for v in values) + " |"
+        lines.append(f"| {label} | {shown} | {tshown} | {met} |{spread}")
     return "\n".join(lines)
 
 
@@ -490,6 +533,9 @@ def main() -> None:
                    help="scenarios to record with py-spy during the measured run (e.g. check,usage)")
     p.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop", "rloop"],
                    help="granian --loop for every granian server (auto: uvloop if importable)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every scenario this many times, interleaved; rates are totals "
+                        "over all rounds, and the ratios of each round are printed too")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes of every server (the same for all scenarios)")
     opts = p.parse_args()
@@ -513,16 +559,23 @@ def main() -> None:
     prefix = f"bench-{uuid.uuid4().hex[:6]}"
     db_name = opts.db_name or f"creditgate_bench_{uuid.uuid4().hex[:8]}"
     db_url, keys = asyncio.run(prepare_database(opts.admin_database_url, db_name, opts.accounts))
+    rounds: list[dict[str, Result]] = []
     try:
         with redis_server(opts.redis_url) as redis_url:
             opts.redis_url = redis_url
-            results, meta = run_all(opts, wanted, db_url, keys, prefix)
+            for n in range(opts.rounds):
+                if opts.rounds > 1:
+                    print(f"round {n + 1} of {opts.rounds}", flush=True)
+                found, meta = run_all(opts, wanted, db_url, keys, f"{prefix}r{n}")
+                rounds.append(found)
     finally:
         if not opts.keep_db:
             asyncio.run(drop_database(opts.admin_database_url, db_name))
+    results = combine(rounds)
     meta.update(started_at=started, load_avg_before=round(load1, 2),
                 load_avg_after=round(os.getloadavg()[0], 2),
-                total_s=round(time.monotonic() - t0, 1), database=db_name)
+                total_s=round(time.monotonic() - t0, 1), database=db_name, rounds=opts.rounds,
+                round_ratios=[ratios(r) for r in rounds])
     rat = ratios(results)
     out = {"meta": meta, "results": {k: asdict(v) for k, v in results.items()}, "ratios": rat,
            "targets": TARGETS}
