@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from app.settings import Seconds
+
 if TYPE_CHECKING:
     from pgserver.postgres_server import PostgresServer
 
@@ -334,7 +336,7 @@ def _pid_alive(pid: int) -> bool:
     return False
 
 
-def _wait_gone(pid: int, timeout_s: float) -> bool:
+def _wait_gone(pid: int, timeout_s: Seconds) -> bool:
     deadline = time.monotonic() + timeout_s
     while _pid_alive(pid):
         if time.monotonic() > deadline:

@@ -14,6 +14,10 @@ def _int(name: str, default: int) -> int:
     return int(raw) if raw else default
 
 
+# A duration in seconds: the one kind of float the app uses (never an amount).
+Seconds = float  # float-ok: the alias
+
+
 def _float(name: str, default: float) -> float:  # float-ok: durations
     raw = os.environ.get(name)
     return float(raw) if raw else default  # float-ok: a duration, not an amount

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from app.settings import Seconds
 from app.webhooks import repository as repo
 from app.webhooks import service
 
@@ -43,7 +44,7 @@ def attempt_line(row: asyncpg.Record) -> str:
     return line + (f"  ({row['error']})" if row["error"] else "")
 
 
-async def watch(dsn: str, endpoint_id: int | None, interval_s: float,
+async def watch(dsn: str, endpoint_id: int | None, interval_s: Seconds,
                 out: Callable[[str], None]) -> None:
     """Print new deliveries and attempts as they are logged, until cancelled."""
     conn = await asyncpg.connect(dsn)

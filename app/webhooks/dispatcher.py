@@ -39,7 +39,7 @@ from app.webhooks.net import transport
 from app.webhooks.signing import signed_headers
 
 if TYPE_CHECKING:
-    from app.settings import Settings
+    from app.settings import Seconds, Settings
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,17 @@ T = TypeVar("T")
 class DispatchConfig:
     concurrency: int = 50
     per_endpoint: int = 10
-    poll_s: float = 0.1
-    timeout_s: float = 15.0
+    poll_s: Seconds = 0.1
+    timeout_s: Seconds = 15.0
     lease: timedelta = timedelta(seconds=60)  # > timeout_s: a claim outlives its attempt
     schedule_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
-    retry_after_cap_s: float = 36000
+    retry_after_cap_s: Seconds = 36000
     allow_private: bool = False
     excerpt_bytes: int = 1024
-    excerpt_wait_s: float = 1.0
+    excerpt_wait_s: Seconds = 1.0
     disable_after: timedelta = timedelta(days=5)
     max_claim: int = 100
-    record_wait_s: float = 0.01
+    record_wait_s: Seconds = 0.01
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DispatchConfig:
@@ -87,7 +87,7 @@ class Job:
     url: str
     enabled: bool
     secrets: list[str]
-    claimed_at: float = 0.0  # time.monotonic()
+    claimed_at: Seconds = 0.0  # time.monotonic()
 
     @property
     def nth(self) -> int:
@@ -104,16 +104,16 @@ class Outcome:
     status_code: int | None = None
     error: str | None = None
     excerpt: str | None = None
-    retry_after_s: float | None = None
+    retry_after_s: Seconds | None = None
 
 
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
+def parse_retry_after(value: str | None, now: datetime) -> Seconds | None:
     """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date)."""
     if not value:
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        return float(value)  # float-ok: seconds
     try:
         at = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -123,7 +123,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     return max(0.0, (at - now).total_seconds())
 
 
-def retry_in(outcome: Outcome, config: DispatchConfig, rng: random.Random) -> float | None:
+def retry_in(outcome: Outcome, config: DispatchConfig, rng: random.Random) -> Seconds | None:
     """Seconds until the next attempt after a failed one; None: give up."""
     if outcome.job.nth > len(config.schedule_s):
         return None
@@ -155,7 +155,7 @@ def describe(exc: BaseException) -> str:
     return _clean(f"{type(exc).__name__}: {detail.strip().splitlines()[0] if detail else ''}", 500)
 
 
-async def read_excerpt(response: httpx.Response, limit: int, wait_s: float) -> str:
+async def read_excerpt(response: httpx.Response, limit: int, wait_s: Seconds) -> str:
     """At most `limit` bytes of the body, for at most `wait_s`; the rest is never read."""
     got = bytearray()
     with contextlib.suppress(TimeoutError, httpx.HTTPError):
@@ -175,7 +175,7 @@ def parsed_url(url: str) -> httpx.URL:
 
 
 async def post(transport: httpx.AsyncBaseTransport, request: httpx.Request,
-               config: DispatchConfig, deadline: float) -> tuple[int, str | None, str]:
+               config: DispatchConfig, deadline: Seconds) -> tuple[int, str | None, str]:
     """(status, Retry-After, the start of the body) of one POST; redirects are not followed."""
     response = await transport.handle_async_request(request)
     try:
@@ -305,7 +305,7 @@ class Dispatcher:
         self._tasks = [asyncio.create_task(self._claim_loop(), name="webhooks-claim"),
                        asyncio.create_task(self._record_loop(), name="webhooks-record")]
 
-    async def stop(self, drain_s: float = 2.0) -> None:
+    async def stop(self, drain_s: Seconds = 2.0) -> None:
         """Release what is queued, let attempts in flight finish (for up to drain_s), record
         everything, close."""
         claim_loop, record_loop = self._tasks or (None, None)

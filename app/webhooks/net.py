@@ -17,6 +17,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from app.settings import Seconds
 from app.webhooks.urls import first_problem, host_problem, resolve
 
 READ_LIMIT = 2**16
@@ -30,7 +31,7 @@ class Stream(httpcore.AsyncNetworkStream):
         self._writer = writer
         self._unsent: list[bytes] = []
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+    async def read(self, max_bytes: int, timeout: Seconds | None = None) -> bytes:  # noqa: ASYNC109
         try:
             if timeout is None:  # the dispatcher's own deadline covers the whole attempt
                 await self._flush()
@@ -43,7 +44,7 @@ class Stream(httpcore.AsyncNetworkStream):
         except OSError as exc:
             raise httpcore.ReadError(str(exc) or type(exc).__name__) from exc
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def write(self, buffer: bytes, timeout: Seconds | None = None) -> None:  # noqa: ASYNC109
         if buffer:
             self._unsent.append(buffer)
 
@@ -58,7 +59,7 @@ class Stream(httpcore.AsyncNetworkStream):
         self._writer.transport.abort()  # never wait to flush to a receiver that does not read
 
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:  # noqa: ASYNC109
+                        timeout: Seconds | None = None) -> httpcore.AsyncNetworkStream:  # noqa: ASYNC109
         try:
             async with asyncio.timeout(timeout):
                 await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
@@ -84,7 +85,7 @@ class Backend(httpcore.AsyncNetworkBackend):
     def __init__(self, guarded: bool) -> None:
         self.guarded = guarded
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
+    async def connect_tcp(self, host: str, port: int, timeout: Seconds | None = None,  # noqa: ASYNC109
                           local_address: str | None = None,
                           socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
                           ) -> httpcore.AsyncNetworkStream:
@@ -118,12 +119,12 @@ class Backend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectError(f"refused: {host} resolves to {problem}")
         return addresses
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,  # noqa: ASYNC109
+    async def connect_unix_socket(self, path: str, timeout: Seconds | None = None,  # noqa: ASYNC109
                                   socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
                                   ) -> httpcore.AsyncNetworkStream:
         raise httpcore.ConnectError("unix sockets are not receivers")
 
-    async def sleep(self, seconds: float) -> None:
+    async def sleep(self, seconds: Seconds) -> None:
         await asyncio.sleep(seconds)
 
 
@@ -161,7 +162,7 @@ class KeepAlivePool:
     """
 
     def __init__(self, backend: httpcore.AsyncNetworkBackend, max_idle: int,
-                 keepalive_expiry: float = 5.0) -> None:
+                 keepalive_expiry: Seconds = 5.0) -> None:
         self._backend = backend
         self._ssl = httpx.create_ssl_context(trust_env=False)
         self._max_idle = max_idle
