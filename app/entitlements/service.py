@@ -26,9 +26,10 @@ from app.errors import Problem, Unavailable, ValidationProblem
 from app.hotstate.store import DecideArgs, Decision, mark_window_start, pairs
 from app.http import validate_items
 from app.ledger import repository as ledger_repo
-from app.ledger.journal import JournalRecord, ms_to_dt
+from app.ledger.journal import JournalRecord
 from app.ledger.loader import to_ms
 from app.ledger.ops import decide, now_ms
+from app.ledger.repository import ms_to_dt
 from app.ledger.service import account_ref, resolve_credit_type, scaled
 from app.money import fmt, from_scaled
 

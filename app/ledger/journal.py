@@ -14,8 +14,8 @@ import functools
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -25,16 +25,13 @@ from app.errors import STORE_ERRORS
 from app.hotstate.keys import root_of
 from app.hotstate.store import HotState
 from app.ledger import repository as repo
+from app.ledger.repository import ms_to_dt
 from app.money import scaled_text
 from app.recharge.triggers import insert_triggers, triggers_for
 from app.webhooks.outbox import events_for, publish
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 500
-
-
-def ms_to_dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)  # float-ok: a timestamp, not an amount
 
 
 @dataclass
@@ -171,6 +168,12 @@ class Journal:
         future.add_done_callback(_log_failure)
         self._queue.put_nowait((records, future))
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """A task of the flusher's own (`stop` waits for them)."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _run(self) -> None:
         while True:
             first = await self._queue.get()
@@ -181,9 +184,7 @@ class Journal:
                 item = self._queue.get_nowait()
                 batch.append(item)
                 size += len(item[0])
-            task = asyncio.create_task(self._flush_waiting(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._flush_waiting(batch))
 
     async def _flush_waiting(
             self, batch: list[tuple[list[JournalRecord], asyncio.Future[list[str]]]]) -> None:
@@ -233,9 +234,7 @@ class Journal:
                 inserted = await repo.write_rows(conn, rows)
                 outcomes = await self._outcomes(conn, records, inserted)
         if answer_before_ack:
-            task = asyncio.create_task(self._after_commit(records, outcomes))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._after_commit(records, outcomes))
         else:
             await self._after_commit(records, outcomes)
         return outcomes

@@ -21,7 +21,8 @@ import asyncpg
 from app.errors import Unavailable
 from app.hotstate.store import DAY_MS, HotState, mark_window_start
 from app.ledger import repository as repo
-from app.ledger.journal import JournalRecord, ms_to_dt
+from app.ledger.journal import JournalRecord
+from app.ledger.repository import ms_to_dt
 from app.money import to_scaled
 
 ATTEMPTS = 8

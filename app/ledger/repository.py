@@ -41,8 +41,8 @@ async def write_rows(conn: Connection, rows: Rows) -> set[str]:
     else:  # a separator inside some text (a description, say): one array per column
         inserted = await conn.fetch(
             _WRITE_ARRAYS,
-            *_columns([(*e[:10], _dt(e[10]), e[11]) for e in rows.entries], 12),
-            *_columns([(*u[:6], _dt(u[6]), _dt(u[7])) for u in rows.usage], 8))
+            *_columns([(*e[:10], ms_to_dt(e[10]), e[11]) for e in rows.entries], 12),
+            *_columns([(*u[:6], ms_to_dt(u[6]), ms_to_dt(u[7])) for u in rows.usage], 8))
     if rows.statuses:
         await conn.execute(
             """UPDATE balances SET status = s.status
@@ -96,7 +96,7 @@ _WRITE_ARRAYS = """
     RETURNING op_key"""
 
 
-def _dt(ms: int) -> datetime:
+def ms_to_dt(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)  # float-ok: a timestamp, not an amount
 
 
