@@ -34,14 +34,7 @@ async def test_prices_in_usd_draw_custom_credits_at_the_rate_of_the_day(api: Api
     for day, rate in (("2024-07-01", "0.01"), ("2024-07-16", "0.02")):
         await api.call("POST", rates, json={"fiat": usd, "effective": day, "rate": rate})
     await api.grant(names["account"], "1000")
-    meter_code = await (_meter(api))
-    plan_code = await plan(api, names["storage"], usd)
-    await api.call("POST", f"/v1/accounts/{names['account']}/plans", expect=201,
-                   json={"plan": plan_code, "start_date": "2024-07-01"})
-    await api.call("POST", "/v1/pricings", expect=201, json={
-        "plan": plan_code, "aggregation": await aggregation(api, meter_code, "gb", "SUM"),
-        "start_date": "2024-07-01", "type": "per_unit",
-        "bands": [{"up_to": None, "price": "0.05"}]})
+    meter_code = await _storage_priced_in(api, names, usd)
     account = names["account"]
     # 10 GB at 0.05 USD = 0.50 USD, on the 10th at 0.01 USD a credit: 50 credits
     first = await _measure_at(api, account, meter_code, "2024-07-10T12:00:00Z", gb=10)
@@ -71,20 +64,27 @@ async def test_no_rate_for_the_day_rejects_the_measurement_and_stores_nothing(
         "code": usd, "name": "US dollar", "kind": "fiat", "decimal_places": 2})
     await api.call("POST", f"/v1/credit-types/{names['credit_type']}/conversion-rates",
                    json={"fiat": usd, "effective": "2024-07-16", "rate": "0.01"})
-    meter_code = await _meter(api)
-    plan_code = await plan(api, names["storage"], usd)
-    await api.call("POST", f"/v1/accounts/{names['account']}/plans", expect=201,
-                   json={"plan": plan_code, "start_date": "2024-07-01"})
-    await api.call("POST", "/v1/pricings", expect=201, json={
-        "plan": plan_code, "aggregation": await aggregation(api, meter_code, "gb", "SUM"),
-        "start_date": "2024-07-01", "type": "per_unit",
-        "bands": [{"up_to": None, "price": "0.05"}]})
+    meter_code = await _storage_priced_in(api, names, usd)
     uid = uuid.uuid4().hex
     body = await api.call("POST", "/v1/measurements", scope="runtime", expect=422, json={
         "uid": uid, "account": names["account"], "meter": meter_code,
         "timestamp": "2024-07-10T00:00:00Z", "data": {"gb": 1}})
     assert body["field"] == "account" and "conversion rate" in body["detail"]
     assert await db.fetchval("SELECT count(*) FROM measurements WHERE uid = $1", uid) == 0
+
+
+async def _storage_priced_in(api: Api, names: dict[str, str], currency: str) -> str:
+    """A plan in `currency` pricing SUM(gb) at 0.05 per unit from 2024-07-01, attached to the
+    account from then on; returns the meter's code."""
+    meter_code = await _meter(api)
+    plan_code = await plan(api, names["storage"], currency)
+    await api.call("POST", f"/v1/accounts/{names['account']}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": "2024-07-01"})
+    await api.call("POST", "/v1/pricings", expect=201, json={
+        "plan": plan_code, "aggregation": await aggregation(api, meter_code, "gb", "SUM"),
+        "start_date": "2024-07-01", "type": "per_unit",
+        "bands": [{"up_to": None, "price": "0.05"}]})
+    return meter_code
 
 
 async def _meter(api: Api) -> str:
