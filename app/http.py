@@ -141,15 +141,14 @@ class KeyCache:
         return hit[0] if hit and hit[1] > time.monotonic() else None
 
     async def principal(self, ctx: AppContext, key: str) -> Principal | None:
-        hit = self._known.get(key)
-        now = time.monotonic()
-        if hit and hit[1] > now:
-            return hit[0]
+        cached = self.cached(key)
+        if cached is not None:
+            return cached
         found = await find_principal(ctx.pool, key)
         if found:
             if len(self._known) > 10_000:
                 self._known.clear()
-            self._known[key] = (found, now + KEY_CACHE_TTL_S)
+            self._known[key] = (found, time.monotonic() + KEY_CACHE_TTL_S)
         return found
 
 

@@ -58,10 +58,9 @@ class Catalog:
         return code in self._products
 
     async def account(self, code: str) -> AccountRef | None:
-        hit = self._accounts.get(code)
-        now = time.monotonic()
-        if hit and hit[1] > now:
-            return hit[0]
+        cached = self.cached_account(code)
+        if cached is not None:
+            return cached
         row = await repo.account_by_code(self.pool, code)
         if row is None:
             return None
@@ -69,7 +68,7 @@ class Catalog:
         type_id = await repo.inherited_credit_type(self.pool, chain)
         ref = AccountRef(row["id"], code, row["root_id"], tuple(chain),
                          await self.credit_type_by_id(type_id) if type_id else None)
-        self._accounts[code] = (ref, now + ACCOUNT_TTL_S)
+        self._accounts[code] = (ref, time.monotonic() + ACCOUNT_TTL_S)
         return ref
 
     def forget_accounts(self) -> None:

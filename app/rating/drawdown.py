@@ -82,10 +82,16 @@ class Item:
 _METERS: dict[str, tuple[Meter, float]] = {}
 
 
-async def meter(ctx: AppContext, code: str) -> Meter | None:
+def cached_meter(code: str) -> Meter | None:
+    """The meter when cached and fresh (no coroutine); None: ask `meter`."""
     hit = _METERS.get(code)
-    if hit and hit[1] > time.monotonic():
-        return hit[0]
+    return hit[0] if hit and hit[1] > time.monotonic() else None
+
+
+async def meter(ctx: AppContext, code: str) -> Meter | None:
+    cached = cached_meter(code)
+    if cached is not None:
+        return cached
     row = await repo.meter_by_code(ctx.pool, code)
     if row is None:
         return None
@@ -142,8 +148,7 @@ async def _item(ctx: AppContext, index: int, body: MeasurementIn | Problem,
     account = catalog.cached_account(body.account) or await catalog.account(body.account)
     if account is None:
         raise ValidationProblem(f"unknown account {body.account!r}", field="account")
-    hit = _METERS.get(body.meter)  # (the cached meter without a coroutine: the common case)
-    found = hit[0] if hit and hit[1] > time.monotonic() else await meter(ctx, body.meter)
+    found = cached_meter(body.meter) or await meter(ctx, body.meter)
     if found is None:
         raise ValidationProblem(f"unknown meter {body.meter!r}", field="meter")
     if body.timestamp > now + timedelta(seconds=ctx.settings.usage_future_skew_s):
