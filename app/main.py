@@ -25,6 +25,7 @@ from app.context import AppContext
 from app.db import create_pool, pending_migrations
 from app.entitlements.endpoints import ENDPOINTS as RUNTIME
 from app.errors import STORE_ERRORS, NotFound, Problem, internal_error, problem_response
+from app.hotstate.checkcache import CheckCache
 from app.hotstate.keys import Keys
 from app.hotstate.resp import FastRedis
 from app.hotstate.store import HotState
@@ -130,6 +131,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             settings.redis_url, decode_responses=True, max_connections=64, timeout=5))
         fast = FastRedis(settings.redis_url)
         hot = HotState(redis, fast, Keys(settings.redis_prefix))
+        if settings.check_cache:
+            hot.cache = CheckCache(settings.redis_url, fast, settings.check_cache_ttl_ms)
+            await hot.cache.start()
         journal = Journal(pool, hot)
         ctx = AppContext(settings, pool, redis, hot, Catalog(pool), KeyCache(), journal,
                          Loader(pool, hot))
@@ -158,6 +162,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await journal.stop()
             if ctx.stripe:
                 await ctx.stripe.close()
+            if hot.cache is not None:
+                await hot.cache.close()
             await fast.aclose()
             await redis.aclose()
             await pool.close()

@@ -55,6 +55,10 @@ class Settings:
     worker_interval_s: float = 2.0  # float-ok: seconds
     run_workers: bool = True
     redis_prefix: str = "cg"
+    # Plain checks answered from the process's memory while Redis reports no change to what
+    # they read (app/hotstate/checkcache.py); each answer is kept at most this long.
+    check_cache: bool = True
+    check_cache_ttl_ms: int = 30_000
     # Outbound webhooks (app/webhooks/). Link-local and cloud-metadata receivers are refused
     # unless allowed; loopback and private networks always are. Retries wait these seconds
     # after each failed attempt, then the delivery fails.
@@ -84,6 +88,8 @@ class Settings:
             worker_interval_s=_float("CREDITGATE_WORKER_INTERVAL_S", 2.0),  # float-ok: seconds
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",
             redis_prefix=os.environ.get("CREDITGATE_REDIS_PREFIX", "cg"),
+            check_cache=os.environ.get("CREDITGATE_CHECK_CACHE", "1") != "0",
+            check_cache_ttl_ms=_int("CREDITGATE_CHECK_CACHE_TTL_MS", 30_000),
             webhooks_allow_private=os.environ.get("CREDITGATE_WEBHOOKS_ALLOW_PRIVATE") == "1",
             webhooks_dispatch=os.environ.get("CREDITGATE_WEBHOOKS_DISPATCH", "1") != "0",
             webhooks_concurrency=_int("CREDITGATE_WEBHOOKS_CONCURRENCY", 50),

@@ -23,6 +23,7 @@ from app.entitlements.schemas import (
     UsageResult,
 )
 from app.errors import Problem, Unavailable, ValidationProblem
+from app.hotstate.checkcache import Answer
 from app.hotstate.store import DecideArgs, Decision, mark_window_start, pairs
 from app.http import validate_items
 from app.ledger import repository as ledger_repo
@@ -87,10 +88,11 @@ async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> Check
     assert credit_type is not None  # (no credit type at all was answered above)
     amount = scaled(body.amount, credit_type) if body.amount is not None else 0
     at = now_ms()
-    payload = _usage_payload(account, credit_type, key or "", body.product, amount, at) \
-        if body.consume else ""
+    if not body.consume:
+        return await _plain_check(ctx, account, body.product, credit_type, amount, at)
+    payload = _usage_payload(account, credit_type, key or "", body.product, amount, at)
     args = DecideArgs(account.id, account.chain_arg, key or "", body.product, credit_type.code,
-                      amount, at, "c" if body.consume else "q", payload)
+                      amount, at, "c", payload)
     decided_at, [decision] = await decide(ctx, account.root_id, [args])
     out = CheckOut(allowed=decision.status in ("ok", "duplicate"),
                    reason="ok" if decision.status == "duplicate" else decision.status,  # type: ignore[arg-type]
@@ -108,6 +110,36 @@ async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> Check
         # the consume was done before, so its retry is a duplicate, not a denial
         out.allowed, out.reason, out.duplicate = True, "ok", True
     return out
+
+
+async def _plain_check(ctx: AppContext, account: AccountRef, product: str,
+                       credit_type: CreditTypeRef, amount: int, at: int) -> CheckOut:
+    """A check without consume: from this process's check cache when its answer is known
+    and unchanged (app/hotstate/checkcache.py), else decided in Redis (and kept)."""
+    cache = ctx.hot.cache
+    if cache is None:
+        _, [decision] = await decide(ctx, account.root_id, [DecideArgs(
+            account.id, account.chain_arg, "", product, credit_type.code, amount, at, "q", "")])
+        return _checked(decision.status, decision.available, credit_type)
+    slot = (account.id, product, credit_type.code)
+    known = cache.lookup(slot, at)
+    if known is not None:
+        return _checked(known.status(amount), known.available, credit_type)
+    token = cache.token(account.root_id)
+    _, [decision] = await decide(ctx, account.root_id, [DecideArgs(
+        account.id, account.chain_arg, "", product, credit_type.code, amount, at, "q", "")],
+        ctx.hot.keys.check_reads(account.root_id, account.chain))
+    status = decision.status
+    cache.keep(token, slot, Answer(account.root_id, blocked=status == "account_blocked",
+                                   eligible=status != "no_eligible_balance",
+                                   available=decision.available,
+                                   until_ms=cache.ttl_end(at, decision.changes_at)))
+    return _checked(status, decision.available, credit_type)
+
+
+def _checked(status: str, available: int, credit_type: CreditTypeRef) -> CheckOut:
+    return CheckOut(allowed=status == "ok", reason=status,  # type: ignore[arg-type]
+                    available=_amount(available, credit_type), credit_type=credit_type.code)
 
 
 _HEADER_KEY = re.compile(UID_PATTERN)

@@ -40,6 +40,12 @@ class Keys:
     def uid_bucket(self, root_id: int, account_id: int, day: int) -> str:
         return f"{self.tag(root_id)}:u:{account_id}:{day}"
 
+    def check_reads(self, root_id: int, chain: tuple[int, ...]) -> tuple[str, ...]:
+        """The hashes a check's answer depends on: each chain account's status, remaining
+        amounts and balance definitions (declared to Redis for the check cache)."""
+        tag = self.tag(root_id)
+        return tuple(f"{tag}:{kind}:{account}" for account in chain for kind in "abd")
+
     @property
     def journal_pattern(self) -> str:
         return self.prefix + ":{*}:j"

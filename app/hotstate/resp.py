@@ -13,6 +13,7 @@ import collections
 import hashlib
 import itertools
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -31,6 +32,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.WriteTransport | None = None
         self.closed = False
         self._outbox: list[bytes] = []
+        self.tracking: int | None = None  # the client id invalidations go to (checkcache.py)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
@@ -87,6 +89,8 @@ class FastRedis:
         self._turn = itertools.cycle(range(connections))
         self._connecting: dict[int, asyncio.Task[_Connection]] = {}
         self._watchdog: asyncio.Task[None] | None = None
+        # run on each new connection before it serves calls (checkcache.py turns tracking on)
+        self.on_connect: Callable[[_Connection], Awaitable[None]] | None = None
 
     async def _open(self) -> _Connection:
         parsed = urlparse(self._url)
@@ -105,6 +109,8 @@ class FastRedis:
             setup.append(("SELECT", db))
         for command in setup:
             await conn.send(hiredis.pack_command(command))  # type: ignore[arg-type]  # stub too narrow
+        if self.on_connect is not None:
+            await self.on_connect(conn)
         if self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch())
         return conn
@@ -131,6 +137,13 @@ class FastRedis:
             for conn in self._slots:
                 if conn is not None and conn.stalled(now):
                     conn.close()
+
+    def open_connections(self) -> list[_Connection]:
+        return [conn for conn in self._slots if conn is not None and not conn.closed]
+
+    def tracked(self, client_id: int) -> bool:
+        """Every open connection sends its invalidations to `client_id`."""
+        return all(conn.tracking == client_id for conn in self.open_connections())
 
     def ready(self) -> _Connection | None:
         """The next open connection, when there is one: no coroutine on the hot path."""

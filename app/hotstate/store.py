@@ -8,6 +8,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from app.hotstate.checkcache import CheckCache
 from app.hotstate.keys import Keys
 from app.hotstate.resp import FastRedis, Script
 
@@ -56,6 +57,7 @@ class Decision:
     gen: str
     flag_change: str
     crossings: str
+    changes_at: int = 0  # a check: when time alone may change its answer (0: never)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class HotState:
         self.redis = redis  # redis-py: everything off the hot path
         self.fast = fast  # pipelined client: the scripts
         self.keys = keys
+        self.cache: CheckCache | None = None  # plain checks' answers (main.py sets it up)
         lib = (LUA_DIR / "lib.lua").read_text()
         self._scripts: dict[str, Script] = {
             name: Script(fast, lib + (LUA_DIR / f"{name}.lua").read_text()) for name in SCRIPTS
@@ -96,15 +99,18 @@ class HotState:
     async def _run(self, name: str, root_id: int, args: list[Any]) -> Any:
         return await self._scripts[name](keys=[self.keys.root(root_id)], args=args)
 
-    async def decide(self, root_id: int, now_ms: int, events: list[DecideArgs]) -> list[Decision] | None:
-        """Decide (and for c/u modes apply) events of one root; None when the root is cold."""
+    async def decide(self, root_id: int, now_ms: int, events: list[DecideArgs],
+                     tracked: tuple[str, ...] = ()) -> list[Decision] | None:
+        """Decide (and for c/u modes apply) events of one root; None when the root is cold.
+        `tracked`: keys declared only so that Redis tracks them for the check cache."""
         args: list[Any] = [now_ms, now_ms // DAY_MS, MARK_TTL_S]
         for event in events:
             args.extend(event.argv())
-        raw = await self._decide(keys=[self.keys.root(root_id)], args=args)
+        raw = await self._decide(keys=[self.keys.root(root_id), *tracked], args=args)
         if raw and raw[0] == "cold":
             return None
-        return [Decision(r[0], int(r[1]), int(r[2]), r[3], r[4], r[5], r[6], r[7]) for r in raw]
+        return [Decision(r[0], int(r[1]), int(r[2]), r[3], r[4], r[5], r[6], r[7],
+                         int(r[8]) if len(r) > 8 else 0) for r in raw]
 
     async def ledger_op(self, root_id: int, now_ms: int, op: LedgerOpArgs) -> LedgerOpResult:
         raw = await self._run("ledger_op", root_id, [

@@ -21,12 +21,12 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def decide(ctx: AppContext, root_id: int,
-                 events: list[DecideArgs]) -> tuple[int, list[Decision]]:
+async def decide(ctx: AppContext, root_id: int, events: list[DecideArgs],
+                 tracked: tuple[str, ...] = ()) -> tuple[int, list[Decision]]:
     """Decide events of one root; returns the decision time (ms) with the decisions."""
     for _ in range(ATTEMPTS):
         at = now_ms()
-        decisions = await ctx.hot.decide(root_id, at, events)
+        decisions = await ctx.hot.decide(root_id, at, events, tracked)
         if decisions is not None:
             return at, decisions
         await ctx.loader.ensure(root_id)

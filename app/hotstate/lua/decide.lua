@@ -5,6 +5,10 @@
 -- Returns {"cold"} when the root is not in the hot state, else per event
 --   {status, available after, overage, allocations "bid:acct:amt,...", stream id, gen,
 --    flag change "product|ct|granted/revoked|available", threshold crossings}
+--   and for a check (q) a ninth: the next instant (ms, '0' for none) at which a balance of the
+--   chain becomes effective or expires, when its answer may change with no write to Redis.
+-- KEYS beyond the first are not used: a check declares the hashes its answer reads so that
+-- Redis tracks them for the caller's check cache (app/hotstate/checkcache.py).
 -- The journal entry also carries threshold crossings ("wc", see check_watches).
 local now, today, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = (#ARGV - 3) / 9
@@ -38,7 +42,9 @@ for i = 0, n - 1 do
     elseif #list == 0 then status = 'no_eligible_balance'
     elseif avail < amount or avail <= 0 then status = 'insufficient_balance' end
   end
-  if status ~= 'ok' or mode == 'q' then
+  if mode == 'q' then
+    results[#results + 1] = {status, avail, 0, '', '', '', '', '', next_change(chain, at, cache)}
+  elseif status ~= 'ok' then
     results[#results + 1] = {status, avail, 0, '', '', '', '', ''}
   else
     local need, allocs = amount, {}

@@ -105,6 +105,18 @@ local function eligible(chain, product, ct, at, cache)
   return out
 end
 
+-- The next instant after `at` at which some balance of the chain becomes effective or expires.
+local function next_change(chain, at, cache)
+  local soonest = math.huge
+  for _, acct in ipairs(chain) do
+    for _, d in ipairs(balances_of(acct, cache)) do
+      if d.eff > at and d.eff < soonest then soonest = d.eff end
+      if d.exp > at and d.exp < soonest then soonest = d.exp end
+    end
+  end
+  return soonest == math.huge and '0' or string.format('%d', soonest)
+end
+
 local function total(list)
   local sum = 0
   for _, b in ipairs(list) do sum = sum + b.rem end
