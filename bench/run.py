@@ -444,6 +444,7 @@ def ratios(results: dict[str, Result]) -> dict[str, float | None]:
 
     return {
         "check_over_bare": ratio("check", "bare"),
+        "check_uncached_over_bare": ratio("check_uncached", "bare"),
         "usage_over_naive": ratio("usage", "naive"),
         "batch_events_per_s": results["batch"].events_per_s if "batch" in results else None,
         "granian_over_uvicorn": ratio("bare", "bare_uvicorn"),
@@ -473,7 +474,9 @@ def markdown(results: dict[str, Result], rat: dict[str, float | None], meta: dic
     lines += ["", "| ratio | value | target | met |"
               + (" rounds |" if len(per_round) > 1 else ""),
               "|---|---:|---:|---|" + ("---|" if len(per_round) > 1 else "")]
-    for key, label in [("check_over_bare", "check / bare"), ("usage_over_naive", "usage / naive"),
+    for key, label in [("check_over_bare", "check / bare"),
+                       ("check_uncached_over_bare", "check with the cache off / bare"),
+                       ("usage_over_naive", "usage / naive"),
                        ("batch_events_per_s", "batch events/s"),
                        ("granian_over_uvicorn", "granian / uvicorn (bare)")]:
         value, target = rat.get(key), TARGETS.get(key)
@@ -503,7 +506,8 @@ def git_rev() -> str:
 # --- main ----------------------------------------------------------------------------------
 
 
-ALL = ("bare", "bare_redis", "bare_fast", "bare_uvicorn", "naive", "check", "usage", "batch")
+ALL = ("bare", "bare_redis", "bare_fast", "bare_uvicorn", "naive", "check", "check_uncached",
+       "usage", "batch")
 
 
 def main() -> None:
@@ -674,6 +678,16 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                              events_per_request=opts.batch_size, timeout_s=60)
                 check_committed(results["batch"], asyncio.run(settle_usage(db_url, before)),
                                 opts.batch_size)
+
+    if "check_uncached" in wanted:  # every check decided in Redis (CREDITGATE_CHECK_CACHE=0)
+        port = free_port()
+        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, "CREDITGATE_CHECK_CACHE": "0"}
+        with server("creditgate_uncached", granian_cmd("app.main:create_app_from_env", port, True),
+                    env, ("GET", "/healthz", None), port, pin) as (base, proc):
+            if not app_scenarios:
+                create_catalog(base, keys["admin"], prefix, opts.accounts)
+            run_scenario("check_uncached", "POST /v1/check, check cache off", "granian", base,
+                         "static.lua", static_args("check", keys["runtime"]), opts, proc=proc)
 
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
     import granian
