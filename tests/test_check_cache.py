@@ -41,6 +41,16 @@ def iso(at: datetime) -> str:
     return at.isoformat().replace("+00:00", "Z")
 
 
+async def one_answer_kept(api: Api, app: Any) -> tuple[dict[str, str], CheckCache]:
+    """A new account with 1.00, and its check answer in the in-process app's cache."""
+    n = await api.setup()
+    await api.grant(n["account"], "1.00")
+    cache = cache_of(app)
+    await eventually(lambda: cache.armed)
+    await api.check(n["account"], n["api"])
+    return n, cache
+
+
 @pytest.fixture(scope="module")
 async def apps(settings: Settings) -> AsyncIterator[AppProcesses]:
     async with run_apps(settings, 2) as started:
@@ -132,11 +142,7 @@ async def test_flushall_drops_every_answer(api: Api, app: Any,
 
 async def test_without_its_invalidation_connection_nothing_is_served_from_memory(
         api: Api, app: Any, redis: aioredis.Redis) -> None:
-    n = await api.setup()
-    await api.grant(n["account"], "1.00")
-    cache = cache_of(app)
-    await eventually(lambda: cache.armed)
-    await api.check(n["account"], n["api"])
+    n, cache = await one_answer_kept(api, app)
     sub_id = cache._sub_id
     await redis.execute_command("CLIENT", "KILL", "ID", str(sub_id))
     # a write whose invalidation nobody receives: the next check must not use memory
@@ -178,11 +184,7 @@ async def test_a_hit_first_reads_invalidations_the_event_loop_has_not_polled_yet
     """The invalidation of an acknowledged write is in the socket before the next request is
     read; even when the event loop would reach that socket only after the request, the
     answer is not served from memory."""
-    n = await api.setup()
-    await api.grant(n["account"], "1.00")
-    cache = cache_of(app)
-    await eventually(lambda: cache.armed)
-    await api.check(n["account"], n["api"])
+    n, cache = await one_answer_kept(api, app)
     sock = cache._sock
     assert sock is not None
     loop = asyncio.get_running_loop()
