@@ -117,23 +117,22 @@ async def _plain_check(ctx: AppContext, account: AccountRef, product: str,
     """A check without consume: from this process's check cache when its answer is known
     and unchanged (app/hotstate/checkcache.py), else decided in Redis (and kept)."""
     cache = ctx.hot.cache
-    if cache is None:
-        _, [decision] = await decide(ctx, account.root_id, [DecideArgs(
-            account.id, account.chain_arg, "", product, credit_type.code, amount, at, "q", "")])
-        return _checked(decision.status, decision.available, credit_type)
     slot = (account.id, product, credit_type.code)
-    known = cache.lookup(slot, at)
+    known = cache.lookup(slot, at) if cache is not None else None
     if known is not None:
         return _checked(known.status(amount), known.available, credit_type)
-    token = cache.token(account.root_id)
+    token = cache.token(account.root_id) if cache is not None else None
+    # while answers can be kept, the keys they depend on are declared for Redis to track
+    tracked = ctx.hot.keys.check_reads(account.root_id, account.chain) if token else ()
     _, [decision] = await decide(ctx, account.root_id, [DecideArgs(
         account.id, account.chain_arg, "", product, credit_type.code, amount, at, "q", "")],
-        ctx.hot.keys.check_reads(account.root_id, account.chain))
+        tracked)
     status = decision.status
-    cache.keep(token, slot, Answer(account.root_id, blocked=status == "account_blocked",
-                                   eligible=status != "no_eligible_balance",
-                                   available=decision.available,
-                                   until_ms=cache.ttl_end(at, decision.changes_at)))
+    if cache is not None:
+        cache.keep(token, slot, Answer(account.root_id, blocked=status == "account_blocked",
+                                       eligible=status != "no_eligible_balance",
+                                       available=decision.available,
+                                       until_ms=cache.ttl_end(at, decision.changes_at)))
     return _checked(status, decision.available, credit_type)
 
 
