@@ -66,15 +66,25 @@ def amounts(result: dict[str, Any]) -> list[D]:
 
 
 async def drawn_in_postgres(db: asyncpg.Connection, account: str) -> tuple[D, D, D]:
-    """(rated debits, usage events, ledger debits + overage) of an account, from Postgres."""
+    """(rated debits, usage events, ledger debits + overage) of an account, from Postgres.
+
+    A rated debit is answered once it is durable in `rated_debits` and applied to the hot
+    state; its usage event and ledger entries follow in the journal's group commit right
+    behind (README, "What a 2xx waits for"). So this waits, up to 5 s, for the three to agree,
+    and returns what it found then."""
     acct = await account_id(db, account)
-    rated = await db.fetchval("SELECT COALESCE(sum(amount), 0) FROM rated_debits "
-                              "WHERE account_id = $1", acct)
-    usage = await db.fetchval("SELECT COALESCE(sum(amount), 0) FROM usage_events "
-                              "WHERE account_id = $1", acct)
-    ledger = await db.fetchval("SELECT COALESCE(-sum(amount), 0) FROM ledger_entries "
-                               "WHERE account_id = $1 AND kind IN ('debit', 'overage')", acct)
-    return D(rated), D(usage), D(ledger)
+    deadline = time.monotonic() + 5.0
+    while True:
+        rated = await db.fetchval("SELECT COALESCE(sum(amount), 0) FROM rated_debits "
+                                  "WHERE account_id = $1", acct)
+        usage = await db.fetchval("SELECT COALESCE(sum(amount), 0) FROM usage_events "
+                                  "WHERE account_id = $1", acct)
+        ledger = await db.fetchval("SELECT COALESCE(-sum(amount), 0) FROM ledger_entries "
+                                   "WHERE account_id = $1 AND kind IN ('debit', 'overage')", acct)
+        found = D(rated), D(usage), D(ledger)
+        if found[0] == found[1] == found[2] or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)
 
 
 async def bill(api: Api, account: str, at: str) -> dict[str, Any]:
