@@ -9,7 +9,6 @@ FLUSHALL, and nothing is kept while the invalidation connection is down.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -22,19 +21,13 @@ from app.hotstate.checkcache import CheckCache
 from app.settings import Settings
 from tests.conftest import Api
 from tests.procs import AppProcesses, call_as, run_apps
+from tests.webhook_receiver import eventually
 
 
 def cache_of(app: Any) -> CheckCache:
     cache = app.state.ctx.hot.cache
     assert cache is not None
     return cache
-
-
-async def eventually(condition: Any, within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def iso(at: datetime) -> str:
@@ -46,7 +39,7 @@ async def one_answer_kept(api: Api, app: Any) -> tuple[dict[str, str], CheckCach
     n = await api.setup()
     await api.grant(n["account"], "1.00")
     cache = cache_of(app)
-    await eventually(lambda: cache.armed)
+    await eventually(lambda: cache.armed, within=5.0)
     await api.check(n["account"], n["api"])
     return n, cache
 
@@ -135,7 +128,7 @@ async def test_flushall_drops_every_answer(api: Api, app: Any,
     await api.check(n["account"], n["api"])
     assert len(cache) > 0
     await redis.flushall()
-    await eventually(lambda: len(cache) == 0)
+    await eventually(lambda: len(cache) == 0, within=5.0)
     rebuilt = await api.check(n["account"], n["api"])
     assert (rebuilt["allowed"], rebuilt["available"]) == (True, "1.00")
 
@@ -152,7 +145,7 @@ async def test_without_its_invalidation_connection_nothing_is_served_from_memory
     assert (after["allowed"], after["available"]) == (False, "0.00")
     assert cache.hits == hits
     # it comes back (a new subscriber, tracking re-pointed) and answers from memory again
-    await eventually(lambda: cache.armed and cache._sub_id != sub_id)
+    await eventually(lambda: cache.armed and cache._sub_id != sub_id, within=5.0)
     await api.grant(n["account"], "2.00")
     for _ in range(2):
         seen = await api.check(n["account"], n["api"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -184,10 +185,16 @@ async def endpoints(api: Api) -> AsyncIterator[Endpoints]:
     await made.disable_all()
 
 
-async def eventually(probe: Callable[[], Awaitable[bool]], within: float = 10.0,
+async def eventually(probe: Callable[[], Awaitable[bool] | bool], within: float = 10.0,
                      every: float = 0.05) -> None:
+    """Poll `probe` (a coroutine function or a plain one) until it is true; fail after `within`."""
     deadline = time.monotonic() + within
-    while not await probe():
+
+    async def true() -> bool:
+        found = probe()
+        return bool(await found) if inspect.isawaitable(found) else bool(found)
+
+    while not await true():
         assert time.monotonic() < deadline, f"not true within {within} s"
         await asyncio.sleep(every)
 
