@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -618,38 +618,39 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
             spy.wait()
         print(f"    py-spy collapsed stacks: {out} (summary: bench/profile_top.py {out})")
 
+    def serve_static(name: str, what: str, cmd: Callable[[int], list[str]], env: dict[str, str],
+                     probe: tuple[str, str, Any], kind: str, token: str = "-",
+                     server_kind: str = "granian", setup: Callable[[str], None] | None = None,
+                     ) -> None:
+        """One `static.lua` scenario against a server of its own."""
+        port = free_port()
+        with server(name, cmd(port), env, probe, port, pin) as (base, proc):
+            if setup is not None:
+                setup(base)
+            run_scenario(name, what, server_kind, base, "static.lua", static_args(kind, token),
+                         opts, proc=proc)
+
+    def bare_app(port: int) -> list[str]:
+        return granian_cmd("bench.bare:app", port, False)
+
+    bare_redis_env = {"BARE_REDIS_URL": opts.redis_url}
     if "bare" in wanted:
-        port = free_port()
-        with server("bare", granian_cmd("bench.bare:app", port, False), {}, bare_probe, port,
-                    pin) as (base, proc):
-            run_scenario("bare", "bare Starlette JSON endpoint", "granian", base,
-                         "static.lua", static_args("bare"), opts, proc=proc)
+        serve_static("bare", "bare Starlette JSON endpoint", bare_app, {}, bare_probe, "bare")
     if "bare_redis" in wanted:
-        port = free_port()
-        with server("bare_redis", granian_cmd("bench.bare:app", port, False),
-                    {"BARE_REDIS_URL": opts.redis_url}, bare_probe, port, pin) as (base, proc):
-            run_scenario("bare_redis", "bare + one redis-py EVALSHA", "granian", base,
-                         "static.lua", static_args("bare_redis"), opts, proc=proc)
+        serve_static("bare_redis", "bare + one redis-py EVALSHA", bare_app, bare_redis_env,
+                     bare_probe, "bare_redis")
     if "bare_fast" in wanted:
-        port = free_port()
-        with server("bare_fast", granian_cmd("bench.bare:app", port, False),
-                    {"BARE_REDIS_URL": opts.redis_url}, bare_probe, port, pin) as (base, proc):
-            run_scenario("bare_fast", "bare + one EVALSHA through app/hotstate/resp.py", "granian",
-                         base,
-                         "static.lua", static_args("bare_fast"), opts, proc=proc)
+        serve_static("bare_fast", "bare + one EVALSHA through app/hotstate/resp.py", bare_app,
+                     bare_redis_env, bare_probe, "bare_fast")
     if "bare_uvicorn" in wanted:
-        port = free_port()
-        with server("bare_uvicorn", uvicorn_cmd("bench.bare:app", port), {}, bare_probe, port,
-                    pin) as (base, proc):
-            run_scenario("bare_uvicorn", "bare endpoint under uvicorn", "uvicorn", base,
-                         "static.lua", static_args("bare"), opts, proc=proc)
+        serve_static("bare_uvicorn", "bare endpoint under uvicorn",
+                     lambda port: uvicorn_cmd("bench.bare:app", port), {}, bare_probe, "bare",
+                     server_kind="uvicorn")
     if "naive" in wanted:
-        port = free_port()
-        with server("naive", granian_cmd("bench.naive:create_app", port, True),
-                    {"NAIVE_DATABASE_URL": db_url}, ("POST", "/debit", {"account": 1, "amount": 0}),
-                    port, pin) as (base, proc):
-            run_scenario("naive", "one UPDATE … RETURNING per debit", "granian", base,
-                         "static.lua", static_args("naive"), opts, proc=proc)
+        serve_static("naive", "one UPDATE … RETURNING per debit",
+                     lambda port: granian_cmd("bench.naive:create_app", port, True),
+                     {"NAIVE_DATABASE_URL": db_url},
+                     ("POST", "/debit", {"account": 1, "amount": 0}), "naive")
 
     app_scenarios = [s for s in ("check", "usage", "batch") if s in wanted]
     if app_scenarios:
@@ -680,14 +681,12 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                                 opts.batch_size)
 
     if "check_uncached" in wanted:  # every check decided in Redis (CREDITGATE_CHECK_CACHE=0)
-        port = free_port()
-        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, "CREDITGATE_CHECK_CACHE": "0"}
-        with server("creditgate_uncached", granian_cmd("app.main:create_app_from_env", port, True),
-                    env, ("GET", "/healthz", None), port, pin) as (base, proc):
-            if not app_scenarios:
-                create_catalog(base, keys["admin"], prefix, opts.accounts)
-            run_scenario("check_uncached", "POST /v1/check, check cache off", "granian", base,
-                         "static.lua", static_args("check", keys["runtime"]), opts, proc=proc)
+        serve_static("check_uncached", "POST /v1/check, check cache off",
+                     lambda port: granian_cmd("app.main:create_app_from_env", port, True),
+                     {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url,
+                      "CREDITGATE_CHECK_CACHE": "0"}, ("GET", "/healthz", None), "check",
+                     keys["runtime"], setup=None if app_scenarios else
+                     lambda base: create_catalog(base, keys["admin"], prefix, opts.accounts))
 
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
     import granian
