@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from app.rating.drawdown import credit_uid
+from app.rating.drawdown import credit_uid, debit_uid
 from app.rating.giveback import settle_unsettled
 from app.settings import Settings
 from tests.conftest import Api
@@ -103,6 +103,48 @@ async def test_min_and_mean_going_down_are_credited_back(api: Api) -> None:
     usage = await s.bill()
     assert D(usage["drawn"]) == D(usage["total"]) == D("3.40")
     assert await s.live() == (D("996.60"), D(0))
+
+
+async def _batch(s: Setup, *gbs: int) -> list[dict[str, Any]]:
+    items = []
+    for gb in gbs:
+        s.step += 1
+        items.append({"uid": uuid.uuid4().hex, "account": s.account, "meter": s.meter,
+                      "timestamp": _ts(s.step), "data": {"gb": gb, "files": 1, "seconds": 1}})
+    found = await s.api.call("POST", "/v1/measurements", scope="runtime",
+                             json={"measurements": items})
+    return list(found["results"])
+
+
+async def _rated_rows(db: asyncpg.Connection, table: str, account: str) -> list[tuple[str, D]]:
+    rows = await db.fetch(f"SELECT r.uid, r.amount FROM {table} r JOIN accounts a "
+                          "ON a.id = r.account_id WHERE a.code = $1 ORDER BY r.created_at", account)
+    return [(r["uid"], D(r["amount"])) for r in rows]
+
+
+async def test_a_batch_draws_one_debit_or_give_back_per_charge_and_answers_each_share(
+        api: Api, db: asyncpg.Connection) -> None:
+    s = await _setup(api)
+    pricing = await s.price("LATEST", "per_unit", [(None, "1.50")])
+    up = await _batch(s, 10, 4)
+    # each answer is what that measurement moved: 10 GB = 15.00, then 4 GB gives 9.00 back
+    assert [d["amount"] for d in up[0]["debits"]] == ["15.00"] and up[0]["credits"] == []
+    assert up[1]["debits"] == [] and [c["amount"] for c in up[1]["credits"]] == ["9.00"]
+    # but the ledger gets their net, once, named after the last: 6.00 drawn, nothing given back
+    named = debit_uid(up[1]["uid"], pricing)
+    assert await _rated_rows(db, "rated_debits", s.account) == [(named, D(6))]
+    assert await _entries(db, named) == [("debit", D(-6))]
+    assert await _rated_rows(db, "rated_credits", s.account) == []
+    assert await s.live() == (D(994), D(0))
+    down = await _batch(s, 2, 8, 1)  # 4 -> 2 (3.00 back), -> 8 (9.00 more), -> 1 (10.50 back)
+    assert [([d["amount"] for d in r["debits"]], [c["amount"] for c in r["credits"]])
+            for r in down] == [([], ["3.00"]), (["9.00"], []), ([], ["10.50"])]
+    back = credit_uid(down[2]["uid"], pricing)
+    assert await _rated_rows(db, "rated_credits", s.account) == [(back, D("4.50"))]
+    assert await _entries(db, back) == [("adjustment", D("4.50"))]
+    assert await s.live() == (D("998.50"), D(0))
+    usage = await s.bill()
+    assert D(usage["drawn"]) == D(usage["total"]) == D("1.50")
 
 
 async def test_volume_price_falling_to_a_cheaper_band_is_credited_back(api: Api) -> None:

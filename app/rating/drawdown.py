@@ -72,9 +72,14 @@ class Item:
     values: dict[str, Decimal | str]
     pricings: list[asyncpg.Record] = field(default_factory=list)
     debits: list[Debit] = field(default_factory=list)
-    # what goes to the usage path: (usage uid, product, amount in minor units, pricing id)
+    # what this measurement moved, for its answer: (product, minor units: + drawn, - given
+    # back, pricing id)
+    moved: list[tuple[str, int, int]] = field(default_factory=list)
+    # what goes to the usage path, named after this measurement (the last of its group to move
+    # the charge): (usage uid, product, amount in minor units, pricing id)
     sends: list[tuple[str, str, int, int]] = field(default_factory=list)
-    # give-backs: (credit uid, product, amount in minor units, pricing id, period start)
+    # give-backs, named the same way: (credit uid, product, amount in minor units, pricing id,
+    # period start)
     gives: list[tuple[str, str, int, int, date]] = field(default_factory=list)
     credits: list[Debit] = field(default_factory=list)
 
@@ -196,14 +201,11 @@ async def record_measurements(ctx: AppContext, items: list[Any],
             credit_type = item.account.credit_type
             if credit_type is not None:  # (built here, outside the group's lock)
                 places = -credit_type.decimal_places
-                item.debits = [Debit(pricing=f"p{pricing_id}", product=product,
-                                     credit_type=credit_type.code,
-                                     amount=f"{Decimal(minor).scaleb(places):f}")
-                               for _, product, minor, pricing_id in item.sends]
-                item.credits = [Debit(pricing=f"p{pricing_id}", product=product,
-                                      credit_type=credit_type.code,
-                                      amount=f"{Decimal(minor).scaleb(places):f}")
-                                for _, product, minor, pricing_id, _ in item.gives]
+                item.debits, item.credits = [], []
+                for product, minor, pricing_id in item.moved:
+                    (item.debits if minor > 0 else item.credits).append(Debit(
+                        pricing=f"p{pricing_id}", product=product, credit_type=credit_type.code,
+                        amount=f"{Decimal(abs(minor)).scaleb(places):f}"))
             results[item.index] = MeasurementResult(
                 uid=item.body.uid, debits=item.debits, credits=item.credits,
                 status="duplicate" if (item.account.id, item.body.uid) not in new
@@ -416,7 +418,7 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
         for item in items:  # (a group retried after a rollback starts afresh)
             item.pricings = found.get((item.account.id, item.meter.id,
                                        item.body.timestamp.date()), [])
-            item.debits, item.sends, item.gives = [], [], []
+            item.debits, item.moved, item.sends, item.gives = [], [], [], []
         placements = [_placement(item, p) for item in items for p in item.pricings]
         measurements = [(i.account.id, i.body.uid, i.meter.id, i.body.timestamp,
                          _plain(i.body.data), bool(i.pricings)) for i in items]
@@ -457,7 +459,7 @@ async def rate_stored(conn: Connection, items: list[Item], today: date) -> list[
         item.pricings = [p for p in found.get((item.account.id, item.meter.id, day), [])
                          if period_of(p["anchor"], p["bill_frequency"], p["bill_interval"],
                                       day)[1] > today]
-        item.debits, item.sends, item.gives = [], [], []
+        item.debits, item.moved, item.sends, item.gives = [], [], [], []
     rated = [item for item in items if item.pricings]
     placements = [_placement(item, p) for item in rated for p in item.pricings]
     if placements:
@@ -472,7 +474,13 @@ async def _move(conn: Connection, placements: list[Rated],
     """Move the locked states by the placements, add each charge delta to its pricing's running
     charge, and write back states, charges, debits and give-backs (one statement). The running
     charge is drawn to `round(exact)` both ways: a debit when it goes up, a give-back when it
-    goes down."""
+    goes down.
+
+    Each measurement's own share is kept for its answer (`Item.moved`), but what the group
+    moved a running charge by goes out as one debit (or one give-back) per charge: the net of
+    the shares, named after the last measurement that moved it (a measurement is new in
+    exactly one group, so the name is used once). The drawn total is the same; a batch of
+    1,000 measurements over 100 accounts writes 100 debits, not 1,000."""
     unique_rows = [(*r.state_key, _unique_text(r.value)) for r in placements
                    if r.pricing["function"] == "UNIQUE" and r.value is not None]
     fresh = await repo.new_uniques(conn, unique_rows)
@@ -482,6 +490,8 @@ async def _move(conn: Connection, placements: list[Rated],
     factors: dict[tuple[int, int, date], tuple[Decimal, bool]] = {}
     debits, credits = [], []
     charged: dict[repo.StateKey, Decimal] = {}  # each state's charge after its last move
+    opened = dict(drawn)  # each charge as the group found it
+    last: dict[repo.ChargeKey, Rated] = {}  # the last placement that moved each charge
     for r in placements:
         if r.value is None:  # the target field is absent (a division by zero)
             continue
@@ -509,8 +519,15 @@ async def _move(conn: Connection, placements: list[Rated],
         target = max(0, to_minor(exact[ck], credit_type.decimal_places))
         if target == drawn[ck]:
             continue
-        minor = target - drawn[ck]
+        r.item.moved.append((r.pricing["product"], target - drawn[ck], r.pricing["id"]))
         drawn[ck] = target
+        last[ck] = r
+    for ck, r in last.items():
+        minor = drawn[ck] - opened[ck]
+        if minor == 0:
+            continue
+        credit_type = r.item.account.credit_type
+        assert credit_type is not None
         amount = Decimal(abs(minor)).scaleb(-credit_type.decimal_places)
         product = r.pricing["product"]
         if minor > 0:
