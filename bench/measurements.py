@@ -92,7 +92,8 @@ async def settle(url: str, table: str, previous: int, wait_s: float = 5.0) -> in
 def markdown(results: dict[str, core.Result], rat: dict[str, float | None],
              meta: dict[str, Any]) -> str:
     lines = [
-        f"Run {meta['started_at']} on {meta['cpus']} CPUs, {meta['duration_s']:g} s per scenario, "
+        f"Run {meta['started_at']} on {meta['cpus']} CPUs, {meta['duration_s']:g} s per scenario"
+        f"{' in each of ' + str(meta['rounds']) + ' rounds' if meta['rounds'] > 1 else ''}, "
         f"load average {meta['load_avg_before']} before / {meta['load_avg_after']} after; "
         f"commit {meta['git']}.",
         "",
@@ -106,13 +107,18 @@ def markdown(results: dict[str, core.Result], rat: dict[str, float | None],
         cpu = r.notes.get("server_cpu_us_per_request")
         lines.append(f"| {r.name} — {r.what} | {r.connections} | {rps} | {ev} | {r.p50_ms:.2f} "
                      f"| {r.p99_ms:.2f} | {'' if cpu is None else f'{cpu:,.0f}'} | {err} |")
-    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
+    per_round = meta.get("round_ratios") or []
+    several = len(per_round) > 1
+    lines += ["", "| ratio | value | target | met |" + (" rounds |" if several else ""),
+              "|---|---:|---:|---|" + ("---|" if several else "")]
     for key, label in (("measure_over_usage", "measure / usage (single)"),
                        ("measure_batch_over_batch", "measure_batch / batch (1,000)")):
         value = rat.get(key)
         shown = "n/a" if value is None else f"{value:.2f}"
         met = "" if value is None else ("yes" if value >= TARGET else "**no**")
-        lines.append(f"| {label} | {shown} | >= {TARGET} | {met} |")
+        rounds = ", ".join("n/a" if r.get(key) is None else f"{r[key]:.2f}" for r in per_round)
+        lines.append(f"| {label} | {shown} | >= {TARGET} | {met} |"
+                     + (f" {rounds} |" if several else ""))
     return "\n".join(lines)
 
 
@@ -139,6 +145,9 @@ def main() -> None:
     p.add_argument("--pin-server", default=None)
     p.add_argument("--pin-client", default=None)
     p.add_argument("--profile", default="", help="scenarios to record with py-spy")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every scenario this many times, interleaved, as bench/run.py does: "
+                        "rates over all rounds, and each round's ratios printed too")
     opts = p.parse_args()
     wanted = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
     if set(wanted) - set(SCENARIOS):
@@ -152,22 +161,21 @@ def main() -> None:
     db_name = f"creditgate_bench_{uuid.uuid4().hex[:8]}"
     db_url, keys = asyncio.run(core.prepare_database(opts.admin_database_url, db_name,
                                                      opts.accounts))
-    results: dict[str, core.Result] = {}
+    rounds: list[dict[str, core.Result]] = []
     try:
         with core.redis_server(opts.redis_url) as redis_url:
             core.prepare_redis(redis_url)
-            results = run_all(opts, wanted, db_url, redis_url, keys, prefix)
+            rounds = run_all(opts, wanted, db_url, redis_url, keys, prefix)
     finally:
         if not opts.keep_db:
             asyncio.run(core.drop_database(opts.admin_database_url, db_name))
-    rat = {"measure_over_usage": _ratio(events(results.get("measure")),
-                                        events(results.get("usage"))),
-           "measure_batch_over_batch": _ratio(events(results.get("measure_batch")),
-                                              events(results.get("batch")))}
+    results = core.combine(rounds)
+    rat = ratios(results)
     meta = {"started_at": started, "cpus": os.cpu_count(), "duration_s": opts.duration,
             "load_avg_before": round(load1, 2), "load_avg_after": round(os.getloadavg()[0], 2),
             "git": core.git_rev(), "accounts": opts.accounts, "concurrency": opts.concurrency,
-            "batch_concurrency": opts.batch_concurrency, "batch_size": opts.batch_size}
+            "batch_concurrency": opts.batch_concurrency, "batch_size": opts.batch_size,
+            "rounds": opts.rounds, "round_ratios": [ratios(r) for r in rounds]}
     out = {"meta": meta, "results": {k: asdict(v) for k, v in results.items()}, "ratios": rat,
            "target": TARGET}
     (core.RESULTS / "measurements.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -179,12 +187,21 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else round(a / b, 3)
 
 
+def ratios(results: dict[str, core.Result]) -> dict[str, float | None]:
+    return {"measure_over_usage": _ratio(events(results.get("measure")),
+                                         events(results.get("usage"))),
+            "measure_batch_over_batch": _ratio(events(results.get("measure_batch")),
+                                               events(results.get("batch")))}
+
+
 def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, redis_url: str,
-            keys: dict[str, str], prefix: str) -> dict[str, core.Result]:
+            keys: dict[str, str], prefix: str) -> list[dict[str, core.Result]]:
+    """Every wanted scenario, `--rounds` times over (one server, one set of accounts); the
+    results of each round."""
     now = datetime.now(UTC)
     ts = now.strftime("%Y-%m-%dT%H:%M:%S.000Z")
     start = now.date().replace(day=1).isoformat()
-    results: dict[str, core.Result] = {}
+    rounds: list[dict[str, core.Result]] = []
     port = core.free_port()
     env = {"DATABASE_URL": db_url, "REDIS_URL": redis_url}
     token = keys["runtime"]
@@ -192,49 +209,62 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, redis_url:
                      env, ("GET", "/healthz", None), port, opts.pin_server) as (base, proc):
         core.create_catalog(base, keys["admin"], prefix, opts.accounts)
         meter = create_rating(base, keys["admin"], prefix, opts.accounts, start)
-        n = str(opts.accounts)
-        plans: dict[str, tuple[str, str, Any, int]] = {
-            "usage": ("POST /v1/usage, 1 event", "usage.lua",
-                      lambda run: [n, prefix, token, f"{prefix}-u{run}", ts], 1),
-            "measure": ("POST /v1/measurements, 1 measurement", "measure.lua",
-                        lambda run: [n, prefix, token, f"{prefix}-m{run}", ts, meter, "1"], 1),
-            "batch": (f"POST /v1/usage, {opts.batch_size:,} events", "batch.lua",
-                      lambda run: [n, prefix, token, f"{prefix}-b{run}", ts,
-                                   str(opts.batch_size)], opts.batch_size),
-            "measure_batch": (f"POST /v1/measurements, {opts.batch_size:,} measurements",
-                              "measure.lua",
-                              lambda run: [n, prefix, token, f"{prefix}-mb{run}", ts, meter,
-                                           str(opts.batch_size)], opts.batch_size),
-        }
-        for name in [s for s in SCENARIOS if s in wanted]:
-            what, script, args_for, size = plans[name]
-            batched = size > 1
-            usage_before = asyncio.run(count(db_url, "usage_events"))
-            measured_before = asyncio.run(count(db_url, "measurements"))
-            spy = None
-            if name in opts.profile.split(","):
-                out = core.RESULTS / f"profile-{name}.txt"
-                spy = subprocess.Popen(
-                    [str(core.VENV_BIN / "py-spy"), "record", "--pid", str(proc.pid),
-                     "--subprocesses", "--nonblocking", "--rate", "250", "--format", "raw",
-                     "--output", str(out), "--duration", str(opts.duration + opts.warmup + 2)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                res = core.measure(name, what, "granian", base, script, args_for, opts,
-                                   server_pid=proc.pid,
-                                   connections=opts.batch_concurrency if batched else None,
-                                   events_per_request=size if batched else None,
-                                   timeout_s=60 if batched else 10)
-            finally:
-                if spy is not None:
-                    spy.wait()
-                    print(f"    py-spy: bench/profile_top.py {out} --app")
-            core.check_committed(res, asyncio.run(settle(db_url, "usage_events", usage_before)),
-                                 size)
-            if name.startswith("measure"):
-                res.notes["measurements_stored"] = asyncio.run(
-                    settle(db_url, "measurements", measured_before))
-            results[name] = res
+        for round_no in range(opts.rounds):
+            if opts.rounds > 1:
+                print(f"round {round_no + 1} of {opts.rounds}", flush=True)
+            rounds.append(run_round(opts, wanted, db_url, base, proc, token, meter, prefix,
+                                    f"{prefix}r{round_no}", ts))
+    return rounds
+
+
+def run_round(opts: argparse.Namespace, wanted: list[str], db_url: str, base: str,
+              proc: subprocess.Popen[bytes], token: str, meter: str, prefix: str, uids: str,
+              ts: str) -> dict[str, core.Result]:
+    """One pass over the scenarios: the accounts are `prefix`'s, the uids begin with `uids`."""
+    n = str(opts.accounts)
+    results: dict[str, core.Result] = {}
+    plans: dict[str, tuple[str, str, Any, int]] = {
+        "usage": ("POST /v1/usage, 1 event", "usage.lua",
+                  lambda run: [n, prefix, token, f"{uids}-u{run}", ts], 1),
+        "measure": ("POST /v1/measurements, 1 measurement", "measure.lua",
+                    lambda run: [n, prefix, token, f"{uids}-m{run}", ts, meter, "1"], 1),
+        "batch": (f"POST /v1/usage, {opts.batch_size:,} events", "batch.lua",
+                  lambda run: [n, prefix, token, f"{uids}-b{run}", ts,
+                               str(opts.batch_size)], opts.batch_size),
+        "measure_batch": (f"POST /v1/measurements, {opts.batch_size:,} measurements",
+                          "measure.lua",
+                          lambda run: [n, prefix, token, f"{uids}-mb{run}", ts, meter,
+                                       str(opts.batch_size)], opts.batch_size),
+    }
+    for name in [s for s in SCENARIOS if s in wanted]:
+        what, script, args_for, size = plans[name]
+        batched = size > 1
+        usage_before = asyncio.run(count(db_url, "usage_events"))
+        measured_before = asyncio.run(count(db_url, "measurements"))
+        spy = None
+        if name in opts.profile.split(","):
+            out = core.RESULTS / f"profile-{name}.txt"
+            spy = subprocess.Popen(
+                [str(core.VENV_BIN / "py-spy"), "record", "--pid", str(proc.pid),
+                 "--subprocesses", "--nonblocking", "--rate", "250", "--format", "raw",
+                 "--output", str(out), "--duration", str(opts.duration + opts.warmup + 2)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            res = core.measure(name, what, "granian", base, script, args_for, opts,
+                               server_pid=proc.pid,
+                               connections=opts.batch_concurrency if batched else None,
+                               events_per_request=size if batched else None,
+                               timeout_s=60 if batched else 10)
+        finally:
+            if spy is not None:
+                spy.wait()
+                print(f"    py-spy: bench/profile_top.py {out} --app")
+        core.check_committed(res, asyncio.run(settle(db_url, "usage_events", usage_before)),
+                             size)
+        if name.startswith("measure"):
+            res.notes["measurements_stored"] = asyncio.run(
+                settle(db_url, "measurements", measured_before))
+        results[name] = res
     return results
 
 
