@@ -36,6 +36,15 @@ async def write_rows(conn: Connection, rows: Rows) -> set[str]:
     # usage events and ledger entries in one statement: a batch of plain usage needs no
     # explicit transaction, so it costs one round trip and one commit
     entries, usage = _encoded_entries(rows.entries), _encoded_usage(rows.usage)
+    if entries is not None and usage is not None and not conn.is_in_transaction():
+        # the usual flush: nothing of it is in yet, and a plain INSERT skips ON CONFLICT's
+        # per-row probe and confirmation (~18% of the statement). A row that is in already (a
+        # re-flush, a uid Redis forgot) fails it whole, changing nothing: then the keyed way
+        try:
+            await conn.execute(_WRITE_PLAIN, entries, usage)
+            return {e[0] for e in rows.entries}
+        except asyncpg.UniqueViolationError:
+            pass
     if entries is not None and usage is not None:
         inserted = await conn.fetch(_WRITE_ENCODED, entries, usage)
     else:  # a separator inside some text (a description, say): one array per column
@@ -78,6 +87,8 @@ _WRITE_ENCODED = f"""
     FROM e
     ON CONFLICT (op_key, seq) DO NOTHING
     RETURNING op_key"""
+_WRITE_PLAIN = (_WRITE_ENCODED.replace("ON CONFLICT (account_id, uid) DO NOTHING", "")
+                .replace("ON CONFLICT (op_key, seq) DO NOTHING\n    RETURNING op_key", ""))
 _WRITE_ARRAYS = """
     WITH usage AS (
            INSERT INTO usage_events (account_id, uid, product_code, credit_type_id, amount,

@@ -1,0 +1,73 @@
+"""A journal flush writes each usage event once, however often its records come back: the
+plain insert of the usual flush falls back to the keyed one when any row is in already."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from app.hotstate.store import DecideArgs
+from app.ledger.journal import JournalRecord
+from tests.conftest import Api
+
+
+async def _decided(ctx: Any, account_id: int, ct_id: int, ct: str, product: str,
+                   cents: int) -> JournalRecord:
+    """A usage event decided in Redis and not committed yet (what a flush is handed)."""
+    uid = f"flush-{uuid.uuid4().hex[:10]}"
+    at = time.time_ns() // 1_000_000
+    payload = json.dumps({"a": account_id, "ct": ct_id, "cc": ct, "dp": 2, "uid": uid,
+                          "prod": product, "amt": str(cents), "ts": at})
+    decisions = await ctx.hot.decide(account_id, at, [DecideArgs(
+        account_id, str(account_id), uid, product, ct, cents, at, "u", payload)])
+    assert decisions is not None and decisions[0].status == "ok"
+    d = decisions[0]
+    return JournalRecord(account_id, d.stream_id, "usage", json.loads(payload), at, d.gen,
+                         d.allocations, d.overage, flag_changes=d.flag_change)
+
+
+async def _written(db: asyncpg.Connection, *records: JournalRecord) -> dict[str, tuple[int, int]]:
+    """uid -> (usage_events rows, sum of its ledger entries in cents)."""
+    uids = [r.payload["uid"] for r in records]
+    events = {r["uid"]: r["n"] for r in await db.fetch(
+        "SELECT uid, count(*) AS n FROM usage_events WHERE uid = ANY($1) GROUP BY uid", uids)}
+    entries = {r["usage_uid"]: int(r["total"] * 100) for r in await db.fetch(
+        "SELECT usage_uid, sum(amount) AS total FROM ledger_entries WHERE usage_uid = ANY($1) "
+        "GROUP BY usage_uid", uids)}
+    return {uid: (events.get(uid, 0), entries.get(uid, 0)) for uid in uids}
+
+
+async def test_a_repeated_flush_a_mixed_one_and_a_doubled_key_each_write_once(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    names = await api.setup()
+    account, product, ct = names["account"], names["api"], names["credit_type"]
+    await api.grant(account, "100.00")
+    ctx = app.state.ctx
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
+    ct_id = await db.fetchval("SELECT id FROM credit_types WHERE code = $1", ct)
+
+    first = await _decided(ctx, account_id, ct_id, ct, product, 150)
+    assert await ctx.journal.flush([first]) == ["accepted"]
+    assert await _written(db, first) == {first.payload["uid"]: (1, -150)}
+    # the sweeper flushes the same entry again: its own, so accepted, and nothing is added
+    assert await ctx.journal.flush([first]) == ["accepted"]
+    assert await _written(db, first) == {first.payload["uid"]: (1, -150)}
+
+    # a flush holding an old record and a new one: the new one is still written
+    second = await _decided(ctx, account_id, ct_id, ct, product, 275)
+    assert await ctx.journal.flush([first, second]) == ["accepted", "accepted"]
+    assert await _written(db, first, second) == {first.payload["uid"]: (1, -150),
+                                                 second.payload["uid"]: (1, -275)}
+
+    # one uid applied twice by a Redis that forgot it: the first is kept, the other is not
+    third = await _decided(ctx, account_id, ct_id, ct, product, 100)
+    again = dataclasses.replace(third, stream_id="1-1")
+    assert await ctx.journal.flush([third, again]) == ["accepted", "duplicate"]
+    assert await _written(db, third) == {third.payload["uid"]: (1, -100)}
+    assert Decimal(await api.available(account)) == Decimal("94.75")
