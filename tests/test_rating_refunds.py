@@ -20,6 +20,7 @@ from tests.conftest import Api
 from tests.procs import call_as, run_apps
 from tests.test_rating_config import meter, plan
 from tests.test_rating_drawdown import aggregation, month_start, price
+from tests.webhook_receiver import eventually
 
 
 def _ts(step: int) -> str:
@@ -133,7 +134,11 @@ async def test_a_batch_draws_one_debit_or_give_back_per_charge_and_answers_each_
     # but the ledger gets their net, once, named after the last: 6.00 drawn, nothing given back
     named = debit_uid(up[1]["uid"], pricing)
     assert await _rated_rows(db, "rated_debits", s.account) == [(named, D(6))]
-    assert await _entries(db, named) == [("debit", D(-6))]
+
+    async def in_ledger() -> bool:  # (the group commit writes it just after the answer)
+        return await _entries(db, named) == [("debit", D(-6))]
+
+    await eventually(in_ledger, 5)
     assert await _rated_rows(db, "rated_credits", s.account) == []
     assert await s.live() == (D(994), D(0))
     down = await _batch(s, 2, 8, 1)  # 4 -> 2 (3.00 back), -> 8 (9.00 more), -> 1 (10.50 back)
