@@ -8,10 +8,13 @@ scenarios, loaded by `wrk` with `bench/lua/usage.lua`, `batch.lua` and `measure.
 
 * `usage`: `POST /v1/usage`, one event of 0.01 (the core's direct debit);
 * `measure`: `POST /v1/measurements`, one measurement `{"calls": 1}` on a meter whose SUM is
-  priced per unit at 0.01 on every account's plan: each one is stored, moves the aggregation
-  state and draws one debit of 0.01 through the same usage path;
+  priced per unit at 0.01 on every account's plan: each one is stored and moves the
+  aggregation state, and the measurements rated together (one group commit) draw one debit per
+  account through the same usage path (0.01 for each of that account's measurements);
 * `batch` / `measure_batch`: the same with 1,000 events / measurements per request, spread over
-  the accounts (2 connections, as in `bench/run.py`).
+  the accounts (2 connections, as in `bench/run.py`): a 1,000-measurement request draws ~100
+  debits, where a 1,000-event usage batch writes 1,000. `--accounts 1000` is the case where
+  nothing coalesces (each measurement of a batch on its own account).
 
 Printed: a table, and the ratios measure / usage and measure_batch / batch (target >= 0.7).
 Results: bench/results/measurements.json.
@@ -87,6 +90,18 @@ async def settle(url: str, table: str, previous: int, wait_s: float = 5.0) -> in
             return now - previous
         last = now
         await asyncio.sleep(0.5)
+
+
+def check_rated(res: core.Result, stored: int, debits: int, used: int, size: int) -> None:
+    """Every measurement answered 2xx must be stored, and every rated debit written in its
+    rating transaction must have reached the usage path (a group of measurements draws one
+    debit per account and pricing, so there are fewer debits than measurements)."""
+    res.notes.update(measurements_stored=stored, rated_debits=debits, usage_events=used)
+    answered = (res.requests - res.errors.get("status", 0)) * size
+    if stored < answered:
+        print(f"    WARNING: {answered} measurements answered 2xx but only {stored} stored")
+    if used < debits:
+        print(f"    WARNING: {debits} rated debits but only {used} new usage events")
 
 
 def markdown(results: dict[str, core.Result], rat: dict[str, float | None],
@@ -241,6 +256,7 @@ def run_round(opts: argparse.Namespace, wanted: list[str], db_url: str, base: st
         batched = size > 1
         usage_before = asyncio.run(count(db_url, "usage_events"))
         measured_before = asyncio.run(count(db_url, "measurements"))
+        debits_before = asyncio.run(count(db_url, "rated_debits"))
         spy = None
         if name in opts.profile.split(","):
             out = core.RESULTS / f"profile-{name}.txt"
@@ -259,11 +275,12 @@ def run_round(opts: argparse.Namespace, wanted: list[str], db_url: str, base: st
             if spy is not None:
                 spy.wait()
                 print(f"    py-spy: bench/profile_top.py {out} --app")
-        core.check_committed(res, asyncio.run(settle(db_url, "usage_events", usage_before)),
-                             size)
+        used = asyncio.run(settle(db_url, "usage_events", usage_before))
         if name.startswith("measure"):
-            res.notes["measurements_stored"] = asyncio.run(
-                settle(db_url, "measurements", measured_before))
+            check_rated(res, asyncio.run(settle(db_url, "measurements", measured_before)),
+                        asyncio.run(count(db_url, "rated_debits")) - debits_before, used, size)
+        else:
+            core.check_committed(res, used, size)
         results[name] = res
     return results
 
