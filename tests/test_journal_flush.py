@@ -1,5 +1,7 @@
 """A journal flush writes each usage event once, however often its records come back: the
-plain insert of the usual flush falls back to the keyed one when any row is in already."""
+plain insert of the usual flush falls back to the keyed one when any row is in already. The
+orphan sweep deletes a journal stream it finds empty, and the next one's ids go on after its
+last."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import asyncpg
 from app.hotstate.store import DecideArgs
 from app.ledger.journal import JournalRecord
 from tests.conftest import Api
+from tests.webhook_receiver import eventually
 
 
 async def _decided(ctx: Any, account_id: int, ct_id: int, ct: str, product: str,
@@ -71,3 +74,34 @@ async def test_a_repeated_flush_a_mixed_one_and_a_doubled_key_each_write_once(
     assert await ctx.journal.flush([third, again]) == ["accepted", "duplicate"]
     assert await _written(db, third) == {third.payload["uid"]: (1, -100)}
     assert Decimal(await api.available(account)) == Decimal("94.75")
+
+
+async def test_the_sweep_deletes_an_empty_journal_and_its_successor_goes_on_after_its_ids(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    names = await api.setup()
+    account, product, ct = names["account"], names["api"], names["credit_type"]
+    await api.grant(account, "100.00")
+    ctx = app.state.ctx
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
+    ct_id = await db.fetchval("SELECT id FROM credit_types WHERE code = $1", ct)
+    journal, last = ctx.hot.keys.journal(account_id), ctx.hot.keys.tag(account_id) + ":jl"
+    for _ in range(3):
+        await api.usage(account, product, "1.00")
+
+    async def acknowledged() -> bool:  # (the ack follows the commit, in a task of its own)
+        return await ctx.hot.redis.xlen(journal) == 0
+
+    await eventually(acknowledged, 5)
+    # the orphan sweep finds the journal empty and deletes it: later sweeps do not read it
+    assert await ctx.journal.sweep(ctx.settings.journal_orphan_ms) == 0
+    assert not await ctx.hot.redis.exists(journal)
+    kept = await ctx.hot.redis.get(last)
+    assert kept is not None and kept.count("-") == 1
+
+    # within the same millisecond as the last id (here: one from the future), the next entry
+    # still gets a larger id: a root's webhooks are ordered by it
+    await ctx.hot.redis.set(last, "99999999999999-7")
+    record = await _decided(ctx, account_id, ct_id, ct, product, 100)
+    assert record.stream_id == "99999999999999-8"
+    assert await ctx.journal.flush([record]) == ["accepted"]
+    assert await _written(db, record) == {record.payload["uid"]: (1, -100)}

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 DEFAULT_PREFIX = "cg"
 # `<p>:{<root>}:root`  hash   {gen}: present while the root is loaded
 # `<p>:{<root>}:v`     string operation counter, bumped by every journalled change
-# `<p>:{<root>}:j`     stream journal of changes not yet committed to Postgres
+# `<p>:{<root>}:j`     stream journal of changes not yet committed to Postgres (deleted by
+#                      the orphan sweep when it finds it empty: sweep.lua)
+# `<p>:{<root>}:jl`    string the last id the deleted journal stream gave (its successor's
+#                      ids go on after it)
 # `<p>:{<root>}:a:<account>` hash {st, par}
 # `<p>:{<root>}:b:<account>` hash balance id -> remaining (scaled integer)
 # `<p>:{<root>}:d:<account>` hash balance id -> definition "ct|priority|eff|exp|status|products"

@@ -13,7 +13,8 @@ from app.hotstate.keys import Keys
 from app.hotstate.resp import FastRedis, Script
 
 LUA_DIR = Path(__file__).parent / "lua"
-SCRIPTS = ("decide", "ledger_op", "account", "snapshot", "install", "ack", "read", "watch")
+SCRIPTS = ("decide", "ledger_op", "account", "snapshot", "install", "ack", "read", "watch",
+           "sweep")
 # Hot path numbers are passed to Lua as strings; the bucket of a usage uid is its UTC day.
 # Threshold watches (lib.lua check_watches), by name: `balance.low` and auto-recharge.
 LOW_WATCH = "low"
@@ -182,6 +183,11 @@ class HotState:
 
     async def journal_entries(self, root_id: int, max_id: str) -> list[tuple[str, dict[str, str]]]:
         entries = await self.redis.xrange(self.keys.journal(root_id), "-", max_id) or []
+        return [(str(eid), _pairs(fields)) for eid, fields in entries]
+
+    async def sweep_journal(self, root_id: int, max_id: str) -> list[tuple[str, dict[str, str]]]:
+        """The root's journal entries up to `max_id`; an empty journal is deleted (sweep.lua)."""
+        entries = await self._run("sweep", root_id, [max_id]) or []
         return [(str(eid), _pairs(fields)) for eid, fields in entries]
 
 

@@ -267,18 +267,23 @@ class Journal:
             log.warning("journal ack failed; entries will be re-flushed by the sweeper")
 
     async def recover_root(self, root_id: int, max_id: str = "+") -> int:
-        entries = await self.hot.journal_entries(root_id, max_id)
+        return await self._recover(root_id, await self.hot.journal_entries(root_id, max_id))
+
+    async def _recover(self, root_id: int, entries: list[tuple[str, dict[str, str]]]) -> int:
         records = [JournalRecord.from_stream(root_id, eid, fields) for eid, fields in entries]
         await self.flush(records)
         return len(records)
 
     async def sweep(self, orphan_ms: int) -> int:
-        """Flush journal entries older than orphan_ms: left behind by a process that died."""
+        """Flush journal entries older than orphan_ms: left behind by a process that died.
+        A journal found empty is deleted, so the next sweeps skip its root until it is written
+        to again."""
         seconds, micros = await self.hot.redis.time()
         cutoff = f"{seconds * 1000 + micros // 1000 - orphan_ms}"
         found = 0
         pattern = self.hot.keys.journal_pattern
         async for key in self.hot.redis.scan_iter(match=pattern, count=1000, _type="stream"):
-            found += await self.recover_root(root_of(str(key)), cutoff)
+            root_id = root_of(str(key))
+            found += await self._recover(root_id, await self.hot.sweep_journal(root_id, cutoff))
         return found
 

@@ -193,5 +193,19 @@ local function gen() return redis.call('HGET', KEYS[1], 'gen') end
 
 local function journal(fields)
   redis.call('INCR', T .. ':v')
-  return redis.call('XADD', T .. ':j', '*', unpack(fields))
+  local j, id = T .. ':j', '*'
+  if redis.call('EXISTS', j) == 0 then
+    -- the orphan sweep deletes a stream it finds empty and keeps its last id in `:jl`
+    -- (sweep.lua): the new stream's ids go on after it, even within the same millisecond
+    -- (they order a root's webhooks)
+    local last = redis.call('GET', T .. ':jl')
+    if last then
+      local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+      local t = redis.call('TIME')
+      if ms and tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) <= tonumber(ms) then
+        id = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
+      end
+    end
+  end
+  return redis.call('XADD', j, id, unpack(fields))
 end
