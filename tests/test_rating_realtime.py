@@ -182,3 +182,28 @@ async def _measure_at_expect(api: Api, account: str, meter_code: str, expect: in
         "uid": uuid.uuid4().hex, "account": account, "meter": meter_code,
         "timestamp": "2024-07-10T00:00:00Z", "data": data})
     return result
+
+
+async def test_bill_to_date_lists_a_pricing_that_ended_within_the_period(api: Api) -> None:
+    # the price of storage changes on the 16th: one pricing to the 16th, another from it
+    names = await api.setup()
+    await api.grant(names["account"], "1000")
+    meter_code = await _meter(api)
+    plan_code = await plan(api, names["storage"], names["credit_type"])
+    account = names["account"]
+    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": "2024-07-01"})
+    gb = await aggregation(api, meter_code, "gb", "SUM")
+    for start, end, price in (("2024-07-01", "2024-07-16", "1"), ("2024-07-16", None, "2")):
+        await api.call("POST", "/v1/pricings", expect=201, json={
+            "plan": plan_code, "aggregation": gb, "start_date": start, "end_date": end,
+            "type": "per_unit", "bands": [{"up_to": None, "price": price}]})
+    await _measure_at(api, account, meter_code, "2024-07-10T12:00:00Z", gb=3)  # 3 at 1
+    await _measure_at(api, account, meter_code, "2024-07-20T12:00:00Z", gb=4)  # 4 at 2
+    assert D(await api.available(account)) == 1000 - 11
+    # after the first pricing ended, the period's bill still shows what it charged
+    bill = await api.call("GET", f"/v1/accounts/{account}/usage", params={"at": "2024-07-25"})
+    [usage] = bill["plans"]
+    assert sorted((D(p["quantity"]), D(p["amount"])) for p in usage["pricings"]) == \
+        [(D(3), D(3)), (D(4), D(8))]
+    assert D(usage["total"]) == D(usage["drawn"]) == 11

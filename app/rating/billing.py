@@ -93,7 +93,7 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
         start, end = period_of(plan["anchor"], plan["bill_frequency"], plan["bill_interval"], day)
         usages: list[PricingUsage] = []
         drawn = 0
-        for pricing in await repo.pricings_at(ctx.pool, plan["id"], day):
+        for pricing in await repo.pricings_in(ctx.pool, plan["id"], start, end):
             usages += await _pricing_usage(ctx, account.id, pricing, start, end)
             drawn += await repo.drawn_minor(ctx.pool, account.id, f"p{pricing['id']}", start)
         standing = Decimal(plan["standing_charge"])

@@ -425,12 +425,15 @@ async def plans_at(conn: Conn, account_id: int, day: date) -> list[asyncpg.Recor
             AND (ap.end_date IS NULL OR ap.end_date > $2) ORDER BY ap.id""", account_id, day)
 
 
-async def pricings_at(conn: Conn, plan_id: int, day: date) -> list[asyncpg.Record]:
+async def pricings_in(conn: Conn, plan_id: int, start: date, end: date) -> list[asyncpg.Record]:
+    """The plan's pricings whose date range touches the period [start, end): one that ended or
+    began within it has rated some of the period's usage (or, for a counter, charges the
+    period: `recurring.overlaps`)."""
     return await conn.fetch(
         _WITH_AGGREGATION + """ LEFT JOIN LATERAL (SELECT function, quantity_per_unit, rounding, segment_field
                                 FROM aggregations WHERE id = pr.aggregation_id) g2 ON true
-        WHERE pr.plan_id = $1 AND pr.start_date <= $2 AND (pr.end_date IS NULL OR pr.end_date > $2)
-        ORDER BY pr.id""", plan_id, day)
+        WHERE pr.plan_id = $1 AND pr.start_date < $3 AND (pr.end_date IS NULL OR pr.end_date > $2)
+        ORDER BY pr.id""", plan_id, start, end)
 
 
 # --- give-backs (a running charge that went down) -------------------------------------------
