@@ -2,7 +2,8 @@
 
 The same key with the same request replays the stored response; with another request it is a
 422; while the first request still runs, a 409. A request abandoned by a dead process releases
-its key after LOCK_TIMEOUT.
+its key after LOCK_TIMEOUT. Keys are remembered for `idempotency_key_ttl_h` hours at least, then
+deleted by the workers (`purge_expired`); the same key after that is a new request.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 LOCK_TIMEOUT = timedelta(seconds=60)  # asyncpg binds an interval from a timedelta only
 MAX_KEY_LENGTH = 255
+PURGE_BATCH = 1000
 
 
 async def _claim(ctx: AppContext, principal: Principal, key: str, fingerprint: bytes) -> bool:
@@ -88,3 +90,19 @@ async def _replay(ctx: AppContext, principal: Principal, key: str, fingerprint: 
     media = "application/json" if row["status_code"] < 400 else "application/problem+json"
     return Response(bytes(row["response_body"]), status_code=row["status_code"], media_type=media,
                     headers={"Idempotent-Replayed": "true"})
+
+
+async def purge_expired(ctx: AppContext) -> int:
+    """Worker: delete keys older than the TTL, oldest first, at most PURGE_BATCH per pass (a
+    backlog goes in later passes); how many went."""
+    hours = ctx.settings.idempotency_key_ttl_h
+    if hours <= 0:
+        return 0
+    deleted = await ctx.pool.fetchval(
+        """WITH old AS (SELECT api_key_id, key FROM idempotency_keys
+                        WHERE created_at < now() - $1::interval ORDER BY created_at LIMIT $2)
+           , gone AS (DELETE FROM idempotency_keys i USING old
+                      WHERE i.api_key_id = old.api_key_id AND i.key = old.key RETURNING 1)
+           SELECT count(*) FROM gone""",
+        timedelta(hours=hours), PURGE_BATCH)
+    return int(deleted)

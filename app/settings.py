@@ -53,6 +53,8 @@ class Settings:
     usage_future_skew_s: int = 300
     usage_max_age_s: int = 35 * 24 * 3600
     worker_interval_s: float = 2.0  # float-ok: seconds
+    # Admin Idempotency-Keys are remembered at least this long, then deleted (0: kept forever).
+    idempotency_key_ttl_h: int = 7 * 24
     run_workers: bool = True
     redis_prefix: str = "cg"
     # Plain checks answered from the process's memory while Redis reports no change to what
@@ -86,6 +88,7 @@ class Settings:
             stripe_timeout_s=_float("STRIPE_TIMEOUT_S", 30.0),  # float-ok: seconds
             journal_orphan_ms=_int("CREDITGATE_JOURNAL_ORPHAN_MS", 5_000),
             worker_interval_s=_float("CREDITGATE_WORKER_INTERVAL_S", 2.0),  # float-ok: seconds
+            idempotency_key_ttl_h=_int("CREDITGATE_IDEMPOTENCY_KEY_TTL_H", 7 * 24),
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",
             redis_prefix=os.environ.get("CREDITGATE_REDIS_PREFIX", "cg"),
             check_cache=os.environ.get("CREDITGATE_CHECK_CACHE", "1") != "0",

@@ -1,6 +1,6 @@
 """Background work every app process runs: orphaned-journal sweep, credit expiry, rated
 debits a crash left, the standing charges and counter charges of billing periods that started,
-the purchase reconciler and the auto-recharge runner.
+the purchase reconciler, the auto-recharge runner, and expired Idempotency-Keys.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
 balance id, recurring charges are settled under the account's row lock.
@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from app.errors import STORE_ERRORS
+from app.idempotency import purge_expired as purge_expired_keys
 from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
 from app.rating.drawdown import send_unsent
@@ -41,6 +42,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await draw_recurring_charges(ctx)
             await settle_unsettled(ctx)
             await rerate_pending(ctx)
+            await purge_expired_keys(ctx)
         except STORE_ERRORS as exc:
             log.warning("worker pass skipped: %s", exc)
         except Exception:

@@ -243,3 +243,32 @@ async def test_check_and_consume_with_the_same_key_consumes_once(
         assert (out["consumed"], out["duplicate"]) == expected and out["allowed"]
     assert await api.available(acct) == "5.50"
     assert await _debits(db, acct) == 2
+
+
+async def test_a_key_older_than_the_ttl_is_purged_and_then_free(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    from app.idempotency import purge_expired
+
+    names = await api.setup()
+
+    def account(code: str) -> dict[str, Any]:
+        return {"code": code, "name": "Purge Inc.", "credit_type": names["credit_type"]}
+
+    old, recent = _key(), _key()
+    assert (await _post(api, "/v1/accounts", account(f"acct-{uuid.uuid4().hex[:8]}"),
+                        old)).status_code == 201
+    assert (await _post(api, "/v1/accounts", account(f"acct-{uuid.uuid4().hex[:8]}"),
+                        recent)).status_code == 201
+    ttl = app.state.ctx.settings.idempotency_key_ttl_h
+    await db.execute("UPDATE idempotency_keys SET created_at = now() - make_interval(hours => $2)"
+                     " - interval '1 minute' WHERE key = $1", old, ttl)
+    assert await purge_expired(app.state.ctx) >= 1
+    kept = {r["key"] for r in await db.fetch(
+        "SELECT key FROM idempotency_keys WHERE key = ANY($1)", [old, recent])}
+    assert kept == {recent}
+    # the purged key is free: another body under it is a new request, not a 422
+    again = await _post(api, "/v1/accounts", account(f"acct-{uuid.uuid4().hex[:8]}"), old)
+    assert again.status_code == 201 and "idempotent-replayed" not in again.headers
+    # the kept one still guards its request
+    mismatch = await _post(api, "/v1/accounts", account(f"acct-{uuid.uuid4().hex[:8]}"), recent)
+    assert mismatch.status_code == 422 and mismatch.json()["field"] == "Idempotency-Key"
