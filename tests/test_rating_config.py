@@ -14,6 +14,15 @@ def _code(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+async def fiat_usd(api: Api) -> str:
+    """A new fiat credit type (US dollars, 2 places) for plans priced in a currency other than
+    the account's credits; its code."""
+    code = _code("usd")
+    await api.call("POST", "/v1/credit-types", expect=201, json={
+        "code": code, "name": "US dollar", "kind": "fiat", "decimal_places": 2})
+    return code
+
+
 async def meter(api: Api, product: str | None = None, **extra: Any) -> str:
     code = _code("meter")
     await api.call("POST", "/v1/meters", expect=201, json={

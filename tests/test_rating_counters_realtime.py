@@ -20,7 +20,7 @@ from app.rating.periods import add_months
 from app.settings import Settings
 from tests.conftest import Api
 from tests.procs import account_id, run_apps
-from tests.test_rating_config import _code, meter, plan
+from tests.test_rating_config import _code, fiat_usd, meter, plan
 from tests.test_rating_drawdown import aggregation, measure, price
 
 JULY, AUGUST = "2024-07-01", "2024-08-01"
@@ -191,9 +191,7 @@ async def test_prices_in_usd_draw_counters_and_the_standing_charge_in_custom_cre
     # whole credits; 1 credit = 0.01 USD, 0.02 USD from the 16th
     names = await api.setup(credit_type="credits", decimal_places=0)
     account = names["account"]
-    usd = _code("usd")
-    await api.call("POST", "/v1/credit-types", expect=201, json={
-        "code": usd, "name": "US dollar", "kind": "fiat", "decimal_places": 2})
+    usd = await fiat_usd(api)
     rates = f"/v1/credit-types/{names['credit_type']}/conversion-rates"
     for day, rate in ((JULY, "0.01"), ("2024-07-16", "0.02")):
         await api.call("POST", rates, json={"fiat": usd, "effective": day, "rate": rate})
@@ -223,9 +221,7 @@ async def test_prices_in_usd_draw_counters_and_the_standing_charge_in_custom_cre
 async def test_no_conversion_rate_refuses_the_adjustment_and_stores_nothing(
         api: Api, db: asyncpg.Connection) -> None:
     names = await api.setup(credit_type="credits", decimal_places=0)
-    usd = _code("usd")
-    await api.call("POST", "/v1/credit-types", expect=201, json={
-        "code": usd, "name": "US dollar", "kind": "fiat", "decimal_places": 2})
+    usd = await fiat_usd(api)
     licenses = await counter(api)
     await attach(api, names["account"], await license_plan(api, names, licenses, "peak",
                                                            currency=usd))

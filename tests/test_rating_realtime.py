@@ -12,7 +12,7 @@ import pytest
 
 from app.rating import drawdown
 from tests.conftest import Api
-from tests.test_rating_config import _code, plan
+from tests.test_rating_config import _code, fiat_usd, plan
 from tests.test_rating_drawdown import aggregation, measure, storage_setup
 
 
@@ -27,9 +27,7 @@ async def _measure_at(api: Api, account: str, meter_code: str, ts: str,
 async def test_prices_in_usd_draw_custom_credits_at_the_rate_of_the_day(api: Api) -> None:
     # the balance is in whole credits (0 places); 1 credit = 0.01 USD, then 0.02 from the 16th
     names = await api.setup(credit_type="credits", decimal_places=0)
-    usd = _code("usd")
-    await api.call("POST", "/v1/credit-types", expect=201, json={
-        "code": usd, "name": "US dollar", "kind": "fiat", "decimal_places": 2})
+    usd = await fiat_usd(api)
     rates = f"/v1/credit-types/{names['credit_type']}/conversion-rates"
     for day, rate in (("2024-07-01", "0.01"), ("2024-07-16", "0.02")):
         await api.call("POST", rates, json={"fiat": usd, "effective": day, "rate": rate})
@@ -59,9 +57,7 @@ async def test_prices_in_usd_draw_custom_credits_at_the_rate_of_the_day(api: Api
 async def test_no_rate_for_the_day_rejects_the_measurement_and_stores_nothing(
         api: Api, db: asyncpg.Connection) -> None:
     names = await api.setup(credit_type="credits", decimal_places=0)
-    usd = _code("usd")
-    await api.call("POST", "/v1/credit-types", expect=201, json={
-        "code": usd, "name": "US dollar", "kind": "fiat", "decimal_places": 2})
+    usd = await fiat_usd(api)
     await api.call("POST", f"/v1/credit-types/{names['credit_type']}/conversion-rates",
                    json={"fiat": usd, "effective": "2024-07-16", "rate": "0.01"})
     meter_code = await _storage_priced_in(api, names, usd)
@@ -150,9 +146,7 @@ async def test_a_request_refused_for_no_rate_does_not_fail_requests_rated_with_i
 
     monkeypatch.setattr(drawdown, "_rate", counting)
     bad = await api.setup(credit_type="credits", decimal_places=0)
-    usd = _code("usd")
-    await api.call("POST", "/v1/credit-types", expect=201, json={
-        "code": usd, "name": "US dollar", "kind": "fiat", "decimal_places": 2})
+    usd = await fiat_usd(api)
     bad_meter = await _meter(api)
     bad_plan = await plan(api, bad["storage"], usd)
     await api.call("POST", f"/v1/accounts/{bad['account']}/plans", expect=201,
