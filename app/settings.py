@@ -18,12 +18,12 @@ def _int(name: str, default: int) -> int:
 Seconds = float  # float-ok: the alias
 
 
-def _float(name: str, default: float) -> float:  # float-ok: durations
+def _seconds(name: str, default: Seconds) -> Seconds:
     raw = os.environ.get(name)
     return float(raw) if raw else default  # float-ok: a duration, not an amount
 
 
-def _floats(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+def _seconds_list(name: str, default: tuple[Seconds, ...]) -> tuple[Seconds, ...]:
     raw = os.environ.get(name)
     return tuple(float(part) for part in raw.split(",")) if raw else default  # float-ok: durations
 
@@ -46,13 +46,13 @@ class Settings:
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""
     stripe_max_network_retries: int = 2
-    stripe_timeout_s: float = 30.0  # float-ok: seconds
+    stripe_timeout_s: Seconds = 30.0
     # Journal entries older than this are assumed orphaned by a dead process and re-flushed.
     journal_orphan_ms: int = 5_000
     # How far a usage timestamp may lie in the future (clock skew) or in the past.
     usage_future_skew_s: int = 300
     usage_max_age_s: int = 35 * 24 * 3600
-    worker_interval_s: float = 2.0  # float-ok: seconds
+    worker_interval_s: Seconds = 2.0
     # Admin Idempotency-Keys are remembered at least this long, then deleted (0: kept forever).
     idempotency_key_ttl_h: int = 7 * 24
     run_workers: bool = True
@@ -67,8 +67,8 @@ class Settings:
     webhooks_allow_private: bool = False
     webhooks_dispatch: bool = True
     webhooks_concurrency: int = 50
-    webhooks_poll_s: float = 0.1  # float-ok: seconds
-    webhooks_retry_schedule_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    webhooks_poll_s: Seconds = 0.1
+    webhooks_retry_schedule_s: tuple[Seconds, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -85,9 +85,9 @@ class Settings:
             stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET", ""),
             stripe_api_base=os.environ.get("STRIPE_API_BASE", ""),
             stripe_max_network_retries=_int("STRIPE_MAX_NETWORK_RETRIES", 2),
-            stripe_timeout_s=_float("STRIPE_TIMEOUT_S", 30.0),  # float-ok: seconds
+            stripe_timeout_s=_seconds("STRIPE_TIMEOUT_S", 30.0),
             journal_orphan_ms=_int("CREDITGATE_JOURNAL_ORPHAN_MS", 5_000),
-            worker_interval_s=_float("CREDITGATE_WORKER_INTERVAL_S", 2.0),  # float-ok: seconds
+            worker_interval_s=_seconds("CREDITGATE_WORKER_INTERVAL_S", 2.0),
             idempotency_key_ttl_h=_int("CREDITGATE_IDEMPOTENCY_KEY_TTL_H", 7 * 24),
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",
             redis_prefix=os.environ.get("CREDITGATE_REDIS_PREFIX", "cg"),
@@ -96,7 +96,7 @@ class Settings:
             webhooks_allow_private=os.environ.get("CREDITGATE_WEBHOOKS_ALLOW_PRIVATE") == "1",
             webhooks_dispatch=os.environ.get("CREDITGATE_WEBHOOKS_DISPATCH", "1") != "0",
             webhooks_concurrency=_int("CREDITGATE_WEBHOOKS_CONCURRENCY", 50),
-            webhooks_poll_s=_float("CREDITGATE_WEBHOOKS_POLL_S", 0.1),  # float-ok: seconds
-            webhooks_retry_schedule_s=_floats("CREDITGATE_WEBHOOKS_RETRY_SCHEDULE_S",
-                                              cls.webhooks_retry_schedule_s),
+            webhooks_poll_s=_seconds("CREDITGATE_WEBHOOKS_POLL_S", 0.1),
+            webhooks_retry_schedule_s=_seconds_list("CREDITGATE_WEBHOOKS_RETRY_SCHEDULE_S",
+                                                    cls.webhooks_retry_schedule_s),
         )
