@@ -36,29 +36,34 @@ async def write_rows(conn: Connection, rows: Rows) -> set[str]:
     # usage events and ledger entries in one statement: a batch of plain usage needs no
     # explicit transaction, so it costs one round trip and one commit
     entries, usage = _encoded_entries(rows.entries), _encoded_usage(rows.usage)
-    if entries is not None and usage is not None and not conn.is_in_transaction():
-        # the usual flush: nothing of it is in yet, and a plain INSERT skips ON CONFLICT's
-        # per-row probe and confirmation (~18% of the statement). A row that is in already (a
-        # re-flush, a uid Redis forgot) fails it whole, changing nothing: then the keyed way
-        try:
-            await conn.execute(_WRITE_PLAIN, entries, usage)
-            return {e[0] for e in rows.entries}
-        except asyncpg.UniqueViolationError:
-            pass
-    if entries is not None and usage is not None:
-        inserted = await conn.fetch(_WRITE_ENCODED, entries, usage)
-    else:  # a separator inside some text (a description, say): one array per column
-        inserted = await conn.fetch(
+    if entries is None or usage is None:  # a separator inside some text (a description, say)
+        inserted = {r["op_key"] for r in await conn.fetch(
             _WRITE_ARRAYS,
             *_columns([(*e[:10], ms_to_dt(e[10]), e[11]) for e in rows.entries], 12),
-            *_columns([(*u[:6], ms_to_dt(u[6]), ms_to_dt(u[7])) for u in rows.usage], 8))
+            *_columns([(*u[:6], ms_to_dt(u[6]), ms_to_dt(u[7])) for u in rows.usage], 8))}
+    elif not conn.is_in_transaction() and await _inserted_plain(conn, entries, usage):
+        inserted = {e[0] for e in rows.entries}
+    else:
+        inserted = {r["op_key"] for r in await conn.fetch(_WRITE_KEYED, entries, usage)}
     if rows.statuses:
         await conn.execute(
             """UPDATE balances SET status = s.status
                FROM unnest($1::int8[], $2::text[]) AS s(id, status) WHERE balances.id = s.id""",
             *_columns(rows.statuses, 2),
         )
-    return {r["op_key"] for r in inserted}
+    return inserted
+
+
+async def _inserted_plain(conn: Connection, entries: str, usage: str) -> bool:
+    """The usual flush: nothing of it is in yet, and a plain INSERT skips ON CONFLICT's per-row
+    probe and confirmation (~18% of the statement). A row that is in already (a re-flush, a
+    uid Redis forgot) fails it whole, changing nothing: False, and the caller goes the keyed
+    way. Only outside a transaction (a failed statement would abort the caller's)."""
+    try:
+        await conn.execute(_WRITE_PLAIN, entries, usage)
+    except asyncpg.UniqueViolationError:
+        return False
+    return True
 
 
 # Rows travel as one text per table (fields joined by US, rows by RS, split again by
@@ -67,7 +72,14 @@ async def write_rows(conn: Connection, rows: Rows) -> set[str]:
 # timestamps exactly (an interval is an integer count of microseconds).
 SEP, EOL = "\x1f", "\x1e"
 _MS = "'epoch'::timestamptz + ({})::int8 * interval '1 millisecond'"
-_WRITE_ENCODED = f"""
+
+
+def _write_encoded(keyed: bool) -> str:
+    """Both tables from their texts ($1 entries, $2 usage); `keyed`: a row already in is
+    skipped (`ON CONFLICT DO NOTHING`) and the op keys written are returned."""
+    usage_conflict = "ON CONFLICT (account_id, uid) DO NOTHING" if keyed else ""
+    entry_conflict = "ON CONFLICT (op_key, seq) DO NOTHING RETURNING op_key" if keyed else ""
+    return f"""
     WITH u AS (SELECT string_to_array(line, E'\\x1f') AS f
                FROM unnest(string_to_array($2::text, E'\\x1e')) AS line),
          usage AS (
@@ -76,7 +88,7 @@ _WRITE_ENCODED = f"""
            SELECT f[1]::int8, f[2], f[3], f[4]::int8, f[5]::numeric, f[6]::numeric,
                   {_MS.format("f[7]")}, {_MS.format("f[8]")}
            FROM u
-           ON CONFLICT (account_id, uid) DO NOTHING),
+           {usage_conflict}),
          e AS (SELECT string_to_array(line, E'\\x1f') AS f
                FROM unnest(string_to_array($1::text, E'\\x1e')) AS line)
     INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id, kind,
@@ -85,10 +97,10 @@ _WRITE_ENCODED = f"""
     SELECT f[1], f[2]::int2, f[3]::int8, NULLIF(f[4], '')::int8, f[5]::int8, f[6],
            f[7]::numeric, NULLIF(f[8], ''), NULLIF(f[9], ''), f[10], {_MS.format("f[11]")}, f[12]
     FROM e
-    ON CONFLICT (op_key, seq) DO NOTHING
-    RETURNING op_key"""
-_WRITE_PLAIN = (_WRITE_ENCODED.replace("ON CONFLICT (account_id, uid) DO NOTHING", "")
-                .replace("ON CONFLICT (op_key, seq) DO NOTHING\n    RETURNING op_key", ""))
+    {entry_conflict}"""
+
+
+_WRITE_KEYED, _WRITE_PLAIN = _write_encoded(keyed=True), _write_encoded(keyed=False)
 _WRITE_ARRAYS = """
     WITH usage AS (
            INSERT INTO usage_events (account_id, uid, product_code, credit_type_id, amount,
