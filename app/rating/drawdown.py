@@ -71,7 +71,6 @@ class Item:
     meter: Meter
     values: dict[str, Decimal | str]
     pricings: list[asyncpg.Record] = field(default_factory=list)
-    debits: list[Debit] = field(default_factory=list)
     # what this measurement moved, for its answer: (product, minor units: + drawn, - given
     # back, pricing id)
     moved: list[tuple[str, int, int]] = field(default_factory=list)
@@ -81,7 +80,11 @@ class Item:
     # give-backs, named the same way: (credit uid, product, amount in minor units, pricing id,
     # period start)
     gives: list[tuple[str, str, int, int, date]] = field(default_factory=list)
-    credits: list[Debit] = field(default_factory=list)
+
+    def place(self, pricings: list[asyncpg.Record]) -> None:
+        """The pricings that rate it, and nothing moved yet (a group retried after a rollback
+        starts afresh)."""
+        self.pricings, self.moved, self.sends, self.gives = pricings, [], [], []
 
 
 _METERS: dict[str, tuple[Meter, float]] = {}
@@ -199,15 +202,16 @@ async def record_measurements(ctx: AppContext, items: list[Any],
         await send_rated(ctx, valid)
         for item in valid:
             credit_type = item.account.credit_type
+            debits: list[Debit] = []
+            credits: list[Debit] = []
             if credit_type is not None:  # (built here, outside the group's lock)
                 places = -credit_type.decimal_places
-                item.debits, item.credits = [], []
                 for product, minor, pricing_id in item.moved:
-                    (item.debits if minor > 0 else item.credits).append(Debit(
+                    (debits if minor > 0 else credits).append(Debit(
                         pricing=f"p{pricing_id}", product=product, credit_type=credit_type.code,
                         amount=f"{Decimal(abs(minor)).scaleb(places):f}"))
             results[item.index] = MeasurementResult(
-                uid=item.body.uid, debits=item.debits, credits=item.credits,
+                uid=item.body.uid, debits=debits, credits=credits,
                 status="duplicate" if (item.account.id, item.body.uid) not in new
                 else "rated" if item.pricings else "unrated")
     return [results[i] for i in range(len(items))]
@@ -415,10 +419,9 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
     async with conn.transaction():
         found = await repo.active_pricings_many(
             conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in items}))
-        for item in items:  # (a group retried after a rollback starts afresh)
-            item.pricings = found.get((item.account.id, item.meter.id,
-                                       item.body.timestamp.date()), [])
-            item.debits, item.moved, item.sends, item.gives = [], [], [], []
+        for item in items:
+            item.place(found.get((item.account.id, item.meter.id, item.body.timestamp.date()),
+                                 []))
         placements = [_placement(item, p) for item in items for p in item.pricings]
         measurements = [(i.account.id, i.body.uid, i.meter.id, i.body.timestamp,
                          _plain(i.body.data), bool(i.pricings)) for i in items]
@@ -456,10 +459,9 @@ async def rate_stored(conn: Connection, items: list[Item], today: date) -> list[
         conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in items}))
     for item in items:
         day = item.body.timestamp.date()
-        item.pricings = [p for p in found.get((item.account.id, item.meter.id, day), [])
-                         if period_of(p["anchor"], p["bill_frequency"], p["bill_interval"],
-                                      day)[1] > today]
-        item.debits, item.moved, item.sends, item.gives = [], [], [], []
+        item.place([p for p in found.get((item.account.id, item.meter.id, day), [])
+                    if period_of(p["anchor"], p["bill_frequency"], p["bill_interval"],
+                                 day)[1] > today])
     rated = [item for item in items if item.pricings]
     placements = [_placement(item, p) for item in rated for p in item.pricings]
     if placements:
