@@ -262,7 +262,8 @@ async def test_a_key_older_than_the_ttl_is_purged_and_then_free(
     ttl = app.state.ctx.settings.idempotency_key_ttl_h
     await db.execute("UPDATE idempotency_keys SET created_at = now() - make_interval(hours => $2)"
                      " - interval '1 minute' WHERE key = $1", old, ttl)
-    assert await purge_expired(app.state.ctx) >= 1
+    # (the app's own workers purge too, and may have taken it first: the rows tell)
+    await purge_expired(app.state.ctx)
     kept = {r["key"] for r in await db.fetch(
         "SELECT key FROM idempotency_keys WHERE key = ANY($1)", [old, recent])}
     assert kept == {recent}

@@ -104,7 +104,8 @@ async def test_the_sweep_deletes_an_empty_journal_and_its_successor_goes_on_afte
 
     await eventually(acknowledged, 5)
     # the orphan sweep finds the journal empty and deletes it: later sweeps do not read it
-    assert await ctx.journal.sweep(ctx.settings.journal_orphan_ms) == 0
+    # (what it returns counts orphans of the whole session's keyspace: other tests' too)
+    await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
     assert not await ctx.hot.redis.exists(journal)
     kept = await ctx.hot.redis.get(last)
     assert kept is not None and kept.count("-") == 1
