@@ -163,7 +163,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="run every scenario this many times, interleaved, as bench/run.py does: "
                         "rates over all rounds, and each round's ratios printed too")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes of the server (the same for every scenario)")
     opts = p.parse_args()
+    core.WORKERS = opts.workers
     wanted = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
     if set(wanted) - set(SCENARIOS):
         p.error(f"unknown scenarios {sorted(set(wanted) - set(SCENARIOS))}")
@@ -190,7 +193,7 @@ def main() -> None:
             "load_avg_before": round(load1, 2), "load_avg_after": round(os.getloadavg()[0], 2),
             "git": core.git_rev(), "accounts": opts.accounts, "concurrency": opts.concurrency,
             "batch_concurrency": opts.batch_concurrency, "batch_size": opts.batch_size,
-            "rounds": opts.rounds, "round_ratios": [ratios(r) for r in rounds]}
+            "rounds": opts.rounds, "workers": opts.workers, "round_ratios": [ratios(r) for r in rounds]}
     out = {"meta": meta, "results": {k: asdict(v) for k, v in results.items()}, "ratios": rat,
            "target": TARGET}
     (core.RESULTS / "measurements.json").write_text(json.dumps(out, indent=2) + "\n")
