@@ -55,6 +55,9 @@ class Settings:
     worker_interval_s: Seconds = 2.0
     # Admin Idempotency-Keys are remembered at least this long, then deleted (0: kept forever).
     idempotency_key_ttl_h: int = 7 * 24
+    # Webhook events and their delivery log are kept this long once no delivery of them is
+    # pending, then deleted by the workers (0: kept forever).
+    webhook_retention_d: int = 30
     run_workers: bool = True
     redis_prefix: str = "cg"
     # Plain checks answered from the process's memory while Redis reports no change to what
@@ -89,6 +92,7 @@ class Settings:
             journal_orphan_ms=_int("CREDITGATE_JOURNAL_ORPHAN_MS", 5_000),
             worker_interval_s=_seconds("CREDITGATE_WORKER_INTERVAL_S", 2.0),
             idempotency_key_ttl_h=_int("CREDITGATE_IDEMPOTENCY_KEY_TTL_H", 7 * 24),
+            webhook_retention_d=_int("CREDITGATE_WEBHOOK_RETENTION_D", 30),
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",
             redis_prefix=os.environ.get("CREDITGATE_REDIS_PREFIX", "cg"),
             check_cache=os.environ.get("CREDITGATE_CHECK_CACHE", "1") != "0",

@@ -1,6 +1,7 @@
 """Background work every app process runs: orphaned-journal sweep, credit expiry, rated
 debits a crash left, the standing charges and counter charges of billing periods that started,
-the purchase reconciler, the auto-recharge runner, and expired Idempotency-Keys.
+the purchase reconciler, the auto-recharge runner, expired Idempotency-Keys, and webhook
+events past their retention.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
 balance id, recurring charges are settled under the account's row lock.
@@ -21,6 +22,7 @@ from app.rating.giveback import settle_unsettled
 from app.rating.recurring import sweep as draw_recurring_charges
 from app.rating.rerate import rerate_pending
 from app.recharge.runner import run_recharges
+from app.webhooks.service import purge_old as purge_old_webhooks
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -43,6 +45,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await settle_unsettled(ctx)
             await rerate_pending(ctx)
             await purge_expired_keys(ctx)
+            await purge_old_webhooks(ctx.pool, ctx.settings)
         except STORE_ERRORS as exc:
             log.warning("worker pass skipped: %s", exc)
         except Exception:

@@ -154,3 +154,48 @@ async def test_replay_every_failure_since_a_time(
 
 async def _attempted(db: asyncpg.Connection, endpoint_id: int, n: int) -> bool:
     return len(await webhook_receiver.attempt_rows(db, endpoint_id)) >= n
+
+
+async def test_events_past_the_retention_go_with_their_log_unless_a_delivery_is_pending(
+        api: Api, app: Any, endpoints: Endpoints, receiver: Receiver,
+        db: asyncpg.Connection) -> None:
+    from dataclasses import replace
+
+    from app.webhooks.service import purge_old
+
+    good = await endpoints.create(receiver, event_types=["webhook.test"])
+    bad = await endpoints.create(receiver, event_types=["webhook.test"])
+    receiver.behaviours[bad["path"]] = lambda got: Reply(500)
+    delivered, pending, recent = [await endpoints.send_test(good["id"]) for _ in range(3)]
+    failed = await endpoints.send_test(bad["id"])
+    await settled(db, good["id"], 3)
+    await eventually(lambda: _attempted(db, bad["id"], 1))
+    await exhaust_retries(db, bad["id"])
+    await settled(db, bad["id"], 1)
+    # one delivery is retrying again (as after replay-failed), due tomorrow
+    await db.execute("""UPDATE webhook_deliveries SET status = 'pending',
+                        next_attempt_at = now() + interval '1 day' WHERE event_id = $1""", pending)
+    old = [delivered, pending, failed]
+    ctx = app.state.ctx
+    await db.execute("""UPDATE webhook_events SET created_at = now() - make_interval(days => $2)
+                        - interval '1 minute' WHERE id = ANY($1)""",
+                     old, ctx.settings.webhook_retention_d)
+
+    async def kept(table: str, column: str) -> set[str]:
+        rows = await db.fetch(f"SELECT DISTINCT {column} AS id FROM {table} WHERE {column} = ANY($1)",
+                              [*old, recent])
+        return {r["id"] for r in rows}
+
+    assert await purge_old(ctx.pool, replace(ctx.settings, webhook_retention_d=0)) == 0
+    assert await kept("webhook_events", "id") == {*old, recent}
+    # (the app's own workers purge too, and may have been first: the rows tell)
+    await purge_old(ctx.pool, ctx.settings)
+    assert await kept("webhook_events", "id") == {pending, recent}
+    assert await kept("webhook_deliveries", "event_id") == {pending, recent}
+    attempts = await db.fetch(
+        """SELECT DISTINCT d.event_id FROM webhook_attempts a
+           JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.endpoint_id = ANY($1)""",
+        [good["id"], bad["id"]])
+    assert {r["event_id"] for r in attempts} == {pending, recent}
+    mine = await api.call("GET", LOG, params={"endpoint_id": good["id"]})
+    assert [d["event_id"] for d in mine["data"]] == [recent, pending]

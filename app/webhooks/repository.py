@@ -289,6 +289,30 @@ async def replay_failed(conn: Conn, since: datetime, endpoint_id: int | None) ->
     return int(status.split()[-1])
 
 
+# --- retention --------------------------------------------------------------------------
+
+
+async def purge_settled(conn: Conn, older_than: timedelta, limit: int) -> int:
+    """Delete up to `limit` events older than `older_than` that no delivery is still pending
+    for, oldest first, with their deliveries and attempts; how many events went. A delivery
+    made pending again meanwhile (replay-failed) keeps its event: the foreign key then fails
+    the statement and nothing is deleted in this pass."""
+    gone = await conn.fetchval(
+        """WITH old AS (
+             SELECT e.id FROM webhook_events e
+             WHERE e.created_at < now() - $1::interval
+               AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d
+                               WHERE d.event_id = e.id AND d.status = 'pending')
+             ORDER BY e.created_at LIMIT $2),
+           dl AS (SELECT d.id FROM webhook_deliveries d JOIN old ON d.event_id = old.id),
+           attempts AS (DELETE FROM webhook_attempts a USING dl WHERE a.delivery_id = dl.id),
+           deliveries AS (DELETE FROM webhook_deliveries d USING dl
+                          WHERE d.id = dl.id AND d.status <> 'pending'),
+           events AS (DELETE FROM webhook_events e USING old WHERE e.id = old.id RETURNING 1)
+           SELECT count(*) FROM events""", older_than, limit)
+    return int(gone)
+
+
 # --- watching (the CLI) --------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from app.settings import Settings
 
 ROTATION_OVERLAP = timedelta(hours=24)
+PURGE_BATCH = 1000
 
 
 def endpoint_out(row: asyncpg.Record) -> EndpointOut:
@@ -143,3 +144,12 @@ async def replay_event(conn: Conn, event_id_: str, endpoint_id: int | None) -> l
             raise Conflict(f"webhook endpoint {endpoint_id} is disabled", field="endpoint_id")
     ids = await repo.replay_event(conn, event_id_, endpoint_id)
     return await deliveries_out(conn, await repo.deliveries_by_id(conn, ids))
+
+
+async def purge_old(conn: Conn, settings: Settings) -> int:
+    """Worker: delete events (with their deliveries and attempts) older than the retention
+    that no delivery is pending for, at most PURGE_BATCH per pass; how many events went."""
+    if settings.webhook_retention_d <= 0:
+        return 0
+    return await repo.purge_settled(conn, timedelta(days=settings.webhook_retention_d),
+                                    PURGE_BATCH)
