@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from app.ledger.loader import to_ms
 from app.ledger.ops import decide, now_ms
 from app.ledger.repository import ms_to_dt
 from app.ledger.service import account_ref, resolve_credit_type, scaled
-from app.money import fmt, from_scaled
+from app.money import MAX_SCALED, fmt, from_scaled
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -43,7 +44,7 @@ class Prepared:
     """A usage event that passed validation, ready for its root's script."""
 
     index: int
-    event: UsageEvent | None  # None: built by trusted code (`prepared_usage`); uid: args.uid
+    event: UsageEvent | None  # None: built by trusted code (`debit_trusted`); uid: args.uid
     account: AccountRef
     credit_type: CreditTypeRef
     args: DecideArgs
@@ -240,31 +241,32 @@ async def record_usage(ctx: AppContext, items: list[Any], prefix: str) -> list[U
     return [results[i] for i in range(len(items))]
 
 
-def prepared_usage(index: int, uid: str, account: AccountRef, credit_type: CreditTypeRef,
-                   product: str, amount: int, at_ms: int) -> Prepared:
-    """A usage event built by trusted code (codes already resolved, amount already scaled to
-    the credit type's places, timestamp now): no pydantic, no catalog lookups."""
-    payload = _usage_payload(account, credit_type, uid, product, amount, at_ms)
-    return Prepared(index, None, account, credit_type, DecideArgs(
-        account.id, account.chain_arg, uid, product, credit_type.code, amount, at_ms, "u",
-        payload))
+# A debit computed by trusted code: (usage uid, account, credit type, product, minor units)
+TrustedDebit = tuple[str, AccountRef, CreditTypeRef, str, int]
 
 
-async def debit_prepared(ctx: AppContext, prepared: list[Prepared],
-                         answer: bool = True) -> dict[int, UsageResult]:
-    """The usage path for events that are already prepared (see `prepared_usage`): decided per
-    root and journaled exactly as `record_usage` does; results by `Prepared.index`.
+async def debit_trusted(ctx: AppContext, debits: Iterable[TrustedDebit],
+                        answer: bool = True) -> None:
+    """The usage path for debits computed by trusted code (rating, recurring charges, and
+    their resends): codes already resolved, amounts already in the credit type's minor units,
+    now as timestamp, so no pydantic or catalog work per debit. Decided per root and journaled
+    exactly as `record_usage` does. One the hot state cannot take (not in 0 < minor <
+    MAX_SCALED) is skipped: it stays unsent in the caller's durable row.
 
     `answer=False` is for callers whose debits are already durable in Postgres in a form that
-    is replayed after a crash (rating's `rated_debits`): no result objects are built, and the
-    call returns once the hot state has applied the debits (balances and entitlement flags
-    are current) while the journal's group commit writes their ledger entries in the
-    background. A crash in between loses nothing: the journal entry is committed by the
-    orphan sweeper, or the debit is sent again from its durable row under the same uid."""
+    is replayed after a crash (rating's `rated_debits`): the call returns once the hot state
+    has applied the debits (balances and entitlement flags are current) while the journal's
+    group commit writes their ledger entries in the background. A crash in between loses
+    nothing: the journal entry is committed by the orphan sweeper, or the debit is sent again
+    from its durable row under the same uid. Otherwise it returns once they are committed."""
+    at = now_ms()
     by_root: dict[int, list[Prepared]] = defaultdict(list)
-    for p in prepared:
-        by_root[p.account.root_id].append(p)
-    return await _debit_roots(ctx, list(by_root.values()), answer)
+    for index, (uid, account, credit_type, product, minor) in enumerate(debits):
+        if 0 < minor < MAX_SCALED:
+            by_root[account.root_id].append(Prepared(index, None, account, credit_type, DecideArgs(
+                account.id, account.chain_arg, uid, product, credit_type.code, minor, at, "u",
+                _usage_payload(account, credit_type, uid, product, minor, at))))
+    await _debit_roots(ctx, list(by_root.values()), answer)
 
 
 async def _debit_roots(ctx: AppContext, groups: list[list[Prepared]],
@@ -319,7 +321,7 @@ async def _debit_root(ctx: AppContext, group: list[Prepared],
             records.append(_record(prepared.account, at, decision, _usage_fields(
                 prepared.account, prepared.credit_type, a.uid, a.product, a.amount, a.at_ms)))
             applied.append((prepared, decision))
-    if not answer:  # (see debit_prepared) durable elsewhere: the commit need not be awaited
+    if not answer:  # (see debit_trusted) durable elsewhere: the commit need not be awaited
         if records:
             ctx.journal.commit_soon(records)
         return results

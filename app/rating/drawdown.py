@@ -36,12 +36,10 @@ import asyncpg
 
 from app.config.catalog import AccountRef
 from app.db import Connection
-from app.entitlements.service import Prepared, debit_prepared, prepared_usage
+from app.entitlements.service import TrustedDebit, debit_trusted
 from app.errors import Problem, ValidationProblem
 from app.http import validate_items
-from app.ledger.ops import now_ms
 from app.ledger.service import scaled
-from app.money import MAX_SCALED
 from app.rating import giveback
 from app.rating import repository as repo
 from app.rating.expressions import Node, evaluate, parse
@@ -565,22 +563,13 @@ async def _send(ctx: AppContext, items: list[Item]) -> None:
     """Debit through the usage path (drawdown order, overage, durability, idempotency by uid).
 
     The debits were computed here from validated configuration (the account's own credit type,
-    the pricing's product, an amount in minor units, now as timestamp), so they go in prepared:
-    no pydantic or catalog work per debit. One the usage path could not take (too large for
-    the hot state) stays in rated_debits as before; it is never retried by `send_unsent`
-    either (`resend` skips it the same way)."""
-    at = now_ms()
-    prepared: list[Prepared] = []
-    for item in items:
-        credit_type = item.account.credit_type
-        if credit_type is None:
-            continue
-        for uid, product, minor, _ in item.sends:
-            if 0 < minor < MAX_SCALED:
-                prepared.append(prepared_usage(len(prepared), uid, item.account, credit_type,
-                                               product, minor, at))
-    if prepared:
-        await debit_prepared(ctx, prepared, answer=False)
+    the pricing's product, an amount in minor units), so they go in as trusted debits: no
+    pydantic or catalog work per debit. One the usage path could not take (too large for the
+    hot state) stays in rated_debits as before; it is never retried by `send_unsent` either
+    (`resend` skips it the same way)."""
+    await debit_trusted(ctx, [(uid, item.account, item.account.credit_type, product, minor)
+                              for item in items if item.account.credit_type is not None
+                              for uid, product, minor, _ in item.sends], answer=False)
 
 
 async def send_rated(ctx: AppContext, items: list[Item]) -> None:
@@ -608,17 +597,13 @@ async def send_unsent(ctx: AppContext, older_than_s: float = 5.0,  # float-ok: s
 async def resend(ctx: AppContext, rows: list[asyncpg.Record]) -> None:
     """Send `rated_debits` rows (account, uid, product_code, credit_type, amount) through the
     usage path again under their own uids, and wait for their commit: the usage path takes a
-    uid once (one it has seen waits for its first use's commit). They go in as trusted,
-    prepared events: their uids have the shape the public usage API reserves for rating."""
-    at, prepared = now_ms(), list[Prepared]()
+    uid once (one it has seen waits for its first use's commit). They go in as trusted
+    debits: their uids have the shape the public usage API reserves for rating."""
+    debits: list[TrustedDebit] = []
     for row in rows:
         account = await ctx.catalog.account(row["account"])
         credit_type = await ctx.catalog.credit_type(row["credit_type"])
-        if account is None or credit_type is None:
-            continue
-        minor = scaled(Decimal(row["amount"]), credit_type)
-        if 0 < minor < MAX_SCALED:  # (one too large for the hot state stays unsent)
-            prepared.append(prepared_usage(len(prepared), row["uid"], account, credit_type,
-                                           row["product_code"], minor, at))
-    if prepared:
-        await debit_prepared(ctx, prepared)
+        if account is not None and credit_type is not None:
+            debits.append((row["uid"], account, credit_type, row["product_code"],
+                           scaled(Decimal(row["amount"]), credit_type)))
+    await debit_trusted(ctx, debits)

@@ -40,10 +40,8 @@ import asyncpg
 
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.db import Connection
-from app.entitlements.service import debit_prepared, prepared_usage
+from app.entitlements.service import debit_trusted
 from app.errors import STORE_ERRORS, ValidationProblem
-from app.ledger.ops import now_ms
-from app.money import MAX_SCALED
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
 from app.rating.periods import period_of
@@ -263,11 +261,8 @@ async def _settle_current(ctx: AppContext, plans: list[asyncpg.Record],
 
 async def send(ctx: AppContext, draws: list[Draw]) -> None:
     """Debit through the usage path (drawdown order, overage, durability, idempotency by uid)."""
-    at = now_ms()
-    prepared = [prepared_usage(i, d.uid, d.account, d.credit_type, d.product, d.minor, at)
-                for i, d in enumerate(draws) if 0 < d.minor < MAX_SCALED]
-    if prepared:
-        await debit_prepared(ctx, prepared, answer=False)
+    await debit_trusted(ctx, [(d.uid, d.account, d.credit_type, d.product, d.minor)
+                              for d in draws], answer=False)
 
 
 _SETTLED_ON: dict[int, date] = {}  # account id -> the day its current periods were last settled
