@@ -278,8 +278,9 @@ async def after_measurements(ctx: AppContext, items: list[Any],
     codes = {item["account"] for item, result in zip(items, results, strict=True)
              if result.status == "rated" and isinstance(item, dict)}
     ids = []
+    catalog = ctx.catalog
     for code in codes:
-        account = await ctx.catalog.account(code)
+        account = catalog.cached_account(code) or await catalog.account(code)
         if account is not None and _SETTLED_ON.get(account.id) != day:
             ids.append(account.id)
     if not ids:

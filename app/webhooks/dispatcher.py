@@ -57,7 +57,7 @@ class DispatchConfig:
     poll_s: Seconds = 0.1
     timeout_s: Seconds = 15.0
     lease: timedelta = timedelta(seconds=60)  # > timeout_s: a claim outlives its attempt
-    schedule_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    schedule_s: tuple[Seconds, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     retry_after_cap_s: Seconds = 36000
     allow_private: bool = False
     excerpt_bytes: int = 1024
