@@ -1,10 +1,12 @@
 """A journal flush writes each usage event once, however often its records come back: the
 plain insert of the usual flush falls back to the keyed one when any row is in already. The
-orphan sweep deletes a journal stream it finds empty, and the next one's ids go on after its
-last."""
+orphan sweep finds the journals to read in the journal index (and, on a process's first pass,
+by a scan of the keyspace), deletes a journal it finds empty, and the next one's ids go on
+after its last."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -13,9 +15,10 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import pytest
 
 from app.hotstate.store import DecideArgs
-from app.ledger.journal import JournalRecord
+from app.ledger.journal import Journal, JournalRecord
 from tests.conftest import Api
 from tests.webhook_receiver import eventually
 
@@ -91,29 +94,108 @@ async def test_a_repeated_flush_a_mixed_one_and_a_doubled_key_each_write_once(
     assert Decimal(await api.available(root.code)) == Decimal("94.75")
 
 
-async def test_the_sweep_deletes_an_empty_journal_and_its_successor_goes_on_after_its_ids(
+async def test_the_index_sweep_commits_an_orphan_deletes_the_journal_and_its_successor_goes_on(
         api: Api, app: Any, db: asyncpg.Connection) -> None:
     root = await _root(api, app, db)
     ctx, account_id = root.ctx, root.id
-    journal, last = ctx.hot.keys.journal(account_id), ctx.hot.keys.tag(account_id) + ":jl"
+    hot = ctx.hot
+    journal, last = hot.keys.journal(account_id), hot.keys.tag(account_id) + ":jl"
+    index = hot.keys.journal_index_of(account_id)
     for _ in range(3):
         await api.usage(root.code, root.product, "1.00")
+    # decided in Redis and never committed, as by a process that died right after its Lua call
+    orphan = await root.decided(40)
+    # announced in the journal index before the first entry was written
+    announced = await hot.redis.zscore(index, str(account_id))
+    assert announced is not None
 
-    async def acknowledged() -> bool:  # (the ack follows the commit, in a task of its own)
-        return await ctx.hot.redis.xlen(journal) == 0
+    async def swept() -> bool:
+        # the app's own sweeper (every 0.5 s): once the root's last announcement is older than
+        # the orphan age plus the index lag, the orphan is committed, the journal (empty now)
+        # deleted, and the root dropped from the index
+        return (await _written(db, orphan) == {orphan.payload["uid"]: (1, -40)}
+                and not await hot.redis.exists(journal)
+                and await hot.redis.zscore(index, str(account_id)) is None)
 
-    await eventually(acknowledged, 5)
-    # the orphan sweep finds the journal empty and deletes it: later sweeps do not read it
-    # (what it returns counts orphans of the whole session's keyspace: other tests' too)
-    await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
-    assert not await ctx.hot.redis.exists(journal)
-    kept = await ctx.hot.redis.get(last)
+    await eventually(swept, 20)
+    kept = await hot.redis.get(last)
     assert kept is not None and kept.count("-") == 1
+    assert Decimal(await api.available(root.code)) == Decimal("96.60")
 
     # within the same millisecond as the last id (here: one from the future), the next entry
-    # still gets a larger id: a root's webhooks are ordered by it
-    await ctx.hot.redis.set(last, "99999999999999-7")
+    # still gets a larger id: a root's webhooks are ordered by it; and its root is announced
+    # again (the process's announcement is more than a second old)
+    await hot.redis.set(last, "99999999999999-7")
     record = await root.decided(100)
     assert record.stream_id == "99999999999999-8"
+    assert await hot.redis.zscore(index, str(account_id)) is not None
     assert await ctx.journal.flush([record]) == ["accepted"]
     assert await _written(db, record) == {record.payload["uid"]: (1, -100)}
+
+
+async def test_a_journal_missing_from_the_index_is_found_by_a_process_s_first_sweep_only(
+        api: Api, app: Any, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal written before the index existed, or whose announcement a failover lost: the
+    keyspace scan of a process's first sweep finds it; later sweeps read only the index."""
+    root = await _root(api, app, db)
+    ctx, account_id = root.ctx, root.id
+    hot = ctx.hot
+    orphan = await root.decided(250)
+    await hot.redis.zrem(hot.keys.journal_index_of(account_id), str(account_id))
+    await asyncio.sleep(ctx.settings.journal_orphan_ms / 1000 + 0.1)  # past the orphan age
+    scans = 0
+    scan_iter = hot.redis.scan_iter
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal scans
+        scans += 1
+        return scan_iter(*args, **kwargs)
+
+    monkeypatch.setattr(hot.redis, "scan_iter", counted)
+    # the running app's sweeper made its first pass long ago: it does not see the orphan
+    await asyncio.sleep(3 * ctx.settings.worker_interval_s)
+    assert (scans, await _written(db, orphan)) == (0, {orphan.payload["uid"]: (0, 0)})
+
+    restarted = Journal(ctx.pool, hot)  # a process started now
+    assert await restarted.sweep(ctx.settings.journal_orphan_ms) >= 1
+    assert scans == 1
+    assert await _written(db, orphan) == {orphan.payload["uid"]: (1, -250)}
+    assert not await hot.redis.exists(hot.keys.journal(account_id))
+    await restarted.sweep(ctx.settings.journal_orphan_ms)
+    assert scans == 1
+    assert Decimal(await api.available(root.code)) == Decimal("97.50")
+
+
+async def test_an_index_entry_announced_again_while_swept_stays(api: Api, app: Any,
+                                                                db: asyncpg.Connection) -> None:
+    """The sweep drops a root from the index only if no process announced it again after the
+    sweep read it: a process that announced meanwhile may have journalled since."""
+    root = await _root(api, app, db)
+    hot = root.ctx.hot
+    index = hot.keys.journal_index_of(root.id)
+    others = [root.id + 16 * n for n in (1, 2)]  # (same shard; no journals of theirs needed)
+    await hot.redis.zadd(index, {str(root.id): 1_000, str(others[0]): 2_000,
+                                 str(others[1]): 9_000})
+    assert await hot.announced_before(root.id % 16, 5_000, 10) == [root.id, others[0]]
+    await hot.redis.zadd(index, {str(others[0]): 7_000})  # announced after the read
+    assert await hot.unindex(root.id % 16, 5_000, [root.id, others[0]]) == 1
+    assert await hot.redis.zscore(index, str(root.id)) is None
+    assert await hot.redis.zscore(index, str(others[0])) == 7_000
+    await hot.redis.zrem(index, *[str(o) for o in others])
+
+
+async def test_a_rebuilt_root_is_announced_again_at_once(api: Api, app: Any,
+                                                         db: asyncpg.Connection) -> None:
+    """Redis lost a root and its index entry (FLUSHALL, here for one root) less than a second
+    after this process announced it: the rebuild announces it again before installing, as any
+    other process may go on journalling on an announcement made before the loss."""
+    root = await _root(api, app, db)
+    hot = root.ctx.hot
+    index = hot.keys.journal_index_of(root.id)
+    await api.usage(root.code, root.product, "1.00")
+    assert await hot.redis.zscore(index, str(root.id)) is not None
+    await hot.redis.delete(hot.keys.root(root.id))
+    await hot.redis.zrem(index, str(root.id))
+    await api.usage(root.code, root.product, "1.00")  # cold: rebuilt, then decided
+    assert await hot.redis.zscore(index, str(root.id)) is not None
+    assert Decimal(await api.available(root.code)) == Decimal("98.00")

@@ -21,6 +21,11 @@ DEFAULT_PREFIX = "cg"
 # `<p>:{<root>}:o:<account>` hash credit type -> overage (scaled integer)
 # `<p>:{<root>}:e:<account>` hash "product|ct" -> entitlement flag "1"/"0"
 # `<p>:{<root>}:u:<account>:<day>` hash of usage uids seen that day
+# `<p>:{jx:<shard>}:roots` sorted set: root id -> last time (Redis ms) a process announced it
+#                      would journal for that root (the journal index: the orphan sweep reads
+#                      it instead of scanning the keyspace; app/ledger/journal.py)
+
+JOURNAL_INDEX_SHARDS = 16  # each a key of its own hash tag: spread over a cluster's nodes
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,12 @@ class Keys:
         amounts and balance definitions (declared to Redis for the check cache)."""
         tag = self.tag(root_id)
         return tuple(f"{tag}:{kind}:{account}" for account in chain for kind in "abd")
+
+    def journal_index(self, shard: int) -> str:
+        return f"{self.prefix}:{{jx:{shard}}}:roots"
+
+    def journal_index_of(self, root_id: int) -> str:
+        return self.journal_index(root_id % JOURNAL_INDEX_SHARDS)
 
     @property
     def journal_pattern(self) -> str:

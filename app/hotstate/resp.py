@@ -162,6 +162,11 @@ class FastRedis:
                 conn.close()
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class Script:
     """A Lua script called by SHA, loaded on first NOSCRIPT (after a Redis restart too)."""
 
@@ -179,6 +184,25 @@ class Script:
         except NoScriptError:
             await self.client.execute("SCRIPT", "LOAD", self.source)
             return await self.client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    async def after(self, command: bytes, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
+        """The call, preceded on the same connection (so applied first) by a packed command,
+        in the same write: no round trip more. Returns the call's result and whether the
+        command succeeded (its failure is the caller's to handle; the call ran all the same)."""
+        client = self.client
+        conn = client.ready() or await client._connection()
+        before = conn.send(command)
+        before.add_done_callback(_retrieved)  # (when the call fails, nobody awaits it)
+        try:
+            result = await conn.send(hiredis.pack_command(
+                ("EVALSHA", self.sha, len(keys), *keys, *args)))
+        except NoScriptError:
+            result = await self(keys, args)
+        try:
+            await before
+        except (ResponseError, ConnectionError):
+            return result, False
+        return result, True
 
     async def many(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Several calls pipelined on one connection without a task per call."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 
 from app.hotstate.checkcache import CheckCache
@@ -24,6 +26,23 @@ RECHARGE_WATCH = "recharge"
 # are checked against Postgres (entitlements.service) and rebuilt marks come from it (loader).
 DAY_MS = 86_400_000
 MARK_TTL_S = 2 * 86_400 + 3_600
+
+
+# The journal index (keys.py `journal_index`): a process announces a root there before it
+# journals for it, again once the announcement is older than INDEX_EVERY_S, and before it
+# installs a rebuilt root. So every journal entry was written at most INDEX_EVERY_S (plus the
+# time a command can wait in a connection: INDEX_SLACK_MS, the stall limit of resp.py) after
+# its root's latest announcement, and the orphan sweep needs to read only roots announced in the
+# last orphan age + INDEX_EVERY_S + INDEX_SLACK_MS. Constants, not settings: every process and
+# every sweep must use the same ones.
+INDEX_EVERY_S = 1.0
+INDEX_SLACK_MS = 5_000
+INDEX_MEMORY = 100_000  # announcements remembered per process before the stale ones are pruned
+
+
+def index_lag_ms(orphan_ms: int) -> int:
+    """How long after its latest announcement a root's journal holds only orphan-age entries."""
+    return orphan_ms + int(INDEX_EVERY_S * 1000) + INDEX_SLACK_MS
 
 
 def mark_window_start(now_ms: int) -> int:
@@ -96,6 +115,41 @@ class HotState:
             name: Script(fast, lib + (LUA_DIR / f"{name}.lua").read_text()) for name in SCRIPTS
         }
         self._decide = self._scripts["decide"]  # the hot path's script, one lookup less
+        self._index_add = (LUA_DIR / "index_add.lua").read_text()
+        self._index_drop = redis.register_script((LUA_DIR / "index_drop.lua").read_text())
+        self._announced: dict[int, float] = {}  # root id -> when (monotonic) it was announced
+
+    def _announcement(self, root_id: int) -> tuple[bytes, float] | None:
+        """The index announcement a journalling call of this root must send first, if due: the
+        command, and the time to remember once it was applied. EVAL with the source (no
+        NOSCRIPT to recover from after a Redis restart: it must run before the call it
+        precedes, and it runs once a second per root at most); on the hot-path connection, as it
+        only writes (a read there would be tracked for the check cache)."""
+        now = time.monotonic()
+        if now - self._announced.get(root_id, -INDEX_EVERY_S) < INDEX_EVERY_S:
+            return None
+        return hiredis.pack_command(("EVAL", self._index_add, 1,  # type: ignore[arg-type]
+                                     self.keys.journal_index_of(root_id), root_id)), now
+
+    def _announced_at(self, root_id: int, sent: float) -> None:
+        announced = self._announced
+        if len(announced) >= INDEX_MEMORY:
+            stale = time.monotonic() - INDEX_EVERY_S
+            for root in [r for r, at in announced.items() if at < stale]:
+                del announced[root]
+        announced[root_id] = sent
+
+    async def _journalling(self, script: Script, root_id: int, keys: list[str],
+                           args: list[Any]) -> Any:
+        """Run a script that may append to the root's journal, announced first when due."""
+        announcement = self._announcement(root_id)
+        if announcement is None:
+            return await script(keys=keys, args=args)
+        command, sent = announcement
+        result, announced = await script.after(command, keys=keys, args=args)
+        if announced:
+            self._announced_at(root_id, sent)
+        return result
 
     async def _run(self, name: str, root_id: int, args: list[Any]) -> Any:
         return await self._scripts[name](keys=[self.keys.root(root_id)], args=args)
@@ -107,14 +161,19 @@ class HotState:
         args: list[Any] = [now_ms, now_ms // DAY_MS, MARK_TTL_S]
         for event in events:
             args.extend(event.argv())
-        raw = await self._decide(keys=[self.keys.root(root_id), *tracked], args=args)
+        keys = [self.keys.root(root_id), *tracked]
+        if all(event.mode == "q" for event in events):  # checks: nothing is journalled
+            raw = await self._decide(keys=keys, args=args)
+        else:
+            raw = await self._journalling(self._decide, root_id, keys, args)
         if raw and raw[0] == "cold":
             return None
         return [Decision(r[0], int(r[1]), int(r[2]), r[3], r[4], r[5], r[6], r[7],
                          int(r[8]) if len(r) > 8 else 0) for r in raw]
 
     async def ledger_op(self, root_id: int, now_ms: int, op: LedgerOpArgs) -> LedgerOpResult:
-        raw = await self._run("ledger_op", root_id, [
+        raw = await self._journalling(self._scripts["ledger_op"], root_id,
+                                      [self.keys.root(root_id)], [
             now_ms, op.kind, op.account_id, op.chain, op.balance_id, op.amount, op.definition,
             op.at_ms, op.payload,
         ])
@@ -131,7 +190,13 @@ class HotState:
         return bool(loaded), str(ver), [(eid, _pairs(fields)) for eid, fields in entries]
 
     async def install(self, root_id: int, ver: str, gen: str, now_ms: int, state_json: str) -> str:
-        return str(await self._run("install", root_id, [ver, gen, now_ms, state_json]))
+        """Install a rebuilt root, announced in the journal index first whatever this process
+        remembers: after a FLUSHALL the index is empty, and other processes may still count on
+        an announcement they made before it (only an installed root takes journal entries)."""
+        self._announced.pop(root_id, None)
+        return str(await self._journalling(self._scripts["install"], root_id,
+                                           [self.keys.root(root_id)],
+                                           [ver, gen, now_ms, state_json]))
 
     async def set_watch(self, root_id: int, account_id: int, name: str, credit_type: str,
                         threshold: int | None, op: str, now_ms: int) -> bool:
@@ -187,8 +252,35 @@ class HotState:
 
     async def sweep_journal(self, root_id: int, max_id: str) -> list[tuple[str, dict[str, str]]]:
         """The root's journal entries up to `max_id`; an empty journal is deleted (sweep.lua)."""
-        entries = await self._run("sweep", root_id, [max_id]) or []
-        return [(str(eid), _pairs(fields)) for eid, fields in entries]
+        [entries] = await self.sweep_journals([root_id], max_id)
+        return entries
+
+    async def sweep_journals(self, root_ids: list[int], max_id: str
+                             ) -> list[list[tuple[str, dict[str, str]]]]:
+        """`sweep_journal` of several roots, pipelined."""
+        found = await self._scripts["sweep"].many([([self.keys.root(r)], [max_id])
+                                                   for r in root_ids])
+        return [[(str(eid), _pairs(fields)) for eid, fields in entries or []]
+                for entries in found]
+
+    async def announced_before(self, shard: int, before_ms: int, limit: int) -> list[int]:
+        """Roots of one index shard last announced at or before `before_ms` (Redis time)."""
+        found = await self.redis.zrange(self.keys.journal_index(shard), "-inf", before_ms,
+                                        byscore=True, offset=0, num=limit)
+        return [int(root) for root in found]  # type: ignore[arg-type]  # (no WITHSCORES)
+
+    async def unindex(self, shard: int, before_ms: int, root_ids: list[int]) -> int:
+        """Drop roots from the index unless announced again after `before_ms`."""
+        if not root_ids:
+            return 0
+        return int(await self._index_drop(keys=[self.keys.journal_index(shard)],
+                                          args=[before_ms, *root_ids]))
+
+    async def index(self, root_id: int) -> None:
+        """Announce a root in the journal index now (the sweep's scan of the keyspace puts the
+        journals it finds there)."""
+        await self.redis.eval(self._index_add, 1, self.keys.journal_index_of(root_id),
+                              str(root_id))
 
 
 def _pairs(fields: Any) -> dict[str, str]:

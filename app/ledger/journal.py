@@ -22,8 +22,8 @@ import asyncpg
 
 from app.db import Connection
 from app.errors import STORE_ERRORS
-from app.hotstate.keys import root_of
-from app.hotstate.store import HotState
+from app.hotstate.keys import JOURNAL_INDEX_SHARDS, root_of
+from app.hotstate.store import HotState, index_lag_ms
 from app.ledger import repository as repo
 from app.ledger.repository import ms_to_dt
 from app.money import scaled_text
@@ -32,6 +32,7 @@ from app.webhooks.outbox import events_for, publish
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 500
+SWEEP_PAGE = 500  # roots read from one index shard at a time
 
 
 @dataclass
@@ -142,6 +143,7 @@ class Journal:
         self._slots = asyncio.Semaphore(parallel)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._scanned = False  # the keyspace scan of this process's first sweep is done
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run())
@@ -276,14 +278,46 @@ class Journal:
 
     async def sweep(self, orphan_ms: int) -> int:
         """Flush journal entries older than orphan_ms: left behind by a process that died.
-        A journal found empty is deleted, so the next sweeps skip its root until it is written
-        to again."""
+
+        Reads the roots of the journal index (keys.py) announced long enough ago that all their
+        entries are past the orphan age, flushes what their journals still hold, deletes the
+        journals found empty, and drops the roots from the index (unless announced again
+        meanwhile). The first sweep of a process also scans the keyspace for journals: those
+        written before the index existed, or whose announcement a failover lost. Returns the
+        entries flushed."""
         seconds, micros = await self.hot.redis.time()
-        cutoff = f"{seconds * 1000 + micros // 1000 - orphan_ms}"
+        now = seconds * 1000 + micros // 1000
+        cutoff = f"{now - orphan_ms}"
+        found = 0
+        if not self._scanned:
+            found += await self._sweep_keyspace(cutoff)
+            self._scanned = True
+        quiet_since = now - index_lag_ms(orphan_ms)
+        for shard in range(JOURNAL_INDEX_SHARDS):
+            while roots := await self.hot.announced_before(shard, quiet_since, SWEEP_PAGE):
+                found += await self._sweep_roots(roots, cutoff)
+                await self.hot.unindex(shard, quiet_since, roots)
+                if len(roots) < SWEEP_PAGE:
+                    break
+        return found
+
+    async def _sweep_roots(self, root_ids: list[int], cutoff: str) -> int:
+        found = 0
+        recovered = []
+        for root_id, entries in zip(root_ids, await self.hot.sweep_journals(root_ids, cutoff),
+                                    strict=True):
+            if entries:
+                found += await self._recover(root_id, entries)
+                recovered.append(root_id)
+        if recovered:  # their journals are empty now (the flush acknowledged the entries)
+            await self.hot.sweep_journals(recovered, cutoff)
+        return found
+
+    async def _sweep_keyspace(self, cutoff: str) -> int:
         found = 0
         pattern = self.hot.keys.journal_pattern
         async for key in self.hot.redis.scan_iter(match=pattern, count=1000, _type="stream"):
             root_id = root_of(str(key))
-            found += await self._recover(root_id, await self.hot.sweep_journal(root_id, cutoff))
+            await self.hot.index(root_id)  # (swept again from the index once it is quiet)
+            found += await self._sweep_roots([root_id], cutoff)
         return found
-
