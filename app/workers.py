@@ -19,7 +19,8 @@ from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
 from app.rating.drawdown import send_unsent
 from app.rating.giveback import settle_unsettled
-from app.rating.recurring import sweep as draw_recurring_charges
+from app.rating.recurring import SweepMemory
+from app.rating.recurring import sweep_when_due as draw_recurring_charges
 from app.rating.rerate import rerate_pending
 from app.recharge.runner import run_recharges
 from app.webhooks.service import purge_old as purge_old_webhooks
@@ -36,12 +37,13 @@ async def run_workers(ctx: AppContext) -> None:
 
 
 async def _store_workers(ctx: AppContext) -> None:
+    recurring = SweepMemory()
     while True:
         try:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
             await expire_due(ctx)
             await send_unsent(ctx)
-            await draw_recurring_charges(ctx)
+            await draw_recurring_charges(ctx, recurring)
             await settle_unsettled(ctx)
             await rerate_pending(ctx)
             await purge_expired_keys(ctx)

@@ -16,6 +16,7 @@ import pytest
 
 from app import workers
 from app.rating import recurring
+from app.rating import recurring_repository as rrepo
 from app.rating.periods import add_months
 from app.settings import Settings
 from tests.conftest import Api
@@ -336,3 +337,59 @@ async def test_the_first_measurement_of_a_period_draws_its_standing_charge(
     today = datetime.now(UTC).date().isoformat()
     usage = (await api.call("GET", f"/v1/accounts/{account}/usage", params={"at": today}))
     assert D(usage["plans"][0]["drawn"]) == D("6.20") == D(usage["plans"][0]["total"])
+
+
+async def test_the_worker_sweeps_every_plan_only_when_the_day_or_the_configuration_changes(
+        api: Api, app: Any, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between those, a pass retries only the accounts the last one could not settle (here: no
+    conversion rate yet), and once they are settled it reads nothing but the version."""
+    names = await api.setup(credit_type="credits", decimal_places=0)
+    account = names["account"]
+    await api.grant(account, "10000")
+    usd = await fiat_usd(api)
+    this_month = datetime.now(UTC).date().replace(day=1)
+    days = [add_months(this_month, k) for k in (1, 2)]
+    plan_code = await license_plan(api, names, await counter(api), "prorate", currency=usd,
+                                   standing_charge="2.50")
+    assert (await attach(api, account, plan_code, days[0].isoformat(), None))["debits"] == []
+    ctx, mine = app.state.ctx, await account_id(db, account)
+    passes: list[list[int] | None] = []  # what each pass over these days read: None for all
+    read = rrepo.active_account_plans
+
+    async def counted(conn: Any, day: Any, account_ids: list[int] | None) -> Any:
+        if day in days:  # (the app's own worker sweeps today meanwhile)
+            passes.append(account_ids)
+        return await read(conn, day, account_ids)
+
+    monkeypatch.setattr(rrepo, "active_account_plans", counted)
+    memory = recurring.SweepMemory()
+
+    async def sweep(day: Any) -> list[list[int] | None]:
+        passes.clear()
+        await recurring.sweep_when_due(ctx, memory, day)
+        return passes
+
+    # a new day: every plan; this account's standing charge cannot be drawn without a rate
+    assert await sweep(days[0]) == [None] and mine in memory.unsettled
+    left = list(memory.unsettled)
+    assert await sweep(days[0]) == [left] and mine in memory.unsettled
+    assert D(await api.available(account)) == 10000
+    # a conversion rate is no plan change: the retry of the unsettled account draws it
+    await api.call("POST", f"/v1/credit-types/{names['credit_type']}/conversion-rates",
+                   json={"fiat": usd, "effective": days[0].isoformat(), "rate": "0.01"})
+    left = list(memory.unsettled)
+    assert await sweep(days[0]) == [left]
+    assert D(await api.available(account)) == 10000 - 250
+    await sweep(days[0])
+    assert mine not in memory.unsettled  # found settled
+    memory.unsettled = []  # (any other test's account that cannot be settled either)
+    assert await sweep(days[0]) == []  # nothing changed: only the version was read
+    await plan(api, names["storage"], usd)  # a plan created: every plan again
+    assert await sweep(days[0]) == [None]
+    memory.unsettled = []
+    assert await sweep(days[0]) == []
+    # the next period's first day: every plan, and its standing charge drawn once
+    assert await sweep(days[1]) == [None]
+    assert D(await api.available(account)) == 10000 - 500
+    await sweep(days[1])
+    assert D(await api.available(account)) == 10000 - 500

@@ -31,7 +31,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -212,13 +212,47 @@ async def on_adjust(conn: Connection, account: AccountRef, counter_id: int, effe
 
 async def sweep(ctx: AppContext, day: date | None = None,
                 account_ids: list[int] | None = None) -> int:
-    """Worker: settle the current period of every account plan in effect whose standing charge
-    or counter charges that period has not been settled yet. Safe in any number of processes
+    """Settle the current period of every account plan in effect whose standing charge or
+    counter charges that period has not been settled yet. Safe in any number of processes
     (the account's row lock, then the charges' own); returns the debits drawn."""
+    drawn, _ = await _sweep(ctx, day or today(), account_ids)
+    return drawn
+
+
+@dataclass
+class SweepMemory:
+    """What a worker's last sweep saw. Periods start on days, so on the same day, with the
+    same configuration (`rating_config_version`), a pass over every account plan finds due
+    only what the last one could not settle: that is all the next passes retry."""
+
+    day: date | None = None
+    version: int | None = None
+    unsettled: list[int] = field(default_factory=list)  # account ids
+
+
+async def sweep_when_due(ctx: AppContext, memory: SweepMemory, day: date | None = None) -> int:
+    """Worker: `sweep` of every account plan when the day or the configuration changed since
+    the last pass, else of the accounts the last pass left unsettled, else nothing (one query).
+    Every 2 s in every process, a full pass cost in proportion to the account plans."""
     day = day or today()
+    version = await rrepo.config_version(ctx.pool)  # read first: a change after it is seen next
+    if (day, version) == (memory.day, memory.version):
+        if not memory.unsettled:
+            return 0
+        drawn, due = await _sweep(ctx, day, memory.unsettled)
+    else:
+        drawn, due = await _sweep(ctx, day, None)
+    memory.day, memory.version, memory.unsettled = day, version, due
+    return drawn
+
+
+async def _sweep(ctx: AppContext, day: date, account_ids: list[int] | None
+                 ) -> tuple[int, list[int]]:
+    """(debits drawn, accounts that were due): the ones a later pass must see again until a
+    pass finds them settled."""
     plans = await rrepo.active_account_plans(ctx.pool, day, account_ids)
     if not plans:
-        return 0
+        return 0, []
     by_plan = await _pricings_by_plan(ctx.pool, [p["plan_id"] for p in plans])
     expected: dict[tuple[int, str, date], asyncpg.Record] = {}
     for plan in plans:
@@ -235,7 +269,7 @@ async def sweep(ctx: AppContext, day: date | None = None,
     drawn = 0
     for account_plans in due.values():
         drawn += await _settle_current(ctx, list(account_plans.values()), by_plan, day)
-    return drawn
+    return drawn, list(due)
 
 
 async def _settle_current(ctx: AppContext, plans: list[asyncpg.Record],

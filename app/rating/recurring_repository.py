@@ -51,6 +51,11 @@ async def active_account_plans(conn: Conn, day: date,
         ORDER BY ap.account_id, ap.id""", day, account_ids)
 
 
+async def config_version(conn: Conn) -> int:
+    """Moves with every committed change to account plans, plans, templates or pricings."""
+    return int(await conn.fetchval("SELECT version FROM rating_config_version"))
+
+
 async def counter_pricings(conn: Conn, plan_ids: list[int]) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT id, plan_id, counter_id, start_date, end_date, pricing_type, bands, fixed_fee,
