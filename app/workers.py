@@ -17,7 +17,7 @@ from app.errors import STORE_ERRORS
 from app.idempotency import purge_expired as purge_expired_keys
 from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
-from app.rating.drawdown import send_unsent
+from app.rating.drawdown import UnsentCursor, send_unsent
 from app.rating.giveback import settle_unsettled
 from app.rating.recurring import SweepMemory
 from app.rating.recurring import sweep_when_due as draw_recurring_charges
@@ -37,12 +37,12 @@ async def run_workers(ctx: AppContext) -> None:
 
 
 async def _store_workers(ctx: AppContext) -> None:
-    recurring = SweepMemory()
+    recurring, unsent = SweepMemory(), UnsentCursor()
     while True:
         try:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
             await expire_due(ctx)
-            await send_unsent(ctx)
+            await send_unsent(ctx, cursor=unsent)
             await draw_recurring_charges(ctx, recurring)
             await settle_unsettled(ctx)
             await rerate_pending(ctx)

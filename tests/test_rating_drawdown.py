@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from app.rating.drawdown import UnsentCursor, send_unsent
 from tests.conftest import Api
 from tests.test_rating_config import _code, meter, plan
 
@@ -160,6 +161,35 @@ async def test_a_rated_debit_lost_in_a_crash_is_sent_by_the_worker(
     assert D(await api.available(names["account"])) == D(93)
     assert await send_unsent(app.state.ctx, limit=10_000) == 0 or \
         D(await api.available(names["account"])) == D(93)
+
+
+async def test_the_scan_for_unsent_debits_goes_on_from_its_cursor_never_past_a_running_transaction(
+        api: Api, app: Any, db: asyncpg.Connection, database_url: str) -> None:
+    """Each pass reads only rated debits after its cursor, which stops short of any
+    transaction still running: its rows, once committed, carry its start as created_at."""
+    names = await api.setup()
+    await api.grant(names["account"], "100")
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", names["account"])
+    ctx, cursor = app.state.ctx, UnsentCursor()
+    await send_unsent(ctx, older_than_s=0, cursor=cursor)  # the first pass: the last 7 days
+    slow = await asyncpg.connect(database_url)
+    try:
+        transaction = slow.transaction()
+        await transaction.start()
+        started = await slow.fetchval("SELECT now()")
+        await slow.execute(
+            """INSERT INTO rated_debits (account_id, uid, product_code, credit_type, amount, ts)
+               VALUES ($1, 'r1:slow', $2, $3, 7, now())""",
+            account_id, names["storage"], names["credit_type"])
+        assert await send_unsent(ctx, older_than_s=0, cursor=cursor) == 0
+        assert cursor.after is not None and cursor.after[0] <= started
+        await transaction.commit()
+    finally:
+        await slow.close()
+    assert await send_unsent(ctx, older_than_s=0, cursor=cursor) == 1
+    assert D(await api.available(names["account"])) == D(93)
+    assert cursor.after is not None and cursor.after[0] > started
+    assert await send_unsent(ctx, older_than_s=0, cursor=cursor) == 0
 
 
 async def test_license_counter_raised_and_lowered_mid_month(api: Api) -> None:

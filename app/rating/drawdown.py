@@ -586,11 +586,29 @@ async def give_back(ctx: AppContext, items: list[Item]) -> None:
         await giveback.settle(ctx, sorted(charges))
 
 
+@dataclass
+class UnsentCursor:
+    """Where a worker's scan for unsent rated debits goes on from: every pass used to read
+    every rated debit of the last 7 days (an anti-join with usage_events per row)."""
+
+    after: repo.UnsentKey | None = None
+
+
 async def send_unsent(ctx: AppContext, older_than_s: float = 5.0,  # float-ok: seconds
-                      limit: int = 500) -> int:
-    """Worker: send the rated debits a crash kept from reaching the usage path."""
-    rows = await repo.unsent_debits(ctx.pool, older_than_s, limit)
+                      limit: int = 500, cursor: UnsentCursor | None = None) -> int:
+    """Worker: send the rated debits a crash kept from reaching the usage path. With a cursor,
+    only those after where its last pass stopped: a full page goes on after its last row, a
+    short one after the instant before which every rated debit is committed (a transaction
+    still running, whose rows take its start as created_at, holds that instant back)."""
+    rows, upper = await repo.unsent_debits(ctx.pool, older_than_s, limit,
+                                           cursor.after if cursor else None)
     await resend(ctx, rows)
+    if cursor is not None:
+        if len(rows) == limit:
+            last = rows[-1]
+            cursor.after = (last["created_at"], last["account_id"], last["uid"])
+        elif cursor.after is None or upper > cursor.after[0]:
+            cursor.after = (upper, 0, "")
     return len(rows)
 
 

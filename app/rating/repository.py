@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -391,16 +391,33 @@ async def insert_debits(conn: Connection, rows: list[tuple[Any, ...]]) -> list[a
            ON CONFLICT DO NOTHING RETURNING *""", *columns)
 
 
+UnsentKey = tuple[datetime, int, str]  # (created_at, account_id, uid): the scan's order
+
+
 async def unsent_debits(conn: Conn, older_than_s: float,  # float-ok: seconds
-                        limit: int) -> list[asyncpg.Record]:
-    """Rated debits a crash left before they reached the usage path."""
-    return await conn.fetch(
+                        limit: int, after: UnsentKey | None = None
+                        ) -> tuple[list[asyncpg.Record], datetime]:
+    """Rated debits a crash left before they reached the usage path, of the last 7 days, in
+    (created_at, account, uid) order after `after`; and the instant before which every rated
+    debit is committed or never will be (rows take their transaction's start as created_at:
+    none still running started earlier), where the scan stopped (older_than_s before now at
+    the latest)."""
+    upper = await conn.fetchval(
+        """SELECT least(now() - make_interval(secs => $1),
+                        (SELECT min(xact_start) FROM pg_stat_activity
+                         WHERE datname = current_database() AND pid <> pg_backend_pid()))""",
+        older_than_s)
+    since, account, uid = after or (datetime.min.replace(tzinfo=UTC), 0, "")
+    rows = await conn.fetch(
         """SELECT d.*, a.code AS account FROM rated_debits d JOIN accounts a ON a.id = d.account_id
-           WHERE d.created_at < now() - make_interval(secs => $1)
+           WHERE d.created_at < $1 AND d.created_at >= $2
+             AND (d.created_at, d.account_id, d.uid) > ($2, $3, $4)
              AND d.created_at > now() - interval '7 days'
              AND NOT EXISTS (SELECT 1 FROM usage_events u
                              WHERE u.account_id = d.account_id AND u.uid = d.uid)
-           ORDER BY d.created_at LIMIT $2""", older_than_s, limit)
+           ORDER BY d.created_at, d.account_id, d.uid LIMIT $5""",
+        upper, since, account, uid, limit)
+    return rows, upper
 
 
 async def states_of(conn: Conn, account_id: int, pricing_id: int,
