@@ -117,9 +117,9 @@ class HotState:
         self._decide = self._scripts["decide"]  # the hot path's script, one lookup less
         self._index_add = (LUA_DIR / "index_add.lua").read_text()
         self._index_drop = redis.register_script((LUA_DIR / "index_drop.lua").read_text())
-        self._announced: dict[int, float] = {}  # root id -> when (monotonic) it was announced
+        self._announced: dict[int, float] = {}  # float-ok: root id -> monotonic s of its announcement
 
-    def _announcement(self, root_id: int) -> tuple[bytes, float] | None:
+    def _announcement(self, root_id: int) -> tuple[bytes, float] | None:  # float-ok: monotonic s
         """The index announcement a journalling call of this root must send first, if due: the
         command, and the time to remember once it was applied. EVAL with the source (no
         NOSCRIPT to recover from after a Redis restart: it must run before the call it
@@ -131,7 +131,7 @@ class HotState:
         return hiredis.pack_command(("EVAL", self._index_add, 1,  # type: ignore[arg-type]
                                      self.keys.journal_index_of(root_id), root_id)), now
 
-    def _announced_at(self, root_id: int, sent: float) -> None:
+    def _announced_at(self, root_id: int, sent: float) -> None:  # float-ok: monotonic s
         announced = self._announced
         if len(announced) >= INDEX_MEMORY:
             stale = time.monotonic() - INDEX_EVERY_S
