@@ -250,14 +250,10 @@ class HotState:
         entries = await self.redis.xrange(self.keys.journal(root_id), "-", max_id) or []
         return [(str(eid), _pairs(fields)) for eid, fields in entries]
 
-    async def sweep_journal(self, root_id: int, max_id: str) -> list[tuple[str, dict[str, str]]]:
-        """The root's journal entries up to `max_id`; an empty journal is deleted (sweep.lua)."""
-        [entries] = await self.sweep_journals([root_id], max_id)
-        return entries
-
     async def sweep_journals(self, root_ids: list[int], max_id: str
                              ) -> list[list[tuple[str, dict[str, str]]]]:
-        """`sweep_journal` of several roots, pipelined."""
+        """Each root's journal entries up to `max_id`, pipelined; an empty journal is deleted
+        (sweep.lua)."""
         found = await self._scripts["sweep"].many([([self.keys.root(r)], [max_id])
                                                    for r in root_ids])
         return [[(str(eid), _pairs(fields)) for eid, fields in entries or []]
