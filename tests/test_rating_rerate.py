@@ -204,7 +204,7 @@ async def test_rerates_running_at_once_rate_each_measurement_once(
                              account_id) == 300
 
 
-async def test_a_request_is_kept_for_its_grace_period_then_dropped(
+async def test_a_request_is_dropped_once_a_pass_finds_nothing_more(
         api: Api, app: Any, db: asyncpg.Connection) -> None:
     from app.rating.rerate import rerate_pending
 
@@ -212,11 +212,189 @@ async def test_a_request_is_kept_for_its_grace_period_then_dropped(
     account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", names["account"])
     await db.execute("INSERT INTO rerate_requests (account_id) VALUES ($1)", account_id)
     await rerate_pending(app.state.ctx)
-    # young: kept (a measurement racing the plan's commit may still show up)
-    assert await db.fetchval("SELECT count(*) FROM rerate_requests WHERE account_id = $1",
-                             account_id) == 1
-    await db.execute("UPDATE rerate_requests SET requested_at = now() - interval '2 minutes' "
-                     "WHERE account_id = $1", account_id)
-    await rerate_pending(app.state.ctx)
     assert await db.fetchval("SELECT count(*) FROM rerate_requests WHERE account_id = $1",
                              account_id) == 0
+
+
+async def _state_counts(db: asyncpg.Connection, account_id: int) -> dict[int, int]:
+    rows = await db.fetch("SELECT pricing_id, sum(count) AS n FROM aggregation_states "
+                          "WHERE account_id = $1 GROUP BY pricing_id", account_id)
+    return {r["pricing_id"]: int(r["n"]) for r in rows}
+
+
+async def _until_counted(db: asyncpg.Connection, account_id: int, expected: dict[int, int],
+                         seconds: float = 15) -> None:
+    for _ in range(int(seconds / 0.1)):
+        if await _state_counts(db, account_id) == expected:
+            return
+        await asyncio.sleep(0.1)
+    assert await _state_counts(db, account_id) == expected
+
+
+async def test_a_pricing_added_later_rates_what_other_pricings_rated(
+        api: Api, db: asyncpg.Connection) -> None:
+    names, meter_code, plan_code = await _setup(api)
+    account = names["account"]
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
+    storage = await price(api, plan_code, "per_unit", [(None, "1")],
+                          aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": month_start()})
+    for gb in (3, 4):
+        assert (await measure(api, account, meter_code, gb=gb, files=1, seconds=1))[
+            "status"] == "rated"
+    assert await _drawn(api, account) == 7
+    # a second price on the same meter, from the start of the period: it covers those two
+    peak = await price(api, plan_code, "per_unit", [(None, "2")],
+                       aggregation=await aggregation(api, meter_code, "gb", "MAX"))
+    await _until_counted(db, account_id, {storage: 2, peak: 2})
+    assert await _drawn(api, account) == 7 + 2 * 4
+    assert D(await api.available(account)) == 100 - 15
+    # from now on both rate on arrival, each measurement once
+    assert (await measure(api, account, meter_code, gb=5, files=1, seconds=1))[
+        "status"] == "rated"
+    await asyncio.sleep(0.5)  # more worker passes take nothing again
+    assert await _state_counts(db, account_id) == {storage: 3, peak: 3}
+    assert await _drawn(api, account) == 12 + 2 * 5
+    [usage] = (await api.call("GET", f"/v1/accounts/{account}/usage", scope="runtime"))["plans"]
+    assert sorted(D(p["quantity"]) for p in usage["pricings"]) == [5, 12]
+
+
+async def test_a_plan_attached_later_rates_what_another_plan_rated(
+        api: Api, db: asyncpg.Connection) -> None:
+    names, meter_code, plan_code = await _setup(api)
+    account = names["account"]
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
+    first = await price(api, plan_code, "per_unit", [(None, "1")],
+                        aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": month_start()})
+    rated = [await measure(api, account, meter_code, gb=gb, files=2, seconds=1)
+             for gb in (1, 2, 6)]
+    assert [r["status"] for r in rated] == ["rated"] * 3
+    # a plan for another product that prices the same meter's files, backdated
+    product = f"support-{uuid.uuid4().hex[:8]}"
+    await api.call("POST", "/v1/products", expect=201, json={"code": product, "name": product})
+    other = await plan(api, product, names["credit_type"])
+    files = await price(api, other, "per_unit", [(None, "0.5")],
+                        aggregation=await aggregation(api, meter_code, "files", "SUM"))
+    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                   json={"plan": other, "start_date": month_start()})
+    await _until_counted(db, account_id, {first: 3, files: 3})
+    assert D(await api.available(account)) == 100 - 9 - 3
+    drawn = {p["plan"]: D(p["drawn"]) for p in
+             (await api.call("GET", f"/v1/accounts/{account}/usage", scope="runtime"))["plans"]}
+    assert drawn == {plan_code: 9, other: 3}
+
+
+async def test_a_pricing_added_beside_new_measurements_in_two_processes_counts_each_once(
+        api: Api, settings: Settings, keys: dict[str, str], db: asyncpg.Connection) -> None:
+    names, meter_code, plan_code = await _setup(api, grant="100000")
+    account = names["account"]
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
+    total = await price(api, plan_code, "per_unit", [(None, "1")],
+                        aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": month_start()})
+    stored = [{"uid": f"old-{i}", "account": account, "meter": meter_code, "timestamp": _now(),
+               "data": {"gb": 1 + i % 4, "files": 1, "seconds": 1}} for i in range(300)]
+    batch = await api.call("POST", "/v1/measurements", scope="runtime",
+                           json={"measurements": stored})
+    assert batch["rated"] == 300
+    fresh = [{"uid": f"new-{i}", "account": account, "meter": meter_code, "timestamp": _now(),
+              "data": {"gb": 1 + i % 3, "files": 1, "seconds": 1}} for i in range(120)]
+    async with run_apps(settings, 2) as apps:
+        clients = [httpx.AsyncClient(base_url=a.url, timeout=30) for a in apps]
+        try:
+            # a tiered price on the same meter arrives while new measurements come in through
+            # both processes, and the workers of three processes re-rate
+            async def add_pricing() -> int:
+                await asyncio.sleep(0.05)
+                return await price(api, plan_code, "tiered", [("200", "0.5"), (None, "0.25")],
+                                   aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+
+            tiered, *_ = await asyncio.gather(add_pricing(), *(
+                call_as(clients[i % 2], keys["runtime"], "POST", "/v1/measurements", json=item)
+                for i, item in enumerate(fresh)))
+            await _until_counted(db, account_id, {total: 420, tiered: 420}, seconds=30)
+        finally:
+            for client in clients:
+                await client.aclose()
+        assert not apps.tracebacks(), apps.tracebacks()
+    gb = sum((D(item["data"]["gb"]) for item in stored + fresh), D(0))  # type: ignore[index]
+    expected = gb + 200 * D("0.5") + (gb - 200) * D("0.25")
+    assert await _drawn(api, account) == expected
+    for _ in range(100):  # the last debits reach the ledger through the journal's group commit
+        ledger = await db.fetchval("SELECT -sum(amount) FROM ledger_entries "
+                                   "WHERE account_id = $1 AND kind IN ('debit', 'overage')",
+                                   account_id)
+        if D(ledger) == expected:
+            break
+        await asyncio.sleep(0.1)
+    assert D(ledger) == expected
+
+
+async def test_a_plan_attached_while_a_rating_reads_the_pricings_waits_for_it(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    """The rating transaction share-locks the configuration version it read, so a plan cannot
+    commit between that read and the measurement's commit, where the re-rating it requests
+    would miss the measurement (stored at the older version)."""
+    from app.rating import repository as repo
+
+    names, meter_code, plan_code = await _setup(api)
+    account = names["account"]
+    await price(api, plan_code, "per_unit", [(None, "1")],
+                aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
+    meter_id = await db.fetchval("SELECT id FROM meters WHERE code = $1", meter_code)
+    now = datetime.now(UTC)
+    async with app.state.ctx.pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        found, version = await repo.active_pricings_many(conn, [(account_id, meter_id,
+                                                                 now.date())])
+        assert found == {}  # no plan yet: the measurement is stored unrated
+        attach = asyncio.create_task(api.call(
+            "POST", f"/v1/accounts/{account}/plans", expect=201,
+            json={"plan": plan_code, "start_date": month_start()}))
+        await asyncio.sleep(1.0)
+        assert not attach.done()  # waits for the rating transaction
+        await repo.insert_measurements(conn, [(account_id, "raced", meter_id, now,
+                                               '{"gb": "4", "files": "1", "seconds": "1"}',
+                                               False, version)])
+        await transaction.commit()
+    await attach
+    await _until_rated(api, account, ["raced"])
+    assert await _drawn(api, account) == 4
+
+
+async def test_a_rating_that_waited_for_a_plan_reads_the_plan(
+        api: Api, app: Any, db: asyncpg.Connection, settings: Settings) -> None:
+    """The share lock on the version waits for a plan being attached; the pricings must then
+    be read after that commit too, not from the snapshot taken before the wait."""
+    from app.rating import repository as repo
+
+    names, meter_code, plan_code = await _setup(api)
+    pricing_id = await price(api, plan_code, "per_unit", [(None, "1")],
+                             aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", names["account"])
+    meter_id = await db.fetchval("SELECT id FROM meters WHERE code = $1", meter_code)
+    plan_id = await db.fetchval("SELECT id FROM plans WHERE code = $1", plan_code)
+    attaching = await asyncpg.connect(settings.database_url)
+    try:
+        transaction = attaching.transaction()
+        await transaction.start()
+        version = await attaching.fetchval(
+            "INSERT INTO account_plans (account_id, plan_id, start_date) VALUES ($1, $2, $3) "
+            "RETURNING config_version", account_id, plan_id, datetime.now(UTC).date().replace(day=1))
+        async with app.state.ctx.pool.acquire() as conn, conn.transaction():
+            reading = asyncio.create_task(repo.active_pricings_many(
+                conn, [(account_id, meter_id, datetime.now(UTC).date())]))
+            await asyncio.sleep(0.5)
+            assert not reading.done()  # waits for the plan's transaction
+            await transaction.commit()
+            found, read_at = await reading
+    finally:
+        await attaching.close()
+    assert read_at >= version
+    assert [row["id"] for rows in found.values() for row in rows] == [pricing_id]

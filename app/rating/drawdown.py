@@ -415,14 +415,16 @@ async def _rate(ctx: AppContext, items: list[Item]) -> set[tuple[int, str]]:
                 _RUNNER_CONN.reset(token)
     now = datetime.now(UTC)
     async with conn.transaction():
-        found = await repo.active_pricings_many(
+        found, version = await repo.active_pricings_many(
             conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in items}))
         for item in items:
             item.place(found.get((item.account.id, item.meter.id, item.body.timestamp.date()),
                                  []))
         placements = [_placement(item, p) for item in items for p in item.pricings]
+        # each stored with the version its pricings were read at: a pricing or plan visible
+        # only from a later one did not rate it (re-rating places it there later)
         measurements = [(i.account.id, i.body.uid, i.meter.id, i.body.timestamp,
-                         _plain(i.body.data), bool(i.pricings)) for i in items]
+                         _plain(i.body.data), bool(i.pricings), version) for i in items]
         if not placements:
             return await repo.insert_measurements(conn, measurements)
         states, charges, new = await _lock(conn, placements, measurements)
@@ -448,24 +450,30 @@ async def _lock(conn: Connection, placements: list[Rated], measurements: list[tu
     return states, charges, new
 
 
-async def rate_stored(conn: Connection, items: list[Item], today: date) -> list[Item]:
-    """Rate measurements stored unrated, in the caller's transaction (which holds their rows):
-    each is placed in the pricings that now cover its day, if that billing period is still
-    open (ends after `today`), and moves the states exactly as a new one would. Returns the
-    items rated; sending their debits and give-backs is the caller's, after the commit."""
-    found = await repo.active_pricings_many(
-        conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i in items}))
-    for item in items:
+async def rate_stored(conn: Connection, items: list[tuple[Item, int]],
+                      today: date) -> tuple[list[Item], int]:
+    """Rate stored measurements for the pricings their rating did not see, in the caller's
+    transaction (which holds their rows). Each item comes with the rating_config_version it
+    was rated at; it is placed in the pricings that now cover its day and became visible
+    after that version, if that billing period is still open (ends after `today`), and moves
+    the states exactly as a new one would. Returns the items placed somewhere, and the version
+    the pricings were read at (every pricing visible at it has now rated each item, or found
+    its period closed); sending their debits and give-backs is the caller's, after the
+    commit."""
+    found, version = await repo.active_pricings_many(
+        conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i, _ in items}))
+    for item, rated_at in items:
         day = item.body.timestamp.date()
         item.place([p for p in found.get((item.account.id, item.meter.id, day), [])
-                    if period_of(p["anchor"], p["bill_frequency"], p["bill_interval"],
-                                 day)[1] > today])
-    rated = [item for item in items if item.pricings]
-    placements = [_placement(item, p) for item in rated for p in item.pricings]
+                    if p["visible_from"] > rated_at
+                    and period_of(p["anchor"], p["bill_frequency"], p["bill_interval"],
+                                  day)[1] > today])
+    placed = [item for item, _ in items if item.pricings]
+    placements = [_placement(item, p) for item in placed for p in item.pricings]
     if placements:
         states, charges, _ = await _lock(conn, placements, [])
         await _move(conn, placements, states, charges, datetime.now(UTC))
-    return rated
+    return placed, version
 
 
 async def _move(conn: Connection, placements: list[Rated],

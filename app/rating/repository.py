@@ -215,27 +215,55 @@ async def meter_by_code(conn: Conn, code: str) -> asyncpg.Record | None:
 
 
 async def active_pricings_many(conn: Conn, keys: list[tuple[int, int, date]]
-                               ) -> dict[tuple[int, int, date], list[asyncpg.Record]]:
-    """The pricings that rate each (account, meter, day) of a batch, in one query."""
+                               ) -> tuple[dict[tuple[int, int, date], list[asyncpg.Record]], int]:
+    """The pricings that rate each (account, meter, day) of a batch, and the
+    rating_config_version they were read at, in one query (one snapshot: a pricing or account
+    plan is among them exactly when its `visible_from` is at most that version; migration
+    016). Each pricing's `visible_from` is the later of its own version and its account
+    plan's.
+
+    The version row is share-locked until the caller's transaction ends: an insert of a
+    pricing or account plan (which updates it) waits for the transaction to commit, and the
+    transaction waits for one already under way. So the version a measurement is stored with
+    stays true until it is visible, and the re-rating that a new pricing or plan requests
+    (after its commit) finds every measurement its rating missed. A lock that had to wait
+    returns the row as the other transaction committed it while the rest of the statement
+    still read the older snapshot (READ COMMITTED rechecks only the locked row): then the
+    versions differ and the query runs again, now holding the lock."""
     columns = [list(c) for c in zip(*keys, strict=True)]
-    rows = await conn.fetch(
-        """SELECT k.a AS key_account, k.m AS key_meter, k.d AS key_day,
-                  pr.id, pr.pricing_type, pr.bands, pr.fixed_fee, g.function, g.target_field,
-                  g.quantity_per_unit, g.rounding, g.segment_field, ap.start_date AS anchor,
-                  t.bill_frequency, t.bill_interval, t.currency_id, p.code AS product
-           FROM unnest($1::int8[], $2::int8[], $3::date[]) AS k(a, m, d)
-           JOIN account_plans ap ON ap.account_id = k.a
-           JOIN plans pl ON pl.id = ap.plan_id
-           JOIN plan_templates t ON t.id = pl.template_id JOIN products p ON p.id = t.product_id
-           JOIN pricings pr ON pr.plan_id = pl.id JOIN aggregations g ON g.id = pr.aggregation_id
-           WHERE g.meter_id = k.m
-             AND ap.start_date <= k.d AND (ap.end_date IS NULL OR ap.end_date > k.d)
-             AND pr.start_date <= k.d AND (pr.end_date IS NULL OR pr.end_date > k.d)
-           ORDER BY pr.id""", *columns)
+    while True:
+        rows = await conn.fetch(_PRICINGS_SQL, *columns)
+        if rows[0]["config_version"] == rows[0]["read_version"]:
+            break
     found: dict[tuple[int, int, date], list[asyncpg.Record]] = {}
     for row in rows:
-        found.setdefault((row["key_account"], row["key_meter"], row["key_day"]), []).append(row)
-    return found
+        if row["id"] is not None:
+            found.setdefault((row["key_account"], row["key_meter"], row["key_day"]),
+                             []).append(row)
+    return found, rows[0]["config_version"]
+
+
+_PRICINGS_SQL = """
+    SELECT v.version AS config_version, (SELECT version FROM rating_config_version) AS read_version,
+           x.*
+    FROM rating_config_version v LEFT JOIN (
+      SELECT k.a AS key_account, k.m AS key_meter, k.d AS key_day,
+             pr.id, pr.pricing_type, pr.bands, pr.fixed_fee, g.function, g.target_field,
+             g.quantity_per_unit, g.rounding, g.segment_field, ap.start_date AS anchor,
+             t.bill_frequency, t.bill_interval, t.currency_id, p.code AS product,
+             greatest(pr.config_version, ap.config_version) AS visible_from
+      FROM unnest($1::int8[], $2::int8[], $3::date[]) AS k(a, m, d)
+      JOIN account_plans ap ON ap.account_id = k.a
+      JOIN plans pl ON pl.id = ap.plan_id
+      JOIN plan_templates t ON t.id = pl.template_id
+      JOIN products p ON p.id = t.product_id
+      JOIN pricings pr ON pr.plan_id = pl.id
+      JOIN aggregations g ON g.id = pr.aggregation_id
+      WHERE g.meter_id = k.m
+        AND ap.start_date <= k.d AND (ap.end_date IS NULL OR ap.end_date > k.d)
+        AND pr.start_date <= k.d AND (pr.end_date IS NULL OR pr.end_date > k.d)
+    ) x ON true
+    ORDER BY x.id FOR SHARE OF v"""
 
 
 StateKey = tuple[int, int, date, str]
@@ -270,11 +298,13 @@ async def lock_and_insert(conn: Connection, state_keys: list[StateKey],
              ON CONFLICT (account_id, charge_key, period_start)
              DO UPDATE SET drawn_minor = c.drawn_minor RETURNING c.*),
            ms AS (
-             INSERT INTO measurements (account_id, uid, meter_id, ts, data, rated)
-             SELECT a, u, m, t, d::jsonb, r
+             INSERT INTO measurements (account_id, uid, meter_id, ts, data, rated,
+                                       config_version)
+             SELECT a, u, m, t, d::jsonb, r, v
              FROM unnest($9::text::int8[], $10::text::text[], $11::text::int8[],
-                         $12::text::timestamptz[], $13::text::text[], $14::text::bool[])
-                  AS x(a, u, m, t, d, r)
+                         $12::text::timestamptz[], $13::text::text[], $14::text::bool[],
+                         $15::text::int8[])
+                  AS x(a, u, m, t, d, r, v)
              ORDER BY 1, 2
              ON CONFLICT DO NOTHING RETURNING account_id, uid)
          SELECT 3 AS kind, account_id, uid AS key, NULL::int8 AS pricing_id,
@@ -289,7 +319,7 @@ async def lock_and_insert(conn: Connection, state_keys: list[StateKey],
          SELECT 2, account_id, charge_key, NULL, period_start, NULL, NULL, NULL, NULL, NULL, NULL,
                 NULL, exact, drawn_minor FROM ch""",
         *_columns(sorted(state_keys), "iidt"), *_columns(sorted(charge_keys), "itdi"),
-        *_columns(measurements, "itistb"))
+        *_columns(measurements, "itistbi"))
     states = [r for r in rows if r["kind"] == 1]
     charges = [r for r in rows if r["kind"] == 2]
     return states, charges, {(r["account_id"], r["key"]) for r in rows if r["kind"] == 3}
@@ -363,10 +393,10 @@ async def insert_measurements(conn: Connection, rows: list[tuple[Any, ...]]) -> 
     """Store new measurements; returns the (account, uid) that were new (not duplicates)."""
     columns = [list(c) for c in zip(*rows, strict=True)]
     found = await conn.fetch(
-        """INSERT INTO measurements (account_id, uid, meter_id, ts, data, rated)
-           SELECT a, u, m, t, d::jsonb, r
+        """INSERT INTO measurements (account_id, uid, meter_id, ts, data, rated, config_version)
+           SELECT a, u, m, t, d::jsonb, r, v
            FROM unnest($1::int8[], $2::text[], $3::int8[], $4::timestamptz[], $5::text[],
-                       $6::bool[]) AS x(a, u, m, t, d, r)
+                       $6::bool[], $7::int8[]) AS x(a, u, m, t, d, r, v)
            ON CONFLICT DO NOTHING RETURNING account_id, uid""", *columns)
     return {(r["account_id"], r["uid"]) for r in found}
 
@@ -630,30 +660,47 @@ async def drop_rerate_request(conn: Conn, account_id: int, requested_at: Any) ->
                        account_id, requested_at)
 
 
-async def claim_unrated(conn: Connection, account_id: int, limit: int) -> list[asyncpg.Record]:
-    """Lock an account's unrated measurements that a pricing now covers, newest first (the
-    current period's first), skipping those another re-rater holds. FOR UPDATE re-checks
-    `NOT rated` on the latest version, so one rated meanwhile is never taken twice."""
+async def account_plan_anchors(conn: Conn, account_id: int) -> list[asyncpg.Record]:
+    """The account's plans' period anchors and frequencies (for their current periods)."""
     return await conn.fetch(
-        """SELECT m.uid, m.ts, m.data, mt.code AS meter, a.code AS account FROM measurements m
+        """SELECT ap.start_date AS anchor, t.bill_frequency, t.bill_interval
+           FROM account_plans ap JOIN plans pl ON pl.id = ap.plan_id
+           JOIN plan_templates t ON t.id = pl.template_id WHERE ap.account_id = $1""",
+        account_id)
+
+
+async def claim_unplaced(conn: Connection, account_id: int, since: datetime,
+                         limit: int) -> list[asyncpg.Record]:
+    """Lock an account's measurements from `since` on that a pricing covers which their rating
+    did not see (its `visible_from` is above the version the measurement was rated at), newest
+    first, skipping those another re-rater holds. FOR UPDATE re-checks the condition on the
+    latest row version, so a measurement re-rated meanwhile is never taken twice."""
+    return await conn.fetch(
+        """SELECT m.uid, m.ts, m.data, m.config_version, mt.code AS meter, a.code AS account
+           FROM measurements m
            JOIN meters mt ON mt.id = m.meter_id JOIN accounts a ON a.id = m.account_id
-           WHERE m.account_id = $1 AND NOT m.rated
+           WHERE m.account_id = $1 AND m.ts >= $3
              AND EXISTS (
                SELECT 1 FROM account_plans ap JOIN pricings pr ON pr.plan_id = ap.plan_id
                JOIN aggregations g ON g.id = pr.aggregation_id
                WHERE ap.account_id = m.account_id AND g.meter_id = m.meter_id
+                 AND greatest(pr.config_version, ap.config_version) > m.config_version
                  AND ap.start_date <= (m.ts AT TIME ZONE 'UTC')::date
                  AND (ap.end_date IS NULL OR ap.end_date > (m.ts AT TIME ZONE 'UTC')::date)
                  AND pr.start_date <= (m.ts AT TIME ZONE 'UTC')::date
                  AND (pr.end_date IS NULL OR pr.end_date > (m.ts AT TIME ZONE 'UTC')::date))
            ORDER BY m.ts DESC, m.uid LIMIT $2
-           FOR UPDATE OF m SKIP LOCKED""", account_id, limit)
+           FOR UPDATE OF m SKIP LOCKED""", account_id, limit, since)
 
 
-async def mark_rated(conn: Connection, account_id: int, uids: list[str]) -> None:
+async def mark_placed(conn: Connection, account_id: int, uids: list[str], placed: list[str],
+                      version: int) -> None:
+    """The claimed measurements were rated for every pricing visible at `version` (those of a
+    closed period left to billing); the `placed` ones are rated now if they were not."""
     await conn.execute(
-        "UPDATE measurements SET rated = true WHERE account_id = $1 AND uid = ANY($2::text[])",
-        account_id, uids)
+        """UPDATE measurements SET config_version = $4, rated = rated OR uid = ANY($3::text[])
+           WHERE account_id = $1 AND uid = ANY($2::text[])""",
+        account_id, uids, placed, version)
 
 
 async def measurement(conn: Conn, account_id: int, uid: str) -> asyncpg.Record | None:

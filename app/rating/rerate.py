@@ -1,35 +1,46 @@
-"""Re-rating: measurements stored unrated are rated once a plan or a pricing covers them.
+"""Re-rating: what a plan or pricing that arrives later covers is rated by it.
 
-A measurement for an account that no active pricing covers is stored with `rated = false`.
+A measurement for an account that no active pricing covers is stored with `rated = false`; one
+rated by some pricings may later be covered by another (a pricing added to its plan, a second
+plan attached, either backdated). Each measurement keeps the rating_config_version its rating
+read its pricings at, and each pricing and account plan the version its insert took
+(migration 016), so a pricing has rated a measurement exactly when its `visible_from` (the
+later of its own version and its account plan's) is at most the measurement's.
+
 Attaching a plan to an account, or adding an aggregation pricing to a plan, writes a
 `rerate_requests` row for the account(s) in the same transaction; the worker (every
-`worker_interval_s`) then rates each requested account's unrated measurements that a pricing
-now covers, whose billing period is still open (ends after today), newest first in batches of
-BATCH: the measurement rows are locked `FOR UPDATE SKIP LOCKED` (a second process takes other
-ones, and `NOT rated` is re-checked on the latest row version, so none is rated twice), then
-the states and running charges in the same fixed order as the rating transaction (so a
+`worker_interval_s`) then takes each requested account's measurements of its open billing
+periods that a pricing covers with a later `visible_from`, newest first in batches of BATCH:
+the measurement rows are locked `FOR UPDATE SKIP LOCKED` (a second process takes other ones,
+and the condition is re-checked on the latest row version, so none is taken twice), each is
+placed in exactly those pricings (if that billing period is still open), the states and
+running charges are locked in the same fixed order as the rating transaction (so a
 concurrent new measurement of the same account and meter waits, or is waited for, and never
-deadlocks), the states move exactly as for a new measurement, and `rated` flips in that same
-transaction. Debits and give-backs are then sent as for new measurements.
+deadlocks) and move exactly as for a new measurement, and in that same transaction the
+measurement's version moves to the one the pricings were read at (and `rated` flips if it
+was placed). Debits and give-backs are then sent as for new measurements.
 
-A request is kept for GRACE_S after it was written, and the account rechecked on every pass
-meanwhile: a measurement whose rating transaction read "no plan" just before the plan committed,
-and committed itself just after, is still found.
+No rating can miss a pricing and commit after the re-rating looked: a rating transaction
+share-locks the version row when it reads the pricings (repository.active_pricings_many), and
+the insert of a pricing or account plan updates that row, so each waits for the other to
+commit. A request is dropped once a pass finds nothing more to take.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING
 
 import asyncpg
 
+from app.db import Connection
 from app.errors import ValidationProblem
 from app.rating import drawdown
 from app.rating import repository as repo
 from app.rating.giveback import GIVEN_UP
+from app.rating.periods import period_of
 from app.rating.schemas import MeasurementIn
 
 if TYPE_CHECKING:
@@ -39,10 +50,9 @@ log = logging.getLogger(__name__)
 BATCH = 1_000
 # newest requests first: a fresh one is worked on the next pass however many are kept
 ACCOUNTS_PER_PASS = 500
-GRACE_S = 60.0  # float-ok: seconds
 
 
-async def rerate_pending(ctx: AppContext, grace_s: float = GRACE_S) -> int:  # float-ok: seconds
+async def rerate_pending(ctx: AppContext) -> int:
     """Worker: rate what the pending requests made ratable; returns how many were rated."""
     rated = 0
     for request in await repo.rerate_requests(ctx.pool, ACCOUNTS_PER_PASS):
@@ -52,7 +62,7 @@ async def rerate_pending(ctx: AppContext, grace_s: float = GRACE_S) -> int:  # f
             rated += count
         except GIVEN_UP as exc:  # e.g. no conversion rate for the day
             log.warning("re-rating account %s failed: %s", request["account_id"], exc)
-        if request["age"] > timedelta(seconds=grace_s) and not more:
+        if not more:
             await repo.drop_rerate_request(ctx.pool, request["account_id"],
                                            request["requested_at"])
     return rated
@@ -60,18 +70,35 @@ async def rerate_pending(ctx: AppContext, grace_s: float = GRACE_S) -> int:  # f
 
 async def rerate_account(ctx: AppContext, account_id: int,
                          limit: int = BATCH) -> tuple[int, bool]:
-    """Rate up to `limit` of an account's unrated measurements; (how many were rated, whether
-    more may be waiting)."""
+    """Rate up to `limit` of an account's measurements for the pricings that arrived after
+    their rating; (how many were placed in a pricing, whether more may be waiting)."""
+    today = datetime.now(UTC).date()
     async with ctx.pool.acquire() as conn:
         async with conn.transaction():
-            rows = await repo.claim_unrated(conn, account_id, limit)
+            since = await _open_since(conn, account_id, today)
+            if since is None:
+                return 0, False
+            rows = await repo.claim_unplaced(conn, account_id, since, limit)
             if not rows:
                 return 0, False
-            items = [item for row in rows if (item := await _item(ctx, row)) is not None]
-            rated = await drawdown.rate_stored(conn, items, datetime.now(UTC).date())
-            await repo.mark_rated(conn, account_id, [item.body.uid for item in rated])
-    await drawdown.send_rated(ctx, rated)
-    return len(rated), len(rows) == limit
+            items = [(item, row["config_version"]) for row in rows
+                     if (item := await _item(ctx, row)) is not None]
+            placed, version = await drawdown.rate_stored(conn, items, today)
+            await repo.mark_placed(conn, account_id, [row["uid"] for row in rows],
+                                   [item.body.uid for item in placed], version)
+    await drawdown.send_rated(ctx, placed)
+    return len(placed), len(rows) == limit
+
+
+async def _open_since(conn: Connection, account_id: int, today: date) -> datetime | None:
+    """The earliest start of a billing period of the account's plans still open today (None:
+    no plan): what lies before it is in closed periods only, left to billing."""
+    starts = [period_of(r["anchor"], r["bill_frequency"], r["bill_interval"], today)[0]
+              for r in await repo.account_plan_anchors(conn, account_id)]
+    if not starts:
+        return None
+    first = min(starts)
+    return datetime(first.year, first.month, first.day, tzinfo=UTC)
 
 
 async def _item(ctx: AppContext, row: asyncpg.Record) -> drawdown.Item | None:
