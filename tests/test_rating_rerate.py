@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 from typing import Any
@@ -123,6 +124,14 @@ async def test_an_unknown_measurement_is_a_404_naming_the_uid(api: Api) -> None:
     assert body["field"] == "uid"
 
 
+def _many(account: str, meter_code: str, prefix: str, count: int,
+          gb: Callable[[int], int]) -> list[dict[str, Any]]:
+    """`count` measurements `<prefix>-<i>` of `gb(i)` GB, timestamped now."""
+    return [{"uid": f"{prefix}-{i}", "account": account, "meter": meter_code,
+             "timestamp": _now(), "data": {"gb": gb(i), "files": 1, "seconds": 1}}
+            for i in range(count)]
+
+
 async def test_rerating_beside_new_measurements_in_two_processes_rates_each_once(
         api: Api, settings: Settings, keys: dict[str, str], db: asyncpg.Connection) -> None:
     names, meter_code, plan_code = await _setup(api, grant="100000")
@@ -131,14 +140,12 @@ async def test_rerating_beside_new_measurements_in_two_processes_rates_each_once
                 aggregation=await aggregation(api, meter_code, "gb", "SUM"))
     await price(api, plan_code, "per_unit", [(None, "2")],
                 aggregation=await aggregation(api, meter_code, "gb", "MAX"))
-    stored = [{"uid": f"old-{i}", "account": account, "meter": meter_code, "timestamp": _now(),
-               "data": {"gb": i % 7, "files": 1, "seconds": 1}} for i in range(400)]
+    stored = _many(account, meter_code, "old", 400, lambda i: i % 7)
     for start in range(0, len(stored), 200):
         batch = await api.call("POST", "/v1/measurements", scope="runtime",
                                json={"measurements": stored[start:start + 200]})
         assert batch["unrated"] == 200
-    fresh = [{"uid": f"new-{i}", "account": account, "meter": meter_code, "timestamp": _now(),
-              "data": {"gb": 3 + i % 5, "files": 1, "seconds": 1}} for i in range(80)]
+    fresh = _many(account, meter_code, "new", 80, lambda i: 3 + i % 5)
     async with run_apps(settings, 2) as apps:
         clients = [httpx.AsyncClient(base_url=a.url, timeout=30) for a in apps]
         try:
@@ -159,7 +166,7 @@ async def test_rerating_beside_new_measurements_in_two_processes_rates_each_once
             for client in clients:
                 await client.aclose()
         assert not apps.tracebacks(), apps.tracebacks()
-    values = [D(item["data"]["gb"]) for item in stored + fresh]  # type: ignore[index]
+    values = [D(item["data"]["gb"]) for item in stored + fresh]
     total = sum(values, D(0))
     expected = 100 + (total - 100) * D("0.5") + 2 * max(values)
     assert await _drawn(api, account) == expected
@@ -231,15 +238,23 @@ async def _until_counted(db: asyncpg.Connection, account_id: int, expected: dict
     assert await _state_counts(db, account_id) == expected
 
 
+async def _attached(api: Api, db: asyncpg.Connection, grant: str = "100"
+                    ) -> tuple[dict[str, str], int, str, str, int]:
+    """An account on a plan that prices SUM(gb) at 1 per GB from the start of the month:
+    (names, account id, meter, plan, that pricing's id)."""
+    names, meter_code, plan_code = await _setup(api, grant)
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", names["account"])
+    pricing_id = await price(api, plan_code, "per_unit", [(None, "1")],
+                             aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    await api.call("POST", f"/v1/accounts/{names['account']}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": month_start()})
+    return names, account_id, meter_code, plan_code, pricing_id
+
+
 async def test_a_pricing_added_later_rates_what_other_pricings_rated(
         api: Api, db: asyncpg.Connection) -> None:
-    names, meter_code, plan_code = await _setup(api)
+    names, account_id, meter_code, plan_code, storage = await _attached(api, db)
     account = names["account"]
-    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
-    storage = await price(api, plan_code, "per_unit", [(None, "1")],
-                          aggregation=await aggregation(api, meter_code, "gb", "SUM"))
-    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
-                   json={"plan": plan_code, "start_date": month_start()})
     for gb in (3, 4):
         assert (await measure(api, account, meter_code, gb=gb, files=1, seconds=1))[
             "status"] == "rated"
@@ -262,13 +277,8 @@ async def test_a_pricing_added_later_rates_what_other_pricings_rated(
 
 async def test_a_plan_attached_later_rates_what_another_plan_rated(
         api: Api, db: asyncpg.Connection) -> None:
-    names, meter_code, plan_code = await _setup(api)
+    names, account_id, meter_code, plan_code, first = await _attached(api, db)
     account = names["account"]
-    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
-    first = await price(api, plan_code, "per_unit", [(None, "1")],
-                        aggregation=await aggregation(api, meter_code, "gb", "SUM"))
-    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
-                   json={"plan": plan_code, "start_date": month_start()})
     rated = [await measure(api, account, meter_code, gb=gb, files=2, seconds=1)
              for gb in (1, 2, 6)]
     assert [r["status"] for r in rated] == ["rated"] * 3
@@ -289,20 +299,13 @@ async def test_a_plan_attached_later_rates_what_another_plan_rated(
 
 async def test_a_pricing_added_beside_new_measurements_in_two_processes_counts_each_once(
         api: Api, settings: Settings, keys: dict[str, str], db: asyncpg.Connection) -> None:
-    names, meter_code, plan_code = await _setup(api, grant="100000")
+    names, account_id, meter_code, plan_code, total = await _attached(api, db, grant="100000")
     account = names["account"]
-    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
-    total = await price(api, plan_code, "per_unit", [(None, "1")],
-                        aggregation=await aggregation(api, meter_code, "gb", "SUM"))
-    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
-                   json={"plan": plan_code, "start_date": month_start()})
-    stored = [{"uid": f"old-{i}", "account": account, "meter": meter_code, "timestamp": _now(),
-               "data": {"gb": 1 + i % 4, "files": 1, "seconds": 1}} for i in range(300)]
+    stored = _many(account, meter_code, "old", 300, lambda i: 1 + i % 4)
     batch = await api.call("POST", "/v1/measurements", scope="runtime",
                            json={"measurements": stored})
     assert batch["rated"] == 300
-    fresh = [{"uid": f"new-{i}", "account": account, "meter": meter_code, "timestamp": _now(),
-              "data": {"gb": 1 + i % 3, "files": 1, "seconds": 1}} for i in range(120)]
+    fresh = _many(account, meter_code, "new", 120, lambda i: 1 + i % 3)
     async with run_apps(settings, 2) as apps:
         clients = [httpx.AsyncClient(base_url=a.url, timeout=30) for a in apps]
         try:
@@ -321,7 +324,7 @@ async def test_a_pricing_added_beside_new_measurements_in_two_processes_counts_e
             for client in clients:
                 await client.aclose()
         assert not apps.tracebacks(), apps.tracebacks()
-    gb = sum((D(item["data"]["gb"]) for item in stored + fresh), D(0))  # type: ignore[index]
+    gb = sum((D(item["data"]["gb"]) for item in stored + fresh), D(0))
     expected = gb + 200 * D("0.5") + (gb - 200) * D("0.25")
     assert await _drawn(api, account) == expected
     for _ in range(100):  # the last debits reach the ledger through the journal's group commit
