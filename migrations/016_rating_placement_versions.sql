@@ -5,7 +5,10 @@
 -- its insert took. A pricing rated a measurement exactly when
 -- greatest(pricing's, account plan's) <= the measurement's: the version row is updated under
 -- its row lock by every writer, so a snapshot that reads version >= v sees every insert that
--- took v, and one that reads less sees none of them.
+-- took v, and one that reads less sees none of them. A rating share-locks that row while it
+-- reads the pricings, so it cannot commit a measurement stored at an older version after the
+-- re-rating a new pricing requested has looked: rerate_requests are no longer kept for a grace
+-- period (migration 012), they are dropped once a pass finds nothing more.
 ALTER TABLE measurements ADD COLUMN config_version bigint NOT NULL DEFAULT 0;
 ALTER TABLE pricings ADD COLUMN config_version bigint NOT NULL DEFAULT 0;
 ALTER TABLE account_plans ADD COLUMN config_version bigint NOT NULL DEFAULT 0;

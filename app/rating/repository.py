@@ -650,7 +650,7 @@ async def accounts_on_plan(conn: Conn, plan_id: int) -> list[int]:
 
 async def rerate_requests(conn: Conn, limit: int) -> list[asyncpg.Record]:
     return await conn.fetch(
-        """SELECT account_id, requested_at, now() - requested_at AS age FROM rerate_requests
+        """SELECT account_id, requested_at FROM rerate_requests
            ORDER BY requested_at DESC LIMIT $1""", limit)
 
 
