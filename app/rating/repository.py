@@ -695,8 +695,9 @@ async def claim_unplaced(conn: Connection, account_id: int, since: datetime,
 
 async def mark_placed(conn: Connection, account_id: int, uids: list[str], placed: list[str],
                       version: int) -> None:
-    """The claimed measurements were rated for every pricing visible at `version` (those of a
-    closed period left to billing); the `placed` ones are rated now if they were not."""
+    """The claimed measurements were rated for every pricing visible at `version` (except in
+    a closed period, which re-rating does not reopen); the `placed` ones are rated now if they
+    were not."""
     await conn.execute(
         """UPDATE measurements SET config_version = $4, rated = rated OR uid = ANY($3::text[])
            WHERE account_id = $1 AND uid = ANY($2::text[])""",

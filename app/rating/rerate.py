@@ -92,7 +92,7 @@ async def rerate_account(ctx: AppContext, account_id: int,
 
 async def _open_since(conn: Connection, account_id: int, today: date) -> datetime | None:
     """The earliest start of a billing period of the account's plans still open today (None:
-    no plan): what lies before it is in closed periods only, left to billing."""
+    no plan): what lies before it is in closed periods only, which re-rating does not reopen."""
     starts = [period_of(r["anchor"], r["bill_frequency"], r["bill_interval"], today)[0]
               for r in await repo.account_plan_anchors(conn, account_id)]
     if not starts:
