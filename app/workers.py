@@ -37,7 +37,7 @@ async def run_workers(ctx: AppContext) -> None:
 
 
 async def _store_workers(ctx: AppContext) -> None:
-    recurring, unsent = SweepMemory(), UnsentCursor()
+    recurring, unsent = SweepMemory(), UnsentCursor(shared=True)
     while True:
         try:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 from typing import Any
 
 import asyncpg
 
+from app.rating import repository as repo
 from app.rating.drawdown import UnsentCursor, send_unsent
 from tests.conftest import Api
 from tests.test_rating_config import _code, meter, plan
@@ -190,6 +191,49 @@ async def test_the_scan_for_unsent_debits_goes_on_from_its_cursor_never_past_a_r
     assert D(await api.available(names["account"])) == D(93)
     assert cursor.after is not None and cursor.after[0] > started
     assert await send_unsent(ctx, older_than_s=0, cursor=cursor) == 0
+
+
+async def test_a_restarted_worker_goes_on_from_the_stored_cursor_not_from_7_days_back(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    """The workers' cursor is kept in Postgres: a process's first pass starts where the
+    furthest process got to. A row behind that position (which cannot happen but is planted
+    here to tell the two starts apart) is read by a scan from 7 days back, not by a restart."""
+    names = await api.setup()
+    await api.grant(names["account"], "100")
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", names["account"])
+    ctx = app.state.ctx
+    first = UnsentCursor(shared=True)
+    await send_unsent(ctx, older_than_s=0, cursor=first)
+    assert first.after is not None
+    stored = await db.fetchrow("SELECT created_at, account_id, uid FROM worker_cursors "
+                               "WHERE name = 'rated_debits.unsent'")
+    assert stored is not None and stored["created_at"] >= first.after[0]
+
+    planted = f"r1:{_code('behind')}"
+    await db.execute(
+        """INSERT INTO rated_debits (account_id, uid, product_code, credit_type, amount, ts,
+                                     created_at)
+           VALUES ($1, $2, $3, $4, 7, now(), now() - interval '1 minute')""",
+        account_id, planted, names["storage"], names["credit_type"])
+
+    async def sent() -> bool:
+        return bool(await db.fetchval(
+            "SELECT count(*) FROM usage_events WHERE account_id = $1 AND uid = $2",
+            account_id, planted))
+
+    restarted = UnsentCursor(shared=True)
+    await send_unsent(ctx, older_than_s=0, cursor=restarted)
+    assert not await sent()
+    assert restarted.after is not None and restarted.after[0] >= stored["created_at"]
+    # a position behind the stored one does not move it back
+    await repo.store_cursor(db, "rated_debits.unsent", (first.after[0] - timedelta(days=1), 0, ""))
+    again = await db.fetchval("SELECT created_at FROM worker_cursors "
+                              "WHERE name = 'rated_debits.unsent'")
+    assert again >= stored["created_at"]
+    # a cursor of its own (not shared) reads the last 7 days and finds it
+    assert await send_unsent(ctx, older_than_s=0, cursor=UnsentCursor()) >= 1
+    assert await sent()
+    assert D(await api.available(names["account"])) == D(93)
 
 
 async def test_license_counter_raised_and_lowered_mid_month(api: Api) -> None:

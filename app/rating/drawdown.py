@@ -594,12 +594,19 @@ async def give_back(ctx: AppContext, items: list[Item]) -> None:
         await giveback.settle(ctx, sorted(charges))
 
 
+UNSENT_CURSOR = "rated_debits.unsent"
+
+
 @dataclass
 class UnsentCursor:
     """Where a worker's scan for unsent rated debits goes on from: every pass used to read
-    every rated debit of the last 7 days (an anti-join with usage_events per row)."""
+    every rated debit of the last 7 days (an anti-join with usage_events per row). A `shared`
+    cursor (the workers') is also kept in Postgres (migration 017): a process's first pass goes
+    on from the furthest position any process stored, not from 7 days back."""
 
     after: repo.UnsentKey | None = None
+    shared: bool = False
+    loaded: bool = False  # a shared cursor read its stored position (on its first pass)
 
 
 async def send_unsent(ctx: AppContext, older_than_s: float = 5.0,  # float-ok: seconds
@@ -607,16 +614,24 @@ async def send_unsent(ctx: AppContext, older_than_s: float = 5.0,  # float-ok: s
     """Worker: send the rated debits a crash kept from reaching the usage path. With a cursor,
     only those after where its last pass stopped: a full page goes on after its last row, a
     short one after the instant before which every rated debit is committed (a transaction
-    still running, whose rows take its start as created_at, holds that instant back)."""
+    still running, whose rows take its start as created_at, holds that instant back). A
+    shared cursor stores where it got to once the page is sent."""
+    if cursor is not None and cursor.shared and not cursor.loaded:
+        if cursor.after is None:
+            cursor.after = await repo.stored_cursor(ctx.pool, UNSENT_CURSOR)
+        cursor.loaded = True
     rows, upper = await repo.unsent_debits(ctx.pool, older_than_s, limit,
                                            cursor.after if cursor else None)
     await resend(ctx, rows)
     if cursor is not None:
+        before = cursor.after
         if len(rows) == limit:
             last = rows[-1]
             cursor.after = (last["created_at"], last["account_id"], last["uid"])
         elif cursor.after is None or upper > cursor.after[0]:
             cursor.after = (upper, 0, "")
+        if cursor.shared and cursor.after is not None and cursor.after != before:
+            await repo.store_cursor(ctx.pool, UNSENT_CURSOR, cursor.after)
     return len(rows)
 
 

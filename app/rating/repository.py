@@ -450,6 +450,25 @@ async def unsent_debits(conn: Conn, older_than_s: float,  # float-ok: seconds
     return rows, upper
 
 
+async def stored_cursor(conn: Conn, name: str) -> UnsentKey | None:
+    row = await conn.fetchrow(
+        "SELECT created_at, account_id, uid FROM worker_cursors WHERE name = $1", name)
+    return None if row is None else (row["created_at"], row["account_id"], row["uid"])
+
+
+async def store_cursor(conn: Conn, name: str, position: UnsentKey) -> None:
+    """Keep a worker's position for every process and the next start; never moves back (the
+    later of two processes' positions wins, and both compare in the database's own order)."""
+    await conn.execute(
+        """INSERT INTO worker_cursors AS w (name, created_at, account_id, uid)
+           VALUES ($1, $2, $3, $4)
+           ON CONFLICT (name) DO UPDATE SET created_at = EXCLUDED.created_at,
+               account_id = EXCLUDED.account_id, uid = EXCLUDED.uid, updated_at = now()
+           WHERE (w.created_at, w.account_id, w.uid)
+                 < (EXCLUDED.created_at, EXCLUDED.account_id, EXCLUDED.uid)""",
+        name, *position)
+
+
 async def states_of(conn: Conn, account_id: int, pricing_id: int,
                     period_start: date) -> list[asyncpg.Record]:
     return await conn.fetch(
