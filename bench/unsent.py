@@ -64,7 +64,7 @@ async def populate(url: str, debits: int) -> None:
         await conn.close()
 
 
-def _postgres_cpu() -> float:
+def postgres_cpu() -> float:
     """CPU seconds of every postgres process on the machine (the scan runs there)."""
     return sum(core.cpu_of(core.named("postgres")).values())
 
@@ -78,9 +78,9 @@ async def measure(url: str, redis_url: str, rounds: int) -> dict[str, list[float
         for n in range(rounds):
             for name in totals:
                 cursor = UnsentCursor(shared=name == "stored cursor")
-                wall, cpu = time.perf_counter(), _postgres_cpu()
+                wall, cpu = time.perf_counter(), postgres_cpu()
                 sent = await send_unsent(ctx, older_than_s=0, cursor=cursor)
-                wall, cpu = time.perf_counter() - wall, _postgres_cpu() - cpu
+                wall, cpu = time.perf_counter() - wall, postgres_cpu() - cpu
                 if sent:
                     raise SystemExit(f"{name}: sent {sent}: every debit should be sent already")
                 totals[name][0] += wall * 1000

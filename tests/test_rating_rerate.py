@@ -113,8 +113,49 @@ async def test_a_closed_period_is_not_rated_later(api: Api) -> None:
                    json={"plan": plan_code, "start_date": "2020-01-01"})
     await _until_rated(api, account, [new["uid"]])
     await asyncio.sleep(1.0)
-    assert not await _rated(api, account, old["uid"])  # its period is over: left to billing
+    assert not await _rated(api, account, old["uid"])  # its period is closed: not reopened
     assert D(await api.available(account)) == 98
+
+
+async def _until_no_request(db: asyncpg.Connection, account_id: int) -> None:
+    for _ in range(100):
+        if not await db.fetchval("SELECT count(*) FROM rerate_requests WHERE account_id = $1",
+                                 account_id):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the re-rating request was not dropped")
+
+
+async def test_a_new_pricing_reads_only_its_own_meters_measurements(
+        api: Api, db: asyncpg.Connection) -> None:
+    """A request reads the measurements of the meters its new pricings rate, and no other.
+    The measurement of meter A planted here, unrated and older than A's pricing (which the
+    share lock makes impossible), tells the two apart: a pricing for meter B leaves it, a
+    request from before migration 018 (every meter) rates it."""
+    names, meter_a, plan_code = await _setup(api)
+    account = names["account"]
+    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                   json={"plan": plan_code, "start_date": month_start()})
+    await price(api, plan_code, "per_unit", [(None, "1")],
+                aggregation=await aggregation(api, meter_a, "gb", "SUM"))
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE code = $1", account)
+    await _until_no_request(db, account_id)  # the plan's and A's pricing's
+    await db.execute(
+        """INSERT INTO measurements (account_id, uid, meter_id, ts, data, rated, config_version)
+           SELECT $1, 'planted', id, now(), '{"gb": "5", "files": "1", "seconds": "1"}', false,
+                  -1 FROM meters WHERE code = $2""", account_id, meter_a)
+    meter_b = await meter(api, names["storage"])
+    await price(api, plan_code, "per_unit", [(None, "2")],
+                aggregation=await aggregation(api, meter_b, "gb", "SUM"))
+    b = await measure(api, account, meter_b, gb=1, files=1, seconds=1)
+    assert b["status"] == "rated"
+    await _until_no_request(db, account_id)  # B's pricing's request is worked off
+    await asyncio.sleep(1.0)  # two more worker passes
+    assert not await _rated(api, account, "planted")
+    assert D(await api.available(account)) == 98
+    await db.execute("INSERT INTO rerate_requests (account_id) VALUES ($1)", account_id)
+    await _until_rated(api, account, ["planted"])
+    assert D(await api.available(account)) == 93
 
 
 async def test_an_unknown_measurement_is_a_404_naming_the_uid(api: Api) -> None:

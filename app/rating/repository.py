@@ -655,10 +655,19 @@ async def unsettled_charges(conn: Conn, older_than_s: float,  # float-ok: second
 
 # --- re-rating measurements stored unrated ----------------------------------------------------
 
-async def request_rerate(conn: Conn, account_ids: list[int]) -> None:
+async def request_rerate(conn: Conn, account_ids: list[int], table: str, row_id: int) -> None:
+    """Ask for re-rating, in the transaction that inserted a pricing or account plan (`table`,
+    `row_id`): the version that row took is where the request's new pricings start (migration
+    018); a request already waiting keeps the lower of the two."""
+    source = {"pricings": "pricings", "account_plans": "account_plans"}[table]
     await conn.execute(
-        """INSERT INTO rerate_requests (account_id) SELECT * FROM unnest($1::int8[])
-           ON CONFLICT (account_id) DO UPDATE SET requested_at = now()""", account_ids)
+        f"""INSERT INTO rerate_requests AS r (account_id, from_version)
+            SELECT a, (SELECT config_version FROM {source} WHERE id = $2)
+            FROM unnest($1::int8[]) AS a
+            ON CONFLICT (account_id) DO UPDATE SET requested_at = now(),
+                from_version = CASE WHEN r.from_version IS NULL THEN NULL
+                                    ELSE least(r.from_version, EXCLUDED.from_version) END""",
+        account_ids, row_id)
 
 
 async def accounts_on_plan(conn: Conn, plan_id: int) -> list[int]:
@@ -669,7 +678,7 @@ async def accounts_on_plan(conn: Conn, plan_id: int) -> list[int]:
 
 async def rerate_requests(conn: Conn, limit: int) -> list[asyncpg.Record]:
     return await conn.fetch(
-        """SELECT account_id, requested_at FROM rerate_requests
+        """SELECT account_id, requested_at, from_version FROM rerate_requests
            ORDER BY requested_at DESC LIMIT $1""", limit)
 
 
@@ -689,16 +698,27 @@ async def account_plan_anchors(conn: Conn, account_id: int) -> list[asyncpg.Reco
 
 
 async def claim_unplaced(conn: Connection, account_id: int, since: datetime,
-                         limit: int) -> list[asyncpg.Record]:
+                         limit: int, from_version: int | None = None) -> list[asyncpg.Record]:
     """Lock an account's measurements from `since` on that a pricing covers which their rating
     did not see (its `visible_from` is above the version the measurement was rated at), newest
     first, skipping those another re-rater holds. FOR UPDATE re-checks the condition on the
-    latest row version, so a measurement re-rated meanwhile is never taken twice."""
+    latest row version, so a measurement re-rated meanwhile is never taken twice. Only the
+    meters of the account's pricings visible from `from_version` on are read (None: every
+    meter); the (account_id, meter_id, ts) index leaves the others' measurements unread."""
+    meters = [r["meter_id"] for r in await conn.fetch(
+        """SELECT DISTINCT g.meter_id FROM account_plans ap
+           JOIN pricings pr ON pr.plan_id = ap.plan_id
+           JOIN aggregations g ON g.id = pr.aggregation_id
+           WHERE ap.account_id = $1
+             AND ($2::int8 IS NULL OR greatest(pr.config_version, ap.config_version) >= $2)""",
+        account_id, from_version)]
+    if not meters:
+        return []
     return await conn.fetch(
         """SELECT m.uid, m.ts, m.data, m.config_version, mt.code AS meter, a.code AS account
            FROM measurements m
            JOIN meters mt ON mt.id = m.meter_id JOIN accounts a ON a.id = m.account_id
-           WHERE m.account_id = $1 AND m.ts >= $3
+           WHERE m.account_id = $1 AND m.meter_id = ANY($4::int8[]) AND m.ts >= $3
              AND EXISTS (
                SELECT 1 FROM account_plans ap JOIN pricings pr ON pr.plan_id = ap.plan_id
                JOIN aggregations g ON g.id = pr.aggregation_id
@@ -709,7 +729,7 @@ async def claim_unplaced(conn: Connection, account_id: int, since: datetime,
                  AND pr.start_date <= (m.ts AT TIME ZONE 'UTC')::date
                  AND (pr.end_date IS NULL OR pr.end_date > (m.ts AT TIME ZONE 'UTC')::date))
            ORDER BY m.ts DESC, m.uid LIMIT $2
-           FOR UPDATE OF m SKIP LOCKED""", account_id, limit, since)
+           FOR UPDATE OF m SKIP LOCKED""", account_id, limit, since, meters)
 
 
 async def mark_placed(conn: Connection, account_id: int, uids: list[str], placed: list[str],

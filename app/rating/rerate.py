@@ -8,9 +8,11 @@ read its pricings at, and each pricing and account plan the version its insert t
 later of its own version and its account plan's) is at most the measurement's.
 
 Attaching a plan to an account, or adding an aggregation pricing to a plan, writes a
-`rerate_requests` row for the account(s) in the same transaction; the worker (every
-`worker_interval_s`) then takes each requested account's measurements of its open billing
-periods that a pricing covers with a later `visible_from`, newest first in batches of BATCH:
+`rerate_requests` row for the account(s) in the same transaction, with the version that row
+took (`from_version`; the lowest when requests merge); the worker (every `worker_interval_s`)
+then takes each requested account's measurements of its open billing periods that a pricing
+covers with a later `visible_from`, reading only the meters that pricings visible from
+`from_version` on rate (migration 018), newest first in batches of BATCH:
 the measurement rows are locked `FOR UPDATE SKIP LOCKED` (a second process takes other ones,
 and the condition is re-checked on the latest row version, so none is taken twice), each is
 placed in exactly those pricings (if that billing period is still open), the states and
@@ -58,7 +60,8 @@ async def rerate_pending(ctx: AppContext) -> int:
     for request in await repo.rerate_requests(ctx.pool, ACCOUNTS_PER_PASS):
         more = True
         try:
-            count, more = await rerate_account(ctx, request["account_id"])
+            count, more = await rerate_account(ctx, request["account_id"],
+                                               from_version=request["from_version"])
             rated += count
         except GIVEN_UP as exc:  # e.g. no conversion rate for the day
             log.warning("re-rating account %s failed: %s", request["account_id"], exc)
@@ -68,17 +71,19 @@ async def rerate_pending(ctx: AppContext) -> int:
     return rated
 
 
-async def rerate_account(ctx: AppContext, account_id: int,
-                         limit: int = BATCH) -> tuple[int, bool]:
+async def rerate_account(ctx: AppContext, account_id: int, limit: int = BATCH,
+                         from_version: int | None = None) -> tuple[int, bool]:
     """Rate up to `limit` of an account's measurements for the pricings that arrived after
-    their rating; (how many were placed in a pricing, whether more may be waiting)."""
+    their rating; (how many were placed in a pricing, whether more may be waiting). With
+    `from_version`, only measurements of the meters that pricings visible from that version on
+    rate are read."""
     today = datetime.now(UTC).date()
     async with ctx.pool.acquire() as conn:
         async with conn.transaction():
             since = await _open_since(conn, account_id, today)
             if since is None:
                 return 0, False
-            rows = await repo.claim_unplaced(conn, account_id, since, limit)
+            rows = await repo.claim_unplaced(conn, account_id, since, limit, from_version)
             if not rows:
                 return 0, False
             items = [(item, row["config_version"]) for row in rows

@@ -199,7 +199,8 @@ async def create_pricing(ctx: AppContext, body: PricingIn) -> PricingOut:
                                   "price": f"{b.price:f}"} for b in body.bands]),
             "fixed_fee": body.fixed_fee, "counter_mode": body.counter_mode})
         if aggregation_id is not None:  # it may cover measurements stored unrated
-            await repo.request_rerate(conn, await repo.accounts_on_plan(conn, plan_id))
+            await repo.request_rerate(conn, await repo.accounts_on_plan(conn, plan_id),
+                                      "pricings", pricing_id)
     row = await repo.pricing(ctx.pool, pricing_id)
     assert row is not None
     return pricing_out(row)
@@ -232,7 +233,7 @@ async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> Accoun
                            "date range", field="start_date")
         ap_id = await repo.insert_account_plan(conn, account_id, plan["id"], body.start_date,
                                                body.end_date)
-        await repo.request_rerate(conn, [account_id])  # measurements stored unrated
+        await repo.request_rerate(conn, [account_id], "account_plans", ap_id)
         draws = await recurring.on_attach(conn, account, ap_id)
     await recurring.send(ctx, draws)
     rows = await repo.account_plans(ctx.pool, account_id)
