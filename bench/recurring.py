@@ -12,17 +12,13 @@ their current period settled (as it is after the first pass of the day). Then, e
   configuration version, and nothing else when it has not moved (what every pass does now
   between a new day or a plan change and the next).
 
-Printed: ms per pass (wall, and this process's CPU) and the ratio.
+Printed: ms per pass (wall, and this process's CPU) and the ratio (bench/passes.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import sys
-import time
-import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -32,11 +28,13 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import run as core  # bench/run.py: databases, the private redis-server
+import passes  # bench/passes.py: the database, the rounds, the table
 
 from app.main import create_app
 from app.rating import recurring
 from app.settings import Settings
+
+WAYS = ("every plan", "gated")
 
 
 async def populate(url: str, base: str, admin_key: str, accounts: int) -> None:
@@ -78,59 +76,34 @@ async def populate(url: str, base: str, admin_key: str, accounts: int) -> None:
             raise SystemExit(f"the settling pass drew {drawn} standing charges, not {accounts}")
 
 
-async def measure(url: str, redis_url: str, rounds: int) -> dict[str, list[float]]:
+async def measure(opts: argparse.Namespace, url: str, redis_url: str,
+                  keys: dict[str, str]) -> passes.Totals:
+    await populate(url, redis_url, keys["admin"], opts.accounts)
     app = create_app(Settings(database_url=url, redis_url=redis_url, run_workers=False))
-    totals = {"every plan": [0.0, 0.0], "gated": [0.0, 0.0]}
     async with app.router.lifespan_context(app):
         ctx = app.state.ctx
         memory = recurring.SweepMemory()
         await recurring.sweep_when_due(ctx, memory)  # the day's first pass (settles nothing)
-        for n in range(rounds):
-            for name in totals:
-                wall, cpu = time.perf_counter(), time.process_time()
-                if name == "every plan":
-                    drawn = await recurring.sweep(ctx)
-                else:
-                    drawn = await recurring.sweep_when_due(ctx, memory)
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                if drawn:
-                    raise SystemExit(f"{name}: drew {drawn}: the periods were not settled")
-                totals[name][0] += wall * 1000
-                totals[name][1] += cpu * 1000
-                print(f"round {n + 1} {name:10}  {wall * 1000:8.1f} ms wall  "
-                      f"{cpu * 1000:8.1f} ms CPU")
-    return totals
+
+        async def one_pass(way: str) -> int:
+            if way == WAYS[0]:
+                return await recurring.sweep(ctx)
+            return await recurring.sweep_when_due(ctx, memory)
+
+        return await passes.timed_rounds(opts.rounds, WAYS, one_pass, passes.app_cpu,
+                                         "app CPU")
 
 
-async def main_async(opts: argparse.Namespace, redis_url: str) -> None:
-    name = f"creditgate_bench_{uuid.uuid4().hex[:8]}"
-    url, keys = await core.prepare_database(opts.admin_database_url, name, 1)
-    try:
-        await populate(url, redis_url, keys["admin"], opts.accounts)
-        totals = await measure(url, redis_url, opts.rounds)
-    finally:
-        await core.drop_database(opts.admin_database_url, name)
-    every, gated = totals["every plan"], totals["gated"]
-    r = opts.rounds
-    print(f"\n{opts.accounts:,} account plans with a standing charge, settled; {r} rounds, "
-          "per worker pass:")
-    print("| recurring sweep pass | wall ms | app CPU ms |\n|---|---:|---:|")
-    print(f"| every account plan (every pass before) | {every[0] / r:.1f} | {every[1] / r:.1f} |")
-    print(f"| gated (day and configuration unchanged) | {gated[0] / r:.2f} | {gated[1] / r:.2f} |")
-    print(f"ratio every plan / gated: wall {every[0] / gated[0]:.0f}x, "
-          f"CPU {every[1] / max(gated[1], 0.001):.0f}x")
+def report(opts: argparse.Namespace, totals: passes.Totals) -> None:
+    passes.table(f"{opts.accounts:,} account plans with a standing charge, settled; a "
+                 "recurring sweep pass", "app CPU",
+                 [("every account plan (every pass before)", WAYS[0]),
+                  ("gated (day and configuration unchanged)", WAYS[1])], totals, opts.rounds)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accounts", type=int, default=10_000)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--admin-database-url", default=os.environ.get(
-        "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"))
-    opts = p.parse_args()
-    with core.redis_server("private") as redis_url:
-        asyncio.run(main_async(opts, redis_url.split("?")[0]))
 
 
 if __name__ == "__main__":
-    main()
+    passes.main(__doc__, options, measure, report, rounds=5)

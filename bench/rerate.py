@@ -19,11 +19,7 @@ and the ratio.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import sys
-import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,12 +29,13 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import run as core  # bench/run.py: databases, the private redis-server
-import unsent  # bench/unsent.py: Postgres CPU
+import passes  # bench/passes.py: the database, the rounds, the table
 
 from app.main import create_app
 from app.rating.rerate import rerate_account
 from app.settings import Settings
+
+WAYS = ("every meter", "new meters only")
 
 CATALOG = (
     ("/v1/credit-types", {"code": "usd", "name": "US dollar", "kind": "fiat",
@@ -97,56 +94,34 @@ async def populate(app: object, url: str, admin_key: str, measurements: int) -> 
     return int(found)
 
 
-async def measure(url: str, redis_url: str, admin_key: str, measurements: int,
-                  rounds: int) -> dict[str, list[float]]:
+async def measure(opts: argparse.Namespace, url: str, redis_url: str,
+                  keys: dict[str, str]) -> passes.Totals:
     app = create_app(Settings(database_url=url, redis_url=redis_url, run_workers=False))
-    totals = {"every meter": [0.0, 0.0], "new meters only": [0.0, 0.0]}
     async with app.router.lifespan_context(app):
-        from_version = await populate(app, url, admin_key, measurements)
+        from_version = await populate(app, url, keys["admin"], opts.measurements)
         ctx = app.state.ctx
-        account_id = (await ctx.catalog.account("acct")).id
-        for n in range(rounds):
-            for name in totals:
-                version = None if name == "every meter" else from_version
-                wall, cpu = time.perf_counter(), unsent.postgres_cpu()
-                rated, _ = await rerate_account(ctx, account_id, from_version=version)
-                wall, cpu = time.perf_counter() - wall, unsent.postgres_cpu() - cpu
-                if rated:
-                    raise SystemExit(f"{name}: rated {rated}; there was nothing to rate")
-                totals[name][0] += wall * 1000
-                totals[name][1] += cpu * 1000
-                print(f"round {n + 1} {name:15}  {wall * 1000:9.1f} ms wall  "
-                      f"{cpu * 1000:7.1f} ms Postgres CPU")
-    return totals
+        account = await ctx.catalog.account("acct")
+        assert account is not None
+
+        async def one_pass(way: str) -> int:
+            version = None if way == WAYS[0] else from_version
+            rated, _ = await rerate_account(ctx, account.id, from_version=version)
+            return rated
+
+        return await passes.timed_rounds(opts.rounds, WAYS, one_pass, passes.postgres_cpu,
+                                         "Postgres CPU")
 
 
-async def main_async(opts: argparse.Namespace, redis_url: str) -> None:
-    name = f"creditgate_bench_{uuid.uuid4().hex[:8]}"
-    url, keys = await core.prepare_database(opts.admin_database_url, name, 1)
-    try:
-        totals = await measure(url, redis_url, keys["admin"], opts.measurements, opts.rounds)
-    finally:
-        await core.drop_database(opts.admin_database_url, name)
-    every, new = totals["every meter"], totals["new meters only"]
-    r = opts.rounds
-    print(f"\n{opts.measurements:,} rated measurements of meter A in the open period, a pricing "
-          f"for meter B added; {r} rounds, per re-rating pass:")
-    print("| re-rating pass | wall ms | Postgres CPU ms |\n|---|---:|---:|")
-    print(f"| every meter (every request before) | {every[0] / r:.1f} | {every[1] / r:.1f} |")
-    print(f"| the new pricings' meters only | {new[0] / r:.2f} | {new[1] / r:.2f} |")
-    print(f"ratio every meter / new meters only: wall {every[0] / new[0]:.0f}x")
+def report(opts: argparse.Namespace, totals: passes.Totals) -> None:
+    passes.table(f"{opts.measurements:,} rated measurements of meter A in the open period, a "
+                 "pricing for meter B added; a re-rating pass", "Postgres CPU",
+                 [("every meter (every request before)", WAYS[0]),
+                  ("the new pricings' meters only", WAYS[1])], totals, opts.rounds)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measurements", type=int, default=200_000)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--admin-database-url", default=os.environ.get(
-        "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"))
-    opts = p.parse_args()
-    with core.redis_server("private") as redis_url:
-        asyncio.run(main_async(opts, redis_url.split("?")[0]))
 
 
 if __name__ == "__main__":
-    main()
+    passes.main(__doc__, options, measure, report)

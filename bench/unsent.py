@@ -18,11 +18,7 @@ Printed: ms per first pass (wall, and the CPU of every postgres process) and the
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import asyncpg
@@ -30,11 +26,13 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import run as core  # bench/run.py: databases, the private redis-server
+import passes  # bench/passes.py: the database, the rounds, the table
 
 from app.main import create_app
 from app.rating.drawdown import UnsentCursor, send_unsent
 from app.settings import Settings
+
+WAYS = ("from 7 days back", "stored cursor")
 
 
 async def populate(url: str, debits: int) -> None:
@@ -64,63 +62,32 @@ async def populate(url: str, debits: int) -> None:
         await conn.close()
 
 
-def postgres_cpu() -> float:
-    """CPU seconds of every postgres process on the machine (the scan runs there)."""
-    return sum(core.cpu_of(core.named("postgres")).values())
-
-
-async def measure(url: str, redis_url: str, rounds: int) -> dict[str, list[float]]:
+async def measure(opts: argparse.Namespace, url: str, redis_url: str,
+                  _keys: dict[str, str]) -> passes.Totals:
+    await populate(url, opts.debits)
     app = create_app(Settings(database_url=url, redis_url=redis_url, run_workers=False))
-    totals = {"from 7 days back": [0.0, 0.0], "stored cursor": [0.0, 0.0]}
     async with app.router.lifespan_context(app):
         ctx = app.state.ctx
         await send_unsent(ctx, older_than_s=0, cursor=UnsentCursor(shared=True))  # stores it
-        for n in range(rounds):
-            for name in totals:
-                cursor = UnsentCursor(shared=name == "stored cursor")
-                wall, cpu = time.perf_counter(), postgres_cpu()
-                sent = await send_unsent(ctx, older_than_s=0, cursor=cursor)
-                wall, cpu = time.perf_counter() - wall, postgres_cpu() - cpu
-                if sent:
-                    raise SystemExit(f"{name}: sent {sent}: every debit should be sent already")
-                totals[name][0] += wall * 1000
-                totals[name][1] += cpu * 1000
-                print(f"round {n + 1} {name:16}  {wall * 1000:9.1f} ms wall  "
-                      f"{cpu * 1000:7.1f} ms Postgres CPU")
-    return totals
+
+        async def first_pass(way: str) -> int:
+            cursor = UnsentCursor(shared=way == "stored cursor")
+            return await send_unsent(ctx, older_than_s=0, cursor=cursor)
+
+        return await passes.timed_rounds(opts.rounds, WAYS, first_pass, passes.postgres_cpu,
+                                         "Postgres CPU")
 
 
-async def main_async(opts: argparse.Namespace, redis_url: str) -> None:
-    name = f"creditgate_bench_{uuid.uuid4().hex[:8]}"
-    url, _ = await core.prepare_database(opts.admin_database_url, name, 1)
-    try:
-        await populate(url, opts.debits)
-        totals = await measure(url, redis_url, opts.rounds)
-    finally:
-        await core.drop_database(opts.admin_database_url, name)
-    full, stored = totals["from 7 days back"], totals["stored cursor"]
-    r = opts.rounds
-    print(f"\n{opts.debits:,} rated debits in the last 24 h, all sent; {r} rounds, "
-          "per first pass of a process:")
-    print("| first unsent-debit pass | wall ms | Postgres CPU ms |\n|---|---:|---:|")
-    print(f"| from 7 days back (every process start before) | {full[0] / r:.1f} "
-          f"| {full[1] / r:.1f} |")
-    print(f"| from the stored cursor | {stored[0] / r:.2f} | {stored[1] / r:.2f} |")
-    cpu = (f"{full[1] / stored[1]:.0f}x" if stored[1] else
-           "the stored cursor's pass used less than the 10 ms the CPU counters count in")
-    print(f"ratio 7 days / stored: wall {full[0] / stored[0]:.0f}x; Postgres CPU: {cpu}")
+def report(opts: argparse.Namespace, totals: passes.Totals) -> None:
+    passes.table(f"{opts.debits:,} rated debits in the last 24 h, all sent; the first "
+                 "unsent-debit pass of a process", "Postgres CPU",
+                 [("from 7 days back (every process start before)", WAYS[0]),
+                  ("from the stored cursor", WAYS[1])], totals, opts.rounds)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debits", type=int, default=1_000_000)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--admin-database-url", default=os.environ.get(
-        "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"))
-    opts = p.parse_args()
-    with core.redis_server("private") as redis_url:
-        asyncio.run(main_async(opts, redis_url.split("?")[0]))
 
 
 if __name__ == "__main__":
-    main()
+    passes.main(__doc__, options, measure, report)
