@@ -606,7 +606,6 @@ class UnsentCursor:
 
     after: repo.UnsentKey | None = None
     shared: bool = False
-    loaded: bool = False  # a shared cursor read its stored position (on its first pass)
 
 
 async def send_unsent(ctx: AppContext, older_than_s: float = 5.0,  # float-ok: seconds
@@ -616,10 +615,8 @@ async def send_unsent(ctx: AppContext, older_than_s: float = 5.0,  # float-ok: s
     short one after the instant before which every rated debit is committed (a transaction
     still running, whose rows take its start as created_at, holds that instant back). A
     shared cursor stores where it got to once the page is sent."""
-    if cursor is not None and cursor.shared and not cursor.loaded:
-        if cursor.after is None:
-            cursor.after = await repo.stored_cursor(ctx.pool, UNSENT_CURSOR)
-        cursor.loaded = True
+    if cursor is not None and cursor.shared and cursor.after is None:  # its first pass
+        cursor.after = await repo.stored_cursor(ctx.pool, UNSENT_CURSOR)
     rows, upper = await repo.unsent_debits(ctx.pool, older_than_s, limit,
                                            cursor.after if cursor else None)
     await resend(ctx, rows)

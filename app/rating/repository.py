@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -655,14 +655,16 @@ async def unsettled_charges(conn: Conn, older_than_s: float,  # float-ok: second
 
 # --- re-rating measurements stored unrated ----------------------------------------------------
 
-async def request_rerate(conn: Conn, account_ids: list[int], table: str, row_id: int) -> None:
+async def request_rerate(conn: Conn, account_ids: list[int],
+                         table: Literal["pricings", "account_plans"], row_id: int) -> None:
     """Ask for re-rating, in the transaction that inserted a pricing or account plan (`table`,
     `row_id`): the version that row took is where the request's new pricings start (migration
     018); a request already waiting keeps the lower of the two."""
-    source = {"pricings": "pricings", "account_plans": "account_plans"}[table]
+    if table not in ("pricings", "account_plans"):  # (a table name in the SQL: never input)
+        raise ValueError(table)
     await conn.execute(
         f"""INSERT INTO rerate_requests AS r (account_id, from_version)
-            SELECT a, (SELECT config_version FROM {source} WHERE id = $2)
+            SELECT a, (SELECT config_version FROM {table} WHERE id = $2)
             FROM unnest($1::int8[]) AS a
             ON CONFLICT (account_id) DO UPDATE SET requested_at = now(),
                 from_version = CASE WHEN r.from_version IS NULL THEN NULL
