@@ -58,6 +58,10 @@ class Settings:
     # Webhook events and their delivery log are kept this long once no delivery of them is
     # pending, then deleted by the workers (0: kept forever).
     webhook_retention_d: int = 30
+    # The workers bill a period this many days after it ends (late measurements still rate
+    # until then; after its bill they are stored unrated). Off: only `POST /v1/bills/run` bills.
+    bills_auto: bool = True
+    bill_grace_d: int = 1
     run_workers: bool = True
     redis_prefix: str = "cg"
     # Plain checks answered from the process's memory while Redis reports no change to what
@@ -93,6 +97,8 @@ class Settings:
             worker_interval_s=_seconds("CREDITGATE_WORKER_INTERVAL_S", 2.0),
             idempotency_key_ttl_h=_int("CREDITGATE_IDEMPOTENCY_KEY_TTL_H", 7 * 24),
             webhook_retention_d=_int("CREDITGATE_WEBHOOK_RETENTION_D", 30),
+            bills_auto=os.environ.get("CREDITGATE_BILLS_AUTO", "1") != "0",
+            bill_grace_d=_int("CREDITGATE_BILL_GRACE_D", 1),
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",
             redis_prefix=os.environ.get("CREDITGATE_REDIS_PREFIX", "cg"),
             check_cache=os.environ.get("CREDITGATE_CHECK_CACHE", "1") != "0",

@@ -1,10 +1,10 @@
 """Background work every app process runs: orphaned-journal sweep, credit expiry, rated
 debits a crash left, the standing charges and counter charges of billing periods that started,
-the purchase reconciler, the auto-recharge runner, expired Idempotency-Keys, and webhook
-events past their retention.
+the bill run of closed periods, the purchase reconciler, the auto-recharge runner, expired
+Idempotency-Keys, and webhook events past their retention.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
-balance id, recurring charges are settled under the account's row lock.
+balance id, recurring charges are settled and bills written under the account's row lock.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from app.errors import STORE_ERRORS
 from app.idempotency import purge_expired as purge_expired_keys
 from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
+from app.rating.bills import BillMemory
+from app.rating.bills import run_when_due as run_bills
 from app.rating.drawdown import UnsentCursor, send_unsent
 from app.rating.giveback import settle_unsettled
 from app.rating.recurring import SweepMemory
@@ -37,13 +39,14 @@ async def run_workers(ctx: AppContext) -> None:
 
 
 async def _store_workers(ctx: AppContext) -> None:
-    recurring, unsent = SweepMemory(), UnsentCursor(shared=True)
+    recurring, unsent, billed = SweepMemory(), UnsentCursor(shared=True), BillMemory()
     while True:
         try:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
             await expire_due(ctx)
             await send_unsent(ctx, cursor=unsent)
             await draw_recurring_charges(ctx, recurring)
+            await run_bills(ctx, billed)
             await settle_unsettled(ctx)
             await rerate_pending(ctx)
             await purge_expired_keys(ctx)

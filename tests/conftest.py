@@ -64,8 +64,10 @@ def redis_url(servers: tuple[str, str]) -> str:
 @pytest.fixture(scope="session")
 def settings(database_url: str, redis_url: str) -> Settings:
     # a key prefix of its own: parallel test sessions may share one Redis
+    # no automatic bill run: tests date plans in the past and bill them when they choose
     return Settings(database_url=database_url, redis_url=redis_url, worker_interval_s=0.5,
-                    journal_orphan_ms=1_000, redis_prefix=f"cgt{uuid.uuid4().hex[:6]}")
+                    journal_orphan_ms=1_000, redis_prefix=f"cgt{uuid.uuid4().hex[:6]}",
+                    bills_auto=False)
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,16 @@ from app.schemas import Code, Strict, Timestamp
 UID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN)]
 # Usage uids the rating engine gives its own debits (`r<pricing>:…`, `s<account plan>:…`,
-# `c<pricing>:…`): a client's usage uid or consume key may not take that shape, so it can
-# never collide with (and silently deduplicate) a rated debit.
-RESERVED_UID = re.compile(r"^[rsc][0-9]+:")
+# `c<pricing>:…`, the bill run's `b<account plan>:…`): a client's usage uid or consume key
+# may not take that shape, so it can never collide with (and silently deduplicate) a rated
+# debit.
+RESERVED_UID = re.compile(r"^[rscb][0-9]+:")
 
 
 def _not_reserved(value: str) -> str:
     if RESERVED_UID.match(value):
-        raise ValueError("uids of the form r<digits>:…, s<digits>:… and c<digits>:… are "
-                         "reserved for rated debits")
+        raise ValueError("uids of the form r<digits>:…, s<digits>:…, c<digits>:… and "
+                         "b<digits>:… are reserved for rated debits")
     return value
 
 

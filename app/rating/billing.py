@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from app.db import Conn
 from app.errors import NotFound
 from app.money import fmt
 from app.rating import repository as repo
@@ -56,12 +57,13 @@ def _bands(pricing: asyncpg.Record) -> list[Band]:
             for b in json.loads(pricing["bands"])]
 
 
-async def _pricing_usage(ctx: AppContext, account_id: int, pricing: asyncpg.Record,
-                         start: date, end: date) -> list[PricingUsage]:
+async def pricing_usage(conn: Conn, account_id: int, pricing: asyncpg.Record,
+                        start: date, end: date) -> list[PricingUsage]:
+    """A pricing's lines for the period [start, end): one per segment (one for a counter)."""
     bands, fee = _bands(pricing), Decimal(pricing["fixed_fee"])
     kind = pricing["pricing_type"]
     if pricing["counter_id"] is not None:
-        levels = await repo.counter_levels(ctx.pool, account_id, pricing["counter_id"])
+        levels = await repo.counter_levels(conn, account_id, pricing["counter_id"])
         spans = counter_levels(levels, start, end)
         amount = counter_charge(kind, bands, fee, spans, (end - start).days,
                                 pricing["counter_mode"])
@@ -70,7 +72,7 @@ async def _pricing_usage(ctx: AppContext, account_id: int, pricing: asyncpg.Reco
                              segment=None, quantity=f"{peak:f}", bands=[],
                              fixed_fee=f"{fee:f}", amount=f"{amount:f}")]
     out = []
-    for row in await repo.states_of(ctx.pool, account_id, pricing["id"], start):
+    for row in await repo.states_of(conn, account_id, pricing["id"], start):
         state = _state(row)
         units = quantity(aggregate(pricing["function"], state),
                          Decimal(pricing["quantity_per_unit"]), pricing["rounding"])
@@ -94,7 +96,7 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
         usages: list[PricingUsage] = []
         drawn = 0
         for pricing in await repo.pricings_in(ctx.pool, plan["id"], start, end):
-            usages += await _pricing_usage(ctx, account.id, pricing, start, end)
+            usages += await pricing_usage(ctx.pool, account.id, pricing, start, end)
             drawn += await repo.drawn_minor(ctx.pool, account.id, f"p{pricing['id']}", start)
         standing = Decimal(plan["standing_charge"])
         standing_drawn = await repo.drawn_minor(ctx.pool, account.id,

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from app.errors import NotFound, ValidationProblem
 from app.http import ADMIN, READ, RUNTIME, Call, Endpoint
-from app.rating import billing, drawdown, recurring, service
+from app.rating import billing, bills, drawdown, recurring, service
 from app.rating import repository as repo
 from app.rating.schemas import (
     MAX_MEASUREMENTS,
@@ -20,6 +20,10 @@ from app.rating.schemas import (
     AggregationIn,
     AggregationOut,
     AggregationPage,
+    BillOut,
+    BillPage,
+    BillRunIn,
+    BillRunOut,
     ConversionRateIn,
     ConversionRateOut,
     CounterAdjustmentIn,
@@ -161,6 +165,26 @@ async def usage(call: Call) -> BaseModel:
     return await billing.bill_to_date(call.ctx, call.path("code"), call.query.at)
 
 
+async def run_bills(call: Call) -> BaseModel:
+    return await bills.run_request(call.ctx, call.body)
+
+
+async def read_bill(call: Call) -> BaseModel:
+    raw = call.path("id")
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound(f"no bill {raw!r}", field="id")
+    return await bills.bill(call.ctx.pool, int(raw))
+
+
+async def account_bills(call: Call) -> BaseModel:
+    account = await call.ctx.catalog.account(call.path("code"))
+    if account is None:
+        raise NotFound(f"no account {call.path('code')!r}", field="code")
+    found = await bills.bills_of(call.ctx.pool, account.id, call.query.after_id(),
+                                 call.query.limit)
+    return BillPage(data=found, next_cursor=next_cursor([b.id for b in found], call.query.limit))
+
+
 RUNTIME_ENDPOINTS = [
     Endpoint("GET", "/v1/accounts/{code}/measurements/{uid}", read_measurement, READ,
              "A stored measurement and whether it has been rated", "runtime",
@@ -178,6 +202,13 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/accounts/{code}/usage", usage, READ,
              "Bill-to-date: each pricing's quantity, bands and amount for a period", "runtime",
              query=UsageQuery, response=AccountUsageOut),
+    Endpoint("POST", "/v1/bills/run", run_bills, ADMIN,
+             "The bill run: one final bill per account plan and closed period (minimum spend "
+             "topped up, credits settled); the workers run it daily after a grace period",
+             "bills", body=BillRunIn, response=BillRunOut),
+    Endpoint("GET", "/v1/bills/{id}", read_bill, READ, "A bill", "bills", response=BillOut),
+    Endpoint("GET", "/v1/accounts/{code}/bills", account_bills, READ,
+             "An account's bills, oldest first", "bills", query=ListQuery, response=BillPage),
     *_crud("/v1/meters", "meters", "a meter (data and derived fields)", "meters", MeterIn,
            MeterOut, service.create_meter),
     *_crud("/v1/aggregations", "aggregations", "an aggregation of a meter field",

@@ -115,7 +115,7 @@ def _uid(key: str, start: date, drawn_before: int, drawn_after: int) -> str:
     return f"{prefix}:{start.isoformat()}:{drawn_after}"
 
 
-class _Settlement:
+class Settlement:
     """One transaction's settlements for one account (levels read once per counter)."""
 
     def __init__(self, conn: Connection, account: AccountRef, credit_type: CreditTypeRef) -> None:
@@ -135,6 +135,8 @@ class _Settlement:
         known now. `changed`: the day a counter level changed (its delta is converted at the
         rate of that day; everything else at the rate of the period's first day)."""
         start = period[0]
+        if await rrepo.billed(self.conn, plan["id"], period[1]):
+            return  # the bill run settled this period for good
         targets: dict[str, tuple[Decimal, date]] = {}
         standing = Decimal(plan["standing_charge"])
         if standing > 0:
@@ -166,7 +168,7 @@ class _Settlement:
                             plan["product"], after - drawn)
                 self.draws.append(draw)
                 debits.append((self.account.id, draw.uid, draw.product, self.credit_type.code,
-                               Decimal(draw.minor).scaleb(-places), now))
+                               Decimal(draw.minor).scaleb(-places), now, key, start))
         await rrepo.save_charges(self.conn, charges, debits)
 
 
@@ -186,7 +188,7 @@ async def on_attach(conn: Connection, account: AccountRef, account_plan_id: int,
     plan = await rrepo.account_plan(conn, account_plan_id)
     assert plan is not None
     pricings = (await _pricings_by_plan(conn, [plan["plan_id"]]))[plan["plan_id"]]
-    settlement = _Settlement(conn, account, account.credit_type)
+    settlement = Settlement(conn, account, account.credit_type)
     for period in started_periods(plan, plan["start_date"], day or today()):
         await settlement.period(plan, pricings, period)
     return settlement.draws
@@ -200,7 +202,7 @@ async def on_adjust(conn: Connection, account: AccountRef, counter_id: int, effe
         return []
     plans = await rrepo.account_plans_pricing_counter(conn, account.id, counter_id)
     by_plan = await _pricings_by_plan(conn, [p["plan_id"] for p in plans])
-    settlement = _Settlement(conn, account, account.credit_type)
+    settlement = Settlement(conn, account, account.credit_type)
     for plan in plans:
         pricings = by_plan[plan["plan_id"]]
         mine = [p for p in pricings if p["counter_id"] == counter_id]
@@ -280,7 +282,7 @@ async def _settle_current(ctx: AppContext, plans: list[asyncpg.Record],
     try:
         async with ctx.pool.acquire() as conn, conn.transaction():
             await rrepo.lock_account(conn, account.id)
-            settlement = _Settlement(conn, account, account.credit_type)
+            settlement = Settlement(conn, account, account.credit_type)
             for plan in plans:
                 period = period_of(plan["start_date"], plan["bill_frequency"],
                                    plan["bill_interval"], day)

@@ -51,6 +51,11 @@ async def active_account_plans(conn: Conn, day: date,
         ORDER BY ap.account_id, ap.id""", day, account_ids)
 
 
+async def billed(conn: Conn, account_plan_id: int, period_end: date) -> bool:
+    return await conn.fetchval("SELECT 1 FROM bills WHERE account_plan_id = $1 AND period_end = $2",
+                               account_plan_id, period_end) is not None
+
+
 async def config_version(conn: Conn) -> int:
     """Moves with every committed change to account plans, plans, templates or pricings."""
     return int(await conn.fetchval("SELECT version FROM rating_config_version"))
@@ -94,7 +99,8 @@ async def lock_charges(conn: Connection,
 async def save_charges(conn: Connection, charges: list[tuple[Any, ...]],
                        debits: list[tuple[Any, ...]]) -> None:
     """Write back locked charges (account, key, period, exact, drawn_minor, charged) and insert
-    the debits they owe (account, uid, product, credit type, amount, ts)."""
+    the debits they owe (account, uid, product, credit type, amount, ts, charge key, period
+    start: a give-back of the same charge reverses them)."""
     if charges:
         await conn.execute(
             """UPDATE rated_charges c SET exact = k.e, drawn_minor = k.m, charged = k.g
@@ -104,7 +110,8 @@ async def save_charges(conn: Connection, charges: list[tuple[Any, ...]],
             *[list(c) for c in zip(*charges, strict=True)])
     if debits:
         await conn.execute(
-            """INSERT INTO rated_debits (account_id, uid, product_code, credit_type, amount, ts)
+            """INSERT INTO rated_debits (account_id, uid, product_code, credit_type, amount, ts,
+                                        charge_key, period_start)
                SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[],
-                                    $5::numeric[], $6::timestamptz[])
+                                    $5::numeric[], $6::timestamptz[], $7::text[], $8::date[])
                ON CONFLICT DO NOTHING""", *[list(c) for c in zip(*debits, strict=True)])

@@ -229,7 +229,11 @@ async def active_pricings_many(conn: Conn, keys: list[tuple[int, int, date]]
     (after its commit) finds every measurement its rating missed. A lock that had to wait
     returns the row as the other transaction committed it while the rest of the statement
     still read the older snapshot (READ COMMITTED rechecks only the locked row): then the
-    versions differ and the query runs again, now holding the lock."""
+    versions differ and the query runs again, now holding the lock.
+
+    A period already billed rates nothing (its measurements are stored unrated): the bill run
+    moves the version in its transaction before it reads the period's states, so it waits for
+    rating transactions under way, and the ones after it see its bill."""
     columns = [list(c) for c in zip(*keys, strict=True)]
     while True:
         rows = await conn.fetch(_PRICINGS_SQL, *columns)
@@ -262,6 +266,8 @@ _PRICINGS_SQL = """
       WHERE g.meter_id = k.m
         AND ap.start_date <= k.d AND (ap.end_date IS NULL OR ap.end_date > k.d)
         AND pr.start_date <= k.d AND (pr.end_date IS NULL OR pr.end_date > k.d)
+        AND NOT EXISTS (SELECT 1 FROM bills b WHERE b.account_plan_id = ap.id
+                          AND b.period_end > k.d AND b.period_start <= k.d)
     ) x ON true
     ORDER BY x.id FOR SHARE OF v"""
 

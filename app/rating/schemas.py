@@ -332,3 +332,47 @@ class PlanPage(Page[PlanOut]):
 
 class PricingPage(Page[PricingOut]):
     pass
+
+
+class BillRunIn(Strict):
+    through: Day | None = Field(
+        default=None, description="bill every period that ended on or before this day (its "
+        "exclusive end at most this day); at most today. Omitted: today minus the grace period")
+    account: Code | None = Field(default=None, description="only this account's plans")
+
+
+class NotBilled(BaseModel):
+    account: str
+    reason: str
+
+
+class BillRunOut(BaseModel):
+    through: date
+    bills: list[int] = Field(description="ids of the bills this run wrote (none: all billed)")
+    not_billed: list[NotBilled] = Field(description="accounts with periods due that could not "
+                                        "be billed yet (a missing conversion rate); the workers "
+                                        "retry them")
+
+
+class BillOut(BaseModel):
+    id: int
+    account: str
+    plan: str
+    period_start: date
+    period_end: date = Field(description="exclusive")
+    currency: str = Field(description="the plan's: every amount below but `drawn`, `settled`")
+    standing_charge: str
+    pricings: list[PricingUsage]
+    subtotal: str = Field(description="standing charge + pricings, exact")
+    minimum_spend: str
+    minimum_spend_topup: str = Field(description="what brings the subtotal up to the minimum")
+    total: str = Field(description="subtotal + top-up, rounded half up at the currency's places")
+    credit_type: str | None = Field(description="the account's; null: nothing was drawn")
+    drawn: str | None = Field(description="credits the period's charges drew, in the credit type")
+    settled: str | None = Field(description="of `drawn`: what the bill run drew (+) or gave "
+                                "back (-)")
+    created_at: datetime
+
+
+class BillPage(Page[BillOut]):
+    pass

@@ -1,0 +1,332 @@
+"""The bill run: one final bill per account plan and closed billing period.
+
+Real-time drawdown (invariant 8) draws each charge as usage arrives; the bill run closes a
+period for good, some days after it ends (`CREDITGATE_BILL_GRACE_D`, default 1: late
+measurements rate until then). For each (account plan, period) not billed yet, in one
+transaction under the account's row lock:
+
+1. **Hold rating.** After the account lock (the order attaching a plan takes them in), it
+   moves `rating_config_version`. Rating transactions share-lock that row while they read
+   their pricings, so the move waits for the ones under way (their states are then committed
+   and read below), and the ones after it re-read their pricings and find the bill: a
+   measurement for a billed period is stored unrated, never drawn without being billed.
+2. **Settle the recurring charges** of the period as the sweep does (the standing charge and
+   the counters at their final levels), in case a sweep never saw it.
+3. **Lines**: the standing charge and each pricing's quantity, bands and amount, exactly as
+   bill-to-date computes them from the stored states and counter levels; the subtotal; a
+   **minimum spend** top-up when the subtotal is below the plan's minimum; the total rounded
+   once, half up, at the plan currency's places.
+4. **Settle the credits** (accounts with a credit type): the top-up is a running charge of its
+   own (`m<account plan id>`, converted at the rate of the period's last day); then every
+   charge of the period is brought to its rounded exact amount: a counter lowered mid-period
+   was drawn at its high-water mark, so the difference is given back (reversing the charge's
+   own debits, as a real-time give-back does); what was drawn short is debited. Uids
+   `b<account plan id>:<period start>:<charge key>`, so nothing is drawn twice.
+5. **Write the bill** (unique per account plan and period end) and a `bill.finalized` event.
+
+After the commit the debits go through the usage path and the give-backs are paid; a crash in
+between is repaired by the worker passes that already repair real-time rating
+(`send_unsent`, `settle_unsettled`). Any number of processes may run it at once: the account
+lock serialises them and a billed period is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from app.config.catalog import AccountRef, CreditTypeRef
+from app.db import Conn, Connection
+from app.errors import NotFound, ValidationProblem
+from app.money import fmt
+from app.rating import giveback, recurring
+from app.rating import recurring_repository as rrepo
+from app.rating import repository as repo
+from app.rating.billing import pricing_usage
+from app.rating.periods import period_of
+from app.rating.pricing import CHARGE_ROUNDING, convert, to_minor
+from app.rating.recurring import Draw, Period
+from app.rating.schemas import BillOut, BillRunIn, BillRunOut, NotBilled, PricingUsage
+from app.webhooks.outbox import OutboxEvent, event_id, publish
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+log = logging.getLogger(__name__)
+PASS_LIMIT = 500  # bills one pass writes at most; the next pass goes on
+
+_PLANS = """
+    SELECT ap.id, ap.account_id, ap.plan_id, ap.start_date, ap.end_date, a.code AS account,
+           pl.code AS plan, COALESCE(pl.standing_charge, t.standing_charge) AS standing_charge,
+           COALESCE(pl.minimum_spend, t.minimum_spend) AS minimum_spend,
+           t.bill_frequency, t.bill_interval, t.currency_id, cur.code AS currency,
+           cur.decimal_places AS currency_places, p.code AS product,
+           (SELECT max(b.period_end) FROM bills b WHERE b.account_plan_id = ap.id) AS billed_through
+    FROM account_plans ap JOIN accounts a ON a.id = ap.account_id
+    JOIN plans pl ON pl.id = ap.plan_id JOIN plan_templates t ON t.id = pl.template_id
+    JOIN products p ON p.id = t.product_id JOIN credit_types cur ON cur.id = t.currency_id
+    WHERE ap.start_date < $1 AND ($2::int8[] IS NULL OR ap.account_id = ANY($2::int8[]))
+    ORDER BY ap.account_id, ap.id"""
+
+_BILL = """
+    SELECT b.*, a.code AS account, pl.code AS plan, cur.code AS currency,
+           cur.decimal_places AS currency_places, ct.code AS credit_type,
+           ct.decimal_places AS credit_places
+    FROM bills b JOIN accounts a ON a.id = b.account_id
+    JOIN account_plans ap ON ap.id = b.account_plan_id JOIN plans pl ON pl.id = ap.plan_id
+    JOIN credit_types cur ON cur.id = b.currency_id
+    LEFT JOIN credit_types ct ON ct.id = b.credit_type_id"""
+
+
+def closed_periods(plan: asyncpg.Record, through: date) -> Iterator[Period]:
+    """The periods of an account plan not billed yet that ended by `through` (their exclusive
+    end at most `through`), none starting after the plan ends."""
+    at = max(plan["start_date"], plan["billed_through"] or plan["start_date"])
+    while plan["end_date"] is None or at < plan["end_date"]:
+        period = period_of(plan["start_date"], plan["bill_frequency"], plan["bill_interval"], at)
+        if period[1] > through:
+            return
+        yield period
+        at = period[1]
+
+
+@dataclass
+class _Run:
+    """What one account's transaction owes once it commits."""
+
+    bills: list[int] = field(default_factory=list)
+    draws: list[Draw] = field(default_factory=list)
+    givebacks: list[tuple[int, str, date]] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    bills: list[int] = field(default_factory=list)  # written by this run
+    failed: dict[int, tuple[str, str]] = field(default_factory=dict)  # id: (account, reason)
+    limited: bool = False  # stopped at the limit: more is due
+
+
+async def run(ctx: AppContext, through: date, account_ids: list[int] | None = None,
+              limit: int = PASS_LIMIT) -> Outcome:
+    """Bill every closed period up to `through` (at most `limit` of them). An account that
+    cannot be billed yet (a missing conversion rate) is left for a later run."""
+    plans = await ctx.pool.fetch(_PLANS, through, account_ids)
+    due: dict[int, list[tuple[asyncpg.Record, Period]]] = defaultdict(list)
+    outcome, count = Outcome(), 0
+    for plan in plans:
+        for period in closed_periods(plan, through):
+            if count == limit:
+                outcome.limited = True
+                break
+            due[plan["account_id"]].append((plan, period))
+            count += 1
+    for account_id, items in due.items():
+        account = await ctx.catalog.account(items[0][0]["account"])
+        assert account is not None
+        try:
+            outcome.bills += await _bill_account(ctx, account, items)
+        except ValidationProblem as problem:
+            log.warning("bills of account %s not written: %s", account.code, problem.detail)
+            outcome.failed[account_id] = (account.code, problem.detail)
+    return outcome
+
+
+async def _bill_account(ctx: AppContext, account: AccountRef,
+                        items: list[tuple[asyncpg.Record, Period]]) -> list[int]:
+    done = _Run()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        # the account first, then the version row: the order attaching a plan takes them in
+        await rrepo.lock_account(conn, account.id)
+        await conn.execute("UPDATE rating_config_version SET version = version + 1")
+        for plan, period in items:
+            await _bill(conn, account, plan, period, done)
+    if done.draws:
+        await recurring.send(ctx, done.draws)
+    if done.givebacks:
+        await giveback.settle(ctx, done.givebacks)
+    return done.bills
+
+
+async def _bill(conn: Connection, account: AccountRef, plan: asyncpg.Record, period: Period,
+                done: _Run) -> None:
+    start, end = period
+    if await rrepo.billed(conn, plan["id"], end):
+        return  # another process billed it meanwhile
+    pricings = await repo.pricings_in(conn, plan["plan_id"], start, end)
+    credit_type = account.credit_type
+    if credit_type is not None:
+        settlement = recurring.Settlement(conn, account, credit_type)
+        await settlement.period(plan, [p for p in pricings if p["counter_id"] is not None], period)
+        done.draws += settlement.draws
+    lines: list[PricingUsage] = []
+    for pricing in pricings:
+        lines += await pricing_usage(conn, account.id, pricing, start, end)
+    standing = Decimal(plan["standing_charge"])
+    subtotal = standing + sum((Decimal(u.amount) for u in lines), Decimal(0))
+    topup = max(Decimal(0), Decimal(plan["minimum_spend"]) - subtotal)
+    total = (subtotal + topup).quantize(Decimal(1).scaleb(-plan["currency_places"]),
+                                        rounding=CHARGE_ROUNDING)
+    drawn = settled = None
+    if credit_type is not None:
+        keys = [f"p{p['id']}" for p in pricings]
+        keys += [f"s{plan['id']}"] if standing > 0 else []
+        keys += [f"m{plan['id']}"] if topup > 0 else []
+        drawn, settled = await _settle(conn, account, credit_type, plan, period, keys, topup,
+                                       done)
+    bill_id: int = await conn.fetchval(
+        """INSERT INTO bills (account_id, account_plan_id, period_start, period_end, currency_id,
+                              standing_charge, pricings, subtotal, minimum_spend, minimum_topup,
+                              total, credit_type_id, drawn, settled)
+           VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14)
+           RETURNING id""",
+        account.id, plan["id"], start, end, plan["currency_id"], standing,
+        json.dumps([u.model_dump() for u in lines]), subtotal, Decimal(plan["minimum_spend"]),
+        topup, total, credit_type.id if credit_type else None, drawn, settled)
+    done.bills.append(bill_id)
+    data: dict[str, Any] = {
+        "bill": bill_id, "plan": plan["plan"], "period_start": start.isoformat(),
+        "period_end": end.isoformat(), "currency": plan["currency"], "total": f"{total:f}",
+        "credit_type": credit_type.code if credit_type else None,
+        "drawn": None if drawn is None else f"{drawn:f}"}
+    await publish(conn, [OutboxEvent(event_id("bill", bill_id), "bill.finalized", account.id,
+                                     None, datetime.now(UTC), data)])
+
+
+async def _settle(conn: Connection, account: AccountRef, credit_type: CreditTypeRef,
+                  plan: asyncpg.Record, period: Period, keys: list[str], topup: Decimal,
+                  done: _Run) -> tuple[Decimal, Decimal]:
+    """Bring every charge of the period to its rounded exact amount (the minimum-spend top-up
+    first becomes the exact amount of `m<account plan>`); (drawn, settled) in credits."""
+    start, end = period
+    places, now = credit_type.decimal_places, datetime.now(UTC)
+    rows = await rrepo.lock_charges(conn, [(account.id, key, start, credit_type.id)
+                                           for key in keys])
+    charges, debits, credits = [], [], []
+    drawn_total = settled = 0
+    for row in rows:
+        key, exact, drawn = row["charge_key"], Decimal(row["exact"]), int(row["drawn_minor"])
+        charged = row["charged"]
+        if key.startswith("m"):
+            rate, multiply = await repo.factor_on(conn, plan["currency_id"], credit_type,
+                                                  end - timedelta(days=1), account.code)
+            exact, charged = convert(topup, rate, multiply), topup
+        target = to_minor(exact, places)
+        uid = f"b{plan['id']}:{start.isoformat()}:{key}"
+        amount = Decimal(abs(target - drawn)).scaleb(-places)
+        if target > drawn:
+            done.draws.append(Draw(account, credit_type, key, uid, plan["product"],
+                                   target - drawn))
+            debits.append((account.id, uid, plan["product"], credit_type.code, amount, now, key,
+                           start))
+        elif target < drawn:
+            credits.append((account.id, uid, key, start, plan["product"], credit_type.code,
+                            amount, now))
+            done.givebacks.append((account.id, key, start))
+        if target != drawn or key.startswith("m"):
+            charges.append((account.id, key, start, exact, target, charged))
+        drawn_total += target
+        settled += target - drawn
+    await rrepo.save_charges(conn, charges, debits)
+    await insert_credits(conn, credits)
+    return Decimal(drawn_total).scaleb(-places), Decimal(settled).scaleb(-places)
+
+
+async def insert_credits(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Give-backs (account, uid, charge key, period start, product, credit type, amount, ts),
+    paid by `giveback.settle` once committed."""
+    if rows:
+        await conn.execute(
+            """INSERT INTO rated_credits (account_id, uid, charge_key, period_start,
+                                          product_code, credit_type, amount, ts)
+               SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::date[], $5::text[],
+                                    $6::text[], $7::numeric[], $8::timestamptz[])
+               ON CONFLICT DO NOTHING""", *[list(c) for c in zip(*rows, strict=True)])
+
+
+def default_through(ctx: AppContext, day: date | None = None) -> date:
+    return (day or recurring.today()) - timedelta(days=ctx.settings.bill_grace_d)
+
+
+async def run_request(ctx: AppContext, body: BillRunIn) -> BillRunOut:
+    """`POST /v1/bills/run`: bill what is due now, or through a given day (at most today)."""
+    through = body.through or default_through(ctx)
+    if through > recurring.today():
+        raise ValidationProblem("a period that has not ended cannot be billed", field="through")
+    account_ids = None
+    if body.account is not None:
+        account = await ctx.catalog.account(body.account)
+        if account is None:
+            raise NotFound(f"no account {body.account!r}", field="account")
+        account_ids = [account.id]
+    made: list[int] = []
+    while True:
+        outcome = await run(ctx, through, account_ids)
+        made += outcome.bills
+        if not outcome.limited:
+            return BillRunOut(through=through, bills=made, not_billed=[
+                NotBilled(account=code, reason=reason) for code, reason in outcome.failed.values()])
+
+
+@dataclass
+class BillMemory:
+    """What the workers' last bill pass saw: periods end on days, so on the same day a pass
+    has only what the last one left to do (the limit, accounts missing a rate)."""
+
+    day: date | None = None
+    limited: bool = False
+    failed: list[int] = field(default_factory=list)
+
+
+async def run_when_due(ctx: AppContext, memory: BillMemory, day: date | None = None,
+                       account_ids: list[int] | None = None) -> int:
+    """Worker: bill what is due when the day changed, else go on after the limit or retry the
+    accounts that failed, else nothing (no query). `account_ids`: only those (a test's)."""
+    if not ctx.settings.bills_auto:
+        return 0
+    day = day or recurring.today()
+    if memory.day == day and not memory.limited:
+        if not memory.failed:
+            return 0
+        outcome = await run(ctx, default_through(ctx, day), memory.failed)
+    else:
+        outcome = await run(ctx, default_through(ctx, day), account_ids)
+    memory.day, memory.limited, memory.failed = day, outcome.limited, list(outcome.failed)
+    return len(outcome.bills)
+
+
+def bill_out(row: asyncpg.Record) -> BillOut:
+    credit_places = row["credit_places"]
+    return BillOut(
+        id=row["id"], account=row["account"], plan=row["plan"], period_start=row["period_start"],
+        period_end=row["period_end"], currency=row["currency"],
+        standing_charge=f"{Decimal(row['standing_charge']):f}",
+        pricings=[PricingUsage.model_validate(p) for p in json.loads(row["pricings"])],
+        subtotal=f"{Decimal(row['subtotal']):f}",
+        minimum_spend=f"{Decimal(row['minimum_spend']):f}",
+        minimum_spend_topup=f"{Decimal(row['minimum_topup']):f}",
+        total=fmt(Decimal(row["total"]), row["currency_places"]),
+        credit_type=row["credit_type"],
+        drawn=None if row["drawn"] is None else fmt(Decimal(row["drawn"]), credit_places),
+        settled=None if row["settled"] is None else fmt(Decimal(row["settled"]), credit_places),
+        created_at=row["created_at"])
+
+
+async def bill(conn: Conn, bill_id: int) -> BillOut:
+    row = await conn.fetchrow(_BILL + " WHERE b.id = $1", bill_id)
+    if row is None:
+        raise NotFound(f"no bill {bill_id}", field="id")
+    return bill_out(row)
+
+
+async def bills_of(conn: Conn, account_id: int, after_id: int, limit: int) -> list[BillOut]:
+    rows = await conn.fetch(_BILL + " WHERE b.account_id = $1 AND b.id > $2 ORDER BY b.id LIMIT $3",
+                            account_id, after_id, limit)
+    return [bill_out(r) for r in rows]
