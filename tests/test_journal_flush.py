@@ -199,3 +199,17 @@ async def test_a_rebuilt_root_is_announced_again_at_once(api: Api, app: Any,
     await api.usage(root.code, root.product, "1.00")  # cold: rebuilt, then decided
     assert await hot.redis.zscore(index, str(root.id)) is not None
     assert Decimal(await api.available(root.code)) == Decimal("98.00")
+
+
+async def test_a_stopping_journal_commits_what_is_queued_before_it_stops(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    """A graceful stop (SIGTERM, a deploy) does not leave debits queued for the group commit
+    to another process's sweeper: they are committed before the journal stops."""
+    root = await _root(api, app, db)
+    journal = Journal(root.ctx.pool, root.ctx.hot)
+    journal.start()
+    records = [await root.decided(10) for _ in range(20)]
+    for record in records:
+        journal.commit_soon([record])  # queued, not yet taken by the flush loop
+    await journal.stop()
+    assert await _written(db, *records) == {r.payload["uid"]: (1, -10) for r in records}

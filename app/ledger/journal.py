@@ -148,7 +148,16 @@ class Journal:
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = 5.0) -> None:  # float-ok: seconds
+        """Commit what is queued and in flight (for up to `drain_s`), then stop. What is left
+        stays in its stream for another process's sweeper, as after a crash."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_s
+        while (not self._queue.empty() or self._tasks) and loop.time() < deadline:
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=deadline - loop.time())
+            else:
+                await asyncio.sleep(0.005)  # the loop is taking the queue's next batch
         if self._loop_task:
             self._loop_task.cancel()
         if self._tasks:
