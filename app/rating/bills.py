@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PASS_LIMIT = 500  # bills one pass writes at most; the next pass goes on
+SEND_EVERY = 100  # accounts whose bills' debits are sent together
 
 _PLANS = """
     SELECT ap.id, ap.account_id, ap.plan_id, ap.start_date, ap.end_date, a.code AS account,
@@ -128,26 +129,40 @@ async def run(ctx: AppContext, through: date, account_ids: list[int] | None = No
                 break
             due[plan["account_id"]].append((plan, period))
             count += 1
-    for account_id, items in due.items():
+    done = _Run()
+    for n, (account_id, items) in enumerate(due.items(), 1):
         account = await ctx.catalog.account(items[0][0]["account"])
         assert account is not None
         try:
-            outcome.bills += await _bill_account(ctx, account, items)
+            await _bill_account(ctx, account, items, done)
         except ValidationProblem as problem:
             log.warning("bills of account %s not written: %s", account.code, problem.detail)
             outcome.failed[account_id] = (account.code, problem.detail)
+        if n % SEND_EVERY == 0 or n == len(due):
+            outcome.bills += await _after_commits(ctx, done)
+            done = _Run()
     return outcome
 
 
 async def _bill_account(ctx: AppContext, account: AccountRef,
-                        items: list[tuple[asyncpg.Record, Period]]) -> list[int]:
-    done = _Run()
+                        items: list[tuple[asyncpg.Record, Period]], done: _Run) -> None:
+    """One account's due bills in one transaction; what they owe is added to `done` once it
+    has committed."""
+    mine = _Run()
     async with ctx.pool.acquire() as conn, conn.transaction():
         # the account first, then the version row: the order attaching a plan takes them in
         await rrepo.lock_account(conn, account.id)
         await conn.execute("UPDATE rating_config_version SET version = version + 1")
         for plan, period in items:
-            await _bill(conn, account, plan, period, done)
+            await _bill(conn, account, plan, period, mine)
+    done.bills += mine.bills
+    done.draws += mine.draws
+    done.givebacks += mine.givebacks
+
+
+async def _after_commits(ctx: AppContext, done: _Run) -> list[int]:
+    """Send the committed bills' debits through the usage path (as one batch: a group commit,
+    not one per account) and pay their give-backs."""
     if done.draws:
         await recurring.send(ctx, done.draws)
     if done.givebacks:
@@ -305,7 +320,8 @@ async def run_when_due(ctx: AppContext, memory: BillMemory, day: date | None = N
 def bill_out(row: asyncpg.Record) -> BillOut:
     credit_places = row["credit_places"]
     return BillOut(
-        id=row["id"], account=row["account"], plan=row["plan"], period_start=row["period_start"],
+        id=row["id"], account=row["account"], account_plan=row["account_plan_id"],
+        plan=row["plan"], period_start=row["period_start"],
         period_end=row["period_end"], currency=row["currency"],
         standing_charge=f"{Decimal(row['standing_charge']):f}",
         pricings=[PricingUsage.model_validate(p) for p in json.loads(row["pricings"])],

@@ -357,6 +357,7 @@ class BillRunOut(BaseModel):
 class BillOut(BaseModel):
     id: int
     account: str
+    account_plan: int = Field(description="the attachment billed (`GET …/plans` lists them)")
     plan: str
     period_start: date
     period_end: date = Field(description="exclusive")
