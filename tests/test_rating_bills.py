@@ -119,6 +119,11 @@ async def test_the_bill_run_tops_up_the_minimum_spend_once_and_closes_the_period
     rest = await api.call("GET", f"/v1/accounts/{account}/bills",
                           params={"cursor": listed["next_cursor"]})
     assert [b["id"] for b in rest["data"]] == [high["id"]]
+    # finance's view: every account's bills, here those of the second day's periods
+    of_day = await api.call("GET", "/v1/bills", params={"period_start": str(second),
+                                                        "limit": 500})
+    assert high["id"] in [b["id"] for b in of_day["data"]]
+    assert {b["period_start"] for b in of_day["data"]} == {str(second)}
 
 
 async def test_a_counter_lowered_mid_month_is_given_back_at_the_bill_run(
@@ -251,6 +256,8 @@ async def test_bad_bill_runs_name_the_field_and_change_nothing(api: Api,
     assert (await api.call("GET", "/v1/bills/123456789", expect=404))["field"] == "id"
     assert (await api.call("GET", "/v1/bills/x1", expect=404))["field"] == "id"
     assert (await api.call("GET", "/v1/accounts/no-such/bills", expect=404))["field"] == "code"
+    problem = await api.call("GET", "/v1/bills", params={"period_start": "soon"}, expect=422)
+    assert problem["field"] == "query.period_start"
     listed = await api.call("GET", f"/v1/accounts/{names['account']}/bills")
     assert listed == {"data": [], "next_cursor": None}
     # the bill run's debit uids are not a client's to take

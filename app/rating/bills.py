@@ -342,7 +342,12 @@ async def bill(conn: Conn, bill_id: int) -> BillOut:
     return bill_out(row)
 
 
-async def bills_of(conn: Conn, account_id: int, after_id: int, limit: int) -> list[BillOut]:
-    rows = await conn.fetch(_BILL + " WHERE b.account_id = $1 AND b.id > $2 ORDER BY b.id LIMIT $3",
-                            account_id, after_id, limit)
+async def bills_of(conn: Conn, account_id: int | None, after_id: int, limit: int,
+                   period_start: date | None = None) -> list[BillOut]:
+    """Bills in the order they were written: of one account or every one, of periods that
+    started on `period_start` or all."""
+    rows = await conn.fetch(
+        _BILL + """ WHERE ($1::int8 IS NULL OR b.account_id = $1) AND b.id > $2
+                      AND ($4::date IS NULL OR b.period_start = $4)
+                    ORDER BY b.id LIMIT $3""", account_id, after_id, limit, period_start)
     return [bill_out(r) for r in rows]

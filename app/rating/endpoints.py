@@ -22,6 +22,7 @@ from app.rating.schemas import (
     AggregationPage,
     BillOut,
     BillPage,
+    BillQuery,
     BillRunIn,
     BillRunOut,
     ConversionRateIn,
@@ -180,9 +181,18 @@ async def account_bills(call: Call) -> BaseModel:
     account = await call.ctx.catalog.account(call.path("code"))
     if account is None:
         raise NotFound(f"no account {call.path('code')!r}", field="code")
-    found = await bills.bills_of(call.ctx.pool, account.id, call.query.after_id(),
-                                 call.query.limit)
-    return BillPage(data=found, next_cursor=next_cursor([b.id for b in found], call.query.limit))
+    return await _bill_page(call, account.id)
+
+
+async def all_bills(call: Call) -> BaseModel:
+    return await _bill_page(call, None)
+
+
+async def _bill_page(call: Call, account_id: int | None) -> BaseModel:
+    query = call.query
+    found = await bills.bills_of(call.ctx.pool, account_id, decode_cursor(query.cursor),
+                                 query.limit, query.period_start)
+    return BillPage(data=found, next_cursor=next_cursor([b.id for b in found], query.limit))
 
 
 RUNTIME_ENDPOINTS = [
@@ -207,8 +217,11 @@ ENDPOINTS = [
              "topped up, credits settled); the workers run it daily after a grace period",
              "bills", body=BillRunIn, response=BillRunOut),
     Endpoint("GET", "/v1/bills/{id}", read_bill, READ, "A bill", "bills", response=BillOut),
+    Endpoint("GET", "/v1/bills", all_bills, ADMIN,
+             "Every account's bills in the order they were written (a bill run's, with "
+             "`period_start`)", "bills", query=BillQuery, response=BillPage),
     Endpoint("GET", "/v1/accounts/{code}/bills", account_bills, READ,
-             "An account's bills, oldest first", "bills", query=ListQuery, response=BillPage),
+             "An account's bills, oldest first", "bills", query=BillQuery, response=BillPage),
     *_crud("/v1/meters", "meters", "a meter (data and derived fields)", "meters", MeterIn,
            MeterOut, service.create_meter),
     *_crud("/v1/aggregations", "aggregations", "an aggregation of a meter field",

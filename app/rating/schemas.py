@@ -377,3 +377,10 @@ class BillOut(BaseModel):
 
 class BillPage(Page[BillOut]):
     pass
+
+
+class BillQuery(Strict):
+    cursor: str | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    period_start: Day | None = Field(default=None, description="only bills of periods that "
+                                     "started on this day")
