@@ -25,7 +25,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +45,7 @@ async def populate(app: object, url: str, admin_key: str, accounts: int, rounds:
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="http://bench",
                                  headers=headers) as c:
-        for path, body in (
+        await passes.post_all(c, [
                 ("/v1/credit-types", {"code": "usd", "name": "US dollar", "kind": "fiat",
                                       "decimal_places": 2}),
                 ("/v1/products", {"code": "api", "name": "API"}),
@@ -60,23 +59,8 @@ async def populate(app: object, url: str, admin_key: str, accounts: int, rounds:
                 ("/v1/plans", {"code": "p", "name": "p", "template": "t"}),
                 ("/v1/pricings", {"plan": "p", "aggregation": "calls", "type": "per_unit",
                                   "bands": [{"up_to": None, "price": "0.01"}],
-                                  "start_date": start.isoformat()})):
-            r = await c.post(path, json=body)
-            if r.status_code != 201:
-                raise RuntimeError(f"POST {path}: {r.status_code} {r.text}")
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(
-            """INSERT INTO accounts (id, code, name, root_id, credit_type_id)
-               SELECT n, 'acct-' || n, 'acct-' || n, n, (SELECT id FROM credit_types)
-               FROM generate_series(1, $1) AS n""", accounts)
-        await conn.execute("SELECT setval('accounts_id_seq', $1)", accounts)
-        await conn.execute(
-            """INSERT INTO account_plans (account_id, plan_id, start_date)
-               SELECT n, (SELECT id FROM plans), $2::date FROM generate_series(1, $1) AS n""",
-            accounts, start)
-    finally:
-        await conn.close()
+                                  "start_date": start.isoformat()})])
+    await passes.accounts_on_the_plan(url, accounts, start)
 
 
 async def measure(opts: argparse.Namespace, url: str, redis_url: str,

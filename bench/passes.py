@@ -10,7 +10,10 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import date
+from typing import Any
 
+import asyncpg
 import run as core  # bench/run.py: databases, the private redis-server, CPU counters
 
 Totals = dict[str, list[float]]  # per way: [wall ms, CPU ms] over every round
@@ -82,3 +85,29 @@ async def _on_database(opts: argparse.Namespace, redis_url: str, body: Body) -> 
         return await body(opts, url, redis_url, keys)
     finally:
         await core.drop_database(opts.admin_database_url, name)
+
+
+async def post_all(client: Any, calls: list[tuple[str, dict[str, Any]]]) -> None:
+    """Create the catalog over the admin API: each POST must answer 201."""
+    for path, body in calls:
+        r = await client.post(path, json=body)
+        if r.status_code != 201:
+            raise RuntimeError(f"POST {path}: {r.status_code} {r.text}")
+
+
+async def accounts_on_the_plan(url: str, accounts: int, start: date) -> None:
+    """`accounts` accounts (`acct-1`, …) in the one credit type, each attached to the one plan
+    from `start`, written in bulk."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            """INSERT INTO accounts (id, code, name, root_id, credit_type_id)
+               SELECT n, 'acct-' || n, 'acct-' || n, n, (SELECT id FROM credit_types)
+               FROM generate_series(1, $1) AS n""", accounts)
+        await conn.execute("SELECT setval('accounts_id_seq', $1)", accounts)
+        await conn.execute(
+            """INSERT INTO account_plans (account_id, plan_id, start_date)
+               SELECT n, (SELECT id FROM plans), $2::date FROM generate_series(1, $1) AS n""",
+            accounts, start)
+    finally:
+        await conn.close()

@@ -22,7 +22,6 @@ import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-import asyncpg
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,30 +46,15 @@ async def populate(url: str, base: str, admin_key: str, accounts: int) -> None:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench",
                                      headers=headers) as c:
-            for path, body in (
+            await passes.post_all(c, [
                     ("/v1/credit-types", {"code": "usd", "name": "US dollar", "kind": "fiat",
                                           "decimal_places": 2}),
                     ("/v1/products", {"code": "api", "name": "API"}),
                     ("/v1/plan-templates", {"code": "t", "name": "t", "product": "api",
                                             "bill_frequency": "monthly", "currency": "usd",
                                             "standing_charge": "10.00"}),
-                    ("/v1/plans", {"code": "p", "name": "p", "template": "t"})):
-                r = await c.post(path, json=body)
-                if r.status_code != 201:
-                    raise RuntimeError(f"POST {path}: {r.status_code} {r.text}")
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(
-                """INSERT INTO accounts (id, code, name, root_id, credit_type_id)
-                   SELECT n, 'acct-' || n, 'acct-' || n, n, (SELECT id FROM credit_types)
-                   FROM generate_series(1, $1) AS n""", accounts)
-            await conn.execute("SELECT setval('accounts_id_seq', $1)", accounts)
-            await conn.execute(
-                """INSERT INTO account_plans (account_id, plan_id, start_date)
-                   SELECT n, (SELECT id FROM plans), $2::date FROM generate_series(1, $1) AS n""",
-                accounts, date.fromisoformat(start))
-        finally:
-            await conn.close()
+                    ("/v1/plans", {"code": "p", "name": "p", "template": "t"})])
+        await passes.accounts_on_the_plan(url, accounts, date.fromisoformat(start))
         drawn = await recurring.sweep(app.state.ctx)
         if drawn != accounts:
             raise SystemExit(f"the settling pass drew {drawn} standing charges, not {accounts}")
