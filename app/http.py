@@ -346,6 +346,7 @@ class EndpointApp:
         except Problem as problem:
             return problem_response(problem)
         except STORE_ERRORS as exc:
+            log.warning("%s %s: backing store error: %r", request.method, request.path, exc)
             return problem_response(Unavailable(f"a backing store is unreachable: {type(exc).__name__}"))
 
 

@@ -97,24 +97,38 @@ async def test_a_pricing_added_later_rates_what_the_plan_left_unrated(api: Api) 
     assert D(await api.available(account)) == 98
 
 
-async def test_a_closed_period_is_not_rated_later(api: Api) -> None:
+async def test_a_billed_period_is_not_rated_later_an_unbilled_past_one_is(api: Api) -> None:
+    """A period is open until the bill run closes it: a pricing added later rates the stored
+    measurements of a past period not billed yet, and none of a billed one."""
     names, meter_code, plan_code = await _setup(api)
-    account = names["account"]
-    await price(api, plan_code, "per_unit", [(None, "1")],
-                aggregation=await aggregation(api, meter_code, "gb", "SUM"),
-                start_date="2020-01-01")
-    last_month = datetime.now(UTC).replace(day=1) - timedelta(days=2)
-    old = await api.call("POST", "/v1/measurements", scope="runtime", json={
-        "uid": uuid.uuid4().hex, "account": account, "meter": meter_code,
-        "timestamp": last_month.isoformat(), "data": {"gb": 7, "files": 1, "seconds": 1}})
-    new = await measure(api, account, meter_code, gb=2, files=1, seconds=1)
-    assert old["status"] == new["status"] == "unrated"
-    await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
-                   json={"plan": plan_code, "start_date": "2020-01-01"})
-    await _until_rated(api, account, [new["uid"]])
-    await asyncio.sleep(1.0)
-    assert not await _rated(api, account, old["uid"])  # its period is closed: not reopened
-    assert D(await api.available(account)) == 98
+    billed, open_ = names["account"], f"{names['account']}-o"
+    await api.call("POST", "/v1/accounts", expect=201, json={
+        "code": open_, "name": "Open", "credit_type": names["credit_type"]})
+    await api.grant(open_, "100")
+    this_month = datetime.now(UTC).date().replace(day=1)
+    last_month = (this_month - timedelta(days=2)).replace(day=1)
+    old, new = {}, {}
+    for account in (billed, open_):
+        await api.call("POST", f"/v1/accounts/{account}/plans", expect=201,
+                       json={"plan": plan_code, "start_date": str(last_month)})
+        old[account] = await api.call("POST", "/v1/measurements", scope="runtime", json={
+            "uid": uuid.uuid4().hex, "account": account, "meter": meter_code,
+            "timestamp": f"{this_month - timedelta(days=2)}T12:00:00Z",
+            "data": {"gb": 7, "files": 1, "seconds": 1}})
+        new[account] = await measure(api, account, meter_code, gb=2, files=1, seconds=1)
+        # the plan prices nothing of this meter yet
+        assert old[account]["status"] == new[account]["status"] == "unrated"
+    made = await api.call("POST", "/v1/bills/run", json={"through": str(this_month),
+                                                         "account": billed})
+    assert len(made["bills"]) == 1  # last month's, for the one account
+    await price(api, plan_code, "per_unit", [(None, "1")], start_date=str(last_month),
+                aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    await _until_rated(api, billed, [new[billed]["uid"]])
+    await _until_rated(api, open_, [new[open_]["uid"], old[open_]["uid"]])
+    await asyncio.sleep(1.0)  # two more worker passes
+    assert not await _rated(api, billed, old[billed]["uid"])  # billed: final
+    assert D(await api.available(billed)) == 98
+    assert D(await api.available(open_)) == 91
 
 
 async def _until_no_request(db: asyncpg.Connection, account_id: int) -> None:

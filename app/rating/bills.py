@@ -222,6 +222,8 @@ async def _settle(conn: Connection, account: AccountRef, credit_type: CreditType
     first becomes the exact amount of `m<account plan>`); (drawn, settled) in credits."""
     start, end = period
     places, now = credit_type.decimal_places, datetime.now(UTC)
+    if not keys:  # nothing priced, no standing charge, nothing to top up
+        return Decimal(0).scaleb(-places), Decimal(0).scaleb(-places)
     rows = await rrepo.lock_charges(conn, [(account.id, key, start, credit_type.id)
                                            for key in keys])
     charges, debits, credits = [], [], []

@@ -450,24 +450,21 @@ async def _lock(conn: Connection, placements: list[Rated], measurements: list[tu
     return states, charges, new
 
 
-async def rate_stored(conn: Connection, items: list[tuple[Item, int]],
-                      today: date) -> tuple[list[Item], int]:
+async def rate_stored(conn: Connection, items: list[tuple[Item, int]]) -> tuple[list[Item], int]:
     """Rate stored measurements for the pricings their rating did not see, in the caller's
     transaction (which holds their rows). Each item comes with the rating_config_version it
     was rated at; it is placed in the pricings that now cover its day and became visible
-    after that version, if that billing period is still open (ends after `today`), and moves
+    after that version (none of a billed period: the pricing query skips those), and moves
     the states exactly as a new one would. Returns the items placed somewhere, and the version
     the pricings were read at (every pricing visible at it has now rated each item, or found
-    its period closed); sending their debits and give-backs is the caller's, after the
-    commit."""
+    its period billed, which is final); sending their debits and give-backs is the caller's,
+    after the commit."""
     found, version = await repo.active_pricings_many(
         conn, list({(i.account.id, i.meter.id, i.body.timestamp.date()) for i, _ in items}))
     for item, rated_at in items:
         day = item.body.timestamp.date()
         item.place([p for p in found.get((item.account.id, item.meter.id, day), [])
-                    if p["visible_from"] > rated_at
-                    and period_of(p["anchor"], p["bill_frequency"], p["bill_interval"],
-                                  day)[1] > today])
+                    if p["visible_from"] > rated_at])
     placed = [item for item, _ in items if item.pricings]
     placements = [_placement(item, p) for item in placed for p in item.pricings]
     if placements:

@@ -699,7 +699,9 @@ async def drop_rerate_request(conn: Conn, account_id: int, requested_at: Any) ->
 async def account_plan_anchors(conn: Conn, account_id: int) -> list[asyncpg.Record]:
     """The account's plans' period anchors and frequencies (for their current periods)."""
     return await conn.fetch(
-        """SELECT ap.start_date AS anchor, t.bill_frequency, t.bill_interval
+        """SELECT ap.start_date AS anchor, t.bill_frequency, t.bill_interval,
+                  (SELECT max(b.period_end) FROM bills b
+                   WHERE b.account_plan_id = ap.id) AS billed_through
            FROM account_plans ap JOIN plans pl ON pl.id = ap.plan_id
            JOIN plan_templates t ON t.id = pl.template_id WHERE ap.account_id = $1""",
         account_id)
@@ -743,8 +745,8 @@ async def claim_unplaced(conn: Connection, account_id: int, since: datetime,
 async def mark_placed(conn: Connection, account_id: int, uids: list[str], placed: list[str],
                       version: int) -> None:
     """The claimed measurements were rated for every pricing visible at `version` (except in
-    a closed period, which re-rating does not reopen); the `placed` ones are rated now if they
-    were not."""
+    a billed period, which nothing reopens); the `placed` ones are rated now if they were
+    not."""
     await conn.execute(
         """UPDATE measurements SET config_version = $4, rated = rated OR uid = ANY($3::text[])
            WHERE account_id = $1 AND uid = ANY($2::text[])""",

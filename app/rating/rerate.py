@@ -10,12 +10,13 @@ later of its own version and its account plan's) is at most the measurement's.
 Attaching a plan to an account, or adding an aggregation pricing to a plan, writes a
 `rerate_requests` row for the account(s) in the same transaction, with the version that row
 took (`from_version`; the lowest when requests merge); the worker (every `worker_interval_s`)
-then takes each requested account's measurements of its open billing periods that a pricing
-covers with a later `visible_from`, reading only the meters that pricings visible from
-`from_version` on rate (migration 018), newest first in batches of BATCH:
+then takes each requested account's measurements of its billing periods not billed yet (a
+period is open until the bill run closes it) that a pricing covers with a later
+`visible_from`, reading only the meters that pricings visible from `from_version` on rate
+(migration 018), newest first in batches of BATCH:
 the measurement rows are locked `FOR UPDATE SKIP LOCKED` (a second process takes other ones,
 and the condition is re-checked on the latest row version, so none is taken twice), each is
-placed in exactly those pricings (if that billing period is still open), the states and
+placed in exactly those pricings (unless that billing period has been billed), the states and
 running charges are locked in the same fixed order as the rating transaction (so a
 concurrent new measurement of the same account and meter waits, or is waited for, and never
 deadlocks) and move exactly as for a new measurement, and in that same transaction the
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -42,7 +43,6 @@ from app.errors import ValidationProblem
 from app.rating import drawdown
 from app.rating import repository as repo
 from app.rating.giveback import GIVEN_UP
-from app.rating.periods import period_of
 from app.rating.schemas import MeasurementIn
 
 if TYPE_CHECKING:
@@ -77,10 +77,9 @@ async def rerate_account(ctx: AppContext, account_id: int, limit: int = BATCH,
     their rating; (how many were placed in a pricing, whether more may be waiting). With
     `from_version`, only measurements of the meters that pricings visible from that version on
     rate are read."""
-    today = datetime.now(UTC).date()
     async with ctx.pool.acquire() as conn:
         async with conn.transaction():
-            since = await _open_since(conn, account_id, today)
+            since = await _open_since(conn, account_id)
             if since is None:
                 return 0, False
             rows = await repo.claim_unplaced(conn, account_id, since, limit, from_version)
@@ -88,17 +87,17 @@ async def rerate_account(ctx: AppContext, account_id: int, limit: int = BATCH,
                 return 0, False
             items = [(item, row["config_version"]) for row in rows
                      if (item := await _item(ctx, row)) is not None]
-            placed, version = await drawdown.rate_stored(conn, items, today)
+            placed, version = await drawdown.rate_stored(conn, items)
             await repo.mark_placed(conn, account_id, [row["uid"] for row in rows],
                                    [item.body.uid for item in placed], version)
     await drawdown.send_rated(ctx, placed)
     return len(placed), len(rows) == limit
 
 
-async def _open_since(conn: Connection, account_id: int, today: date) -> datetime | None:
-    """The earliest start of a billing period of the account's plans still open today (None:
-    no plan): what lies before it is in closed periods only, which re-rating does not reopen."""
-    starts = [period_of(r["anchor"], r["bill_frequency"], r["bill_interval"], today)[0]
+async def _open_since(conn: Connection, account_id: int) -> datetime | None:
+    """The earliest start of a billing period of the account's plans not billed yet (None: no
+    plan): what lies before it is in billed periods only, which nothing reopens."""
+    starts = [r["billed_through"] or r["anchor"]
               for r in await repo.account_plan_anchors(conn, account_id)]
     if not starts:
         return None
