@@ -63,6 +63,14 @@ class Call:
     def path(self, name: str) -> str:
         return str(self.request.path_params[name])
 
+    def path_id(self, name: str, what: str) -> int:
+        """A numeric id from the path; one that no row can have (not 1 to 18 digits, or 0) is
+        a 404 naming the parameter."""
+        raw = self.path(name)
+        if not raw.isdigit() or len(raw) > 18 or int(raw) == 0:
+            raise NotFound(f"no {what} {raw!r}", field=name)
+        return int(raw)
+
 
 Handler = Callable[[Call], Awaitable[BaseModel | Response]]
 

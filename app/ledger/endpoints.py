@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from app.errors import NotFound
 from app.http import ADMIN, Call, Endpoint
 from app.ledger import repository as repo
 from app.ledger import service
@@ -29,19 +28,12 @@ class BalanceListQuery(ListQuery):
     account: Code
 
 
-def balance_id(call: Call) -> int:
-    raw = call.path("balance_id")
-    if not raw.isdigit() or len(raw) > 18:
-        raise NotFound(f"no balance {raw!r}", field="balance_id")
-    return int(raw)
-
-
 async def grant(call: Call) -> BaseModel:
     return await service.grant(call.ctx, call.path("code"), call.body)
 
 
 async def get_balance(call: Call) -> BaseModel:
-    return await service.read_balance(call.ctx, balance_id(call))
+    return await service.read_balance(call.ctx, call.path_id("balance_id", "balance"))
 
 
 async def list_balances(call: Call) -> BaseModel:
@@ -53,11 +45,11 @@ async def list_balances(call: Call) -> BaseModel:
 
 
 async def adjust(call: Call) -> BaseModel:
-    return await service.adjust(call.ctx, balance_id(call), call.body)
+    return await service.adjust(call.ctx, call.path_id("balance_id", "balance"), call.body)
 
 
 async def void(call: Call) -> BaseModel:
-    return await service.void(call.ctx, balance_id(call), call.body)
+    return await service.void(call.ctx, call.path_id("balance_id", "balance"), call.body)
 
 
 async def ledger(call: Call) -> BaseModel:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from app.errors import NotFound, problem_response
+from app.errors import problem_response
 from app.http import ADMIN, PUBLIC, Call, Endpoint
 from app.purchases import service
 from app.purchases.schemas import (
@@ -19,13 +19,6 @@ from app.purchases.schemas import (
     WebhookReceipt,
 )
 from app.schemas import next_cursor
-
-
-def purchase_id(call: Call) -> int:
-    raw = call.path("purchase_id")
-    if not raw.isdigit() or len(raw) > 18:
-        raise NotFound(f"no purchase {raw!r}", field="purchase_id")
-    return int(raw)
 
 
 async def create_purchase(call: Call) -> Response:
@@ -49,7 +42,7 @@ async def list_purchases(call: Call) -> BaseModel:
 
 
 async def get_purchase(call: Call) -> BaseModel:
-    return await service.read_purchase(call.ctx, call.path("code"), purchase_id(call))
+    return await service.read_purchase(call.ctx, call.path("code"), call.path_id("purchase_id", "purchase"))
 
 
 async def link_stripe_customer(call: Call) -> BaseModel:

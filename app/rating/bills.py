@@ -64,16 +64,9 @@ log = logging.getLogger(__name__)
 PASS_LIMIT = 500  # bills one pass writes at most; the next pass goes on
 SEND_EVERY = 100  # accounts whose bills' debits are sent together
 
-_PLANS = """
-    SELECT ap.id, ap.account_id, ap.plan_id, ap.start_date, ap.end_date, a.code AS account,
-           pl.code AS plan, COALESCE(pl.standing_charge, t.standing_charge) AS standing_charge,
-           COALESCE(pl.minimum_spend, t.minimum_spend) AS minimum_spend,
-           t.bill_frequency, t.bill_interval, t.currency_id, cur.code AS currency,
-           cur.decimal_places AS currency_places, p.code AS product,
-           (SELECT max(b.period_end) FROM bills b WHERE b.account_plan_id = ap.id) AS billed_through
-    FROM account_plans ap JOIN accounts a ON a.id = ap.account_id
-    JOIN plans pl ON pl.id = ap.plan_id JOIN plan_templates t ON t.id = pl.template_id
-    JOIN products p ON p.id = t.product_id JOIN credit_types cur ON cur.id = t.currency_id
+_PLANS = rrepo.ACCOUNT_PLAN.replace(
+    "SELECT ap.id,", """SELECT (SELECT max(b.period_end) FROM bills b
+                           WHERE b.account_plan_id = ap.id) AS billed_through, ap.id,""", 1) + """
     WHERE ap.start_date < $1 AND ($2::int8[] IS NULL OR ap.account_id = ANY($2::int8[]))
     ORDER BY ap.account_id, ap.id"""
 
@@ -222,8 +215,6 @@ async def _settle(conn: Connection, account: AccountRef, credit_type: CreditType
     first becomes the exact amount of `m<account plan>`); (drawn, settled) in credits."""
     start, end = period
     places, now = credit_type.decimal_places, datetime.now(UTC)
-    if not keys:  # nothing priced, no standing charge, nothing to top up
-        return Decimal(0).scaleb(-places), Decimal(0).scaleb(-places)
     rows = await rrepo.lock_charges(conn, [(account.id, key, start, credit_type.id)
                                            for key in keys])
     charges, debits, credits = [], [], []

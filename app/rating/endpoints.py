@@ -171,10 +171,7 @@ async def run_bills(call: Call) -> BaseModel:
 
 
 async def read_bill(call: Call) -> BaseModel:
-    raw = call.path("id")
-    if not raw.isdigit() or len(raw) > 18:
-        raise NotFound(f"no bill {raw!r}", field="id")
-    return await bills.bill(call.ctx.pool, int(raw))
+    return await bills.bill(call.ctx.pool, call.path_id("id", "bill"))
 
 
 async def account_bills(call: Call) -> BaseModel:
@@ -190,8 +187,8 @@ async def all_bills(call: Call) -> BaseModel:
 
 async def _bill_page(call: Call, account_id: int | None) -> BaseModel:
     query = call.query
-    found = await bills.bills_of(call.ctx.pool, account_id, decode_cursor(query.cursor),
-                                 query.limit, query.period_start)
+    found = await bills.bills_of(call.ctx.pool, account_id, query.after_id(), query.limit,
+                                 query.period_start)
     return BillPage(data=found, next_cursor=next_cursor([b.id for b in found], query.limit))
 
 

@@ -11,11 +11,13 @@ from app.db import Conn, Connection
 
 ACCOUNT_PLAN = """
     SELECT ap.id, ap.account_id, ap.plan_id, ap.start_date, ap.end_date, a.code AS account,
-           COALESCE(pl.standing_charge, t.standing_charge) AS standing_charge,
-           t.bill_frequency, t.bill_interval, t.currency_id, p.code AS product
+           pl.code AS plan, COALESCE(pl.standing_charge, t.standing_charge) AS standing_charge,
+           COALESCE(pl.minimum_spend, t.minimum_spend) AS minimum_spend,
+           t.bill_frequency, t.bill_interval, t.currency_id, cur.code AS currency,
+           cur.decimal_places AS currency_places, p.code AS product
     FROM account_plans ap JOIN accounts a ON a.id = ap.account_id
     JOIN plans pl ON pl.id = ap.plan_id JOIN plan_templates t ON t.id = pl.template_id
-    JOIN products p ON p.id = t.product_id"""
+    JOIN products p ON p.id = t.product_id JOIN credit_types cur ON cur.id = t.currency_id"""
 
 
 async def lock_account(conn: Connection, account_id: int) -> None:
@@ -87,6 +89,8 @@ async def lock_charges(conn: Connection,
                        keys: list[tuple[int, str, date, int]]) -> list[asyncpg.Record]:
     """Create-and-lock rated charges (account, key, period start, credit type), in key order
     (the no-op DO UPDATE locks an existing row and returns it as it is)."""
+    if not keys:
+        return []
     columns = [list(c) for c in zip(*sorted(set(keys)), strict=True)]
     return await conn.fetch(
         """INSERT INTO rated_charges AS c (account_id, charge_key, period_start, credit_type_id)

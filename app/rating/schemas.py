@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, StringConstraints
 
 from app.entitlements.schemas import Uid
-from app.schemas import Code, Name, Page, Strict, Timestamp
+from app.schemas import Code, ListQuery, Name, Page, Strict, Timestamp
 
 FieldName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 # bounded so that no arithmetic on them can overflow a Decimal context
@@ -379,8 +379,6 @@ class BillPage(Page[BillOut]):
     pass
 
 
-class BillQuery(Strict):
-    cursor: str | None = None
-    limit: int = Field(default=50, ge=1, le=500)
+class BillQuery(ListQuery):
     period_start: Day | None = Field(default=None, description="only bills of periods that "
                                      "started on this day")

@@ -32,13 +32,6 @@ from app.webhooks.schemas import (
 TAG = "webhooks"
 
 
-def path_id(call: Call, name: str) -> int:
-    raw = call.path(name)
-    if not raw.isdigit() or len(raw) > 18 or int(raw) == 0:
-        raise NotFound(f"no {name.replace('_', ' ')} {raw!r}", field=name)
-    return int(raw)
-
-
 async def create_endpoint(call: Call) -> BaseModel:
     return await service.create_endpoint(call.ctx.pool, call.ctx.settings, call.body)
 
@@ -50,24 +43,26 @@ async def list_endpoints(call: Call) -> BaseModel:
 
 
 async def get_endpoint(call: Call) -> BaseModel:
-    return service.endpoint_out(await service.endpoint_row(call.ctx.pool, path_id(call, "endpoint_id")))
+    endpoint_id = call.path_id("endpoint_id", "endpoint id")
+    return service.endpoint_out(await service.endpoint_row(call.ctx.pool, endpoint_id))
 
 
 async def update_endpoint(call: Call) -> BaseModel:
     return await service.update_endpoint(call.ctx.pool, call.ctx.settings,
-                                         path_id(call, "endpoint_id"), call.body)
+                                         call.path_id("endpoint_id", "endpoint id"), call.body)
 
 
 async def reveal_secret(call: Call) -> BaseModel:
-    return service.secret_out(await service.endpoint_row(call.ctx.pool, path_id(call, "endpoint_id")))
+    endpoint_id = call.path_id("endpoint_id", "endpoint id")
+    return service.secret_out(await service.endpoint_row(call.ctx.pool, endpoint_id))
 
 
 async def rotate_secret(call: Call) -> BaseModel:
-    return await service.rotate_secret(call.ctx.pool, path_id(call, "endpoint_id"))
+    return await service.rotate_secret(call.ctx.pool, call.path_id("endpoint_id", "endpoint id"))
 
 
 async def send_test(call: Call) -> BaseModel:
-    event_id, delivery_id = await service.send_test(call.ctx.pool, path_id(call, "endpoint_id"))
+    event_id, delivery_id = await service.send_test(call.ctx.pool, call.path_id("endpoint_id", "endpoint id"))
     return TestEventOut(event_id=event_id, delivery_id=delivery_id)
 
 
@@ -80,7 +75,7 @@ async def list_deliveries(call: Call) -> BaseModel:
 
 
 async def get_delivery(call: Call) -> BaseModel:
-    rows = await repo.deliveries_by_id(call.ctx.pool, [path_id(call, "delivery_id")])
+    rows = await repo.deliveries_by_id(call.ctx.pool, [call.path_id("delivery_id", "delivery id")])
     if not rows:
         raise NotFound(f"no delivery {call.path('delivery_id')!r}", field="delivery_id")
     [delivery] = await service.deliveries_out(call.ctx.pool, rows)
