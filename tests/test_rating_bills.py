@@ -70,7 +70,7 @@ async def daily_calls_plan(api: Api, names: dict[str, str], start: date) -> str:
 
 
 async def test_the_bill_run_tops_up_the_minimum_spend_once_and_closes_the_period(
-        api: Api, db: asyncpg.Connection) -> None:
+        api: Api, db: asyncpg.Connection, redis: Any) -> None:
     names = await api.setup()
     account = names["account"]
     await api.grant(account, "1000")
@@ -102,6 +102,9 @@ async def test_the_bill_run_tops_up_the_minimum_spend_once_and_closes_the_period
     assert await db.fetchval("SELECT uid FROM usage_events WHERE account_id = $1 AND uid LIKE 'b%'",
                              acct) == f"b{low['account_plan']}:{first}:m{low['account_plan']}"
 
+    # what the run drew is in Postgres: an emptied Redis is rebuilt with it
+    await redis.flushall()
+    assert D(await api.available(account)) == 971
     # the run again, and the workers' pass over the same days: nothing new, nothing drawn
     assert (await run_bills(api, account, _day(0)))["bills"] == []
     assert D(await api.available(account)) == 971

@@ -64,11 +64,12 @@ log = logging.getLogger(__name__)
 PASS_LIMIT = 500  # bills one pass writes at most; the next pass goes on
 SEND_EVERY = 100  # accounts whose bills' debits are sent together
 
-_PLANS = rrepo.ACCOUNT_PLAN.replace(
-    "SELECT ap.id,", """SELECT (SELECT max(b.period_end) FROM bills b
-                           WHERE b.account_plan_id = ap.id) AS billed_through, ap.id,""", 1) + """
-    WHERE ap.start_date < $1 AND ($2::int8[] IS NULL OR ap.account_id = ANY($2::int8[]))
-    ORDER BY ap.account_id, ap.id"""
+_PLANS = f"""
+    SELECT x.*, (SELECT max(b.period_end) FROM bills b
+                 WHERE b.account_plan_id = x.id) AS billed_through
+    FROM ({rrepo.ACCOUNT_PLAN}) x
+    WHERE x.start_date < $1 AND ($2::int8[] IS NULL OR x.account_id = ANY($2::int8[]))
+    ORDER BY x.account_id, x.id"""
 
 _BILL = """
     SELECT b.*, a.code AS account, pl.code AS plan, cur.code AS currency,
