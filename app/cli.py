@@ -1,4 +1,4 @@
-"""The `creditgate` command: serve, migrate, keys create, webhooks send-test/watch.
+"""The `creditgate` command: serve, migrate, keys create/list/revoke, webhooks send-test/watch.
 
 With DATABASE_URL unset (and REDIS_URL, for `serve`), the commands use embedded Postgres and
 Redis kept in the data folder (--data-dir, env CREDITGATE_DATA_DIR, default ./.data); see
@@ -13,18 +13,27 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 import asyncpg
 
-from app.auth.keys import Scope, count_api_keys, create_api_key
+from app.auth.keys import (
+    KEY_SCOPES,
+    Scope,
+    count_api_keys,
+    create_api_key,
+    list_api_keys,
+    revoke_api_key,
+)
 from app.db import migrate, pending_migrations
 from app.embedded import DataDirBusy, default_data_dir, running_embedded, start_embedded
 from app.settings import Settings, migrations_dir
 
+T = TypeVar("T")
 APP_FACTORY = "app.main:create_app_from_env"
 # Serialises "create the first admin key" between processes starting at the same time.
 BOOTSTRAP_LOCK_ID = 0x63726B79  # "crky"
@@ -71,9 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     create = key_commands.add_parser("create", parents=[data], help="create an API key")
-    create.add_argument("--scope", required=True, choices=[s.value for s in Scope])
+    create.add_argument("--scope", required=True, choices=[s.value for s in KEY_SCOPES])
     create.add_argument("--name", default="")
     create.set_defaults(run=_cmd_keys_create)
+    listing = key_commands.add_parser("list", parents=[data],
+                                      help="list the API keys (prefix, scope, name, revoked)")
+    listing.set_defaults(run=_cmd_keys_list)
+    revoke = key_commands.add_parser(
+        "revoke", parents=[data],
+        help="revoke an API key and the customer tokens it minted (within 30 s everywhere)")
+    revoke.add_argument("id", type=int, help="the key's id, from `keys list`")
+    revoke.set_defaults(run=_cmd_keys_revoke)
 
     hooks = commands.add_parser("webhooks", help="outbound webhooks: send a test, watch deliveries")
     hook_commands = hooks.add_subparsers(dest="webhooks_command", required=True, metavar="COMMAND")
@@ -125,6 +142,36 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
     print(key)
     _note(f"created an API key with scope {args.scope}; it is shown only this once")
     return 0
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    with _backing_services(args.data_dir, need_redis=False):
+        rows = asyncio.run(_with_conn(os.environ["DATABASE_URL"], list_api_keys))
+    print(f"{'id':>6}  {'prefix':<13} {'scope':<8} {'created':<20} {'revoked':<20} name")
+    for row in rows:
+        revoked = f"{row['revoked_at']:%Y-%m-%d %H:%M:%S}" if row["revoked_at"] else "-"
+        print(f"{row['id']:>6}  {row['prefix'] + '…':<13} {row['scope']:<8} "
+              f"{row['created_at']:%Y-%m-%d %H:%M:%S}  {revoked:<20} {row['name']}")
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    with _backing_services(args.data_dir, need_redis=False):
+        done = asyncio.run(_with_conn(os.environ["DATABASE_URL"],
+                                      lambda conn: revoke_api_key(conn, args.id)))
+    if not done:
+        raise CliError(f"no live API key with id {args.id}")
+    _note(f"revoked API key {args.id}; processes stop taking it (and its customer tokens) "
+          "within 30 s")
+    return 0
+
+
+async def _with_conn(dsn: str, action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await action(conn)
+    finally:
+        await conn.close()
 
 
 def _cmd_webhooks_send_test(args: argparse.Namespace) -> int:

@@ -23,7 +23,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Send
 from starlette.types import Scope as Scope_
 
-from app.auth.keys import Principal, Scope, find_principal
+from app.auth.keys import Principal, Scope, find_principal, key_alive
+from app.auth.tokens import PREFIX as TOKEN_PREFIX
+from app.auth.tokens import CustomerTokens, TokenRefused
 from app.errors import (
     STORE_ERRORS,
     Forbidden,
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 ADMIN = frozenset({Scope.admin})
 RUNTIME = frozenset({Scope.runtime})
 READ = frozenset({Scope.admin, Scope.runtime})
+# what an account's own customer may read too, with a customer token (app/auth/tokens.py)
+CUSTOMER_READ = frozenset({Scope.admin, Scope.runtime, Scope.customer})
 PUBLIC: frozenset[Scope] = frozenset()
 
 KEY_CACHE_TTL_S = 30.0
@@ -94,10 +98,21 @@ class Endpoint:
     also: tuple[int, ...] = ()
     # an admin write that must not run without an `Idempotency-Key` (it charges money)
     idempotency_required: bool = False
+    # its answer holds a credential: never stored for an `Idempotency-Key` replay (such a
+    # route changes nothing, so a retry is safe without one)
+    secret_answer: bool = False
+
+    def __post_init__(self) -> None:
+        # a customer token reads one account: its routes name that account in the path
+        if Scope.customer in self.scopes and not (
+                self.method == "GET" and self.path.startswith("/v1/accounts/{code}/")):
+            raise ValueError(f"{self.method} {self.path}: a customer route is a GET under "
+                             "/v1/accounts/{code}/")
 
     @property
     def idempotent_write(self) -> bool:
-        return self.method in ("POST", "PATCH", "PUT") and Scope.admin in self.scopes
+        return self.method in ("POST", "PATCH", "PUT") and Scope.admin in self.scopes \
+            and not self.secret_answer
 
 
 def validation_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> Problem:
@@ -138,10 +153,34 @@ def validate_items(model: type[M], items: list[Any]) -> list[M | Problem]:
 
 class KeyCache:
     """Known keys are cached briefly so the hot path does not hit Postgres; revocation lags by
-    at most KEY_CACHE_TTL_S."""
+    at most KEY_CACHE_TTL_S. Customer tokens are checked here too (`tokens`), each against
+    the liveness of the key that minted it, cached the same way."""
 
     def __init__(self) -> None:
         self._known: dict[str, tuple[Principal, float]] = {}
+        self._alive: dict[int, tuple[bool, float]] = {}
+        self.tokens = CustomerTokens()
+
+    async def alive(self, ctx: AppContext, key_id: int) -> bool:
+        hit = self._alive.get(key_id)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        found = await key_alive(ctx.pool, key_id)
+        if len(self._alive) > 10_000:
+            self._alive.clear()
+        self._alive[key_id] = (found, time.monotonic() + KEY_CACHE_TTL_S)
+        return found
+
+    async def customer(self, ctx: AppContext, token: str) -> Principal:
+        """A customer token's principal; 401 when it is forged, expired or its key revoked."""
+        try:
+            principal = await self.tokens.principal(ctx.pool, token)
+        except TokenRefused as exc:
+            raise Unauthenticated(str(exc), field="Authorization") from exc
+        if not await self.alive(ctx, principal.key_id):
+            raise Unauthenticated("the key that issued this customer token was revoked",
+                                  field="Authorization")
+        return principal
 
     def cached(self, key: str) -> Principal | None:
         """The key's principal when cached and fresh (no coroutine); None: ask `principal`."""
@@ -166,12 +205,18 @@ async def authenticate(ctx: AppContext, request: Incoming, scopes: frozenset[Sco
     if scheme.lower() != "bearer" or not key:
         raise Unauthenticated("send `Authorization: Bearer <api key>`", field="Authorization")
     key = key.strip()
-    principal = ctx.keys.cached(key) or await ctx.keys.principal(ctx, key)
+    if key.startswith(TOKEN_PREFIX):
+        principal: Principal | None = await ctx.keys.customer(ctx, key)
+    else:
+        principal = ctx.keys.cached(key) or await ctx.keys.principal(ctx, key)
     if principal is None:
         raise Unauthenticated("unknown or revoked API key", field="Authorization")
     if principal.scope not in scopes:
         allowed = " or ".join(sorted(s.value for s in scopes))
         raise Forbidden(f"this route needs a key with scope {allowed}", field="Authorization")
+    if principal.account is not None and request.path_params.get("code") != principal.account:
+        raise Forbidden(f"this customer token reads account {principal.account!r} only",
+                        field="Authorization")
     return principal
 
 
@@ -321,18 +366,26 @@ class EndpointApp:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        # a browser calls the customer routes across origins (CREDITGATE_CORS_ORIGINS)
+        self.cors = Scope.customer in endpoint.scopes
 
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
         request = Incoming(scope, await _read_body(receive))
         try:
-            response = await self.serve(request)
+            if self.cors and request.method == "OPTIONS":
+                response = preflight(request)
+            else:
+                response = await self.serve(request)
         except Exception:  # a bug, not bad input: logged, answered 500 problem+json
             log.exception("unhandled error in %s %s", request.method, request.path)
             response = problem_response(internal_error())
+        headers = response.raw_headers
+        if self.cors:
+            headers = [*headers, *cors_headers(request)]
         # every handler answers with a plain Response (a body in memory): sent as two ASGI
         # messages, without Starlette's Response.__call__ machinery
         await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": response.raw_headers})
+                    "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
 
     async def serve(self, request: Incoming) -> Response:
@@ -377,8 +430,38 @@ class DirectRoutes:
 
 
 def to_route(endpoint: Endpoint) -> Route:
-    return Route(endpoint.path, EndpointApp(endpoint), methods=[endpoint.method],
+    # a customer route also answers a browser's CORS preflight
+    methods = [endpoint.method, "OPTIONS"] if Scope.customer in endpoint.scopes \
+        else [endpoint.method]
+    return Route(endpoint.path, EndpointApp(endpoint), methods=methods,
                  name=endpoint.handler.__name__)
+
+
+def _allowed_origin(request: Incoming) -> str | None:
+    """The request's Origin when CREDITGATE_CORS_ORIGINS lets it call the customer routes."""
+    origin = request.header(b"origin")
+    allowed = request.app.state.ctx.settings.cors_origins
+    return origin if origin and ("*" in allowed or origin in allowed) else None
+
+
+def cors_headers(request: Incoming) -> list[tuple[bytes, bytes]]:
+    origin = _allowed_origin(request)
+    if origin is None:
+        return [(b"vary", b"origin")] if request.app.state.ctx.settings.cors_origins else []
+    return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"origin")]
+
+
+def preflight(request: Incoming) -> Response:
+    """A browser asking whether it may send a customer token from another origin."""
+    if _allowed_origin(request) is None:
+        return problem_response(Forbidden(
+            "this origin may not call the API from a browser (CREDITGATE_CORS_ORIGINS)",
+            field="Origin"))
+    response = Response(status_code=204)
+    response.raw_headers = [(b"access-control-allow-methods", b"GET"),
+                            (b"access-control-allow-headers", b"authorization"),
+                            (b"access-control-max-age", b"600")]
+    return response
 
 
 async def _respond(endpoint: Endpoint, call: Call) -> Response:

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from app import openapi
+from app.auth.endpoints import ENDPOINTS as TOKENS
 from app.config.catalog import Catalog
 from app.config.endpoints import ENDPOINTS as CONFIG
 from app.context import AppContext
@@ -46,7 +47,7 @@ from app.workers import run_workers
 log = logging.getLogger(__name__)
 # the hot path first: Starlette tries routes in order
 ENDPOINTS: list[Endpoint] = [*RUNTIME, *MEASUREMENTS, *CONFIG, *LEDGER, *WEBHOOKS, *PURCHASES,
-                             *RATING, *RECHARGE]
+                             *RATING, *RECHARGE, *TOKENS]
 
 
 async def healthz(request: Request) -> Response:

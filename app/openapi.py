@@ -94,5 +94,7 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
                  "Prepaid-credit entitlement gateway: check, usage, balances and the ledger."},
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer"}}},
+            "bearer": {"type": "http", "scheme": "bearer", "description":
+                       "An API key (scope admin or runtime), or on the routes of scope "
+                       "customer a customer token (`cgct_…`) of the account in the path"}}},
     }

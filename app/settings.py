@@ -76,6 +76,9 @@ class Settings:
     webhooks_concurrency: int = 50
     webhooks_poll_s: Seconds = 0.1
     webhooks_retry_schedule_s: tuple[Seconds, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    # Browser origins that may call the customer routes (customer tokens) across origins,
+    # e.g. the vendor's web app; "*" for any. Empty: no CORS headers at all.
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -109,4 +112,7 @@ class Settings:
             webhooks_poll_s=_seconds("CREDITGATE_WEBHOOKS_POLL_S", 0.1),
             webhooks_retry_schedule_s=_seconds_list("CREDITGATE_WEBHOOKS_RETRY_SCHEDULE_S",
                                                     cls.webhooks_retry_schedule_s),
+            cors_origins=tuple(o.strip().rstrip("/") for o in
+                               os.environ.get("CREDITGATE_CORS_ORIGINS", "").split(",")
+                               if o.strip()),
         )

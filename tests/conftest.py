@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from app.auth.keys import Scope, create_api_key
+from app.auth.keys import KEY_SCOPES, create_api_key
 from app.db import migrate
 from app.main import create_app
 from app.settings import REPO_ROOT, Settings
@@ -81,7 +81,7 @@ async def app(settings: Settings) -> AsyncIterator[Any]:
 async def keys(database_url: str) -> dict[str, str]:
     conn = await asyncpg.connect(database_url)
     try:
-        return {scope.value: await create_api_key(conn, scope, "tests") for scope in Scope}
+        return {scope.value: await create_api_key(conn, scope, "tests") for scope in KEY_SCOPES}
     finally:
         await conn.close()
 

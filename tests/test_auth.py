@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import asyncpg
 import httpx
 from starlette.routing import Route
 
-from app.auth.keys import Scope, hash_key
+from app.auth.keys import KEY_SCOPES, Scope, hash_key
 from app.http import Endpoint
 from app.main import ENDPOINTS
 
@@ -37,11 +38,20 @@ async def test_every_route_needs_a_key_of_its_scope(
 ) -> None:
     declared = {(e.method, e.path) for e in ENDPOINTS}
     served = {(m, r.path) for r in app.routes if isinstance(r, Route) for m in (r.methods or ())
-              if m != "HEAD"}
+              if m not in ("HEAD", "OPTIONS")}
     # the app serves nothing that is not declared with a scope (or one of the public probes)
     assert {(m, p) for m, p in served if p not in PUBLIC_ROUTES} == declared
 
-    for_scope = {s: {"Authorization": f"Bearer {keys[s.value]}"} for s in Scope}
+    for_scope = {s: {"Authorization": f"Bearer {keys[s.value]}"} for s in KEY_SCOPES}
+    # a customer token reads its own account only: it is walked with that account in the path
+    # (and refused everywhere else, including its routes for another account)
+    own = f"walk-{uuid.uuid4().hex[:8]}"
+    admin = for_scope[Scope.admin]
+    assert (await client.post("/v1/accounts", headers=admin,
+                              json={"code": own, "name": "walk"})).status_code == 201
+    minted = await client.post(f"/v1/accounts/{own}/customer-tokens", headers=admin, json={})
+    assert minted.status_code == 201, minted.text
+    for_scope[Scope.customer] = {"Authorization": f"Bearer {minted.json()['token']}"}
     walked = 0
     for endpoint in ENDPOINTS:
         what = f"{endpoint.method} {endpoint.path}"
@@ -60,11 +70,16 @@ async def test_every_route_needs_a_key_of_its_scope(
 
         _problem(await send({}), 401, f"{what} without a key")
         for bad in ("Bearer cg_admin_not-a-real-key", "Basic " + keys["admin"], keys["admin"],
-                    "Bearer "):
+                    "Bearer ", "Bearer cgct_Zm9yZ2Vk.c2lnbmF0dXJl"):
             _problem(await send({"Authorization": bad}), 401, f"{what} with {bad[:12]!r}")
         for scope in Scope:
             response = await send(for_scope[scope])
-            if scope in endpoint.scopes:
+            if scope == Scope.customer and scope in endpoint.scopes:
+                # another account's path: refused; its own: past auth
+                _problem(response, 403, f"{what} with a token of another account")
+                response = await send(for_scope[scope], url=endpoint.path.replace("{code}", own))
+                assert response.status_code not in (401, 403), (what, scope, response.text)
+            elif scope in endpoint.scopes:
                 # the right key gets past auth: whatever the answer, it is not about the key
                 assert response.status_code not in (401, 403), (what, scope, response.text)
             else:

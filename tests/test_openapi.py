@@ -17,7 +17,7 @@ import schemathesis
 from schemathesis.python import asgi
 
 from app import openapi
-from app.auth.keys import Scope, create_api_key
+from app.auth.keys import KEY_SCOPES, create_api_key
 from app.db import migrate
 from app.main import ENDPOINTS, create_app
 from app.settings import REPO_ROOT, Settings
@@ -80,7 +80,7 @@ async def fuzz_keys(servers: tuple[str, str], settings: Settings) -> AsyncIterat
         await migrate(url, REPO_ROOT / "migrations")
         conn = await asyncpg.connect(url)
         try:
-            keys = {s.value: await create_api_key(conn, s, "fuzz") for s in Scope}
+            keys = {s.value: await create_api_key(conn, s, "fuzz") for s in KEY_SCOPES}
         finally:
             await conn.close()
         LATE_APP.app = create_app(dataclasses.replace(

@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
-from app.auth.keys import Scope, create_api_key
+from app.auth.keys import KEY_SCOPES, create_api_key
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import Api
@@ -72,7 +72,7 @@ async def own_app(settings: Settings, private_redis: PrivateRedis,
     application = create_app(own)
     conn = await asyncpg.connect(database_url)
     try:
-        keys = {s.value: await create_api_key(conn, s, "restart test") for s in Scope}
+        keys = {s.value: await create_api_key(conn, s, "restart test") for s in KEY_SCOPES}
     finally:
         await conn.close()
     async with application.router.lifespan_context(application):

@@ -15,7 +15,7 @@ from app.entitlements.schemas import (
     UsageResult,
 )
 from app.errors import ValidationProblem
-from app.http import READ, RUNTIME, Call, Endpoint
+from app.http import CUSTOMER_READ, RUNTIME, Call, Endpoint
 
 
 async def check(call: Call) -> BaseModel:
@@ -56,7 +56,7 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/usage", usage, RUNTIME,
              "Report usage: one event, or {events: [...]} up to 1,000, each answered on its own",
              "runtime", body=UsageBatch, response=UsageBatchOut, raw_body=True),
-    Endpoint("GET", "/v1/accounts/{code}/balances", balances, READ,
+    Endpoint("GET", "/v1/accounts/{code}/balances", balances, CUSTOMER_READ,
              "Real-time balances of an account, from the hot state", "runtime",
              response=AccountBalancesOut),
 ]

@@ -7,7 +7,7 @@ import json
 from pydantic import BaseModel
 
 from app.errors import NotFound, ValidationProblem
-from app.http import ADMIN, READ, RUNTIME, Call, Endpoint
+from app.http import ADMIN, CUSTOMER_READ, READ, RUNTIME, Call, Endpoint
 from app.rating import billing, bills, drawdown, recurring, service
 from app.rating import repository as repo
 from app.rating.schemas import (
@@ -193,9 +193,6 @@ async def _bill_page(call: Call, account_id: int | None) -> BaseModel:
 
 
 RUNTIME_ENDPOINTS = [
-    Endpoint("GET", "/v1/accounts/{code}/measurements/{uid}", read_measurement, READ,
-             "A stored measurement and whether it has been rated", "runtime",
-             response=MeasurementOut),
     Endpoint("POST", "/v1/measurements", measurements, RUNTIME,
              "Submit measurements: one, or {measurements: [...]} up to 1,000, each answered on "
              "its own; rated ones draw balances down in real time", "runtime",
@@ -206,7 +203,7 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/accounts/{code}/measurements/{uid}", read_measurement, READ,
              "A stored measurement and whether it has been rated", "runtime",
              response=MeasurementOut),
-    Endpoint("GET", "/v1/accounts/{code}/usage", usage, READ,
+    Endpoint("GET", "/v1/accounts/{code}/usage", usage, CUSTOMER_READ,
              "Bill-to-date: each pricing's quantity, bands and amount for a period", "runtime",
              query=UsageQuery, response=AccountUsageOut),
     Endpoint("POST", "/v1/bills/run", run_bills, ADMIN,
@@ -217,7 +214,7 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/bills", all_bills, ADMIN,
              "Every account's bills in the order they were written (a bill run's, with "
              "`period_start`)", "bills", query=BillQuery, response=BillPage),
-    Endpoint("GET", "/v1/accounts/{code}/bills", account_bills, READ,
+    Endpoint("GET", "/v1/accounts/{code}/bills", account_bills, CUSTOMER_READ,
              "An account's bills, oldest first", "bills", query=BillQuery, response=BillPage),
     *_crud("/v1/meters", "meters", "a meter (data and derived fields)", "meters", MeterIn,
            MeterOut, service.create_meter),

@@ -1,0 +1,43 @@
+"""Customer tokens for the end customer's browser (app/auth/tokens.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, Field
+
+from app.auth.tokens import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S
+from app.errors import NotFound
+from app.http import READ, Call, Endpoint
+from app.schemas import Strict
+
+
+class CustomerTokenIn(Strict):
+    ttl_s: int = Field(default=DEFAULT_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S,
+                       description="seconds the token is good for")
+
+
+class CustomerTokenOut(BaseModel):
+    token: str = Field(description="`Authorization: Bearer <token>` on the customer routes of "
+                       "this account only; shown once, never stored")
+    account: str
+    expires_at: datetime
+
+
+async def mint(call: Call) -> BaseModel:
+    code = call.path("code")
+    if await call.ctx.catalog.account(code) is None:
+        raise NotFound(f"no account {code!r}", field="code")
+    assert call.principal is not None
+    token, expires = await call.ctx.keys.tokens.mint(call.ctx.pool, call.principal.key_id, code,
+                                                     call.body.ttl_s)
+    return CustomerTokenOut(token=token, account=code,
+                            expires_at=datetime.fromtimestamp(expires, UTC))
+
+
+ENDPOINTS = [
+    Endpoint("POST", "/v1/accounts/{code}/customer-tokens", mint, READ,
+             "A short-lived token with which the account's own customer reads its balances, "
+             "bill-to-date and bills (for a browser)", "customer tokens",
+             body=CustomerTokenIn, response=CustomerTokenOut, status=201, secret_answer=True),
+]
