@@ -1,10 +1,12 @@
-"""Background work every app process runs: orphaned-journal sweep, credit expiry, rated
+"""Background work every app process runs: orphaned-journal sweep, recurring grants (each
+period's credits, and the rollover of the period that ended), credit expiry, rated
 debits a crash left, the standing charges and counter charges of billing periods that started,
 the bill run of closed periods, the purchase reconciler, the auto-recharge runner, expired
 Idempotency-Keys, and webhook events past their retention.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
-balance id, recurring charges are settled and bills written under the account's row lock.
+balance id, recurring grants by period and balance, recurring charges are settled and bills
+written under the account's row lock.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from app.errors import STORE_ERRORS
 from app.idempotency import purge_expired as purge_expired_keys
+from app.ledger.recurring_grants import grant_due as grant_recurring
 from app.ledger.service import expire_due
 from app.purchases.tasks import run_reconciler
 from app.rating.bills import BillMemory
@@ -43,6 +46,7 @@ async def _store_workers(ctx: AppContext) -> None:
     while True:
         try:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
+            await grant_recurring(ctx)
             await expire_due(ctx)
             await send_unsent(ctx, cursor=unsent)
             await draw_recurring_charges(ctx, recurring)

@@ -1,12 +1,12 @@
-"""Routes of balances and the ledger (admin scope)."""
+"""Routes of balances, recurring grants and the ledger (admin scope)."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 
 from app.http import ADMIN, Call, Endpoint
+from app.ledger import recurring_grants, service
 from app.ledger import repository as repo
-from app.ledger import service
 from app.ledger.schemas import (
     AdjustmentIn,
     BalanceAtOut,
@@ -16,6 +16,10 @@ from app.ledger.schemas import (
     GrantIn,
     LedgerPage,
     LedgerQuery,
+    RecurringGrantEndIn,
+    RecurringGrantIn,
+    RecurringGrantOut,
+    RecurringGrantPage,
     ThresholdIn,
     ThresholdList,
     ThresholdOut,
@@ -72,6 +76,27 @@ async def balance_at(call: Call) -> BaseModel:
     return await service.balance_at(call.ctx, call.path("code"), call.query.at)
 
 
+async def create_recurring(call: Call) -> BaseModel:
+    return await recurring_grants.create(call.ctx, call.path("code"), call.body)
+
+
+async def list_recurring(call: Call) -> BaseModel:
+    account = await service.account_ref(call.ctx, call.path("code"))
+    q = call.query
+    rows = await repo.recurring_grants_of(call.ctx.pool, account.id, q.after_id(), q.limit)
+    return RecurringGrantPage(data=[recurring_grants.grant_out(r) for r in rows],
+                              next_cursor=next_cursor([r["id"] for r in rows], q.limit))
+
+
+async def read_recurring(call: Call) -> BaseModel:
+    return await recurring_grants.read(call.ctx, call.path_id("id", "recurring grant"))
+
+
+async def end_recurring(call: Call) -> BaseModel:
+    return await recurring_grants.end(call.ctx, call.path_id("id", "recurring grant"),
+                                      call.body.end)
+
+
 ENDPOINTS = [
     Endpoint("POST", "/v1/accounts/{code}/grants", grant, ADMIN,
              "Grant credits: creates a balance and its grant entry", "balances", body=GrantIn,
@@ -96,4 +121,17 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/accounts/{code}/balance-at", balance_at, ADMIN,
              "The account's balance per credit type as of a past time", "ledger",
              query=BalanceAtQuery, response=BalanceAtOut),
+    Endpoint("POST", "/v1/accounts/{code}/recurring-grants", create_recurring, ADMIN,
+             "Grant credits every period (each period's a balance expiring at its end; what "
+             "it leaves unused rolls over into the next, up to a percentage and a cap)",
+             "recurring grants", body=RecurringGrantIn, response=RecurringGrantOut, status=201),
+    Endpoint("GET", "/v1/accounts/{code}/recurring-grants", list_recurring, ADMIN,
+             "An account's recurring grants", "recurring grants", query=ListQuery,
+             response=RecurringGrantPage),
+    Endpoint("GET", "/v1/recurring-grants/{id}", read_recurring, ADMIN,
+             "A recurring grant with its latest periods", "recurring grants",
+             response=RecurringGrantOut),
+    Endpoint("POST", "/v1/recurring-grants/{id}/end", end_recurring, ADMIN,
+             "End a recurring grant: no period starts on or after `end` (the periods granted "
+             "stay)", "recurring grants", body=RecurringGrantEndIn, response=RecurringGrantOut),
 ]

@@ -39,7 +39,7 @@ SWEEP_PAGE = 500  # roots read from one index shard at a time
 class JournalRecord:
     root_id: int
     stream_id: str
-    kind: str  # usage | grant | adjustment | void | expire
+    kind: str  # usage | grant | adjustment | rollover | void | expire | refund
     payload: dict[str, Any]
     recorded_ms: int
     gen: str

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -330,3 +330,108 @@ async def recent_uids(conn: Conn, account_ids: list[int], since: datetime) -> li
            WHERE account_id = ANY($1::int8[]) AND recorded_at >= $2""",
         account_ids, since,
     )
+
+
+# --- recurring grants (app/ledger/recurring_grants.py) -------------------------------------
+
+_RECURRING = """SELECT g.*, a.code AS account, a.root_id, ct.code AS credit_type,
+                       ct.decimal_places
+                FROM recurring_grants g JOIN accounts a ON a.id = g.account_id
+                JOIN credit_types ct ON ct.id = g.credit_type_id"""
+
+
+async def insert_recurring_grant(conn: Conn, values: dict[str, Any]) -> int:
+    return int(await conn.fetchval(
+        """INSERT INTO recurring_grants (account_id, credit_type_id, amount, frequency,
+                                         interval_count, start_date, end_date, product_codes,
+                                         priority, description, rollover_percent, rollover_max,
+                                         next_start)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $6) RETURNING id""",
+        values["account_id"], values["credit_type_id"], values["amount"], values["frequency"],
+        values["interval"], values["start"], values["end"], values["products"],
+        values["priority"], values["description"], values["rollover_percent"],
+        values["rollover_max"]))
+
+
+async def recurring_grant(conn: Conn, grant_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"{_RECURRING} WHERE g.id = $1", grant_id)
+
+
+async def recurring_grants_of(conn: Conn, account_id: int, after_id: int,
+                              limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(f"{_RECURRING} WHERE g.account_id = $1 AND g.id > $2 "
+                            "ORDER BY g.id LIMIT $3", account_id, after_id, limit)
+
+
+async def due_recurring_grants(conn: Conn, today: date, limit: int) -> list[asyncpg.Record]:
+    """Grants with a period to grant: one starting today or earlier, before their end."""
+    return await conn.fetch(
+        f"""{_RECURRING} WHERE g.next_start <= $1
+              AND (g.end_date IS NULL OR g.next_start < g.end_date)
+            ORDER BY g.next_start, g.id LIMIT $2""", today, limit)
+
+
+async def end_recurring_grant(conn: Conn, grant_id: int, end: date) -> None:
+    await conn.execute("UPDATE recurring_grants SET end_date = $2 WHERE id = $1", grant_id, end)
+
+
+async def reserve_period(conn: Conn, grant_id: int, start: date, end: date) -> int:
+    """The balance id of a period, reserved once whoever asks first (a reservation committed
+    by another transaction while this statement ran is read by the next try)."""
+    while True:
+        found = await conn.fetchval(
+            """WITH new AS (
+                 INSERT INTO recurring_grant_periods (recurring_grant_id, period_start, period_end,
+                                                      balance_id)
+                 VALUES ($1, $2, $3, nextval('balances_id_seq'))
+                 ON CONFLICT (recurring_grant_id, period_start) DO NOTHING RETURNING balance_id)
+               SELECT balance_id FROM new
+               UNION ALL
+               SELECT balance_id FROM recurring_grant_periods
+               WHERE recurring_grant_id = $1 AND period_start = $2
+               LIMIT 1""", grant_id, start, end)
+        if found is not None:
+            return int(found)
+
+
+async def advance_recurring_grant(conn: Conn, grant_id: int, next_start: date) -> None:
+    await conn.execute(
+        "UPDATE recurring_grants SET next_start = greatest(next_start, $2) WHERE id = $1",
+        grant_id, next_start)
+
+
+async def periods_of(conn: Conn, grant_id: int, limit: int = 100) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT period_start, period_end, balance_id, rolled FROM recurring_grant_periods
+           WHERE recurring_grant_id = $1 ORDER BY period_start DESC LIMIT $2""",
+        grant_id, limit)
+
+
+async def unrolled_periods(conn: Conn, today: date, limit: int) -> list[asyncpg.Record]:
+    """Periods over (their balance expired at the end's midnight) not rolled over yet, each
+    with the next period's balance when it was granted; of one recurring grant only the
+    earliest (a period is settled after the one before it rolled into it)."""
+    return await conn.fetch(
+        f"""SELECT p.period_start, p.period_end, p.balance_id, n.balance_id AS next_balance_id,
+                   x.* FROM recurring_grant_periods p
+            JOIN ({_RECURRING}) x ON x.id = p.recurring_grant_id
+            LEFT JOIN recurring_grant_periods n ON n.recurring_grant_id = p.recurring_grant_id
+                                                AND n.period_start = p.period_end
+            WHERE NOT p.rolled AND p.period_end <= $1
+              AND NOT EXISTS (SELECT 1 FROM recurring_grant_periods e
+                              WHERE e.recurring_grant_id = p.recurring_grant_id
+                                AND e.period_start < p.period_start AND NOT e.rolled)
+            ORDER BY p.period_end LIMIT $2""", today, limit)
+
+
+async def mark_rolled(conn: Conn, grant_id: int, period_start: date) -> None:
+    await conn.execute(
+        """UPDATE recurring_grant_periods SET rolled = true
+           WHERE recurring_grant_id = $1 AND period_start = $2""", grant_id, period_start)
+
+
+async def op_amount(conn: Conn, op_key: str) -> Decimal | None:
+    """The sum of an operation's entries; None when it is not committed."""
+    found = await conn.fetchval(
+        "SELECT sum(amount) FROM ledger_entries WHERE op_key = $1", op_key)
+    return None if found is None else Decimal(found)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -108,3 +108,67 @@ class ThresholdOut(BaseModel):
 
 class ThresholdList(BaseModel):
     data: list[ThresholdOut]
+
+
+# Recurring grants (app/ledger/recurring_grants.py)
+
+GrantDay = Annotated[date, Field(ge=date(2000, 1, 1), le=date(2999, 12, 31))]
+
+
+class RecurringGrantIn(Strict):
+    amount: Decimal = Field(gt=0, description="credits granted each period")
+    credit_type: Code | None = Field(default=None, description="default: the account's")
+    frequency: Literal["daily", "monthly", "quarterly", "annual"]
+    interval: int = Field(default=1, ge=1, le=366, description="every this many days or months, "
+                          "quarters, years")
+    start: GrantDay | None = Field(default=None, description="the first period's first day "
+                                   "(UTC); default today. Periods over before it is created "
+                                   "are not granted")
+    end: GrantDay | None = Field(default=None, description="exclusive: no period starts on or "
+                                 "after it; omitted: open")
+    products: list[Code] | None = Field(default=None, min_length=1, max_length=100)
+    priority: int = Field(default=100, ge=0, le=1_000_000, description="lower is drawn first")
+    description: Description = ""
+    rollover_percent: Decimal = Field(default=Decimal(0), ge=0, le=100, description=
+                                      "of what a period leaves unused, the part added to the "
+                                      "next period's credits (rounded down)")
+    rollover_max: Decimal | None = Field(default=None, ge=0, description="at most this much "
+                                         "rolls over; omitted: no cap but the percentage")
+
+
+class RecurringGrantEndIn(Strict):
+    end: GrantDay | None = Field(default=None, description="exclusive; default: tomorrow (the "
+                                 "period under way is kept, none starts after today)")
+
+
+class RecurringGrantPeriodOut(BaseModel):
+    period_start: date
+    period_end: date
+    balance_id: int
+    rolled_over: bool = Field(description="its expiry has been settled: what rolled over is "
+                              "in the next period's balance (a `rollover` ledger entry)")
+
+
+class RecurringGrantOut(BaseModel):
+    id: int
+    account: str
+    credit_type: str
+    amount: str
+    frequency: str
+    interval: int
+    start: date
+    end: date | None
+    products: list[str] | None
+    priority: int
+    description: str
+    rollover_percent: str
+    rollover_max: str | None
+    next_start: date = Field(description="the first period not granted yet")
+    created_at: datetime
+    periods: list[RecurringGrantPeriodOut] = Field(
+        default=[], description="the latest 100 granted periods, newest first (a single "
+                                "grant's read only)")
+
+
+class RecurringGrantPage(Page[RecurringGrantOut]):
+    pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -142,16 +143,20 @@ async def expire_due(ctx: AppContext, limit: int = 500) -> int:
     """Write an `expire` entry for every balance whose expiry has passed (worker)."""
     rows = await repo.due_expiries(ctx.pool, datetime.now(UTC), limit)
     for row in rows:
-        try:
-            _, account, credit_type = await _live_balance(ctx, row["id"])
-        except (NotFound, Conflict):
-            continue
-        payload = _op_payload(f"x:{row['id']}", account, credit_type, row["id"], "expired")
-        try:
-            await ledger_op(ctx, account, "expire", row["id"], payload)
-        except Conflict:
-            continue
+        await expire_balance(ctx, row["id"])
     return len(rows)
+
+
+async def expire_balance(ctx: AppContext, balance_id: int) -> None:
+    """Expire what remains of a balance (op `x:<id>`: once, whoever comes first); nothing
+    when it is no longer live."""
+    try:
+        _, account, credit_type = await _live_balance(ctx, balance_id)
+    except (NotFound, Conflict):
+        return
+    payload = _op_payload(f"x:{balance_id}", account, credit_type, balance_id, "expired")
+    with contextlib.suppress(Conflict):
+        await ledger_op(ctx, account, "expire", balance_id, payload)
 
 
 def entry_out(row: asyncpg.Record) -> LedgerEntryOut:
@@ -282,17 +287,20 @@ async def credit_back(ctx: AppContext, account: AccountRef, credit_type: CreditT
 
 async def grant_reserved(ctx: AppContext, account: AccountRef, credit_type: CreditTypeRef,
                          balance_id: int, amount: int, *, products: list[str] | None,
-                         priority: int, description: str, source: str) -> None:
-    """Grant a balance under an id the caller reserved (`next_balance_id`), effective now and
-    never expiring; once only, however often it is called."""
+                         priority: int, description: str, source: str,
+                         effective: datetime | None = None,
+                         expires: datetime | None = None) -> None:
+    """Grant a balance under an id the caller reserved (`next_balance_id`), effective now (or
+    `effective`) and never expiring (or at `expires`); once only, however often it is called."""
     op = f"g:{balance_id}"
     if await repo.committed_ops(ctx.pool, [op]):
         return
-    eff_ms = now_ms()
+    eff_ms = to_ms(effective) if effective is not None else now_ms()
+    exp_ms = to_ms(expires) if expires is not None else None
     scope = sorted(set(products)) if products else None
-    definition = balance_def(credit_type.code, priority, eff_ms, None, "active", scope)
+    definition = balance_def(credit_type.code, priority, eff_ms, exp_ms, "active", scope)
     payload = _op_payload(op, account, credit_type, balance_id, description, bal={
-        "products": scope, "priority": priority, "eff": eff_ms, "exp": None,
+        "products": scope, "priority": priority, "eff": eff_ms, "exp": exp_ms,
         "description": description, "source": source})
     payload["def"] = definition
     try:
@@ -301,3 +309,19 @@ async def grant_reserved(ctx: AppContext, account: AccountRef, credit_type: Cred
         await ctx.journal.recover_root(account.root_id)
         if not await repo.committed_ops(ctx.pool, [op]):
             raise
+
+
+async def roll_over(ctx: AppContext, account: AccountRef, credit_type: CreditTypeRef,
+                    balance_id: int, amount: int, from_balance: int) -> bool:
+    """Add to a balance (minor units) what another left unused, as a `rollover` entry keyed
+    `o:<from balance>`: once only. False when the balance is no longer live."""
+    op = f"o:{from_balance}"
+    if await repo.committed_ops(ctx.pool, [op]):
+        return True
+    payload = _op_payload(op, account, credit_type, balance_id,
+                          f"rolled over from balance {from_balance}", **{"from": from_balance})
+    try:
+        await ledger_op(ctx, account, "rollover", balance_id, payload, amount)
+    except Conflict:
+        return False
+    return True

@@ -7,6 +7,8 @@ EVENT_TYPES: dict[str, str] = {
     "credits.granted": "a balance was granted (or a purchase's credits became drawable)",
     "credits.voided": "what remained of a balance was voided",
     "credits.expired": "what remained of a balance expired",
+    "credits.rolled_over": "what a recurring grant's period left unused (within its rollover "
+                           "terms) was added to the next period's balance",
     "balance.low": "an account's drawable balance of a credit type fell below its threshold",
     "balance.depleted": "eligible credit for a product reached zero",
     "balance.recovered": "eligible credit for a product is above zero again",

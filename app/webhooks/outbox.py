@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 FLAG_EVENTS = {"revoked": ("balance.depleted", "entitlement.revoked"),
                "granted": ("balance.recovered", "entitlement.granted")}
 BALANCE_EVENTS = {"grant": "credits.granted", "void": "credits.voided", "expire": "credits.expired",
-                  "refund": "credits.voided"}
+                  "refund": "credits.voided", "rollover": "credits.rolled_over"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ def events_for(record: JournalRecord, at: datetime) -> list[OutboxEvent]:
                                 "amount": amount(abs(record.applied))}
         if record.kind == "grant":
             data["source"] = p["bal"]["source"]
+        if record.kind == "rollover":  # what expired unused in the period before
+            data["from_balance_id"] = int(p["from"])
         if record.kind == "refund":  # what was already spent is now owed
             data |= {"reason": "refund", "overage": amount(record.overage)}
         events.append(make(BALANCE_EVENTS[record.kind], int(p["a"]), data))
