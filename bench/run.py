@@ -354,6 +354,19 @@ def create_catalog(base: str, admin_key: str, prefix: str, accounts: int) -> Non
             post(f"/v1/accounts/{code}/grants", {"amount": "1000000000"})
 
 
+def customer_tokens(base: str, key: str, prefix: str, accounts: int) -> list[str]:
+    """A customer token (app/auth/tokens.py) for each account, in account order."""
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"},
+                      timeout=30) as c:
+        found = []
+        for a in range(accounts):
+            r = c.post(f"/v1/accounts/{prefix}-{a}/customer-tokens", json={"ttl_s": 86_400})
+            if r.status_code != 201:
+                raise RuntimeError(f"customer token for {prefix}-{a}: {r.status_code} {r.text}")
+            found.append(r.json()["token"])
+        return found
+
+
 async def drop_database(admin_url: str, name: str) -> None:
     conn = await asyncpg.connect(admin_url)
     try:
@@ -448,6 +461,7 @@ def ratios(results: dict[str, Result]) -> dict[str, float | None]:
         "usage_over_naive": ratio("usage", "naive"),
         "batch_events_per_s": results["batch"].events_per_s if "batch" in results else None,
         "granian_over_uvicorn": ratio("bare", "bare_uvicorn"),
+        "token_over_key": ratio("balances_token", "balances"),
     }
 
 
@@ -478,7 +492,8 @@ def markdown(results: dict[str, Result], rat: dict[str, float | None], meta: dic
                        ("check_uncached_over_bare", "check with the cache off / bare"),
                        ("usage_over_naive", "usage / naive"),
                        ("batch_events_per_s", "batch events/s"),
-                       ("granian_over_uvicorn", "granian / uvicorn (bare)")]:
+                       ("granian_over_uvicorn", "granian / uvicorn (bare)"),
+                       ("token_over_key", "balances: customer token / runtime key")]:
         value, target = rat.get(key), TARGETS.get(key)
         shown = "n/a" if value is None else (f"{value:,.0f}" if value > 100 else f"{value:.2f}")
         tshown = "" if target is None else (f">= {target:,}" if target > 100 else f">= {target}")
@@ -507,7 +522,7 @@ def git_rev() -> str:
 
 
 ALL = ("bare", "bare_redis", "bare_fast", "bare_uvicorn", "naive", "check", "check_uncached",
-       "usage", "batch")
+       "usage", "batch", "balances", "balances_token")
 
 
 def main() -> None:
@@ -570,7 +585,8 @@ def main() -> None:
             for n in range(opts.rounds):
                 if opts.rounds > 1:
                     print(f"round {n + 1} of {opts.rounds}", flush=True)
-                found, meta = run_all(opts, wanted, db_url, keys, f"{prefix}r{n}")
+                found, meta = run_all(opts, wanted, db_url, keys, f"{prefix}r{n}",
+                                      swap=n % 2 == 1)
                 rounds.append(found)
     finally:
         if not opts.keep_db:
@@ -590,7 +606,7 @@ def main() -> None:
 
 
 def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict[str, str],
-            prefix: str) -> tuple[dict[str, Result], dict[str, Any]]:
+            prefix: str, swap: bool = False) -> tuple[dict[str, Result], dict[str, Any]]:
     prepare_redis(opts.redis_url)
     ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     results: dict[str, Result] = {}
@@ -652,7 +668,8 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                      {"NAIVE_DATABASE_URL": db_url},
                      ("POST", "/debit", {"account": 1, "amount": 0}), "naive")
 
-    app_scenarios = [s for s in ("check", "usage", "batch") if s in wanted]
+    app_scenarios = [s for s in ("check", "usage", "batch", "balances", "balances_token")
+                     if s in wanted]
     if app_scenarios:
         port = free_port()
         env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url}
@@ -679,6 +696,18 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                              events_per_request=opts.batch_size, timeout_s=60)
                 check_committed(results["batch"], asyncio.run(settle_usage(db_url, before)),
                                 opts.batch_size)
+            # the two reads in turn, the first one first in even rounds only: whichever runs
+            # first in a round measured faster, by as much as the difference looked for
+            reads = [("balances", "runtime key", "-"), ("balances_token",
+                     "each account's customer token", None)]
+            for name, how, tokens in reads[::-1] if swap else reads:
+                if name in app_scenarios:
+                    shown = tokens or ",".join(customer_tokens(base, token, prefix,
+                                                               opts.accounts))
+                    run_scenario(name, f"GET /v1/accounts/{{code}}/balances, {how}", "granian",
+                                 base, "balances.lua",
+                                 lambda _run, t=shown: [str(opts.accounts), prefix, token, t],
+                                 opts, proc=proc)
 
     if "check_uncached" in wanted:  # every check decided in Redis (CREDITGATE_CHECK_CACHE=0)
         serve_static("check_uncached", "POST /v1/check, check cache off",

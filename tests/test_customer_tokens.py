@@ -137,6 +137,12 @@ async def test_a_forged_expired_or_orphaned_token_is_refused(
     expired, _ = await tokens.mint(app.state.ctx.pool, principal_key, own["account"], 60,
                                    now=time.time() - 61)
     assert "expired" in _refused(await read(expired), 401)
+    # a token read once is remembered, but only until it expires
+    brief, _ = await tokens.mint(app.state.ctx.pool, principal_key, own["account"], 60,
+                                 now=time.time() - 58)
+    assert (await read(brief)).status_code == 200
+    await asyncio.sleep(2.1)
+    assert "expired" in _refused(await read(brief), 401)
 
     # a token dies with the key that minted it
     monkeypatch.setattr("app.http.KEY_CACHE_TTL_S", 0.0)

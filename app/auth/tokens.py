@@ -101,8 +101,9 @@ class CustomerTokens:
         expires = int(time.time() if now is None else now) + ttl_s
         return sign(await self.secret(conn), Claims(key_id, expires, account)), expires
 
-    async def principal(self, conn: Conn, token: str) -> Principal:
+    async def principal(self, conn: Conn, token: str) -> tuple[Principal, int]:
         """The principal a token stands for (its `key_id` is the minting key's: the caller
-        checks that key is still alive); TokenRefused when it is not valid."""
+        checks that key is still alive) and the token's expiry (epoch seconds); TokenRefused
+        when it is not valid."""
         claims = verify(await self.secret(conn), token)
-        return Principal(claims.key_id, Scope.customer, claims.account)
+        return Principal(claims.key_id, Scope.customer, claims.account), claims.expires
