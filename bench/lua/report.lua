@@ -18,3 +18,14 @@ function done(summary, latency, requests)
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
     latency.mean, e.connect, e.read, e.write, e.status, e.timeout))
 end
+
+-- Round-robin over requests prepared in init (static.lua, balances.lua): init fills
+-- `prepared`, each thread starts at its own offset. Scripts that build each request define
+-- their own `request` after loading this file.
+prepared = {}
+local at = nil
+
+function request()
+  at = (at or (tid or 0) * 7919) + 1
+  return prepared[(at % #prepared) + 1]
+end

@@ -3,8 +3,6 @@
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 dofile(dir .. "report.lua")
 
-local reqs, n, i = {}, 0, 0
-
 function init(args)
   local kind, accounts, prefix, token = args[1], tonumber(args[2]), args[3], args[4]
   local headers = {["Content-Type"] = "application/json"}
@@ -21,13 +19,6 @@ function init(args)
       path = "/" .. kind
       body = string.format('{"account": "%s-%d", "product": "api", "amount": "0.01"}', prefix, a)
     end
-    reqs[a + 1] = wrk.format("POST", path, headers, body)
+    prepared[a + 1] = wrk.format("POST", path, headers, body)
   end
-  n = accounts
-  i = (tid or 0) * 7919
-end
-
-function request()
-  i = i + 1
-  return reqs[(i % n) + 1]
 end
