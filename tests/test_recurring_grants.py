@@ -60,11 +60,21 @@ async def test_the_period_under_way_is_granted_at_once_and_expires_at_its_end(
                              "a.id = b.account_id WHERE a.code = $1", n["account"]) == 1
 
 
+async def _idle(*_: Any) -> int:
+    return 0
+
+
 async def test_what_a_period_leaves_unused_rolls_over_up_to_the_percentage_and_cap(
-        api: Api, app: Any, db: asyncpg.Connection, redis: aioredis.Redis) -> None:
+        api: Api, app: Any, db: asyncpg.Connection, redis: aioredis.Redis,
+        monkeypatch: Any) -> None:
     """Yesterday's and today's periods of two daily grants: 10.00 rolling over 50% up to 3,
     and 10.03 rolling over 33% (rounded down) with no cap."""
     ctx = app.state.ctx
+    # the app's own workers would settle (or expire) yesterday before the late event below
+    # is recorded: this test plays the workers itself
+    monkeypatch.setattr("app.workers.grant_recurring", _idle)
+    monkeypatch.setattr("app.workers.expire_due", _idle)
+    await asyncio.sleep(0.6)  # a worker pass under way ends (they run every 0.5 s in tests)
     n = await api.setup()
     today = datetime.now(UTC).date()
     yesterday = (today - timedelta(days=1)).isoformat()
@@ -190,3 +200,23 @@ async def test_bad_recurring_grants_are_refused_and_change_nothing(
     first = await api.call("POST", url, expect=201, json=good, headers={"Idempotency-Key": key})
     again = await api.call("POST", url, expect=201, json=good, headers={"Idempotency-Key": key})
     assert again == first and await api.available(n["account"]) == "5.00"
+
+
+async def test_a_store_failure_after_the_commit_leaves_the_first_period_to_the_workers(
+        api: Api, app: Any, monkeypatch: Any) -> None:
+    """Redis unreachable while the first period is granted: the recurring grant is made (201,
+    so a retry does not make a second one) and the next worker pass grants the period."""
+    from app.errors import Unavailable
+
+    n = await api.setup()
+
+    async def down(*_: Any) -> int:
+        raise Unavailable("hot state unreachable")
+
+    monkeypatch.setattr(recurring_grants, "grant_period", down)
+    created = await _create(api, n["account"], amount="7.00", frequency="monthly")
+    assert created["periods"] == [] and await api.available(n["account"]) == "0"
+    monkeypatch.undo()
+    await recurring_grants.grant_due(app.state.ctx)  # (or the app's own workers did already)
+    read = await api.call("GET", f"/v1/recurring-grants/{created['id']}")
+    assert len(read["periods"]) == 1 and await api.available(n["account"]) == "7.00"

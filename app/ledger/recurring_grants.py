@@ -19,6 +19,7 @@ over after the last period, or into a next period that was never granted.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_DOWN, Decimal
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from app.config.repository import existing_products
-from app.errors import NotFound, ValidationProblem
+from app.errors import STORE_ERRORS, NotFound, Unavailable, ValidationProblem
 from app.ledger import repository as repo
 from app.ledger.schemas import (
     RecurringGrantIn,
@@ -46,6 +47,9 @@ from app.rating.periods import period_of
 
 if TYPE_CHECKING:
     from app.context import AppContext
+
+log = logging.getLogger(__name__)
+_NOT_NOW: tuple[type[BaseException], ...] = (*STORE_ERRORS, Unavailable)
 
 
 def _midnight(day: date) -> datetime:
@@ -71,7 +75,12 @@ async def create(ctx: AppContext, code: str, body: RecurringGrantIn) -> Recurrin
         "products": sorted(set(body.products)) if body.products else None,
         "priority": body.priority, "description": body.description,
         "rollover_percent": body.rollover_percent, "rollover_max": body.rollover_max})
-    await grant_period(ctx, grant_id, datetime.now(UTC).date())  # the one under way, at once
+    try:  # the period under way, at once
+        await grant_period(ctx, grant_id, datetime.now(UTC).date())
+    except _NOT_NOW as exc:
+        # the recurring grant is committed: answered as made (a retry must not make a second
+        # one), its first period left to the workers' next pass
+        log.warning("recurring grant %s: first period left to the workers: %r", grant_id, exc)
     return await read(ctx, grant_id)
 
 
