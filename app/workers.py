@@ -1,5 +1,5 @@
 """Background work every app process runs: orphaned-journal sweep, recurring grants (each
-period's credits, and the rollover of the period that ended), credit expiry, rated
+period's credits, and the rollover of the period that ended), credit expiry, expired holds, rated
 debits a crash left, the standing charges and counter charges of billing periods that started,
 the bill run of closed periods, the purchase reconciler, the auto-recharge runner, expired
 Idempotency-Keys, and webhook events past their retention.
@@ -15,6 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from app.entitlements.holds import settle as settle_holds
 from app.errors import STORE_ERRORS
 from app.idempotency import purge_expired as purge_expired_keys
 from app.ledger.recurring_grants import grant_due as grant_recurring
@@ -48,6 +49,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
             await grant_recurring(ctx)
             await expire_due(ctx)
+            await settle_holds(ctx)
             await send_unsent(ctx, cursor=unsent)
             await draw_recurring_charges(ctx, recurring)
             await run_bills(ctx, billed)

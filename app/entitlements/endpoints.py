@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 from pydantic import BaseModel
+from starlette.responses import Response
 
-from app.entitlements import service
+from app.entitlements import holds, service
 from app.entitlements.schemas import (
     MAX_BATCH,
     AccountBalancesOut,
+    CaptureIn,
     CheckIn,
     CheckOut,
+    HoldIn,
+    HoldOut,
+    ReleaseIn,
     UsageBatch,
     UsageBatchOut,
     UsageResult,
 )
 from app.errors import ValidationProblem
-from app.http import CUSTOMER_READ, RUNTIME, Call, Endpoint
+from app.http import CUSTOMER_READ, READ, RUNTIME, Call, Endpoint, render
 
 
 async def check(call: Call) -> BaseModel:
@@ -49,6 +54,23 @@ async def balances(call: Call) -> BaseModel:
     return await service.live_balances(call.ctx, call.path("code"))
 
 
+async def place_hold(call: Call) -> Response:
+    out, made = await holds.place(call.ctx, call.path("code"), call.body)
+    return render(out, 201 if made else 200)  # 200: refused, or this uid's hold made before
+
+
+async def read_hold(call: Call) -> BaseModel:
+    return await holds.read(call.ctx, call.path("code"), call.path("uid"))
+
+
+async def capture_hold(call: Call) -> BaseModel:
+    return await holds.end(call.ctx, call.path("code"), call.path("uid"), call.body.amount)
+
+
+async def release_hold(call: Call) -> BaseModel:
+    return await holds.end(call.ctx, call.path("code"), call.path("uid"), None)
+
+
 ENDPOINTS = [
     Endpoint("POST", "/v1/check", check, RUNTIME,
              "May this account use this product now? Optionally consume atomically",
@@ -59,6 +81,18 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/accounts/{code}/balances", balances, CUSTOMER_READ,
              "Real-time balances of an account, from the hot state", "runtime",
              response=AccountBalancesOut),
+    Endpoint("POST", "/v1/accounts/{code}/holds", place_hold, RUNTIME,
+             "Set credit aside for a use whose cost is known after it, atomically and only if "
+             "covered (201; 200 when refused, or for a uid held before)", "holds",
+             body=HoldIn, response=HoldOut, status=201, also=(200,)),
+    Endpoint("GET", "/v1/accounts/{code}/holds/{uid}", read_hold, READ, "A hold", "holds",
+             response=HoldOut),
+    Endpoint("POST", "/v1/accounts/{code}/holds/{uid}/capture", capture_hold, RUNTIME,
+             "Capture what the use cost (at most the amount held); the rest goes back",
+             "holds", body=CaptureIn, response=HoldOut),
+    Endpoint("POST", "/v1/accounts/{code}/holds/{uid}/release", release_hold, RUNTIME,
+             "Give back everything a hold set aside", "holds", body=ReleaseIn,
+             response=HoldOut),
 ]
 
 SINGLE_USAGE_RESPONSE = UsageResult

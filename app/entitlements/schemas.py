@@ -17,13 +17,14 @@ Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN)]
 # `c<pricing>:…`, the bill run's `b<account plan>:…`): a client's usage uid or consume key
 # may not take that shape, so it can never collide with (and silently deduplicate) a rated
 # debit.
-RESERVED_UID = re.compile(r"^[rscb][0-9]+:")
+# A hold's debit is `h0:<hold uid>` (app/entitlements/holds.py): reserved the same way.
+RESERVED_UID = re.compile(r"^[rscbh][0-9]+:")
 
 
 def _not_reserved(value: str) -> str:
     if RESERVED_UID.match(value):
-        raise ValueError("uids of the form r<digits>:…, s<digits>:…, c<digits>:… and "
-                         "b<digits>:… are reserved for rated debits")
+        raise ValueError("uids of the form r<digits>:…, s<digits>:…, c<digits>:…, "
+                         "b<digits>:… and h<digits>:… are reserved for rated debits and holds")
     return value
 
 
@@ -111,3 +112,46 @@ class AccountBalancesOut(BaseModel):
     status: str
     balances: list[LiveBalance]
     totals: list[CreditTypeAvailable]
+
+
+# Holds (app/entitlements/holds.py)
+
+HoldUid = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,124}$")]
+MAX_HOLD_S = 86_400
+
+
+class HoldIn(Strict):
+    uid: HoldUid = Field(description="unique per account: the same uid again answers the "
+                         "hold made first")
+    product: Code
+    amount: Decimal = Field(gt=0, description="credit set aside, in the credit type's units")
+    credit_type: Code | None = Field(default=None, description="default: the account's")
+    expires_in_s: int = Field(default=600, ge=1, le=MAX_HOLD_S,
+                              description="released by the workers after this long unless "
+                                          "captured or released before")
+
+
+class CaptureIn(Strict):
+    amount: Decimal = Field(ge=0, description="what the use cost: at most the amount held; "
+                            "the rest is released")
+
+
+class ReleaseIn(Strict):
+    pass
+
+
+class HoldOut(BaseModel):
+    uid: str
+    account: str
+    allowed: bool = Field(description="false: nothing was held (see `reason`)")
+    reason: Reason
+    available: str | None = Field(description="eligible credit left for this product, after "
+                                  "the hold (when it was decided)")
+    product: str
+    credit_type: str | None
+    amount: str
+    captured: str | None = None
+    status: Literal["held", "refused", "capturing", "captured", "releasing", "released",
+                    "expired"]
+    expires_at: datetime | None = None
+    duplicate: bool = Field(default=False, description="this uid was held before: its state")

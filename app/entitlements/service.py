@@ -91,22 +91,30 @@ async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> Check
     at = now_ms()
     if not body.consume:
         return await _plain_check(ctx, account, body.product, credit_type, amount, at)
-    payload = _usage_payload(account, credit_type, key or "", body.product, amount, at)
-    args = DecideArgs(account.id, account.chain_arg, key or "", body.product, credit_type.code,
+    assert key is not None
+    return await consume(ctx, account, credit_type, body.product, amount, key, at)
+
+
+async def consume(ctx: AppContext, account: AccountRef, credit_type: CreditTypeRef,
+                  product: str, amount: int, key: str, at: int) -> CheckOut:
+    """Check-and-consume: debit `amount` (minor units) under the usage uid `key`, atomically
+    and only if allowed; answered once committed. A key consumed before is a duplicate."""
+    payload = _usage_payload(account, credit_type, key, product, amount, at)
+    args = DecideArgs(account.id, account.chain_arg, key, product, credit_type.code,
                       amount, at, "c", payload)
     decided_at, [decision] = await decide(ctx, account.root_id, [args])
     out = CheckOut(allowed=decision.status in ("ok", "duplicate"),
                    reason="ok" if decision.status == "duplicate" else decision.status,  # type: ignore[arg-type]
                    available=_amount(decision.available, credit_type), credit_type=credit_type.code)
-    if body.consume and decision.status == "ok":
+    if decision.status == "ok":
         record = _record(account, decided_at, decision,
-                         _usage_fields(account, credit_type, key or "", body.product, amount, at))
+                         _usage_fields(account, credit_type, key, product, amount, at))
         [outcome] = await ctx.journal.commit([record])
         out.consumed, out.duplicate = outcome == "accepted", outcome == "duplicate"
     elif decision.status == "duplicate":
-        await _confirm_committed(ctx, account, [key or ""])
+        await _confirm_committed(ctx, account, [key])
         out.duplicate = True
-    elif body.consume and key and await ledger_repo.usage_exists(ctx.pool, account.id, [key]):
+    elif await ledger_repo.usage_exists(ctx.pool, account.id, [key]):
         # Redis lost the key's mark (FLUSHALL, or the mark expired) and the credit is gone since:
         # the consume was done before, so its retry is a duplicate, not a denial
         out.allowed, out.reason, out.duplicate = True, "ok", True
@@ -150,8 +158,9 @@ def _header_key(value: str | None) -> str | None:
     (it becomes the debit's usage uid, and travels in the journal unescaped)."""
     if value is not None and (not _HEADER_KEY.match(value) or RESERVED_UID.match(value)):
         raise ValidationProblem("must be 1-128 of A-Z a-z 0-9 _ . : - (starting with a letter "
-                                "or digit), not of the form r<digits>:…, s<digits>:… or "
-                                "c<digits>:…", field="Idempotency-Key")
+                                "or digit), not of the form r<digits>:…, s<digits>:…, "
+                                "c<digits>:…, b<digits>:… or h<digits>:…",
+                                field="Idempotency-Key")
     return value
 
 

@@ -39,7 +39,7 @@ SWEEP_PAGE = 500  # roots read from one index shard at a time
 class JournalRecord:
     root_id: int
     stream_id: str
-    kind: str  # usage | grant | adjustment | rollover | void | expire | refund
+    kind: str  # usage | grant | adjustment | rollover | release | void | expire | refund
     payload: dict[str, Any]
     recorded_ms: int
     gen: str
@@ -93,9 +93,10 @@ class Rows:
 
         if rec.kind == "usage":
             seq = 0
+            kind = "hold" if p["uid"].startswith("h0:") else "debit"  # a hold's: holds.py
             for seq, alloc in enumerate(filter(None, rec.allocations.split(","))):
                 balance, owner, taken = alloc.split(":")
-                entry(seq, int(owner), int(balance), "debit", -int(taken))
+                entry(seq, int(owner), int(balance), kind, -int(taken))
             if rec.overage:
                 entry(seq + 1 if rec.allocations else 0, account, None, "overage", -rec.overage)
             self.usage.append((account, p["uid"], p["prod"], credit_type,

@@ -273,13 +273,13 @@ async def refund(ctx: AppContext, balance_id: int, granted: Decimal, description
 
 async def credit_back(ctx: AppContext, account: AccountRef, credit_type: CreditTypeRef,
                       balance_id: int, amount: int, op: str, *, uid: str, product: str,
-                      description: str) -> bool:
+                      description: str, kind: str = "adjustment") -> bool:
     """Give `amount` (minor units) back to a balance as an adjustment keyed `op`, traced to
     `uid` and `product`. False when the balance is no longer live (voided or expired)."""
     payload = _op_payload(op, account, credit_type, balance_id, description, uid=uid,
                           prod=product)
     try:
-        await ledger_op(ctx, account, "adjustment", balance_id, payload, amount)
+        await ledger_op(ctx, account, kind, balance_id, payload, amount)
     except Conflict:
         return False
     return True

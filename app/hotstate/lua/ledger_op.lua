@@ -1,5 +1,5 @@
 -- Grants, adjustments, voids and expiries of one balance, journalled atomically.
--- ARGV: now_ms, kind (grant|adjustment|rollover|void|expire|refund), account id, chain,
+-- ARGV: now_ms, kind (grant|adjustment|rollover|release|void|expire|refund), account id, chain,
 --       balance id, amount (grant; adjustment: signed; rollover: what comes in from the
 --       period before; refund: what the balance was granted),
 --       def (grant), at_ms, payload (opaque JSON)
@@ -25,7 +25,7 @@ else
   if not current then return {'missing'} end
   local st = parse_def(current).st
   if st == 'v' or st == 'x' then return {'missing'} end
-  if kind == 'adjustment' or kind == 'rollover' then
+  if kind == 'adjustment' or kind == 'rollover' or kind == 'release' then
     if rem + amount < 0 then return {'insufficient', rem} end
     applied = amount
   elseif kind == 'refund' then

@@ -1,0 +1,194 @@
+"""Holds: credit set aside before a use whose cost is known only after it, then captured
+(what it cost) or released.
+
+A hold is a check-and-consume of its amount under the usage uid `h0:<uid>`: decided in one
+Lua call, only when the account's eligible credit covers it (so concurrent holds never
+overspend), its entries of kind `hold` (one per balance drawn, in drawdown order) committed
+before the answer. Capturing keeps the first `captured` of those allocations and gives the rest
+back; releasing (or expiry, by the workers) gives everything back: `release` entries to the
+same balances, keyed `hr:<account>:<uid>:<seq>`, so a retry or a second process gives nothing
+twice. A part whose balance expired or was voided meanwhile lapses (it stays consumed, as the
+balance's other credit did).
+
+The `holds` row is the state machine (migration 022). It is written `pending` before the
+decision, so a crash after the debit leaves a row the workers settle: `held` when the debit
+committed, else `refused`. Capture and release first move `held` to `capturing`/`releasing`
+(one caller wins), then give back, then reach the final status; the workers finish any left
+half-way.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from app.config.catalog import AccountRef, CreditTypeRef
+from app.entitlements import holds_repository as repo
+from app.entitlements.schemas import HoldIn, HoldOut
+from app.entitlements.service import consume
+from app.errors import Conflict, NotFound, ValidationProblem
+from app.ledger import repository as ledger_repo
+from app.ledger.ops import now_ms
+from app.ledger.service import credit_back, scaled
+from app.money import fmt, to_scaled
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+PREFIX = "h0:"
+_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,124}$")
+STUCK_S = 30  # a pending or half-ended hold this old is the workers' to finish
+
+
+async def _account(ctx: AppContext, code: str) -> AccountRef:
+    account = await ctx.catalog.account(code)
+    if account is None:
+        raise NotFound(f"no account {code!r}", field="code")
+    return account
+
+
+def _out(row: asyncpg.Record, account: str, credit_type: CreditTypeRef, *,
+         available: str | None = None, duplicate: bool = False) -> HoldOut:
+    dp = credit_type.decimal_places
+    held = row["status"] != "refused"
+    return HoldOut(uid=row["uid"], account=account, allowed=held,
+                   reason="ok" if held else row["reason"] or "insufficient_balance",
+                   available=available, product=row["product_code"],
+                   credit_type=credit_type.code, amount=fmt(Decimal(row["amount"]), dp),
+                   captured=None if row["captured"] is None
+                   else fmt(Decimal(row["captured"]), dp),
+                   status=row["status"], expires_at=row["expires_at"], duplicate=duplicate)
+
+
+async def place(ctx: AppContext, code: str, body: HoldIn) -> tuple[HoldOut, bool]:
+    """Hold `body.amount`; (answer, whether this call made the hold)."""
+    account = await _account(ctx, code)
+    if not ctx.catalog.known_product(body.product) and \
+            not await ctx.catalog.product_exists(body.product):
+        raise ValidationProblem(f"unknown product {body.product!r}", field="product")
+    if body.credit_type is not None:
+        credit_type = await ctx.catalog.credit_type(body.credit_type)
+        if credit_type is None:
+            raise ValidationProblem(f"unknown credit type {body.credit_type!r}",
+                                    field="credit_type")
+    elif account.credit_type is None:
+        raise ValidationProblem(f"account {code!r} has no default credit type: name one",
+                                field="credit_type")
+    else:
+        credit_type = account.credit_type
+    amount = scaled(body.amount, credit_type)
+    expires = datetime.now(UTC) + timedelta(seconds=body.expires_in_s)
+    product = body.product
+    if not await repo.insert_pending(ctx.pool, account.id, body.uid, product, credit_type.id,
+                                     body.amount, expires) and \
+            not await repo.retry_refused(ctx.pool, account.id, body.uid, product,
+                                         credit_type.id, body.amount, expires):
+        # (a refused uid asked again is decided again: nothing was held under it)
+        row = await repo.hold(ctx.pool, account.id, body.uid)
+        assert row is not None
+        credit_type = await ctx.catalog.credit_type_by_id(row["credit_type_id"])
+        if row["status"] != "pending":  # made before: its state
+            return _out(row, code, credit_type, duplicate=True), False
+        # a request under way, or one a crash stopped: decided on the first request's terms
+        # (the decision is keyed by the uid, so it happens once)
+        product, amount = row["product_code"], scaled(Decimal(row["amount"]), credit_type)
+    decided = await consume(ctx, account, credit_type, product, amount, PREFIX + body.uid,
+                            now_ms())
+    status = "held" if decided.allowed else "refused"
+    row = await repo.decided(ctx.pool, account.id, body.uid, status,
+                             None if decided.allowed else decided.reason)
+    return _out(row, code, credit_type, available=decided.available,
+                duplicate=decided.duplicate), decided.allowed and not decided.duplicate
+
+
+async def read(ctx: AppContext, code: str, uid: str) -> HoldOut:
+    account = await _account(ctx, code)
+    row = await _row(ctx, account, uid)
+    return _out(row, code, await ctx.catalog.credit_type_by_id(row["credit_type_id"]))
+
+
+async def _row(ctx: AppContext, account: AccountRef, uid: str) -> asyncpg.Record:
+    row = await repo.hold(ctx.pool, account.id, uid) if _UID.match(uid) else None
+    if row is None or row["status"] in ("pending", "refused"):
+        raise NotFound(f"no hold {uid!r} of account {account.code!r}", field="uid")
+    return row
+
+
+async def end(ctx: AppContext, code: str, uid: str, captured: Decimal | None) -> HoldOut:
+    """Capture `captured` of a hold (None: release it all)."""
+    account = await _account(ctx, code)
+    row = await _row(ctx, account, uid)
+    credit_type = await ctx.catalog.credit_type_by_id(row["credit_type_id"])
+    if captured is not None:
+        scaled_or_zero(captured, credit_type)
+        held = Decimal(row["amount"])
+        if captured > held:
+            raise ValidationProblem(f"more than the {fmt(held, credit_type.decimal_places)} held",
+                                    field="amount")
+    final = "captured" if captured is not None else "released"
+    claimed = await repo.claim_end(ctx.pool, account.id, uid, final, captured)
+    if claimed is None:
+        row = await _row(ctx, account, uid)
+        same = row["final_status"] == final and (
+            captured is None or Decimal(row["captured"] or 0) == captured)
+        if not same:
+            raise Conflict(f"hold {uid!r} is {row['status']}"
+                           + (f" ({fmt(Decimal(row['captured']), credit_type.decimal_places)} "
+                              "captured)" if row["captured"] is not None else ""), field="uid")
+        if row["status"] == final:  # a retry of what was done: the same answer
+            return _out(row, code, credit_type, duplicate=True)
+        claimed = row  # a retry of one still under way (or that a crash stopped): finish it
+    await finish(ctx, account, claimed)
+    return _out(await _row(ctx, account, uid), code, credit_type)
+
+
+def scaled_or_zero(amount: Decimal, credit_type: CreditTypeRef) -> int:
+    return 0 if amount == 0 else scaled(amount, credit_type)
+
+
+async def finish(ctx: AppContext, account: AccountRef, row: asyncpg.Record) -> None:
+    """Give back what a capturing or releasing hold does not keep, then its final status."""
+    credit_type = await ctx.catalog.credit_type_by_id(row["credit_type_id"])
+    places = credit_type.decimal_places
+    keep = to_scaled(Decimal(row["captured"] or 0), places)
+    uid = row["uid"]
+    ops = {f"hr:{account.id}:{uid}:{part['seq']}": part
+           for part in await repo.held_parts(ctx.pool, account.id, PREFIX + uid)}
+    done = await ledger_repo.committed_ops(ctx.pool, list(ops))
+    for op, part in ops.items():  # in drawdown order: the first allocations are kept
+        took = to_scaled(-Decimal(part["amount"]), places)
+        kept = min(took, keep)
+        keep -= kept
+        if took - kept > 0 and op not in done:
+            owner = await ctx.catalog.account(part["owner"])
+            assert owner is not None
+            # False: the balance expired or was voided meanwhile, so this part lapses
+            await credit_back(ctx, owner, credit_type, part["balance_id"], took - kept, op,
+                              uid=PREFIX + uid, product=row["product_code"],
+                              description=f"hold {uid} {row['final_status']}", kind="release")
+    await repo.finished(ctx.pool, account.id, uid)
+
+
+async def settle(ctx: AppContext, limit: int = 200) -> int:
+    """Worker: release the holds past their expiry, finish those a crash left half-ended, and
+    decide those left pending (held when their debit committed, else refused)."""
+    rows = await repo.open_holds(ctx.pool, STUCK_S, limit)
+    for row in rows:
+        account = await ctx.catalog.account(row["account"])
+        assert account is not None
+        if row["status"] == "pending":
+            exists = await ledger_repo.usage_exists(ctx.pool, account.id, [PREFIX + row["uid"]])
+            await repo.decided(ctx.pool, account.id, row["uid"],
+                               "held" if exists else "refused", None if exists else "unknown")
+            continue
+        if row["status"] == "held":
+            claimed = await repo.claim_end(ctx.pool, account.id, row["uid"], "expired", None)
+            if claimed is None:
+                continue  # captured or released meanwhile
+            row = claimed
+        await finish(ctx, account, row)
+    return len(rows)
