@@ -462,6 +462,7 @@ def ratios(results: dict[str, Result]) -> dict[str, float | None]:
         "batch_events_per_s": results["batch"].events_per_s if "batch" in results else None,
         "granian_over_uvicorn": ratio("bare", "bare_uvicorn"),
         "token_over_key": ratio("balances_token", "balances"),
+        "hold_over_usage": ratio("hold", "usage"),
     }
 
 
@@ -493,7 +494,8 @@ def markdown(results: dict[str, Result], rat: dict[str, float | None], meta: dic
                        ("usage_over_naive", "usage / naive"),
                        ("batch_events_per_s", "batch events/s"),
                        ("granian_over_uvicorn", "granian / uvicorn (bare)"),
-                       ("token_over_key", "balances: customer token / runtime key")]:
+                       ("token_over_key", "balances: customer token / runtime key"),
+                       ("hold_over_usage", "hold / usage (one event)")]:
         value, target = rat.get(key), TARGETS.get(key)
         shown = "n/a" if value is None else (f"{value:,.0f}" if value > 100 else f"{value:.2f}")
         tshown = "" if target is None else (f">= {target:,}" if target > 100 else f">= {target}")
@@ -522,7 +524,7 @@ def git_rev() -> str:
 
 
 ALL = ("bare", "bare_redis", "bare_fast", "bare_uvicorn", "naive", "check", "check_uncached",
-       "usage", "batch", "balances", "balances_token")
+       "usage", "hold", "batch", "balances", "balances_token")
 
 
 def main() -> None:
@@ -668,8 +670,8 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                      {"NAIVE_DATABASE_URL": db_url},
                      ("POST", "/debit", {"account": 1, "amount": 0}), "naive")
 
-    app_scenarios = [s for s in ("check", "usage", "batch", "balances", "balances_token")
-                     if s in wanted]
+    app_scenarios = [s for s in ("check", "usage", "hold", "batch", "balances",
+                                 "balances_token") if s in wanted]
     if app_scenarios:
         port = free_port()
         env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url}
@@ -686,6 +688,11 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                              lambda run: [str(opts.accounts), prefix, token, f"{prefix}-u{run}", ts],
                              opts, proc=proc)
                 check_committed(results["usage"], asyncio.run(settle_usage(db_url, before)), 1)
+            if "hold" in app_scenarios:
+                run_scenario("hold", "POST /v1/accounts/{code}/holds, 0.01 held", "granian",
+                             base, "usage.lua",
+                             lambda run: [str(opts.accounts), prefix, token, f"{prefix}-h{run}",
+                                          ts, "hold"], opts, proc=proc)
             if "batch" in app_scenarios:
                 before = asyncio.run(count_usage(db_url))
                 run_scenario("batch", f"POST /v1/usage, {opts.batch_size:,} events", "granian",

@@ -2,8 +2,9 @@
 -- after it (an LLM call, a job), then captured (what it cost) or released. The hold itself is
 -- a check-and-consume under the usage uid `h0:<uid>` (ledger kind `hold`, one entry per
 -- balance drawn); what is not captured goes back to those balances as `release` entries.
--- This row is the hold's state machine: pending (written before the decision) -> held |
--- refused; held -> capturing -> captured, held -> releasing -> released | expired.
+-- The journal flush writes this row with the hold's entries (one transaction), so a hold
+-- exists exactly when its debit does. It is the hold's state machine: held -> capturing ->
+-- captured, held -> releasing -> released | expired. A refused hold writes nothing.
 CREATE TABLE holds (
     account_id      bigint NOT NULL REFERENCES accounts (id),
     uid             text NOT NULL,
@@ -11,16 +12,14 @@ CREATE TABLE holds (
     credit_type_id  bigint NOT NULL REFERENCES credit_types (id),
     amount          numeric NOT NULL CHECK (amount > 0),
     captured        numeric CHECK (captured >= 0 AND captured <= amount),
-    status          text NOT NULL CHECK (status IN ('pending', 'held', 'refused', 'capturing',
-                                                    'captured', 'releasing', 'released',
-                                                    'expired')),
+    status          text NOT NULL CHECK (status IN ('held', 'capturing', 'captured',
+                                                    'releasing', 'released', 'expired')),
     final_status    text,               -- what a capturing/releasing hold becomes
-    reason          text,               -- a refused one's (check's reasons)
     expires_at      timestamptz NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (account_id, uid)
 );
--- the worker's work: held ones past their expiry, and any left pending or half-ended by a crash
+-- the workers' work: held ones past their expiry, and any a crash left half-ended
 CREATE INDEX holds_open_idx ON holds (expires_at)
-    WHERE status IN ('pending', 'held', 'capturing', 'releasing');
+    WHERE status IN ('held', 'capturing', 'releasing');

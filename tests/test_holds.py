@@ -183,3 +183,34 @@ async def test_bad_holds_are_refused_and_change_nothing(
         "timestamp": "2026-01-01T00:00:00Z"})
     assert shadow.status_code == 422 and shadow.json()["field"] == "uid"
     assert await api.available(n["account"]) == "3.00"
+
+
+async def test_a_hold_a_crash_left_in_the_journal_comes_with_its_row(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    """Decided and journaled in Redis, never committed by its process (it died): whoever
+    flushes the journal commits the hold's entries and its row together."""
+    from app.entitlements.service import _usage_payload
+    from app.hotstate.store import DecideArgs
+    from app.ledger.ops import decide, now_ms
+
+    ctx = app.state.ctx
+    n = await api.setup()
+    await api.grant(n["account"], "5.00")
+    account = await ctx.catalog.account(n["account"])
+    credit_type = account.credit_type
+    at = now_ms()
+    payload = _usage_payload(account, credit_type, "h0:orphan", n["api"], 200, at, at + 60_000)
+    _, [decision] = await decide(ctx, account.root_id, [DecideArgs(
+        account.id, account.chain_arg, "h0:orphan", n["api"], credit_type.code, 200, at, "c",
+        payload)])
+    assert decision.status == "ok"
+    assert await db.fetchval("SELECT count(*) FROM holds WHERE uid = 'orphan' AND account_id "
+                             "= $1", account.id) == 0
+    await ctx.journal.recover_root(account.root_id)  # (the sweeper's work, or a retry's)
+    row = await db.fetchrow("SELECT status, amount FROM holds WHERE uid = 'orphan' AND "
+                            "account_id = $1", account.id)
+    assert row is not None and (row["status"], Decimal(row["amount"])) == ("held", Decimal("2.00"))
+    assert [k for k, _, _ in await _entries(db, n["account"])] == ["grant", "hold"]
+    released = await api.call("POST", f"/v1/accounts/{n['account']}/holds/orphan/release",
+                              scope="runtime", json={})
+    assert released["status"] == "released" and await api.available(n["account"]) == "5.00"

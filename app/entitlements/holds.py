@@ -10,17 +10,18 @@ same balances, keyed `hr:<account>:<uid>:<seq>`, so a retry or a second process 
 twice. A part whose balance expired or was voided meanwhile lapses (it stays consumed, as the
 balance's other credit did).
 
-The `holds` row is the state machine (migration 022). It is written `pending` before the
-decision, so a crash after the debit leaves a row the workers settle: `held` when the debit
-committed, else `refused`. Capture and release first move `held` to `capturing`/`releasing`
+The `holds` row (migration 022) is written by the journal flush in the transaction of the
+hold's entries, so a hold exists exactly when its debit does, whatever crashes (an orphaned
+journal entry brings its row when the sweeper flushes it); a refused hold writes nothing. The
+row is the state machine: capture and release first move `held` to `capturing`/`releasing`
 (one caller wins), then give back, then reach the final status; the workers finish any left
-half-way.
+half-way, and release (`expired`) the held ones past their expiry.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -54,9 +55,7 @@ async def _account(ctx: AppContext, code: str) -> AccountRef:
 def _out(row: asyncpg.Record, account: str, credit_type: CreditTypeRef, *,
          available: str | None = None, duplicate: bool = False) -> HoldOut:
     dp = credit_type.decimal_places
-    held = row["status"] != "refused"
-    return HoldOut(uid=row["uid"], account=account, allowed=held,
-                   reason="ok" if held else row["reason"] or "insufficient_balance",
+    return HoldOut(uid=row["uid"], account=account, allowed=True, reason="ok",
                    available=available, product=row["product_code"],
                    credit_type=credit_type.code, amount=fmt(Decimal(row["amount"]), dp),
                    captured=None if row["captured"] is None
@@ -81,28 +80,27 @@ async def place(ctx: AppContext, code: str, body: HoldIn) -> tuple[HoldOut, bool
     else:
         credit_type = account.credit_type
     amount = scaled(body.amount, credit_type)
-    expires = datetime.now(UTC) + timedelta(seconds=body.expires_in_s)
-    product = body.product
-    if not await repo.insert_pending(ctx.pool, account.id, body.uid, product, credit_type.id,
-                                     body.amount, expires) and \
-            not await repo.retry_refused(ctx.pool, account.id, body.uid, product,
-                                         credit_type.id, body.amount, expires):
-        # (a refused uid asked again is decided again: nothing was held under it)
-        row = await repo.hold(ctx.pool, account.id, body.uid)
-        assert row is not None
-        credit_type = await ctx.catalog.credit_type_by_id(row["credit_type_id"])
-        if row["status"] != "pending":  # made before: its state
-            return _out(row, code, credit_type, duplicate=True), False
-        # a request under way, or one a crash stopped: decided on the first request's terms
-        # (the decision is keyed by the uid, so it happens once)
-        product, amount = row["product_code"], scaled(Decimal(row["amount"]), credit_type)
-    decided = await consume(ctx, account, credit_type, product, amount, PREFIX + body.uid,
-                            now_ms())
-    status = "held" if decided.allowed else "refused"
-    row = await repo.decided(ctx.pool, account.id, body.uid, status,
-                             None if decided.allowed else decided.reason)
-    return _out(row, code, credit_type, available=decided.available,
-                duplicate=decided.duplicate), decided.allowed and not decided.duplicate
+    at = now_ms()
+    expires_ms = at + body.expires_in_s * 1000
+    decided = await consume(ctx, account, credit_type, body.product, amount, PREFIX + body.uid,
+                            at, hold_expires_ms=expires_ms)
+    if not decided.allowed:  # nothing was held, nothing is kept
+        return HoldOut(uid=body.uid, account=code, allowed=False, reason=decided.reason,
+                       available=decided.available, product=body.product,
+                       credit_type=credit_type.code,
+                       amount=fmt(body.amount, credit_type.decimal_places),
+                       status="refused"), False
+    if not decided.duplicate:  # held now (its row committed with its debit): no read needed
+        return HoldOut(uid=body.uid, account=code, allowed=True, reason="ok",
+                       available=decided.available, product=body.product,
+                       credit_type=credit_type.code,
+                       amount=fmt(body.amount, credit_type.decimal_places), status="held",
+                       expires_at=datetime.fromtimestamp(expires_ms / 1000, UTC)), True  # float-ok: a time
+    # a repeated uid: the first hold's row (committed with its debit)
+    row = await repo.hold(ctx.pool, account.id, body.uid)
+    assert row is not None
+    credit_type = await ctx.catalog.credit_type_by_id(row["credit_type_id"])
+    return _out(row, code, credit_type, duplicate=True), False
 
 
 async def read(ctx: AppContext, code: str, uid: str) -> HoldOut:
@@ -113,7 +111,7 @@ async def read(ctx: AppContext, code: str, uid: str) -> HoldOut:
 
 async def _row(ctx: AppContext, account: AccountRef, uid: str) -> asyncpg.Record:
     row = await repo.hold(ctx.pool, account.id, uid) if _UID.match(uid) else None
-    if row is None or row["status"] in ("pending", "refused"):
+    if row is None:
         raise NotFound(f"no hold {uid!r} of account {account.code!r}", field="uid")
     return row
 
@@ -174,17 +172,11 @@ async def finish(ctx: AppContext, account: AccountRef, row: asyncpg.Record) -> N
 
 
 async def settle(ctx: AppContext, limit: int = 200) -> int:
-    """Worker: release the holds past their expiry, finish those a crash left half-ended, and
-    decide those left pending (held when their debit committed, else refused)."""
+    """Worker: release the holds past their expiry and finish those a crash left half-ended."""
     rows = await repo.open_holds(ctx.pool, STUCK_S, limit)
     for row in rows:
         account = await ctx.catalog.account(row["account"])
         assert account is not None
-        if row["status"] == "pending":
-            exists = await ledger_repo.usage_exists(ctx.pool, account.id, [PREFIX + row["uid"]])
-            await repo.decided(ctx.pool, account.id, row["uid"],
-                               "held" if exists else "refused", None if exists else "unknown")
-            continue
         if row["status"] == "held":
             claimed = await repo.claim_end(ctx.pool, account.id, row["uid"], "expired", None)
             if claimed is None:

@@ -55,20 +55,25 @@ def _amount(value: int, credit_type: CreditTypeRef) -> str:
 
 
 def _usage_payload(account: AccountRef, credit_type: CreditTypeRef, uid: str, product: str,
-                   amount: int, at_ms: int) -> str:
+                   amount: int, at_ms: int, hold_expires_ms: int | None = None) -> str:
     # codes and uids are restricted to [A-Za-z0-9_.:-] (schemas), so no escaping is needed:
     # this is the hot path's JSON, written without json.dumps
+    hold = "" if hold_expires_ms is None else f',"hx":{hold_expires_ms}'
     return (f'{{"a":{account.id},"ct":{credit_type.id},"cc":"{credit_type.code}",'
             f'"dp":{credit_type.decimal_places},"uid":"{uid}","prod":"{product}",'
-            f'"amt":"{amount}","ts":{at_ms}}}')
+            f'"amt":"{amount}","ts":{at_ms}{hold}}}')
 
 
 def _usage_fields(account: AccountRef, credit_type: CreditTypeRef, uid: str, product: str,
-                  amount: int, at_ms: int) -> dict[str, Any]:
+                  amount: int, at_ms: int, hold_expires_ms: int | None = None) -> dict[str, Any]:
     """The same payload as a dict, for the journal record this process commits itself."""
-    return {"a": account.id, "ct": credit_type.id, "cc": credit_type.code,
-            "dp": credit_type.decimal_places, "uid": uid, "prod": product, "amt": str(amount),
-            "ts": at_ms}
+    fields: dict[str, Any] = {
+        "a": account.id, "ct": credit_type.id, "cc": credit_type.code,
+        "dp": credit_type.decimal_places, "uid": uid, "prod": product, "amt": str(amount),
+        "ts": at_ms}
+    if hold_expires_ms is not None:
+        fields["hx"] = hold_expires_ms
+    return fields
 
 
 async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> CheckOut:
@@ -96,10 +101,13 @@ async def check(ctx: AppContext, body: CheckIn, header_key: str | None) -> Check
 
 
 async def consume(ctx: AppContext, account: AccountRef, credit_type: CreditTypeRef,
-                  product: str, amount: int, key: str, at: int) -> CheckOut:
+                  product: str, amount: int, key: str, at: int,
+                  hold_expires_ms: int | None = None) -> CheckOut:
     """Check-and-consume: debit `amount` (minor units) under the usage uid `key`, atomically
-    and only if allowed; answered once committed. A key consumed before is a duplicate."""
-    payload = _usage_payload(account, credit_type, key, product, amount, at)
+    and only if allowed; answered once committed. A key consumed before is a duplicate. With
+    `hold_expires_ms` it is a hold's (app/entitlements/holds.py): the journal flush writes the
+    hold's row with its entries."""
+    payload = _usage_payload(account, credit_type, key, product, amount, at, hold_expires_ms)
     args = DecideArgs(account.id, account.chain_arg, key, product, credit_type.code,
                       amount, at, "c", payload)
     decided_at, [decision] = await decide(ctx, account.root_id, [args])
@@ -108,7 +116,8 @@ async def consume(ctx: AppContext, account: AccountRef, credit_type: CreditTypeR
                    available=_amount(decision.available, credit_type), credit_type=credit_type.code)
     if decision.status == "ok":
         record = _record(account, decided_at, decision,
-                         _usage_fields(account, credit_type, key, product, amount, at))
+                         _usage_fields(account, credit_type, key, product, amount, at,
+                                       hold_expires_ms))
         [outcome] = await ctx.journal.commit([record])
         out.consumed, out.duplicate = outcome == "accepted", outcome == "duplicate"
     elif decision.status == "duplicate":

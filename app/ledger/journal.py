@@ -80,6 +80,7 @@ class Rows:
     usage: list[tuple[Any, ...]] = field(default_factory=list)
     balances: list[tuple[Any, ...]] = field(default_factory=list)
     statuses: list[tuple[int, str]] = field(default_factory=list)
+    holds: list[tuple[Any, ...]] = field(default_factory=list)  # app/entitlements/holds.py
 
     def add(self, rec: JournalRecord) -> None:
         # entries and usage rows carry their times as epoch milliseconds (repo.write_rows)
@@ -93,7 +94,11 @@ class Rows:
 
         if rec.kind == "usage":
             seq = 0
-            kind = "hold" if p["uid"].startswith("h0:") else "debit"  # a hold's: holds.py
+            kind = "debit"
+            if "hx" in p:  # a hold's (app/entitlements/holds.py): its row comes with it
+                kind = "hold"
+                self.holds.append((account, p["uid"][3:], p["prod"], credit_type,
+                                   scaled_text(int(p["amt"]), dp), ms_to_dt(int(p["hx"]))))
             for seq, alloc in enumerate(filter(None, rec.allocations.split(","))):
                 balance, owner, taken = alloc.split(":")
                 entry(seq, int(owner), int(balance), kind, -int(taken))
@@ -231,7 +236,7 @@ class Journal:
         events = [events_for(r, ms_to_dt(r.recorded_ms)) for r in records]
         triggers = [triggers_for(r) for r in records]
         async with self.pool.acquire() as conn:
-            if rows.balances or rows.statuses or any(events) or any(triggers):
+            if rows.balances or rows.statuses or rows.holds or any(events) or any(triggers):
                 async with conn.transaction():
                     inserted = await repo.write_rows(conn, rows)
                     outcomes = await self._outcomes(conn, records, inserted)

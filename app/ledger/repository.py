@@ -45,6 +45,14 @@ async def write_rows(conn: Connection, rows: Rows) -> set[str]:
         inserted = {e[0] for e in rows.entries}
     else:
         inserted = {r["op_key"] for r in await conn.fetch(_WRITE_KEYED, entries, usage)}
+    if rows.holds:  # a hold's row, with its entries (app/entitlements/holds.py)
+        await conn.execute(
+            """INSERT INTO holds (account_id, uid, product_code, credit_type_id, amount, status,
+                                  expires_at)
+               SELECT h.a, h.u, h.p, h.ct, h.amt::numeric, 'held', h.x
+               FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::text[],
+                           $6::timestamptz[]) AS h(a, u, p, ct, amt, x)
+               ON CONFLICT (account_id, uid) DO NOTHING""", *_columns(rows.holds, 6))
     if rows.statuses:
         await conn.execute(
             """UPDATE balances SET status = s.status
