@@ -162,33 +162,38 @@ class KeyCache:
         self._tokens: dict[str, tuple[Principal, int]] = {}  # token: (principal, expiry s)
         self.tokens = CustomerTokens()
 
-    async def alive(self, ctx: AppContext, key_id: int) -> bool:
+    def _known_alive(self, key_id: int) -> bool | None:
+        """Whether a key is alive, when cached and fresh; None: ask `alive`."""
         hit = self._alive.get(key_id)
-        if hit is not None and hit[1] > time.monotonic():
-            return hit[0]
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+    async def alive(self, ctx: AppContext, key_id: int) -> bool:
+        known = self._known_alive(key_id)
+        if known is not None:
+            return known
         found = await key_alive(ctx.pool, key_id)
         if len(self._alive) > 10_000:
             self._alive.clear()
         self._alive[key_id] = (found, time.monotonic() + KEY_CACHE_TTL_S)
         return found
 
+    def _checked(self, token: str) -> Principal | None:
+        """A customer token checked before and not expired since (remembering them saves
+        decoding and an HMAC per request)."""
+        hit = self._tokens.get(token)
+        return hit[0] if hit is not None and hit[1] > time.time() else None
+
     def cached_customer(self, token: str) -> Principal | None:
         """A customer token's principal when it was checked before, has not expired and its
-        key is known to be alive (no coroutine); None: ask `customer`. Remembering checked
-        tokens saves decoding and an HMAC per request."""
-        hit = self._tokens.get(token)
-        if hit is None or hit[1] <= time.time():
-            return None
-        alive = self._alive.get(hit[0].key_id)
-        return hit[0] if alive is not None and alive[0] and alive[1] > time.monotonic() \
+        key is known to be alive (no coroutine); None: ask `customer`."""
+        principal = self._checked(token)
+        return principal if principal is not None and self._known_alive(principal.key_id) \
             else None
 
     async def customer(self, ctx: AppContext, token: str) -> Principal:
         """A customer token's principal; 401 when it is forged, expired or its key revoked."""
-        hit = self._tokens.get(token)
-        if hit is not None and hit[1] > time.time():
-            principal = hit[0]
-        else:
+        principal = self._checked(token)
+        if principal is None:
             try:
                 principal, expires = await self.tokens.principal(ctx.pool, token)
             except TokenRefused as exc:

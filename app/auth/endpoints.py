@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, Field
 
 from app.auth.tokens import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S
-from app.errors import NotFound
 from app.http import READ, Call, Endpoint
+from app.ledger.service import account_ref
 from app.schemas import Strict
 
 
@@ -26,8 +26,7 @@ class CustomerTokenOut(BaseModel):
 
 async def mint(call: Call) -> BaseModel:
     code = call.path("code")
-    if await call.ctx.catalog.account(code) is None:
-        raise NotFound(f"no account {code!r}", field="code")
+    await account_ref(call.ctx, code, field="code")
     assert call.principal is not None
     token, expires = await call.ctx.keys.tokens.mint(call.ctx.pool, call.principal.key_id, code,
                                                      call.body.ttl_s)

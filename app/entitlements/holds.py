@@ -29,27 +29,20 @@ import asyncpg
 
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.entitlements import holds_repository as repo
-from app.entitlements.schemas import HoldIn, HoldOut
+from app.entitlements.schemas import HOLD_UID_PATTERN, HoldIn, HoldOut
 from app.entitlements.service import consume
 from app.errors import Conflict, NotFound, ValidationProblem
 from app.ledger import repository as ledger_repo
 from app.ledger.ops import now_ms
-from app.ledger.service import credit_back, scaled
+from app.ledger.service import account_ref, credit_back, resolve_credit_type, scaled
 from app.money import fmt, to_scaled
 
 if TYPE_CHECKING:
     from app.context import AppContext
 
 PREFIX = "h0:"
-_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,124}$")
-STUCK_S = 30  # a pending or half-ended hold this old is the workers' to finish
-
-
-async def _account(ctx: AppContext, code: str) -> AccountRef:
-    account = await ctx.catalog.account(code)
-    if account is None:
-        raise NotFound(f"no account {code!r}", field="code")
-    return account
+_UID = re.compile(HOLD_UID_PATTERN)
+STUCK_S = 30  # a half-ended hold this old is the workers' to finish
 
 
 def _out(row: asyncpg.Record, account: str, credit_type: CreditTypeRef, *,
@@ -65,37 +58,26 @@ def _out(row: asyncpg.Record, account: str, credit_type: CreditTypeRef, *,
 
 async def place(ctx: AppContext, code: str, body: HoldIn) -> tuple[HoldOut, bool]:
     """Hold `body.amount`; (answer, whether this call made the hold)."""
-    account = await _account(ctx, code)
+    account = await account_ref(ctx, code, field="code")
     if not ctx.catalog.known_product(body.product) and \
             not await ctx.catalog.product_exists(body.product):
         raise ValidationProblem(f"unknown product {body.product!r}", field="product")
-    if body.credit_type is not None:
-        credit_type = await ctx.catalog.credit_type(body.credit_type)
-        if credit_type is None:
-            raise ValidationProblem(f"unknown credit type {body.credit_type!r}",
-                                    field="credit_type")
-    elif account.credit_type is None:
-        raise ValidationProblem(f"account {code!r} has no default credit type: name one",
-                                field="credit_type")
-    else:
-        credit_type = account.credit_type
+    credit_type = await resolve_credit_type(ctx, account, body.credit_type)
     amount = scaled(body.amount, credit_type)
     at = now_ms()
     expires_ms = at + body.expires_in_s * 1000
     decided = await consume(ctx, account, credit_type, body.product, amount, PREFIX + body.uid,
                             at, hold_expires_ms=expires_ms)
-    if not decided.allowed:  # nothing was held, nothing is kept
-        return HoldOut(uid=body.uid, account=code, allowed=False, reason=decided.reason,
-                       available=decided.available, product=body.product,
-                       credit_type=credit_type.code,
+    if not decided.duplicate:
+        # refused (nothing held, nothing kept), or held now (its row committed with its
+        # debit: answered without reading it back)
+        return HoldOut(uid=body.uid, account=code, allowed=decided.allowed,
+                       reason=decided.reason, available=decided.available,
+                       product=body.product, credit_type=credit_type.code,
                        amount=fmt(body.amount, credit_type.decimal_places),
-                       status="refused"), False
-    if not decided.duplicate:  # held now (its row committed with its debit): no read needed
-        return HoldOut(uid=body.uid, account=code, allowed=True, reason="ok",
-                       available=decided.available, product=body.product,
-                       credit_type=credit_type.code,
-                       amount=fmt(body.amount, credit_type.decimal_places), status="held",
-                       expires_at=datetime.fromtimestamp(expires_ms / 1000, UTC)), True  # float-ok: a time
+                       status="held" if decided.allowed else "refused",
+                       expires_at=datetime.fromtimestamp(expires_ms / 1000, UTC)  # float-ok: a time
+                       if decided.allowed else None), decided.allowed
     # a repeated uid: the first hold's row (committed with its debit)
     row = await repo.hold(ctx.pool, account.id, body.uid)
     assert row is not None
@@ -104,7 +86,7 @@ async def place(ctx: AppContext, code: str, body: HoldIn) -> tuple[HoldOut, bool
 
 
 async def read(ctx: AppContext, code: str, uid: str) -> HoldOut:
-    account = await _account(ctx, code)
+    account = await account_ref(ctx, code, field="code")
     row = await _row(ctx, account, uid)
     return _out(row, code, await ctx.catalog.credit_type_by_id(row["credit_type_id"]))
 
@@ -118,11 +100,11 @@ async def _row(ctx: AppContext, account: AccountRef, uid: str) -> asyncpg.Record
 
 async def end(ctx: AppContext, code: str, uid: str, captured: Decimal | None) -> HoldOut:
     """Capture `captured` of a hold (None: release it all)."""
-    account = await _account(ctx, code)
+    account = await account_ref(ctx, code, field="code")
     row = await _row(ctx, account, uid)
     credit_type = await ctx.catalog.credit_type_by_id(row["credit_type_id"])
     if captured is not None:
-        scaled_or_zero(captured, credit_type)
+        scaled(captured, credit_type)  # (its decimal places)
         held = Decimal(row["amount"])
         if captured > held:
             raise ValidationProblem(f"more than the {fmt(held, credit_type.decimal_places)} held",
@@ -142,10 +124,6 @@ async def end(ctx: AppContext, code: str, uid: str, captured: Decimal | None) ->
         claimed = row  # a retry of one still under way (or that a crash stopped): finish it
     await finish(ctx, account, claimed)
     return _out(await _row(ctx, account, uid), code, credit_type)
-
-
-def scaled_or_zero(amount: Decimal, credit_type: CreditTypeRef) -> int:
-    return 0 if amount == 0 else scaled(amount, credit_type)
 
 
 async def finish(ctx: AppContext, account: AccountRef, row: asyncpg.Record) -> None:

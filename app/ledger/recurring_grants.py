@@ -60,7 +60,7 @@ async def create(ctx: AppContext, code: str, body: RecurringGrantIn) -> Recurrin
     account = await account_ref(ctx, code)
     credit_type = await resolve_credit_type(ctx, account, body.credit_type)
     scaled(body.amount, credit_type)
-    if body.rollover_max is not None and body.rollover_max > 0:
+    if body.rollover_max is not None:
         scaled(body.rollover_max, credit_type, "rollover_max")
     if body.products:
         unknown = sorted(set(body.products) - await existing_products(ctx.pool, body.products))

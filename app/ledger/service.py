@@ -35,10 +35,11 @@ if TYPE_CHECKING:
     from app.context import AppContext
 
 
-async def account_ref(ctx: AppContext, code: str) -> AccountRef:
+async def account_ref(ctx: AppContext, code: str, field: str = "account") -> AccountRef:
+    """The account of a code; a 404 naming `field` (the body's `account`, or a path's `code`)."""
     account = await ctx.catalog.account(code)
     if account is None:
-        raise NotFound(f"no account {code!r}", field="account")
+        raise NotFound(f"no account {code!r}", field=field)
     return account
 
 
@@ -272,12 +273,14 @@ async def refund(ctx: AppContext, balance_id: int, granted: Decimal, description
 # second process repairing the same give-back) changes nothing once the first one committed.
 
 async def credit_back(ctx: AppContext, account: AccountRef, credit_type: CreditTypeRef,
-                      balance_id: int, amount: int, op: str, *, uid: str, product: str,
-                      description: str, kind: str = "adjustment") -> bool:
-    """Give `amount` (minor units) back to a balance as an adjustment keyed `op`, traced to
-    `uid` and `product`. False when the balance is no longer live (voided or expired)."""
+                      balance_id: int, amount: int, op: str, *, uid: str | None,
+                      product: str | None, description: str, kind: str = "adjustment",
+                      **extra: Any) -> bool:
+    """Give `amount` (minor units) back to a balance as an entry of `kind` (adjustment, release,
+    rollover) keyed `op`, traced to `uid` and `product` when given. False when the balance is
+    no longer live (voided or expired)."""
     payload = _op_payload(op, account, credit_type, balance_id, description, uid=uid,
-                          prod=product)
+                          prod=product, **extra)
     try:
         await ledger_op(ctx, account, kind, balance_id, payload, amount)
     except Conflict:
@@ -318,10 +321,6 @@ async def roll_over(ctx: AppContext, account: AccountRef, credit_type: CreditTyp
     op = f"o:{from_balance}"
     if await repo.committed_ops(ctx.pool, [op]):
         return True
-    payload = _op_payload(op, account, credit_type, balance_id,
-                          f"rolled over from balance {from_balance}", **{"from": from_balance})
-    try:
-        await ledger_op(ctx, account, "rollover", balance_id, payload, amount)
-    except Conflict:
-        return False
-    return True
+    return await credit_back(ctx, account, credit_type, balance_id, amount, op, uid=None,
+                             product=None, description=f"rolled over from balance "
+                             f"{from_balance}", kind="rollover", **{"from": from_balance})
