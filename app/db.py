@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +93,22 @@ class LeanConnection(asyncpg.Connection):
 
     def get_reset_query(self) -> str:
         return ""
+
+
+@asynccontextmanager
+async def exclusive(dsn: str, lock_class: int, name: str) -> AsyncIterator[asyncpg.Connection]:
+    """Hold a transaction-scoped advisory lock (class, hashtext(name)) on a connection of its
+    own: work under it may then wait for the pool (a journal commit) without starving it, as
+    a lock held on a pool connection could. The lock goes with the connection, also when the
+    process dies."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1::int4, hashtext($2))",
+                               lock_class, name)
+            yield conn
+    finally:
+        await conn.close()
 
 
 async def create_pool(dsn: str, size: int) -> asyncpg.Pool:

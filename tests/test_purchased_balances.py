@@ -51,8 +51,8 @@ async def test_refund_voids_the_unspent_part_and_records_the_spent_part_as_overa
                                               expires_at=None, description="bought")
     await service.activate(ctx, balance_id, Decimal("10.00"))
     await api.usage(n["account"], n["api"], "3.00")
-    assert await service.refund(ctx, balance_id, Decimal("10.00"), "charge refunded") is True
-    assert await service.refund(ctx, balance_id, Decimal("10.00"), "again") is False
+    assert await service.refund(ctx, balance_id, 1000, "charge refunded") is True
+    assert await service.refund(ctx, balance_id, 1000, "again") is False
     live = await api.live(n["account"])
     assert live["totals"] == [{"credit_type": n["credit_type"], "available": "0.00", "overage": "3.00"}]
     rows = await db.fetch(

@@ -203,17 +203,6 @@ async def test_a_refund_of_a_charge_whose_intent_we_never_heard_of_is_found(
     assert (await shop.api.check(n["account"], n["api"]))["allowed"] is False
 
 
-async def test_a_partial_refund_is_recorded_and_the_credits_stay(
-        shop: Shop, stripe_fake: FakeStripe) -> None:
-    n = await shop.customer_account(stripe_fake)
-    bought = await shop.buy(n["account"], 201)
-    charge = stripe_fake.charge(bought["stripe"]["payment_intent"], refunded=500)
-    assert (await shop.deliver(event("charge.refunded", charge))).status_code == 200
-    purchase = await shop.purchase(n["account"], bought["id"])
-    assert purchase["status"] == "paid" and purchase["amount_refunded"] == "5.00"
-    assert await shop.api.available(n["account"]) == "20.00"
-
-
 async def test_an_event_that_cannot_reach_stripe_is_finished_by_the_reconciler(
         shop: Shop, stripe_fake: FakeStripe, db: asyncpg.Connection) -> None:
     n, pending = await _pending(shop, stripe_fake, "requires_action")

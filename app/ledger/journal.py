@@ -35,11 +35,17 @@ MAX_BATCH = 500
 SWEEP_PAGE = 500  # roots read from one index shard at a time
 
 
+# ledger entry kinds of the operations not named like one; what these operations could not take
+# from the balance is owed (an overage entry)
+ENTRY_KINDS = {"refund": "void", "clawback": "adjustment"}
+OWING_KINDS = ("refund", "clawback")
+
+
 @dataclass
 class JournalRecord:
     root_id: int
     stream_id: str
-    kind: str  # usage | grant | adjustment | rollover | release | void | expire | refund
+    kind: str  # usage|grant|adjustment|rollover|release|void|expire|refund|clawback
     payload: dict[str, Any]
     recorded_ms: int
     gen: str
@@ -119,8 +125,8 @@ class Rows:
                 self.statuses.append((balance_id, "active"))
         elif rec.kind in ("void", "expire", "refund"):
             self.statuses.append((balance_id, "expired" if rec.kind == "expire" else "voided"))
-        entry(0, account, balance_id, "void" if rec.kind == "refund" else rec.kind, rec.applied)
-        if rec.kind == "refund" and rec.overage:
+        entry(0, account, balance_id, ENTRY_KINDS.get(rec.kind, rec.kind), rec.applied)
+        if rec.kind in OWING_KINDS and rec.overage:
             entry(1, account, None, "overage", -rec.overage)
 
 

@@ -21,7 +21,7 @@ import asyncpg
 from app.errors import Unavailable
 from app.hotstate.store import DAY_MS, HotState, mark_window_start
 from app.ledger import repository as repo
-from app.ledger.journal import JournalRecord
+from app.ledger.journal import OWING_KINDS, JournalRecord
 from app.ledger.repository import ms_to_dt
 from app.money import to_scaled
 
@@ -149,5 +149,5 @@ def _apply(state: dict[int, dict[str, Any]], record: JournalRecord) -> None:
     _bump(account["b"], balance, record.applied)
     if record.kind in ("void", "expire", "refund"):
         account["d"][balance] = _with_status(account["d"][balance], "x" if record.kind == "expire" else "v")
-    if record.kind == "refund" and record.overage:
+    if record.kind in OWING_KINDS and record.overage:
         _bump(account["o"], p["cc"], record.overage)

@@ -254,16 +254,26 @@ async def cancel_pending(ctx: AppContext, balance_id: int) -> bool:
     return await repo.void_pending_balance(ctx.pool, balance_id)
 
 
-async def refund(ctx: AppContext, balance_id: int, granted: Decimal, description: str) -> bool:
-    """A refunded purchase: void what remains; what was spent becomes overage. False when the
-    balance is no longer live (already voided or refunded)."""
+async def refund(ctx: AppContext, balance_id: int, owed: int, description: str) -> bool:
+    """A refunded purchase: void what remains of its balance; what of `owed` (what was granted
+    less what partial refunds took back, minor units) that does not cover becomes overage.
+    False when the balance is no longer live (already voided or refunded)."""
+    return await _take_back(ctx, "refund", balance_id, owed, f"r:{balance_id}", description)
+
+
+async def claw_back(ctx: AppContext, balance_id: int, amount: int, op: str, description: str,
+                    **extra: Any) -> bool:
+    """A partial refund's share of a purchased balance (minor units), keyed `op`: taken from
+    what remains of it, the rest owed as overage. False when the balance is no longer live."""
+    return await _take_back(ctx, "clawback", balance_id, amount, op, description, **extra)
+
+
+async def _take_back(ctx: AppContext, kind: str, balance_id: int, amount: int, op: str,
+                     description: str, **extra: Any) -> bool:
     try:
         _, account, credit_type = await _live_balance(ctx, balance_id)
-    except Conflict:
-        return False
-    payload = _op_payload(f"r:{balance_id}", account, credit_type, balance_id, description)
-    try:
-        await ledger_op(ctx, account, "refund", balance_id, payload, scaled(granted, credit_type))
+        payload = _op_payload(op, account, credit_type, balance_id, description, **extra)
+        await ledger_op(ctx, account, kind, balance_id, payload, amount)
     except Conflict:
         return False
     return True

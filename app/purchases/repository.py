@@ -184,6 +184,15 @@ async def record_refunded_amount(conn: Conn, purchase_id: int, amount_refunded: 
            WHERE id = $1""", purchase_id, amount_refunded)
 
 
+async def refunded_taken_back(conn: Conn, purchase_id: int, balance_id: int) -> int:
+    """The refunded amount (minor units) up to which partial refunds took their credits back:
+    the largest in the keys `rp:<purchase>:<amount refunded>` of the balance's entries."""
+    found = await conn.fetchval(
+        """SELECT max(split_part(op_key, ':', 3)::bigint) FROM ledger_entries
+           WHERE balance_id = $1 AND op_key LIKE $2""", balance_id, f"rp:{purchase_id}:%")
+    return int(found or 0)
+
+
 async def claim_unsettled(conn: Conn, limit: int) -> list[asyncpg.Record]:
     """Due unsettled purchases, each pushed back by its backoff so that no other process takes
     it meanwhile."""

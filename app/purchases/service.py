@@ -26,10 +26,11 @@ import asyncpg
 from app.config import repository as config_repo
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.config.service import account_row
+from app.db import exclusive
 from app.errors import Conflict, NotFound, Problem, Unavailable, ValidationProblem
 from app.ledger import repository as ledger_repo
 from app.ledger import service as ledger
-from app.money import fmt
+from app.money import fmt, to_scaled
 from app.purchases import repository as repo
 from app.purchases.currencies import CURRENCIES, currency
 from app.purchases.schemas import (
@@ -78,6 +79,7 @@ ACTION_TIMEOUT = timedelta(hours=24)
 # An event the webhook could not finish is retried by the reconciler after this.
 EVENT_RETRY = timedelta(seconds=60)
 UNSETTLED = ("pending", "granting")
+REFUND_LOCK = 0x72656664  # "refd": advisory lock class of a purchase's refunds
 
 
 class StripeNotConfigured(Problem):
@@ -579,16 +581,43 @@ async def _fail(ctx: AppContext, row: asyncpg.Record, code: str, decline_code: s
     return await _reload(ctx, row["id"])
 
 
+def _credits_refunded(row: asyncpg.Record, refunded: int) -> int:
+    """The purchased credits (minor units) that `refunded` of the price (minor units) pays
+    back: their share, rounded down (in the customer's favour)."""
+    credits, price = to_scaled(Decimal(row["credits"]), row["decimal_places"]), int(row["amount_minor"])
+    return credits * min(refunded, price) // price
+
+
 async def _refunded(ctx: AppContext, row: asyncpg.Record, charge: Charge) -> asyncpg.Record:
-    if not charge.refunded:  # partial: recorded, credits kept (README: Purchases)
-        await repo.record_refunded_amount(ctx.pool, row["id"], charge.amount_refunded)
-        return await _reload(ctx, row["id"])
+    """Take back the credits a refund pays for (README: Purchases, Refunds). Stripe reports
+    the amount refunded so far, so each report takes what the ones before did not, under a
+    per-purchase lock; a full refund voids what is left of the balance."""
     if row["status"] in UNSETTLED:  # only a paid charge can be refunded: the refund came first
         row = await _grant(ctx, row, charge.payment_intent)
-    if row["status"] == "paid":
-        await ledger.refund(ctx, row["balance_id"], Decimal(row["credits"]),
-                            f"purchase {row['id']} refunded in Stripe")
-        await repo.mark_refunded(ctx.pool, row["id"], charge.amount_refunded)
+    refunded = charge.amount_refunded
+    full = charge.refunded or refunded >= row["amount_minor"]
+    if row["status"] != "paid" or refunded <= 0:
+        await repo.record_refunded_amount(ctx.pool, row["id"], refunded)
+        return await _reload(ctx, row["id"])
+    account = await ledger.account_ref(ctx, row["account"])
+    async with exclusive(ctx.settings.database_url, REFUND_LOCK, f"purchase:{row['id']}"):
+        # a take-back cut short by a crash reaches the ledger before we read what was taken
+        await ctx.journal.recover_root(account.root_id)
+        done = await repo.refunded_taken_back(ctx.pool, row["id"], row["balance_id"])
+        taken = _credits_refunded(row, done)
+        if full:
+            await ledger.refund(ctx, row["balance_id"], _credits_refunded(row, refunded) - taken,
+                                f"purchase {row['id']} refunded in Stripe")
+            await repo.mark_refunded(ctx.pool, row["id"], refunded)
+        else:
+            share = _credits_refunded(row, refunded) - taken  # <= 0: an older report
+            if share > 0:
+                exponent = CURRENCIES[row["currency"]].exponent
+                await ledger.claw_back(
+                    ctx, row["balance_id"], share, f"rp:{row['id']}:{refunded}",
+                    f"purchase {row['id']} partly refunded in Stripe", purchase=row["id"],
+                    refunded=fmt(Decimal(refunded).scaleb(-exponent), exponent))
+            await repo.record_refunded_amount(ctx.pool, row["id"], refunded)
     return await _reload(ctx, row["id"])
 
 

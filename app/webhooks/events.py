@@ -7,6 +7,8 @@ EVENT_TYPES: dict[str, str] = {
     "credits.granted": "a balance was granted (or a purchase's credits became drawable)",
     "credits.voided": "what remained of a balance was voided",
     "credits.expired": "what remained of a balance expired",
+    "credits.clawed_back": "a partial refund of a purchase took its share of the purchased "
+                           "credits back (what was already spent is owed as overage)",
     "credits.rolled_over": "what a recurring grant's period left unused (within its rollover "
                            "terms) was added to the next period's balance",
     "balance.low": "an account's drawable balance of a credit type fell below its threshold",

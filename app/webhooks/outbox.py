@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 FLAG_EVENTS = {"revoked": ("balance.depleted", "entitlement.revoked"),
                "granted": ("balance.recovered", "entitlement.granted")}
 BALANCE_EVENTS = {"grant": "credits.granted", "void": "credits.voided", "expire": "credits.expired",
-                  "refund": "credits.voided", "rollover": "credits.rolled_over"}
+                  "refund": "credits.voided", "rollover": "credits.rolled_over",
+                  "clawback": "credits.clawed_back"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ def events_for(record: JournalRecord, at: datetime) -> list[OutboxEvent]:
             data["from_balance_id"] = int(p["from"])
         if record.kind == "refund":  # what was already spent is now owed
             data |= {"reason": "refund", "overage": amount(record.overage)}
+        if record.kind == "clawback":  # a partial refund's share; what was spent is owed
+            data |= {"reason": "partial_refund", "overage": amount(record.overage),
+                     "purchase_id": p["purchase"], "amount_refunded": p["refunded"]}
         events.append(make(BALANCE_EVENTS[record.kind], int(p["a"]), data))
     for change in filter(None, record.flag_changes.split(";")):
         product, ct, flip, available = change.split("|")

@@ -1,12 +1,13 @@
 -- Grants, adjustments, voids and expiries of one balance, journalled atomically.
--- ARGV: now_ms, kind (grant|adjustment|rollover|release|void|expire|refund), account id, chain,
---       balance id, amount (grant; adjustment: signed; rollover: what comes in from the
---       period before; refund: what the balance was granted),
+-- ARGV: now_ms, kind (grant|adjustment|rollover|release|void|expire|refund|clawback), account
+--       id, chain, balance id, amount (grant; adjustment: signed; rollover: what comes in from
+--       the period before; refund: what the balance was granted, less what was clawed back;
+--       clawback: what a partial refund takes back),
 --       def (grant), at_ms, payload (opaque JSON)
 -- Returns {"cold"} | {"missing"} (unknown balance, or a grant id already used) |
 --         {"insufficient", remaining} |
 --         {"ok", amount applied, remaining after, stream id, gen, flag changes, crossings,
---          owed (refund: the spent part, now overage)}
+--          owed (refund, clawback: what the balance could not give back, now overage)}
 local now, kind, acct, chain, bid = ARGV[1], ARGV[2], ARGV[3], split(ARGV[4]), ARGV[5]
 local amount, def, at, payload = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
 if not loaded(chain) then return {'cold'} end
@@ -32,13 +33,18 @@ else
     -- the purchase's payment was refunded: void what is left, owe what was spent
     applied = 0 - rem
     redis.call('HSET', dkey, bid, with_status(current, 'v'))
-    owed = amount - rem
-    if owed > 0 then redis.call('HINCRBY', akey('o', acct), parse_def(current).ct, owed) end
+    owed = math.max(amount - rem, 0)  -- more than granted is left after an adjustment up
+  elseif kind == 'clawback' then
+    -- part of a purchase's payment was refunded: take its share back, owe what is spent
+    local taken = math.min(amount, rem)
+    applied = 0 - taken
+    owed = amount - taken
   else
     applied = 0 - rem  -- not -rem: -0 reaches HINCRBY as "-0", which Redis rejects
     redis.call('HSET', dkey, bid, with_status(current, kind == 'void' and 'v' or 'x'))
   end
   redis.call('HINCRBY', bkey, bid, applied)
+  if owed > 0 then redis.call('HINCRBY', akey('o', acct), parse_def(current).ct, owed) end
 end
 
 local ct = parse_def(redis.call('HGET', dkey, bid)).ct
