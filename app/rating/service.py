@@ -11,6 +11,7 @@ import asyncpg
 from pydantic import BaseModel
 
 from app.errors import Conflict, NotFound, ValidationProblem
+from app.ledger.service import account_ref
 from app.rating import recurring
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
@@ -216,9 +217,7 @@ def pricing_out(row: asyncpg.Record) -> PricingOut:
 
 async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> AccountPlanAttached:
     """Attach a plan; its started periods' standing charge and counter charges are drawn."""
-    account = await ctx.catalog.account(code)
-    if account is None:
-        raise NotFound(f"no account {code!r}", field="code")
+    account = await account_ref(ctx, code, field="code")
     account_id = account.id
     plan = await repo.by_code(ctx.pool, "plans", body.plan)
     if plan is None:
@@ -256,9 +255,7 @@ async def set_rate(ctx: AppContext, code: str, body: ConversionRateIn) -> Conver
 async def adjust_counter(ctx: AppContext, code: str,
                          body: CounterAdjustmentIn) -> CounterAdjustmentOut:
     """Set a level from a date; the started periods it changes are drawn at once."""
-    account = await ctx.catalog.account(code)
-    if account is None:
-        raise NotFound(f"no account {code!r}", field="code")
+    account = await account_ref(ctx, code, field="code")
     counter_id = await required_id(ctx, "counters", body.counter, "counter")
     async with ctx.pool.acquire() as conn, conn.transaction():
         await rrepo.lock_account(conn, account.id)
