@@ -16,6 +16,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from app.entitlements.holds import settle as settle_holds
+from app.entitlements.reversals import settle as settle_reversals
 from app.errors import STORE_ERRORS
 from app.idempotency import purge_expired as purge_expired_keys
 from app.ledger.recurring_grants import grant_due as grant_recurring
@@ -50,6 +51,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await grant_recurring(ctx)
             await expire_due(ctx)
             await settle_holds(ctx)
+            await settle_reversals(ctx)
             await send_unsent(ctx, cursor=unsent)
             await draw_recurring_charges(ctx, recurring)
             await run_bills(ctx, billed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from app.entitlements import holds, service
+from app.entitlements import holds, reversals, service
 from app.entitlements.schemas import (
     MAX_BATCH,
     AccountBalancesOut,
@@ -15,8 +15,11 @@ from app.entitlements.schemas import (
     HoldIn,
     HoldOut,
     ReleaseIn,
+    ReversalIn,
+    ReversalOut,
     UsageBatch,
     UsageBatchOut,
+    UsageEventOut,
     UsageResult,
 )
 from app.errors import ValidationProblem
@@ -71,6 +74,15 @@ async def release_hold(call: Call) -> BaseModel:
     return await holds.end(call.ctx, call.path("code"), call.path("uid"), None)
 
 
+async def read_usage_event(call: Call) -> BaseModel:
+    return await reversals.read_event(call.ctx, call.path("code"), call.path("uid"))
+
+
+async def reverse_usage(call: Call) -> Response:
+    out, made = await reversals.reverse(call.ctx, call.path("code"), call.path("uid"), call.body)
+    return render(out, 201 if made else 200)  # 200: this event's reversal made before
+
+
 ENDPOINTS = [
     Endpoint("POST", "/v1/check", check, RUNTIME,
              "May this account use this product now? Optionally consume atomically",
@@ -93,6 +105,13 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/accounts/{code}/holds/{uid}/release", release_hold, RUNTIME,
              "Give back everything a hold set aside", "holds", body=ReleaseIn,
              response=HoldOut),
+    Endpoint("GET", "/v1/accounts/{code}/usage-events/{uid}", read_usage_event, READ,
+             "A usage event as recorded, the balances it drew, and its reversal", "runtime",
+             response=UsageEventOut),
+    Endpoint("POST", "/v1/accounts/{code}/usage-events/{uid}/reverse", reverse_usage, READ,
+             "Give a usage event's debit back, in full or in part, once (201; 200 for a "
+             "reversal made before with the same amount)", "runtime", body=ReversalIn,
+             response=ReversalOut, status=201, also=(200,)),
 ]
 
 SINGLE_USAGE_RESPONSE = UsageResult

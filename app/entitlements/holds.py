@@ -133,7 +133,7 @@ async def finish(ctx: AppContext, account: AccountRef, row: asyncpg.Record) -> N
     keep = to_scaled(Decimal(row["captured"] or 0), places)
     uid = row["uid"]
     ops = {f"hr:{account.id}:{uid}:{part['seq']}": part
-           for part in await repo.held_parts(ctx.pool, account.id, PREFIX + uid)}
+           for part in await ledger_repo.usage_entries(ctx.pool, account.id, PREFIX + uid)}
     done = await ledger_repo.committed_ops(ctx.pool, list(ops))
     for op, part in ops.items():  # in drawdown order: the first allocations are kept
         took = to_scaled(-Decimal(part["amount"]), places)

@@ -33,15 +33,6 @@ async def finished(conn: Conn, account_id: int, uid: str) -> None:
         account_id, uid)
 
 
-async def held_parts(conn: Conn, account_id: int, usage_uid: str) -> list[asyncpg.Record]:
-    """The hold's entries, one per balance drawn, in drawdown order."""
-    return await conn.fetch(
-        """SELECT e.seq, e.balance_id, e.amount, a.code AS owner FROM ledger_entries e
-           JOIN accounts a ON a.id = e.account_id
-           WHERE e.op_key = $1 AND e.kind = 'hold' ORDER BY e.seq""",
-        f"u:{account_id}:{usage_uid}")
-
-
 async def open_holds(conn: Conn, stuck_s: int, limit: int) -> list[asyncpg.Record]:
     """Held past their expiry, and half-ended for `stuck_s` (a crash's)."""
     return await conn.fetch(

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from app.schemas import Code, Strict, Timestamp
+from app.schemas import Code, Description, Strict, Timestamp
 
 UID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN)]
@@ -157,3 +157,44 @@ class HoldOut(BaseModel):
                     "expired"]
     expires_at: datetime | None = None
     duplicate: bool = Field(default=False, description="this uid was held before: its state")
+
+
+class ReversalIn(Strict):
+    amount: Decimal | None = Field(default=None, gt=0,
+                                   description="what to give back, at most the event's amount; "
+                                               "default: all of it")
+    reason: Description = Field(default="", description="kept with the reversal and written "
+                                                        "on its ledger entries")
+
+
+class Part(BaseModel):
+    balance_id: int
+    amount: str
+
+
+class ReversalOut(BaseModel):
+    uid: str
+    account: str
+    amount: str = Field(description="what the reversal gives back")
+    reason: str
+    status: Literal["reversing", "reversed"]
+    returned: list[Part] = Field(description="given back to the balances the event drew")
+    overage_reversed: str = Field(description="taken off the overage the event created")
+    lapsed: list[Part] = Field(description="not given back: the balance expired or was voided "
+                                           "since (that credit would be gone anyway)")
+    created_at: datetime
+    duplicate: bool = Field(default=False, description="this event was reversed before (with "
+                                                       "the same amount): its reversal")
+
+
+class UsageEventOut(BaseModel):
+    uid: str
+    account: str
+    product: str
+    credit_type: str
+    amount: str
+    overage: str = Field(description="what no balance covered")
+    timestamp: datetime
+    recorded_at: datetime
+    drawn: list[Part] = Field(description="the balances it drew, in drawdown order")
+    reversal: ReversalOut | None

@@ -266,6 +266,35 @@ async def usage_exists(conn: Conn, account_id: int, uids: list[str]) -> set[str]
     return {r["uid"] for r in rows}
 
 
+async def usage_event(conn: Conn, account_id: int, uid: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM usage_events WHERE account_id = $1 AND uid = $2", account_id, uid)
+
+
+async def usage_entries(conn: Conn, account_id: int, usage_uid: str) -> list[asyncpg.Record]:
+    """A usage debit's entries in drawdown order: one per balance drawn (with the code of the
+    account that owns it), then its overage if any (`balance_id` null)."""
+    return await conn.fetch(
+        """SELECT e.seq, e.balance_id, e.amount, a.code AS owner FROM ledger_entries e
+           JOIN accounts a ON a.id = e.account_id
+           WHERE e.op_key = $1 ORDER BY e.seq""",
+        f"u:{account_id}:{usage_uid}")
+
+
+async def insert_overage_credit(conn: Conn, op: str, account_id: int, credit_type_id: int,
+                                amount: Decimal, uid: str, product: str,
+                                description: str) -> bool:
+    """Reverse overage: an `overage` ledger entry with a positive amount (what the account owes
+    goes down), once per op key. The hot copy's overage is refreshed by the caller."""
+    found = await conn.fetchval(
+        """INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id, kind,
+                                       amount, usage_uid, product_code, description, created_at)
+           VALUES ($1, 0, $2, NULL, $3, 'overage', $4, $5, $6, $7, now())
+           ON CONFLICT (op_key, seq) DO NOTHING RETURNING 1""",
+        op, account_id, credit_type_id, amount, uid, product, description)
+    return found is not None
+
+
 async def due_expiries(conn: Conn, now: datetime, limit: int) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT b.id, b.account_id FROM balances b

@@ -147,7 +147,7 @@ async def _apply(ctx: AppContext, part: asyncpg.Record, done: set[str]) -> None:
     amount = Decimal(part["amount"])
     description = f"give-back {part['credit_uid']}"
     if part["source"] == "overage":
-        if await repo.insert_overage_credit(ctx.pool, op, account.id, credit_type.id, amount,
+        if await ledger_repo.insert_overage_credit(ctx.pool, op, account.id, credit_type.id, amount,
                                             part["credit_uid"], part["product_code"],
                                             description):
             await ctx.hot.invalidate(account.root_id)  # its overage is rebuilt from Postgres

@@ -622,20 +622,6 @@ async def fallback_balance(conn: Conn, account_id: int, credit_uid: str, seq: in
     return found
 
 
-async def insert_overage_credit(conn: Conn, op: str, account_id: int, credit_type_id: int,
-                                amount: Decimal, uid: str, product: str,
-                                description: str) -> bool:
-    """Reverse overage: an `overage` ledger entry with a positive amount (what the account owes
-    goes down), once per op key. The hot copy's overage is refreshed by the caller."""
-    found = await conn.fetchval(
-        """INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id, kind,
-                                       amount, usage_uid, product_code, description, created_at)
-           VALUES ($1, 0, $2, NULL, $3, 'overage', $4, $5, $6, $7, now())
-           ON CONFLICT (op_key, seq) DO NOTHING RETURNING 1""",
-        op, account_id, credit_type_id, amount, uid, product, description)
-    return found is not None
-
-
 async def settle_credits(conn: Conn, account_id: int, charge_key: str,
                          period_start: date) -> None:
     """Mark settled the give-backs whose parts cover them and are all applied."""
