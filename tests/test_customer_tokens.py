@@ -118,7 +118,8 @@ async def test_a_forged_expired_or_orphaned_token_is_refused(
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     own, other = await api.setup(), await api.setup()
     token = (await _mint(api, own["account"]))["token"]
-    payload, signature = token.removeprefix("cgct_").split(".")
+    secret_id, payload, signature = token.removeprefix("cgct_").split(".")
+    assert secret_id == str(await db.fetchval("SELECT max(id) FROM token_secrets"))
 
     def read(token: str, account: str = own["account"]) -> Any:
         return client.get(f"/v1/accounts/{account}/balances", headers=_bearer(token))
@@ -128,8 +129,9 @@ async def test_a_forged_expired_or_orphaned_token_is_refused(
     claims = base64.urlsafe_b64decode(payload + "==").decode()
     forged = base64.urlsafe_b64encode(claims.replace(own["account"], other["account"])
                                       .encode()).rstrip(b"=").decode()
-    for bad in (f"cgct_{forged}.{signature}", f"cgct_{payload}.{signature[:-2]}AA",
-                f"cgct_{payload}", "cgct_"):
+    for bad in (f"cgct_{secret_id}.{forged}.{signature}",
+                f"cgct_{secret_id}.{payload}.{signature[:-2]}AA",
+                f"cgct_{secret_id}.{payload}", f"cgct_{payload}.{signature}", "cgct_"):
         _refused(await read(bad, other["account"] if forged in bad else own["account"]), 401)
 
     tokens = app.state.ctx.keys.tokens
