@@ -1,4 +1,5 @@
-"""The `creditgate` command: serve, migrate, keys create/list/revoke, webhooks send-test/watch.
+"""The `creditgate` command: serve, migrate, keys create/list/revoke, tokens
+rotate-secret/secrets, webhooks send-test/watch.
 
 With DATABASE_URL unset (and REDIS_URL, for `serve`), the commands use embedded Postgres and
 Redis kept in the data folder (--data-dir, env CREDITGATE_DATA_DIR, default ./.data); see
@@ -15,6 +16,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TypeVar
@@ -29,6 +31,7 @@ from app.auth.keys import (
     list_api_keys,
     revoke_api_key,
 )
+from app.auth.tokens import list_secrets, rotate_secret
 from app.db import migrate, pending_migrations
 from app.embedded import DataDirBusy, default_data_dir, running_embedded, start_embedded
 from app.settings import Settings, migrations_dir
@@ -91,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="revoke an API key and the customer tokens it minted (within 30 s everywhere)")
     revoke.add_argument("id", type=int, help="the key's id, from `keys list`")
     revoke.set_defaults(run=_cmd_keys_revoke)
+
+    tokens = commands.add_parser("tokens", help="customer tokens: rotate the signing secret")
+    token_commands = tokens.add_subparsers(dest="tokens_command", required=True,
+                                           metavar="COMMAND")
+    rotate = token_commands.add_parser(
+        "rotate-secret", parents=[data],
+        help="write a new signing secret for customer tokens; the older ones keep verifying "
+        "until every token they signed has expired (about 24 h), unless --retire-now")
+    rotate.add_argument(
+        "--retire-now", action="store_true",
+        help="the older secrets stop verifying at once (a leaked secret): every customer token "
+        "minted before is refused in every process within CREDITGATE_TOKEN_SECRETS_TTL_S")
+    rotate.set_defaults(run=_cmd_tokens_rotate_secret)
+    secrets_list = token_commands.add_parser(
+        "secrets", parents=[data],
+        help="list the signing secrets (id, created, retired; never the secret)")
+    secrets_list.set_defaults(run=_cmd_tokens_secrets)
 
     hooks = commands.add_parser("webhooks", help="outbound webhooks: send a test, watch deliveries")
     hook_commands = hooks.add_subparsers(dest="webhooks_command", required=True, metavar="COMMAND")
@@ -164,6 +184,50 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     _note(f"revoked API key {args.id}; processes stop taking it (and its customer tokens) "
           "within 30 s")
     return 0
+
+
+def _cmd_tokens_rotate_secret(args: argparse.Namespace) -> int:
+    with _backing_services(args.data_dir, need_redis=False):
+        new_id = asyncio.run(_migrated_conn(
+            os.environ["DATABASE_URL"],
+            lambda conn: rotate_secret(conn, retire_now=args.retire_now)))
+    print(new_id)
+    if args.retire_now:
+        _note(f"customer-token secret {new_id} signs new tokens; every older secret is retired "
+              "now: the tokens they signed are refused in every process within "
+              "CREDITGATE_TOKEN_SECRETS_TTL_S (30 s by default)")
+    else:
+        _note(f"customer-token secret {new_id} signs new tokens (every process within "
+              "CREDITGATE_TOKEN_SECRETS_TTL_S); the older secrets verify the tokens they signed "
+              "until these expire (retired at the time `tokens secrets` shows)")
+    return 0
+
+
+def _cmd_tokens_secrets(args: argparse.Namespace) -> int:
+    with _backing_services(args.data_dir, need_redis=False):
+        rows = asyncio.run(_with_conn(os.environ["DATABASE_URL"], list_secrets))
+    newest_live = max((r.id for r in rows if r.retired_at is None), default=None)
+    now = datetime.now(UTC)
+    print(f"{'id':>6}  {'created (UTC)':<20} {'retired (UTC)':<20} state")
+    for row in rows:
+        retired = f"{row.retired_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}" if row.retired_at \
+            else "-"
+        state = ("signing" if row.id == newest_live else "verifying") \
+            if row.retired_at is None else "retiring" if row.retired_at > now else "retired"
+        print(f"{row.id:>6}  {row.created_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}  "
+              f"{retired:<20} {state}")
+    return 0
+
+
+async def _migrated_conn(dsn: str, action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """`action` on a connection to a database whose migrations are all applied."""
+    async def checked(conn: asyncpg.Connection) -> T:
+        pending = await pending_migrations(conn, migrations_dir())
+        if pending:
+            raise CliError(f"pending migrations ({', '.join(pending)}): run `creditgate migrate`")
+        return await action(conn)
+
+    return await _with_conn(dsn, checked)
 
 
 async def _with_conn(dsn: str, action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -263,14 +327,7 @@ async def _bootstrap_admin_key(dsn: str) -> str | None:
 
 
 async def _create_key(dsn: str, scope: Scope, name: str) -> str:
-    conn = await asyncpg.connect(dsn)
-    try:
-        pending = await pending_migrations(conn, migrations_dir())
-        if pending:
-            raise CliError(f"pending migrations ({', '.join(pending)}): run `creditgate migrate`")
-        return await create_api_key(conn, scope, name)
-    finally:
-        await conn.close()
+    return await _migrated_conn(dsn, lambda conn: create_api_key(conn, scope, name))
 
 
 # --- serving -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from starlette.types import Scope as Scope_
 
 from app.auth.keys import Principal, Scope, find_principal, key_alive
 from app.auth.tokens import PREFIX as TOKEN_PREFIX
-from app.auth.tokens import CustomerTokens, TokenRefused
+from app.auth.tokens import SECRETS_TTL_S, CustomerTokens, TokenRefused
 from app.errors import (
     STORE_ERRORS,
     Forbidden,
@@ -39,6 +39,7 @@ from app.errors import (
     internal_error,
     problem_response,
 )
+from app.settings import Seconds
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -154,13 +155,15 @@ def validate_items(model: type[M], items: list[Any]) -> list[M | Problem]:
 class KeyCache:
     """Known keys are cached briefly so the hot path does not hit Postgres; revocation lags by
     at most KEY_CACHE_TTL_S. Customer tokens are checked here too (`tokens`), each against
-    the liveness of the key that minted it, cached the same way."""
+    the liveness of the key that minted it, cached the same way, and against its signing
+    secret, whose retirement `tokens` reads within `token_secrets_ttl_s`."""
 
-    def __init__(self) -> None:
+    def __init__(self, token_secrets_ttl_s: Seconds = SECRETS_TTL_S) -> None:
         self._known: dict[str, tuple[Principal, float]] = {}
         self._alive: dict[int, tuple[bool, float]] = {}
-        self._tokens: dict[str, tuple[Principal, int]] = {}  # token: (principal, expiry s)
-        self.tokens = CustomerTokens()
+        # token: (principal, expiry s, id of the secret that signed it)
+        self._tokens: dict[str, tuple[Principal, int, int]] = {}
+        self.tokens = CustomerTokens(token_secrets_ttl_s)
 
     def _known_alive(self, key_id: int) -> bool | None:
         """Whether a key is alive, when cached and fresh; None: ask `alive`."""
@@ -178,29 +181,34 @@ class KeyCache:
         return found
 
     def _checked(self, token: str) -> Principal | None:
-        """A customer token checked before and not expired since (remembering them saves
-        decoding and an HMAC per request)."""
+        """A customer token checked before, not expired since, and whose secret still verifies
+        by a copy of the secrets no older than their refresh bound (remembering tokens saves
+        decoding and an HMAC per request; a retired secret ends them within that bound)."""
         hit = self._tokens.get(token)
-        return hit[0] if hit is not None and hit[1] > time.time() else None
+        return hit[0] if hit is not None and hit[1] > time.time() and \
+            self.tokens.accepts(hit[2]) else None
 
     def cached_customer(self, token: str) -> Principal | None:
-        """A customer token's principal when it was checked before, has not expired and its
-        key is known to be alive (no coroutine); None: ask `customer`."""
+        """A customer token's principal when it was checked before, has not expired, its
+        secret is known to verify and its key to be alive (no coroutine); None: ask
+        `customer`."""
         principal = self._checked(token)
         return principal if principal is not None and self._known_alive(principal.key_id) \
             else None
 
     async def customer(self, ctx: AppContext, token: str) -> Principal:
-        """A customer token's principal; 401 when it is forged, expired or its key revoked."""
+        """A customer token's principal; 401 when it is forged, expired, its key revoked or its
+        secret retired."""
         principal = self._checked(token)
         if principal is None:
             try:
-                principal, expires = await self.tokens.principal(ctx.pool, token)
+                principal, expires, secret_id = await self.tokens.principal(ctx.pool, token)
             except TokenRefused as exc:
+                self._tokens.pop(token, None)
                 raise Unauthenticated(str(exc), field="Authorization") from exc
             if len(self._tokens) > 10_000:
                 self._tokens.clear()
-            self._tokens[token] = (principal, expires)
+            self._tokens[token] = (principal, expires, secret_id)
         if not await self.alive(ctx, principal.key_id):
             raise Unauthenticated("the key that issued this customer token was revoked",
                                   field="Authorization")

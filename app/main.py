@@ -136,7 +136,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             hot.cache = CheckCache(settings.redis_url, fast, settings.check_cache_ttl_ms)
             await hot.cache.start()
         journal = Journal(pool, hot)
-        ctx = AppContext(settings, pool, redis, hot, Catalog(pool), KeyCache(), journal,
+        ctx = AppContext(settings, pool, redis, hot, Catalog(pool),
+                         KeyCache(settings.token_secrets_ttl_s), journal,
                          Loader(pool, hot))
         ctx.stripe = StripeGateway.from_settings(settings)
         app.state.ctx = ctx

@@ -28,6 +28,11 @@ def _seconds_list(name: str, default: tuple[Seconds, ...]) -> tuple[Seconds, ...
     return tuple(float(part) for part in raw.split(",")) if raw else default  # float-ok: durations
 
 
+# The longest a process may trust its copy of the customer-token signing secrets
+# (app/auth/tokens.py): a plain rotation's grace for the older secrets counts on it.
+TOKEN_SECRETS_TTL_MAX_S: Seconds = 300.0
+
+
 def migrations_dir() -> Path:
     """`CREDITGATE_MIGRATIONS_DIR`, else the repository's `migrations/`."""
     configured = os.environ.get("CREDITGATE_MIGRATIONS_DIR")
@@ -79,6 +84,16 @@ class Settings:
     # Browser origins that may call the customer routes (customer tokens) across origins,
     # e.g. the vendor's web app; "*" for any. Empty: no CORS headers at all.
     cors_origins: tuple[str, ...] = ()
+    # Each process re-reads the customer-token signing secrets at least this often, so a
+    # secret retired by `creditgate tokens rotate-secret --retire-now` is refused everywhere
+    # within it (a new secret is read as soon as a token names it). At most
+    # TOKEN_SECRETS_TTL_MAX_S.
+    token_secrets_ttl_s: Seconds = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.token_secrets_ttl_s <= TOKEN_SECRETS_TTL_MAX_S:
+            raise ValueError(f"CREDITGATE_TOKEN_SECRETS_TTL_S must be 0 to "
+                             f"{TOKEN_SECRETS_TTL_MAX_S:g} seconds")
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -115,4 +130,5 @@ class Settings:
             cors_origins=tuple(o.strip().rstrip("/") for o in
                                os.environ.get("CREDITGATE_CORS_ORIGINS", "").split(",")
                                if o.strip()),
+            token_secrets_ttl_s=_seconds("CREDITGATE_TOKEN_SECRETS_TTL_S", 30.0),
         )
