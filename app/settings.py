@@ -58,6 +58,9 @@ class Settings:
     usage_future_skew_s: int = 300
     usage_max_age_s: int = 35 * 24 * 3600
     worker_interval_s: Seconds = 2.0
+    # A balance (or an account's overage) with this many ledger entries after its snapshot gets
+    # a new one from the workers (app/ledger/snapshots.py): what a hot-state rebuild reads.
+    snapshot_every: int = 10_000
     # Admin Idempotency-Keys are remembered at least this long, then deleted (0: kept forever).
     idempotency_key_ttl_h: int = 7 * 24
     # Webhook events and their delivery log are kept this long once no delivery of them is
@@ -113,6 +116,7 @@ class Settings:
             stripe_timeout_s=_seconds("STRIPE_TIMEOUT_S", 30.0),
             journal_orphan_ms=_int("CREDITGATE_JOURNAL_ORPHAN_MS", 5_000),
             worker_interval_s=_seconds("CREDITGATE_WORKER_INTERVAL_S", 2.0),
+            snapshot_every=_int("CREDITGATE_SNAPSHOT_EVERY", 10_000),
             idempotency_key_ttl_h=_int("CREDITGATE_IDEMPOTENCY_KEY_TTL_H", 7 * 24),
             webhook_retention_d=_int("CREDITGATE_WEBHOOK_RETENTION_D", 30),
             bills_auto=os.environ.get("CREDITGATE_BILLS_AUTO", "1") != "0",

@@ -21,6 +21,7 @@ from app.errors import STORE_ERRORS
 from app.idempotency import purge_expired as purge_expired_keys
 from app.ledger.recurring_grants import grant_due as grant_recurring
 from app.ledger.service import expire_due
+from app.ledger.snapshots import take_due as take_snapshots
 from app.purchases.tasks import run_reconciler
 from app.rating.bills import BillMemory
 from app.rating.bills import run_when_due as run_bills
@@ -52,6 +53,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await expire_due(ctx)
             await settle_holds(ctx)
             await settle_reversals(ctx)
+            await take_snapshots(ctx, ctx.settings.snapshot_every)
             await send_unsent(ctx, cursor=unsent)
             await draw_recurring_charges(ctx, recurring)
             await run_bills(ctx, billed)

@@ -65,9 +65,10 @@ def redis_url(servers: tuple[str, str]) -> str:
 def settings(database_url: str, redis_url: str) -> Settings:
     # a key prefix of its own: parallel test sessions may share one Redis
     # no automatic bill run: tests date plans in the past and bill them when they choose
+    # snapshots every few entries: every rebuild in the suite reads snapshots and their tails
     return Settings(database_url=database_url, redis_url=redis_url, worker_interval_s=0.5,
                     journal_orphan_ms=1_000, redis_prefix=f"cgt{uuid.uuid4().hex[:6]}",
-                    bills_auto=False)
+                    bills_auto=False, snapshot_every=3)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import dataclasses
 import hashlib
 import hmac
 import os
@@ -14,7 +12,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,12 +20,11 @@ import asyncpg
 import httpx
 import pytest
 
-from app.auth.keys import KEY_SCOPES, Scope, create_api_key, hash_key
-from app.auth.tokens import CustomerTokens, rotate_secret
-from app.db import migrate
-from app.main import create_app
+from app.auth.keys import Scope, create_api_key, hash_key
+from app.auth.tokens import rotate_secret
 from app.settings import REPO_ROOT, Settings
-from tests.conftest import Api, _with_database
+from tests.conftest import Api
+from tests.fresh import Fresh, fresh_app, migrations_before
 from tests.procs import run_apps
 
 
@@ -228,64 +224,9 @@ async def test_tokens_work_on_every_instance_and_browsers_of_allowed_origins_may
 # before, which the session's other tests must not see) and an in-process app on it.
 
 
-@dataclass
-class Fresh:
-    settings: Settings
-    app: Any
-    client: httpx.AsyncClient
-    api: Api
-    db: asyncpg.Connection
-    runtime_key_id: int
-
-    @property
-    def tokens(self) -> CustomerTokens:
-        tokens: CustomerTokens = self.app.state.ctx.keys.tokens
-        return tokens
-
-    async def secret(self, secret_id: int) -> bytes:
-        return bytes(await self.db.fetchval("SELECT secret FROM token_secrets WHERE id = $1",
-                                            secret_id))
-
-
-@contextlib.asynccontextmanager
-async def _fresh(servers: tuple[str, str], settings: Settings, *,
-                 before_app: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
-                 migrations: Path | None = None) -> AsyncIterator[Fresh]:
-    """A new database migrated from `migrations` (default: all; then `before_app` runs on
-    it and the rest are applied), and an in-process app with a Redis prefix of its own."""
-    name = f"creditgate_rot_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(servers[0])
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(servers[0], name)
-    db = None
-    try:
-        await migrate(url, migrations or settings.migrations_dir)
-        db = await asyncpg.connect(url)
-        if before_app is not None:
-            await before_app(db)
-        await migrate(url, settings.migrations_dir)
-        fresh_settings = dataclasses.replace(
-            settings, database_url=url, run_workers=False,
-            redis_prefix=f"{settings.redis_prefix}r{uuid.uuid4().hex[:6]}")
-        keys = {scope.value: await create_api_key(db, scope, "tests") for scope in KEY_SCOPES}
-        runtime_key_id = await db.fetchval("SELECT id FROM api_keys WHERE key_hash = $1",
-                                           hash_key(keys["runtime"]))
-        application = create_app(fresh_settings)
-        async with application.router.lifespan_context(application), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=application),
-                base_url="http://creditgate") as client:
-            yield Fresh(fresh_settings, application, client, Api(client, keys), db,
-                        runtime_key_id)
-    finally:
-        if db is not None:
-            await db.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
 @pytest.fixture
 async def fresh(servers: tuple[str, str], settings: Settings) -> AsyncIterator[Fresh]:
-    async with _fresh(servers, settings) as opened:
+    async with fresh_app(servers, settings) as opened:
         yield opened
 
 
@@ -334,9 +275,6 @@ async def test_tokens_minted_before_secret_ids_verify_against_secret_1(
     """A database migrated up to 022 with the secret the old code wrote: after migration 023
     that secret keeps id 1 and signs, and tokens in the old shape verify against it until it
     is retired."""
-    for path in settings.migrations_dir.glob("*.sql"):
-        if int(path.name.split("_")[0]) < 23:
-            (tmp_path / path.name).write_text(path.read_text())
     old_secret = os.urandom(32)
 
     async def old_code_wrote_its_secret(db: asyncpg.Connection) -> None:
@@ -344,8 +282,8 @@ async def test_tokens_minted_before_secret_ids_verify_against_secret_1(
         assert not await db.fetchval("SELECT count(*) FROM schema_migrations WHERE version = 23")
         await db.execute("INSERT INTO token_secrets (id, secret) VALUES (1, $1)", old_secret)
 
-    async with _fresh(servers, settings, before_app=old_code_wrote_its_secret,
-                      migrations=tmp_path) as f:
+    async with fresh_app(servers, settings, before_app=old_code_wrote_its_secret,
+                         migrations=migrations_before(settings, 23, tmp_path)) as f:
         [row] = await f.db.fetch("SELECT id, secret, retired_at FROM token_secrets")
         assert (row["id"], bytes(row["secret"]), row["retired_at"]) == (1, old_secret, None)
         own, other = await f.api.setup(), await f.api.setup()

@@ -178,26 +178,41 @@ async def root_accounts(conn: Conn, root_id: int) -> list[asyncpg.Record]:
     )
 
 
+# A balance's remaining amount: its snapshot (migration 025, app/ledger/snapshots.py) plus the
+# entries after the snapshot's horizon (all of them when it has none): an index range, however
+# long the balance's history.
+REMAINING = """COALESCE(s.amount, 0) + COALESCE((
+                   SELECT sum(e.amount) FROM ledger_entries e
+                   WHERE e.balance_id = b.id AND e.xid >= COALESCE(s.horizon, '0')), 0)"""
+
+
 async def live_balances(conn: Conn, account_ids: list[int]) -> list[asyncpg.Record]:
     """Balances that can be drawn (pending ones wait outside the hot state), with remaining =
     the sum of their entries."""
     return await conn.fetch(
-        """SELECT b.id, b.account_id, ct.code AS credit_type, ct.decimal_places, b.product_codes,
-                  b.priority, b.effective_at, b.expires_at, b.status,
-                  COALESCE((SELECT sum(amount) FROM ledger_entries e WHERE e.balance_id = b.id), 0)
-                      AS remaining
+        f"""SELECT b.id, b.account_id, ct.code AS credit_type, ct.decimal_places, b.product_codes,
+                  b.priority, b.effective_at, b.expires_at, b.status, {REMAINING} AS remaining
            FROM balances b JOIN credit_types ct ON ct.id = b.credit_type_id
+           LEFT JOIN balance_snapshots s ON s.balance_id = b.id
            WHERE b.account_id = ANY($1::int8[]) AND b.status = 'active'""",
         account_ids,
     )
 
 
 async def overages(conn: Conn, account_ids: list[int]) -> list[asyncpg.Record]:
+    """What each account owes per credit type: snapshot plus the overage entries after it, one
+    index range per account and credit type."""
     return await conn.fetch(
-        """SELECT e.account_id, ct.code AS credit_type, ct.decimal_places, -sum(e.amount) AS overage
-           FROM ledger_entries e JOIN credit_types ct ON ct.id = e.credit_type_id
-           WHERE e.account_id = ANY($1::int8[]) AND e.kind = 'overage'
-           GROUP BY e.account_id, ct.code, ct.decimal_places""",
+        """SELECT * FROM (
+               SELECT a.id AS account_id, ct.code AS credit_type, ct.decimal_places,
+                      -(COALESCE(s.amount, 0) + COALESCE((
+                          SELECT sum(e.amount) FROM ledger_entries e
+                          WHERE e.kind = 'overage' AND e.account_id = a.id
+                            AND e.credit_type_id = ct.id
+                            AND e.xid >= COALESCE(s.horizon, '0')), 0)) AS overage
+               FROM unnest($1::int8[]) AS a (id) CROSS JOIN credit_types ct
+               LEFT JOIN overage_snapshots s ON s.account_id = a.id AND s.credit_type_id = ct.id
+           ) o WHERE overage <> 0""",
         account_ids,
     )
 
@@ -206,13 +221,13 @@ async def next_balance_id(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT nextval('balances_id_seq')"))
 
 
-_BALANCE = """SELECT b.*, a.code AS account, a.root_id, ct.code AS credit_type, ct.decimal_places,
-                     COALESCE((SELECT sum(amount) FROM ledger_entries e WHERE e.balance_id = b.id),
-                              0) AS remaining,
+_BALANCE = f"""SELECT b.*, a.code AS account, a.root_id, ct.code AS credit_type, ct.decimal_places,
+                     {REMAINING} AS remaining,
                      COALESCE((SELECT sum(amount) FROM ledger_entries e
                                WHERE e.balance_id = b.id AND e.kind = 'grant'), 0) AS granted
               FROM balances b JOIN accounts a ON a.id = b.account_id
-              JOIN credit_types ct ON ct.id = b.credit_type_id"""
+              JOIN credit_types ct ON ct.id = b.credit_type_id
+              LEFT JOIN balance_snapshots s ON s.balance_id = b.id"""
 
 
 async def balance(conn: Conn, balance_id: int) -> asyncpg.Record | None:
