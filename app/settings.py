@@ -94,6 +94,8 @@ class Settings:
     token_secrets_ttl_s: Seconds = 30.0
 
     def __post_init__(self) -> None:
+        if self.snapshot_every < 1:
+            raise ValueError("CREDITGATE_SNAPSHOT_EVERY must be at least 1")
         if not 0 <= self.token_secrets_ttl_s <= TOKEN_SECRETS_TTL_MAX_S:
             raise ValueError(f"CREDITGATE_TOKEN_SECRETS_TTL_S must be 0 to "
                              f"{TOKEN_SECRETS_TTL_MAX_S:g} seconds")

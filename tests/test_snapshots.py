@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 import redis.asyncio as aioredis
 
 from app.ledger.snapshots import snapshot_balance, take_due
@@ -167,3 +168,12 @@ async def test_entries_written_before_the_migration_are_in_its_snapshots(
         snap = await f.db.fetchrow("SELECT * FROM balance_snapshots WHERE balance_id = 1")
         assert snap["amount"] == Decimal("0.00") and str(snap["horizon"]) != "0"
         assert await _rebuilt(f.app, f.api, "old") == (Decimal("0.00"), Decimal("4.00"))
+
+
+def test_snapshot_every_must_be_at_least_one(settings: Settings,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CREDITGATE_SNAPSHOT_EVERY", "0")
+    with pytest.raises(ValueError, match="CREDITGATE_SNAPSHOT_EVERY"):
+        Settings.from_env()
+    monkeypatch.setenv("CREDITGATE_SNAPSHOT_EVERY", "250")
+    assert Settings.from_env().snapshot_every == 250
