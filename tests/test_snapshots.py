@@ -172,6 +172,8 @@ async def test_entries_written_before_the_migration_are_in_its_snapshots(
 
 def test_snapshot_every_must_be_at_least_one(settings: Settings,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("REDIS_URL", settings.redis_url)
     monkeypatch.setenv("CREDITGATE_SNAPSHOT_EVERY", "0")
     with pytest.raises(ValueError, match="CREDITGATE_SNAPSHOT_EVERY"):
         Settings.from_env()
