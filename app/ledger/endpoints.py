@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pydantic import BaseModel
+from starlette.responses import Response
 
-from app.http import ADMIN, Call, Endpoint
-from app.ledger import recurring_grants, service
+from app.http import ADMIN, Call, Endpoint, render
+from app.ledger import overage, recurring_grants, service
 from app.ledger import repository as repo
 from app.ledger.schemas import (
     AdjustmentIn,
@@ -16,6 +17,8 @@ from app.ledger.schemas import (
     GrantIn,
     LedgerPage,
     LedgerQuery,
+    OverageSettlementIn,
+    OverageSettlementOut,
     RecurringGrantEndIn,
     RecurringGrantIn,
     RecurringGrantOut,
@@ -97,7 +100,16 @@ async def end_recurring(call: Call) -> BaseModel:
                                       call.body.end)
 
 
+async def settle_overage(call: Call) -> Response:
+    out, made = await overage.settle(call.ctx, call.path("code"), call.body)
+    return render(out, 201 if made else 200)  # 200: this reference was settled before
+
+
 ENDPOINTS = [
+    Endpoint("POST", "/v1/accounts/{code}/overage-settlements", settle_overage, ADMIN,
+             "Record that an amount of what the account owes (overage) was paid, once per "
+             "reference (201; 200 for a reference settled before)", "balances",
+             body=OverageSettlementIn, response=OverageSettlementOut, status=201, also=(200,)),
     Endpoint("POST", "/v1/accounts/{code}/grants", grant, ADMIN,
              "Grant credits: creates a balance and its grant entry", "balances", body=GrantIn,
              response=BalanceOut, status=201),

@@ -297,7 +297,7 @@ async def usage_entries(conn: Conn, account_id: int, usage_uid: str) -> list[asy
 
 
 async def insert_overage_credit(conn: Conn, op: str, account_id: int, credit_type_id: int,
-                                amount: Decimal, uid: str, product: str,
+                                amount: Decimal, uid: str | None, product: str | None,
                                 description: str) -> bool:
     """Reverse overage: an `overage` ledger entry with a positive amount (what the account owes
     goes down), once per op key. The hot copy's overage is refreshed by the caller."""

@@ -172,3 +172,28 @@ class RecurringGrantOut(BaseModel):
 
 class RecurringGrantPage(Page[RecurringGrantOut]):
     pass
+
+
+Reference = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
+
+
+class OverageSettlementIn(Strict):
+    amount: Decimal = Field(gt=0, description="what the account paid (or is let off) of what it "
+                                              "owes, at most that")
+    reference: Reference = Field(description="the payment's id in the vendor's books (an "
+                                             "invoice, a transfer): once per account and "
+                                             "credit type")
+    credit_type: Code | None = Field(default=None, description="default: the account's")
+    description: Description = ""
+
+
+class OverageSettlementOut(BaseModel):
+    account: str
+    credit_type: str
+    reference: str
+    amount: str
+    owed_before: str | None = Field(description="what the account owed just before (null when "
+                                                "this answers a settlement made earlier)")
+    owed_after: str = Field(description="what it owes now")
+    duplicate: bool = Field(default=False, description="this reference was settled before: "
+                                                       "that settlement")

@@ -11,6 +11,7 @@ EVENT_TYPES: dict[str, str] = {
                            "credits back (what was already spent is owed as overage)",
     "credits.rolled_over": "what a recurring grant's period left unused (within its rollover "
                            "terms) was added to the next period's balance",
+    "overage.settled": "a payment of what an account owed (its overage) was recorded",
     "balance.low": "an account's drawable balance of a credit type fell below its threshold",
     "balance.depleted": "eligible credit for a product reached zero",
     "balance.recovered": "eligible credit for a product is above zero again",
