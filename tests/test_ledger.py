@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -30,6 +31,48 @@ async def test_ledger_lists_entries_with_running_balance_across_pages(api: Api) 
     assert third["next_cursor"] is None
     balance = await api.call("GET", f"/v1/balances/{grant['id']}")
     assert (balance["granted"], balance["remaining"]) == ("10.00", "5.00")
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+async def test_running_balances_ride_in_the_cursor_for_every_credit_type(api: Api) -> None:
+    """Two credit types interleaved over one-entry pages: each page's running balance is its
+    credit type's, carried from page to page even across pages without that type; a cursor of
+    the older shape (just the last id) gets the same figures summed from the ledger."""
+    n = await api.setup()
+    await api.call("POST", "/v1/credit-types", expect=201, json={
+        "code": f"tok-{n['account']}", "name": "tokens", "kind": "custom", "decimal_places": 0})
+    tokens = f"tok-{n['account']}"
+    await api.grant(n["account"], "10.00")
+    await api.grant(n["account"], "500", credit_type=tokens)
+    await api.usage(n["account"], n["api"], "100", credit_type=tokens)
+    await api.usage(n["account"], n["api"], "2.50")
+    await api.usage(n["account"], n["api"], "450", credit_type=tokens)  # 50 owed
+    path = f"/v1/accounts/{n['account']}/ledger"
+    pages, cursor = [], None
+    while True:
+        page = await api.call("GET", path, params={"limit": 1} | ({"cursor": cursor} if cursor
+                                                                  else {}))
+        pages.append(page)
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    rows = [row for page in pages for row in page["data"]]
+    assert [(r["credit_type"] == tokens, r["kind"], r["running_balance"]) for r in rows] == [
+        (False, "grant", "10.00"), (True, "grant", "500"), (True, "debit", "400"),
+        (False, "debit", "7.50"), (True, "debit", "0"), (True, "overage", "-50")]
+    # the older cursor shape: the same page, its running balance summed once from the ledger
+    older = await api.call("GET", path, params={"limit": 1, "cursor": _cursor(str(rows[3]["id"]))})
+    assert older["data"] == pages[4]["data"]
+    tokens_only = await api.call("GET", path, params={"limit": 1, "credit_type": tokens,
+                                                      "cursor": _cursor(str(rows[2]["id"]))})
+    assert tokens_only["data"] == pages[4]["data"]
+    for bad in ("!!", _cursor("x"), _cursor("5;1"), _cursor("5;1=NaN"), _cursor("5;1=Infinity"),
+                _cursor("5;a=1")):
+        problem = await api.call("GET", path, params={"cursor": bad}, expect=422)
+        assert problem["field"] == "query.cursor", (bad, problem)
 
 
 async def test_balance_as_of_a_past_time(api: Api) -> None:

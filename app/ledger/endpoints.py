@@ -61,9 +61,7 @@ async def void(call: Call) -> BaseModel:
 
 async def ledger(call: Call) -> BaseModel:
     q = call.query
-    rows = await service.ledger(call.ctx, call.path("code"), q.credit_type, q.after_id(), q.limit)
-    return LedgerPage(data=[service.entry_out(r) for r in rows],
-                      next_cursor=next_cursor([r["id"] for r in rows], q.limit))
+    return await service.ledger(call.ctx, call.path("code"), q.credit_type, q.cursor, q.limit)
 
 
 async def set_threshold(call: Call) -> BaseModel:

@@ -244,21 +244,31 @@ async def account_balances(conn: Conn, account_id: int, after_id: int, limit: in
 async def ledger_page(
     conn: Conn, account_id: int, credit_type_id: int | None, after_id: int, limit: int
 ) -> list[asyncpg.Record]:
-    """Entries in order, each with the running balance of its account and credit type."""
+    """Entries in order, each with `in_page`: the sum of its credit type's entries on this page
+    up to it (the caller adds what came before the page)."""
     return await conn.fetch(
         """WITH page AS (
                SELECT * FROM ledger_entries
                WHERE account_id = $1 AND ($2::int8 IS NULL OR credit_type_id = $2) AND id > $3
                ORDER BY id LIMIT $4)
            SELECT p.*, ct.code AS credit_type, ct.decimal_places,
-                  (SELECT COALESCE(sum(amount), 0) FROM ledger_entries e
-                   WHERE e.account_id = $1 AND e.credit_type_id = p.credit_type_id AND e.id < $5)
-                  + sum(p.amount) OVER (PARTITION BY p.credit_type_id ORDER BY p.id)
-                      AS running_balance
+                  sum(p.amount) OVER (PARTITION BY p.credit_type_id ORDER BY p.id) AS in_page
            FROM page p JOIN credit_types ct ON ct.id = p.credit_type_id
            ORDER BY p.id""",
-        account_id, credit_type_id, after_id, limit, after_id + 1,
+        account_id, credit_type_id, after_id, limit,
     )
+
+
+async def ledger_before(conn: Conn, account_id: int, credit_type_id: int | None,
+                        before_id: int) -> dict[int, Decimal]:
+    """Per credit type (or just one), the sum of the account's entries with ids up to
+    `before_id`, in one pass: the running balances before a page whose cursor does not carry
+    them (a cursor of the older shape)."""
+    rows = await conn.fetch(
+        """SELECT credit_type_id, sum(amount) AS total FROM ledger_entries
+           WHERE account_id = $1 AND ($2::int8 IS NULL OR credit_type_id = $2) AND id <= $3
+           GROUP BY credit_type_id""", account_id, credit_type_id, before_id)
+    return {r["credit_type_id"]: Decimal(r["total"]) for r in rows}
 
 
 async def balance_at(conn: Conn, account_id: int, at: datetime) -> list[asyncpg.Record]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import uuid
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ from app.ledger.schemas import (
     CreditTypeTotal,
     GrantIn,
     LedgerEntryOut,
+    LedgerPage,
     ThresholdIn,
     ThresholdList,
     ThresholdOut,
@@ -160,22 +163,57 @@ async def expire_balance(ctx: AppContext, balance_id: int) -> None:
         await ledger_op(ctx, account, "expire", balance_id, payload)
 
 
-def entry_out(row: asyncpg.Record) -> LedgerEntryOut:
+def entry_out(row: asyncpg.Record, running: Decimal) -> LedgerEntryOut:
     dp = row["decimal_places"]
     return LedgerEntryOut(
         id=row["id"], kind=row["kind"], balance_id=row["balance_id"], credit_type=row["credit_type"],
-        amount=fmt(Decimal(row["amount"]), dp), running_balance=fmt(Decimal(row["running_balance"]), dp),
+        amount=fmt(Decimal(row["amount"]), dp), running_balance=fmt(running, dp),
         usage_uid=row["usage_uid"], product=row["product_code"], description=row["description"],
         created_at=row["created_at"])
 
 
-async def ledger(ctx: AppContext, code: str, credit_type: str | None, after_id: int,
-                 limit: int) -> list[asyncpg.Record]:
+# A ledger cursor carries the running balances at the end of its page ("<last id>;<credit type
+# id>=<sum>,..."), so a page costs its own rows however deep into the history it is; a cursor
+# of the older shape ("<last id>") has them summed once from the ledger.
+
+def _ledger_cursor(last_id: int, running: dict[int, Decimal]) -> str:
+    text = f"{last_id};" + ",".join(f"{ct}={total}" for ct, total in sorted(running.items()))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _read_ledger_cursor(cursor: str | None) -> tuple[int, dict[int, Decimal] | None]:
+    if not cursor:
+        return 0, {}
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        last, carried, sums = text.partition(";")
+        running = {int(ct): Decimal(total) for ct, total in
+                   (pair.split("=") for pair in sums.split(",") if pair)}
+        if not all(total.is_finite() for total in running.values()):
+            raise ValueError("not a finite sum")
+        return int(last), running if carried else None
+    except (ValueError, ArithmeticError, binascii.Error, UnicodeDecodeError) as exc:
+        raise ValidationProblem("not a cursor this API returned", field="query.cursor") from exc
+
+
+async def ledger(ctx: AppContext, code: str, credit_type: str | None, cursor: str | None,
+                 limit: int) -> LedgerPage:
     account = await account_ref(ctx, code)
     type_id = None
     if credit_type is not None:
         type_id = (await resolve_credit_type(ctx, account, credit_type, "query.credit_type")).id
-    return await repo.ledger_page(ctx.pool, account.id, type_id, after_id, limit)
+    after_id, running = _read_ledger_cursor(cursor)
+    if running is None:
+        running = await repo.ledger_before(ctx.pool, account.id, type_id, after_id)
+    rows = await repo.ledger_page(ctx.pool, account.id, type_id, after_id, limit)
+    before = dict(running)
+    data = []
+    for row in rows:
+        total = before.get(row["credit_type_id"], Decimal(0)) + Decimal(row["in_page"])
+        running[row["credit_type_id"]] = total
+        data.append(entry_out(row, total))
+    return LedgerPage(data=data, next_cursor=_ledger_cursor(rows[-1]["id"], running)
+                      if len(rows) == limit else None)
 
 
 async def balance_at(ctx: AppContext, code: str, at: datetime) -> BalanceAtOut:
