@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Send
 from starlette.types import Scope as Scope_
 
+from app import audit
 from app.auth.keys import Principal, Scope, find_principal, key_alive
 from app.auth.tokens import PREFIX as TOKEN_PREFIX
 from app.auth.tokens import SECRETS_TTL_S, CustomerTokens, TokenRefused
@@ -114,6 +115,12 @@ class Endpoint:
     def idempotent_write(self) -> bool:
         return self.method in ("POST", "PATCH", "PUT") and Scope.admin in self.scopes \
             and not self.secret_answer
+
+    @property
+    def audited(self) -> bool:
+        """In the audit trail (app/audit.py): the same writes, whichever key makes them (minting
+        a customer token changes nothing and runs on every page view: not audited)."""
+        return self.idempotent_write
 
 
 def validation_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> Problem:
@@ -424,24 +431,46 @@ class EndpointApp:
     async def serve(self, request: Incoming) -> Response:
         endpoint = self.endpoint
         ctx: AppContext = request.app.state.ctx
+        audit_id = None
         try:
             call = await parse_call(endpoint, request, ctx)
             key = request.header(b"idempotency-key")
             if key is None and endpoint.idempotency_required:
                 raise ValidationProblem("this route needs an Idempotency-Key header",
                                         field="Idempotency-Key")
+            if endpoint.audited and call.principal is not None:  # the row first, then the change
+                audit_id = await audit.begin(ctx.pool, call.principal, request.method,
+                                             request.path, key, await request.body())
             if key is not None and endpoint.idempotent_write and call.principal is not None:
                 from app.idempotency import run_idempotent
 
                 fingerprint = request_fingerprint(request, await request.body())
-                return await run_idempotent(ctx, call.principal, key, fingerprint,
-                                            lambda: _respond(endpoint, call))
-            return await _respond(endpoint, call)
+                response = await run_idempotent(ctx, call.principal, key, fingerprint,
+                                                lambda: _respond(endpoint, call))
+            else:
+                response = await _respond(endpoint, call)
         except Problem as problem:
-            return problem_response(problem)
+            response = problem_response(problem)
         except STORE_ERRORS as exc:
             log.warning("%s %s: backing store error: %r", request.method, request.path, exc)
-            return problem_response(Unavailable(f"a backing store is unreachable: {type(exc).__name__}"))
+            response = problem_response(
+                Unavailable(f"a backing store is unreachable: {type(exc).__name__}"))
+        except Exception:
+            await _audited(ctx, audit_id, 500)
+            raise
+        await _audited(ctx, audit_id, response.status_code)
+        return response
+
+
+async def _audited(ctx: AppContext, audit_id: int | None, status: int) -> None:
+    """Complete an audit row (best effort: the change is made; a row left without its status
+    says the outcome is unknown)."""
+    if audit_id is None:
+        return
+    try:
+        await audit.finish(ctx.pool, audit_id, status)
+    except STORE_ERRORS as exc:
+        log.warning("audit row %s left without its status: %r", audit_id, exc)
 
 
 class DirectRoutes:

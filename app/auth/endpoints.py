@@ -1,4 +1,5 @@
-"""Customer tokens for the end customer's browser (app/auth/tokens.py)."""
+"""Customer tokens for the end customer's browser (app/auth/tokens.py), and the audit trail of
+the keys' writes (app/audit.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field
 
+from app import audit
 from app.auth.tokens import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S
-from app.http import READ, Call, Endpoint
+from app.http import ADMIN, READ, Call, Endpoint
 from app.ledger.service import account_ref
-from app.schemas import Strict
+from app.schemas import Strict, decode_cursor, next_cursor
 
 
 class CustomerTokenIn(Strict):
@@ -34,7 +36,17 @@ async def mint(call: Call) -> BaseModel:
                             expires_at=datetime.fromtimestamp(expires, UTC))
 
 
+async def audit_log(call: Call) -> BaseModel:
+    q: audit.AuditQuery = call.query
+    rows = await audit.entries(call.ctx.pool, decode_cursor(q.cursor), q.limit, q.key_id)
+    return audit.AuditPage(data=[audit.entry_out(r) for r in rows],
+                           next_cursor=next_cursor([r["id"] for r in rows], q.limit))
+
+
 ENDPOINTS = [
+    Endpoint("GET", "/v1/audit-log", audit_log, ADMIN,
+             "Every write to the configuration surface, newest first: key, route, body sent, "
+             "status", "audit", query=audit.AuditQuery, response=audit.AuditPage),
     Endpoint("POST", "/v1/accounts/{code}/customer-tokens", mint, READ,
              "A short-lived token with which the account's own customer reads its balances, "
              "bill-to-date and bills (for a browser)", "customer tokens",
