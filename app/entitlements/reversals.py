@@ -83,26 +83,30 @@ async def reverse(ctx: AppContext, code: str, uid: str, body: ReversalIn) -> tup
     if not made and Decimal(row["amount"]) != amount:
         raise Conflict(f"usage event {uid!r} was already reversed "
                        f"({fmt(Decimal(row['amount']), credit_type.decimal_places)})", field="uid")
+    entries = await ledger_repo.usage_entries(ctx.pool, account.id, uid)
     if row["status"] == "reversing":  # ours, or one a crash or a concurrent caller left under way
-        await finish(ctx, account, row, credit_type)
+        await finish(ctx, account, row, event, credit_type, entries)
         row = await repo.reversal(ctx.pool, account.id, uid) or row
-    return await _out(ctx, account, row, credit_type, duplicate=not made), made
+    return await _out(ctx, account, row, credit_type, entries, duplicate=not made), made
+
+
+async def _parts(ctx: AppContext, account: AccountRef, row: asyncpg.Record, places: int,
+                 entries: list[asyncpg.Record]) -> list[tuple[str, int, asyncpg.Record, bool]]:
+    """The reversal's parts: (op key, minor units, the entry it undoes, in the ledger yet)."""
+    plan = _plan(entries, to_scaled(Decimal(row["amount"]), places), places)
+    ops = [_op(account.id, row["uid"], entry["seq"]) for _, entry in plan]
+    done = await ledger_repo.committed_ops(ctx.pool, ops)
+    return [(op, give, entry, op in done) for op, (give, entry) in zip(ops, plan, strict=True)]
 
 
 async def finish(ctx: AppContext, account: AccountRef, row: asyncpg.Record,
-                 credit_type: CreditTypeRef) -> None:
+                 event: asyncpg.Record, credit_type: CreditTypeRef,
+                 entries: list[asyncpg.Record]) -> None:
     """Give back what the reversal plans (each write keyed: once), then mark it reversed."""
     uid, places = row["uid"], credit_type.decimal_places
-    event = await ledger_repo.usage_event(ctx.pool, account.id, uid)
-    assert event is not None
-    entries = await ledger_repo.usage_entries(ctx.pool, account.id, uid)
-    plan = _plan(entries, to_scaled(Decimal(row["amount"]), places), places)
-    done = await ledger_repo.committed_ops(ctx.pool, [_op(account.id, uid, e["seq"])
-                                                      for _, e in plan])
     description = f"reversal of usage {uid}" + (f": {row['reason']}" if row["reason"] else "")
-    for give, entry in plan:
-        op = _op(account.id, uid, entry["seq"])
-        if op in done:
+    for op, give, entry, done in await _parts(ctx, account, row, places, entries):
+        if done:
             continue
         if entry["balance_id"] is None:
             if await ledger_repo.insert_overage_credit(
@@ -119,17 +123,13 @@ async def finish(ctx: AppContext, account: AccountRef, row: asyncpg.Record,
 
 
 async def _out(ctx: AppContext, account: AccountRef, row: asyncpg.Record,
-               credit_type: CreditTypeRef, *, duplicate: bool = False) -> ReversalOut:
+               credit_type: CreditTypeRef, entries: list[asyncpg.Record], *,
+               duplicate: bool = False) -> ReversalOut:
     places = credit_type.decimal_places
-    entries = await ledger_repo.usage_entries(ctx.pool, account.id, row["uid"])
-    plan = _plan(entries, to_scaled(Decimal(row["amount"]), places), places)
-    done = await ledger_repo.committed_ops(ctx.pool, [_op(account.id, row["uid"], e["seq"])
-                                                      for _, e in plan])
     returned: list[Part] = []
     lapsed: list[Part] = []
     overage = 0
-    for give, entry in plan:
-        applied = _op(account.id, row["uid"], entry["seq"]) in done
+    for _, give, entry, applied in await _parts(ctx, account, row, places, entries):
         if entry["balance_id"] is None:
             overage += give if applied else 0
         elif applied or row["status"] == "reversed":
@@ -157,7 +157,7 @@ async def read_event(ctx: AppContext, code: str, uid: str) -> UsageEventOut:
         recorded_at=event["recorded_at"],
         drawn=[Part(balance_id=e["balance_id"], amount=fmt(-Decimal(e["amount"]), places))
                for e in entries if e["balance_id"] is not None],
-        reversal=None if row is None else await _out(ctx, account, row, credit_type))
+        reversal=None if row is None else await _out(ctx, account, row, credit_type, entries))
 
 
 async def settle(ctx: AppContext, limit: int = 200) -> int:
@@ -168,6 +168,7 @@ async def settle(ctx: AppContext, limit: int = 200) -> int:
         assert account is not None
         event = await ledger_repo.usage_event(ctx.pool, account.id, row["uid"])
         assert event is not None
-        await finish(ctx, account, row, await ctx.catalog.credit_type_by_id(
-            event["credit_type_id"]))
+        await finish(ctx, account, row, event,
+                     await ctx.catalog.credit_type_by_id(event["credit_type_id"]),
+                     await ledger_repo.usage_entries(ctx.pool, account.id, row["uid"]))
     return len(rows)
