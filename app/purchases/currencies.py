@@ -39,12 +39,16 @@ class Currency:
                 f"{self.code.upper()}", field="price")
         if minor > MAX_MINOR:
             raise ValidationProblem(
-                f"above Stripe's maximum charge of {self.render(Decimal(MAX_MINOR).scaleb(-self.exponent))} "
+                f"above Stripe's maximum charge of {self.render_minor(MAX_MINOR)} "
                 f"{self.code.upper()}", field="price")
         return minor
 
     def render(self, amount: Decimal) -> str:
         return fmt(amount, self.exponent)
+
+    def render_minor(self, minor: int) -> str:
+        """Minor units as the amount's text (usd 1050 -> "10.50")."""
+        return self.render(Decimal(minor).scaleb(-self.exponent))
 
 
 def _table(rows: str) -> dict[str, Currency]:

@@ -162,7 +162,7 @@ def purchase_out(row: asyncpg.Record, intent: Intent | None = None) -> PurchaseO
                           checkout_session=row["checkout_session_id"], status=row["stripe_status"]),
         checkout_url=row["checkout_url"] if row["status"] == "pending" else None,
         next_action=action, failure=failure,
-        amount_refunded=fmt(Decimal(row["amount_refunded"]).scaleb(-exponent), exponent),
+        amount_refunded=CURRENCIES[row["currency"]].render_minor(row["amount_refunded"]),
         created_at=row["created_at"], updated_at=row["updated_at"], paid_at=row["paid_at"])
 
 
@@ -604,19 +604,18 @@ async def _refunded(ctx: AppContext, row: asyncpg.Record, charge: Charge) -> asy
         # a take-back cut short by a crash reaches the ledger before we read what was taken
         await ctx.journal.recover_root(account.root_id)
         done = await repo.refunded_taken_back(ctx.pool, row["id"], row["balance_id"])
-        taken = _credits_refunded(row, done)
+        # what this report's refunds pay back, less what earlier reports took (<= 0: older)
+        share = _credits_refunded(row, refunded) - _credits_refunded(row, done)
         if full:
-            await ledger.refund(ctx, row["balance_id"], _credits_refunded(row, refunded) - taken,
+            await ledger.refund(ctx, row["balance_id"], share,
                                 f"purchase {row['id']} refunded in Stripe")
             await repo.mark_refunded(ctx.pool, row["id"], refunded)
         else:
-            share = _credits_refunded(row, refunded) - taken  # <= 0: an older report
             if share > 0:
-                exponent = CURRENCIES[row["currency"]].exponent
                 await ledger.claw_back(
                     ctx, row["balance_id"], share, f"rp:{row['id']}:{refunded}",
                     f"purchase {row['id']} partly refunded in Stripe", purchase=row["id"],
-                    refunded=fmt(Decimal(refunded).scaleb(-exponent), exponent))
+                    refunded=CURRENCIES[row["currency"]].render_minor(refunded))
             await repo.record_refunded_amount(ctx.pool, row["id"], refunded)
     return await _reload(ctx, row["id"])
 
