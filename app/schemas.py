@@ -21,6 +21,9 @@ from app.errors import ValidationProblem
 
 CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
+# a client's own id for something (a usage uid, a payment reference): 1-128 of these characters
+UID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]{1,255}$")]
 Description = Annotated[str, StringConstraints(max_length=1000)]
@@ -66,17 +69,35 @@ class ListQuery(Strict):
         return decode_cursor(self.cursor)
 
 
+class BadCursor(ValidationProblem):
+    def __init__(self) -> None:
+        super().__init__("not a cursor this API returned", field="query.cursor")
+
+
+def encode_cursor_text(text: str) -> str:
+    """An opaque cursor carrying `text` (a list's position, and what a page needs from the
+    pages before it)."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor_text(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise BadCursor() from exc
+
+
 def encode_cursor(last_id: int) -> str:
-    return base64.urlsafe_b64encode(str(last_id).encode()).decode().rstrip("=")
+    return encode_cursor_text(str(last_id))
 
 
 def decode_cursor(cursor: str | None) -> int:
     if not cursor:
         return 0
     try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise ValidationProblem("not a cursor this API returned", field="query.cursor") from exc
+        return int(decode_cursor_text(cursor))
+    except ValueError as exc:
+        raise BadCursor() from exc
 
 
 def next_cursor(ids: list[int], limit: int) -> str | None:

@@ -9,10 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from app.schemas import Code, Description, Strict, Timestamp
+from app.schemas import Code, Description, Strict, Timestamp, Uid
 
-UID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
-Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN)]
 # Usage uids the rating engine gives its own debits (`r<pricing>:…`, `s<account plan>:…`,
 # `c<pricing>:…`, the bill run's `b<account plan>:…`): a client's usage uid or consume key
 # may not take that shape, so it can never collide with (and silently deduplicate) a rated

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.entitlements.schemas import (
     RESERVED_UID,
-    UID_PATTERN,
     AccountBalancesOut,
     CheckIn,
     CheckOut,
@@ -34,6 +33,7 @@ from app.ledger.ops import decide, now_ms
 from app.ledger.repository import ms_to_dt
 from app.ledger.service import account_ref, resolve_credit_type, scaled
 from app.money import MAX_SCALED, fmt, from_scaled
+from app.schemas import UID_PATTERN
 
 if TYPE_CHECKING:
     from app.context import AppContext

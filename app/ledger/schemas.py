@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from app.schemas import Code, Description, ListQuery, Page, Strict, Timestamp
+from app.schemas import Code, Description, ListQuery, Page, Strict, Timestamp, Uid
 
 Source = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
@@ -174,13 +174,10 @@ class RecurringGrantPage(Page[RecurringGrantOut]):
     pass
 
 
-Reference = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
-
-
 class OverageSettlementIn(Strict):
     amount: Decimal = Field(gt=0, description="what the account paid (or is let off) of what it "
                                               "owes, at most that")
-    reference: Reference = Field(description="the payment's id in the vendor's books (an "
+    reference: Uid = Field(description="the payment's id in the vendor's books (an "
                                              "invoice, a transfer): once per account and "
                                              "credit type")
     credit_type: Code | None = Field(default=None, description="default: the account's")

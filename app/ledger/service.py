@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import uuid
 from datetime import UTC, datetime
@@ -33,6 +31,7 @@ from app.ledger.schemas import (
     VoidIn,
 )
 from app.money import AmountError, fmt, to_scaled
+from app.schemas import BadCursor, decode_cursor_text, encode_cursor_text
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -177,23 +176,22 @@ def entry_out(row: asyncpg.Record, running: Decimal) -> LedgerEntryOut:
 # of the older shape ("<last id>") has them summed once from the ledger.
 
 def _ledger_cursor(last_id: int, running: dict[int, Decimal]) -> str:
-    text = f"{last_id};" + ",".join(f"{ct}={total}" for ct, total in sorted(running.items()))
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    return encode_cursor_text(
+        f"{last_id};" + ",".join(f"{ct}={total}" for ct, total in sorted(running.items())))
 
 
 def _read_ledger_cursor(cursor: str | None) -> tuple[int, dict[int, Decimal] | None]:
     if not cursor:
         return 0, {}
+    last, carried, sums = decode_cursor_text(cursor).partition(";")
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        last, carried, sums = text.partition(";")
         running = {int(ct): Decimal(total) for ct, total in
                    (pair.split("=") for pair in sums.split(",") if pair)}
         if not all(total.is_finite() for total in running.values()):
             raise ValueError("not a finite sum")
         return int(last), running if carried else None
-    except (ValueError, ArithmeticError, binascii.Error, UnicodeDecodeError) as exc:
-        raise ValidationProblem("not a cursor this API returned", field="query.cursor") from exc
+    except (ValueError, ArithmeticError) as exc:
+        raise BadCursor() from exc
 
 
 async def ledger(ctx: AppContext, code: str, credit_type: str | None, cursor: str | None,

@@ -8,8 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from app.entitlements.schemas import Uid
-from app.schemas import Code, ListQuery, Name, Page, Strict, Timestamp
+from app.schemas import Code, ListQuery, Name, Page, Strict, Timestamp, Uid
 
 FieldName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 # bounded so that no arithmetic on them can overflow a Decimal context
