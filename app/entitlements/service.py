@@ -138,7 +138,11 @@ async def _plain_check(ctx: AppContext, account: AccountRef, product: str,
     slot = (account.id, product, credit_type.code)
     known = cache.lookup(slot, at) if cache is not None else None
     if known is not None:
-        return _checked(known.status(amount), known.available, credit_type)
+        status = known.status(amount)
+        out = known.memo.get(status)
+        if out is None:  # the same answer is served again and again: its reply built once
+            out = known.memo[status] = _checked(status, known.available, credit_type)
+        return out
     token = cache.token(account.root_id) if cache is not None else None
     # while answers can be kept, the keys they depend on are declared for Redis to track
     tracked = ctx.hot.keys.check_reads(account.root_id, account.chain) if token else ()

@@ -33,8 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -59,6 +60,9 @@ class Answer:
     eligible: bool  # some balance of the credit type is eligible for the product
     available: int  # scaled
     until_ms: int  # served from memory only before this instant
+    # what the caller built from this answer, per status (the check's reply: rebuilt only
+    # when the answer changes, which drops it with its memo)
+    memo: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def status(self, amount: int) -> str:
         """decide.lua's order: blocked, then no eligible balance, then not enough."""
@@ -86,6 +90,7 @@ class CheckCache:
         self._moves: dict[int, int] = {}
         self._epoch = 0
         self._sock: socket.socket | None = None
+        self._poll: select.poll | None = None  # the subscriber socket, for a read that waits not
         self._reader = hiredis.Reader()
         self._sub_id: int | None = None
         self._arming: asyncio.Task[None] | None = None
@@ -153,8 +158,10 @@ class CheckCache:
         self._moves.clear()
 
     def _drain(self) -> None:
-        sock = self._sock
-        if sock is None:
+        sock, poll = self._sock, self._poll
+        if sock is None or poll is None:
+            return
+        if not poll.poll(0):  # nothing sent (the common case: cheaper than a refused recv)
             return
         while True:
             try:
@@ -192,7 +199,7 @@ class CheckCache:
             self._rearm_soon()
 
     def _disarm(self) -> None:
-        sock, self._sock, self._sub_id = self._sock, None, None
+        sock, self._sock, self._sub_id, self._poll = self._sock, None, None, None
         self._forget_all()
         self._reader = hiredis.Reader()
         if sock is not None:
@@ -284,5 +291,7 @@ class CheckCache:
         except BaseException:
             sock.close()
             raise
-        self._sock, self._reader, self._sub_id = sock, reader, sub_id
+        poll = select.poll()
+        poll.register(sock.fileno(), select.POLLIN)
+        self._sock, self._reader, self._sub_id, self._poll = sock, reader, sub_id, poll
         loop.add_reader(sock.fileno(), self._drain)
