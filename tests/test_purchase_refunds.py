@@ -4,12 +4,14 @@ purchased credits that the amount refunded so far pays for (README: Purchases, R
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
 import asyncpg
 import pytest
 
+from app.ledger.service import expire_balance
 from tests.stripe_fake import FakeStripe, Outcome, Shop, event
 
 
@@ -18,7 +20,7 @@ async def _taken(db: asyncpg.Connection, balance_id: int) -> list[tuple[str, str
     rows = await db.fetch(
         """SELECT op_key, kind, amount FROM ledger_entries
            WHERE op_key IN (SELECT op_key FROM ledger_entries
-                            WHERE balance_id = $1 AND (op_key LIKE 'rp:%' OR op_key LIKE 'r:%'))
+                            WHERE balance_id = $1 AND op_key ~ '^(rp|rx|r):')
            ORDER BY id""", balance_id)
     return [(r["op_key"], r["kind"], str(r["amount"])) for r in rows]
 
@@ -160,3 +162,88 @@ async def test_a_take_back_cut_short_before_its_commit_is_not_taken_twice(
     assert [amount for _, _, amount in await _taken(db, bought["balance_id"])] == [
         "-3.00", "-2.00"]
     assert await shop.api.available(n["account"]) == "5.00"
+
+
+async def _owed(shop: Shop, account: str) -> str | None:
+    """The account's overage (None: no live balance and nothing owed, so no total at all)."""
+    totals = (await shop.api.live(account))["totals"]
+    return str(totals[0]["overage"]) if totals else None
+
+
+async def test_a_refund_after_the_credits_expired_owes_only_what_was_spent(
+        shop: Shop, stripe_fake: FakeStripe, db: asyncpg.Connection) -> None:
+    n = await shop.customer_account(stripe_fake)
+    bought = await shop.buy(n["account"], 201, credits="10.00", price="20.00")
+    balance = bought["balance_id"]
+    await shop.api.usage(n["account"], n["api"], "3.00")
+    await db.execute("UPDATE balances SET effective_at = now() - interval '2 seconds', "
+                     "expires_at = now() - interval '1 second' "
+                     "WHERE id = $1", balance)
+    await expire_balance(shop.ctx, balance)  # the worker's expiry: 7.00 lapse unused
+    # half refunded: its 5.00 of credits are covered by the 7.00 that lapsed
+    await _refund(shop, stripe_fake, bought, 1000)
+    assert await _owed(shop, n["account"]) is None
+    assert await _taken(db, balance) == []
+    # all refunded: 10.00 of credits, 7.00 lapsed, so the 3.00 used are owed
+    await _refund(shop, stripe_fake, bought, 2000)
+    assert await _owed(shop, n["account"]) == "3.00"
+    assert await _taken(db, balance) == [(f"rx:{bought['id']}:2000", "adjustment", "0.00"),
+                                         (f"rx:{bought['id']}:2000", "overage", "-3.00")]
+    purchase = await shop.purchase(n["account"], bought["id"])
+    assert purchase["status"] == "refunded" and purchase["amount_refunded"] == "20.00"
+    events = await db.fetch(
+        "SELECT payload->'data' AS d FROM webhook_events WHERE type = 'credits.clawed_back' "
+        "AND (payload->'data'->>'purchase_id')::int8 = $1", bought["id"])
+    assert [json.loads(e["d"]) for e in events] == [{
+        "account": n["account"], "balance_id": balance, "credit_type": n["credit_type"],
+        "amount": "0.00", "overage": "3.00", "reason": "refund", "purchase_id": bought["id"],
+        "amount_refunded": "20.00"}]
+    # the same report again, and an older one: nothing more is owed
+    await _refund(shop, stripe_fake, bought, 2000)
+    await _refund(shop, stripe_fake, bought, 1000)
+    assert await _owed(shop, n["account"]) == "3.00"
+    assert len(await _taken(db, balance)) == 2
+    # Postgres and the rebuilt hot copy agree
+    await shop.ctx.hot.invalidate((await shop.ctx.catalog.account(n["account"])).root_id)
+    assert await _owed(shop, n["account"]) == "3.00"
+
+
+async def test_a_refund_after_a_partial_take_back_and_a_void_adds_up_to_the_credits_used(
+        shop: Shop, stripe_fake: FakeStripe, db: asyncpg.Connection) -> None:
+    n = await shop.customer_account(stripe_fake)
+    bought = await shop.buy(n["account"], 201, credits="10.00", price="20.00")
+    balance = bought["balance_id"]
+    await shop.api.usage(n["account"], n["api"], "6.00")
+    # 10.00 refunded while live: 5.00 of credits, 4.00 left to take, 1.00 owed
+    await _refund(shop, stripe_fake, bought, 1000)
+    assert (await _owed(shop, n["account"]), await shop.api.available(n["account"])) == (
+        "1.00", "0.00")
+    await shop.api.call("POST", f"/v1/balances/{balance}/void", json={})
+    # 15.00 refunded: 7.50 of credits, 4.00 taken, nothing lapsed: 3.50 owed, 1.00 of it before
+    await _refund(shop, stripe_fake, bought, 1500)
+    assert await _owed(shop, n["account"]) == "3.50"
+    # all of it: the 6.00 used are owed in all, and every credit bought is accounted for
+    await _refund(shop, stripe_fake, bought, 2000)
+    assert await _owed(shop, n["account"]) == "6.00"
+    accounted = await db.fetchval(
+        "SELECT -sum(amount) FROM ledger_entries WHERE op_key IN "
+        "(SELECT op_key FROM ledger_entries WHERE balance_id = $1 AND op_key ~ '^(rp|rx|r):')",
+        balance)
+    assert str(accounted) == "10.00"  # 4.00 taken back + 6.00 owed
+
+
+async def test_reports_at_once_after_a_void_owe_the_used_credits_once(
+        shop: Shop, stripe_fake: FakeStripe, db: asyncpg.Connection) -> None:
+    n = await shop.customer_account(stripe_fake)
+    bought = await shop.buy(n["account"], 201, credits="70.00", price="7.00")
+    await shop.api.usage(n["account"], n["api"], "45.00")
+    await shop.api.call("POST", f"/v1/balances/{bought['balance_id']}/void", json={})
+    reports = [100 * k for k in range(1, 8)] * 2  # 1.00 … 7.00 refunded, each twice
+    random.Random(11).shuffle(reports)
+    await asyncio.gather(*(_refund(shop, stripe_fake, bought, r) for r in reports))
+    # 25.00 lapsed unused cover the first 25.00 of refunded credits; the 45.00 used are owed
+    assert await _owed(shop, n["account"]) == "45.00"
+    owed = await db.fetchval("SELECT -sum(amount) FROM ledger_entries WHERE kind = 'overage' "
+                             "AND op_key LIKE 'rx:' || $1 || ':%'", str(bought["id"]))
+    assert str(owed) == "45.00"
+    assert (await shop.purchase(n["account"], bought["id"]))["status"] == "refunded"

@@ -193,6 +193,41 @@ async def refunded_taken_back(conn: Conn, purchase_id: int, balance_id: int) -> 
     return int(found or 0)
 
 
+async def take_back_position(conn: Conn, purchase_id: int,
+                             balance_id: int) -> tuple[Decimal, Decimal, Decimal]:
+    """What happened to a purchase's credits beside their use, for a refund of a balance no
+    longer live: (lapsed: what expiring or being voided removed, taken: what partial refunds
+    took out of it while it was live, owed: the overage every take-back so far created)."""
+    row = await conn.fetchrow(
+        """WITH mine AS (SELECT op_key, kind, amount FROM ledger_entries WHERE balance_id = $1),
+                ops AS (SELECT DISTINCT op_key FROM mine
+                        WHERE op_key LIKE $2 OR op_key LIKE $3 OR op_key = $4)
+           SELECT (SELECT coalesce(-sum(amount), 0) FROM mine
+                   WHERE kind IN ('void', 'expire')) AS lapsed,
+                  (SELECT coalesce(-sum(amount), 0) FROM mine
+                   WHERE kind = 'adjustment' AND op_key IN (SELECT op_key FROM ops)) AS taken,
+                  (SELECT coalesce(-sum(amount), 0) FROM ledger_entries
+                   WHERE kind = 'overage' AND op_key IN (SELECT op_key FROM ops)) AS owed""",
+        balance_id, f"rp:{purchase_id}:%", f"rx:{purchase_id}:%", f"r:{balance_id}")
+    assert row is not None  # (an aggregate: always one row)
+    return row["lapsed"], row["taken"], row["owed"]
+
+
+async def insert_lapsed_take_back(conn: Conn, op: str, account_id: int, balance_id: int,
+                                  credit_type_id: int, owed: Decimal, description: str) -> bool:
+    """A refund's share that a dead balance could not give back, owed as overage: a zero
+    `adjustment` on the balance (so its take-backs are found from it) and the `overage` entry,
+    once per op key."""
+    found = await conn.fetchval(
+        """INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id, kind,
+                                       amount, description, created_at)
+           VALUES ($1, 0, $2, $3, $4, 'adjustment', $7, $6, now()),
+                  ($1, 1, $2, NULL, $4, 'overage', -$5::numeric, $6, now())
+           ON CONFLICT (op_key, seq) DO NOTHING RETURNING 1""",
+        op, account_id, balance_id, credit_type_id, owed, description, owed * 0)  # 0 at its places
+    return found is not None
+
+
 async def claim_unsettled(conn: Conn, limit: int) -> list[asyncpg.Record]:
     """Due unsettled purchases, each pushed back by its backoff so that no other process takes
     it meanwhile."""

@@ -30,7 +30,7 @@ from app.db import exclusive
 from app.errors import Conflict, NotFound, Problem, Unavailable, ValidationProblem
 from app.ledger import repository as ledger_repo
 from app.ledger import service as ledger
-from app.money import fmt, to_scaled
+from app.money import fmt, from_scaled, to_scaled
 from app.purchases import repository as repo
 from app.purchases.currencies import CURRENCIES, currency
 from app.purchases.schemas import (
@@ -606,18 +606,52 @@ async def _refunded(ctx: AppContext, row: asyncpg.Record, charge: Charge) -> asy
         done = await repo.refunded_taken_back(ctx.pool, row["id"], row["balance_id"])
         # what this report's refunds pay back, less what earlier reports took (<= 0: older)
         share = _credits_refunded(row, refunded) - _credits_refunded(row, done)
+        rendered = CURRENCIES[row["currency"]].render_minor(refunded)
         if full:
-            await ledger.refund(ctx, row["balance_id"], share,
-                                f"purchase {row['id']} refunded in Stripe")
+            live = await ledger.refund(ctx, row["balance_id"], share,
+                                       f"purchase {row['id']} refunded in Stripe")
+        else:
+            live = share <= 0 or await ledger.claw_back(
+                ctx, row["balance_id"], share, f"rp:{row['id']}:{refunded}",
+                f"purchase {row['id']} partly refunded in Stripe", purchase=row["id"],
+                refunded=rendered)
+        if not live:  # expired or voided before the refund: what it lapsed covers the share
+            await _owe_after_lapse(ctx, row, account, refunded, rendered, full)
+        if full:
             await repo.mark_refunded(ctx.pool, row["id"], refunded)
         else:
-            if share > 0:
-                await ledger.claw_back(
-                    ctx, row["balance_id"], share, f"rp:{row['id']}:{refunded}",
-                    f"purchase {row['id']} partly refunded in Stripe", purchase=row["id"],
-                    refunded=CURRENCIES[row["currency"]].render_minor(refunded))
             await repo.record_refunded_amount(ctx.pool, row["id"], refunded)
     return await _reload(ctx, row["id"])
+
+
+async def _owe_after_lapse(ctx: AppContext, row: asyncpg.Record, account: AccountRef,
+                           refunded: int, rendered: str, full: bool) -> None:
+    """A refund of a purchase whose balance expired or was voided: the share it pays for
+    (cumulative) is covered first by what partial refunds took while the balance was live,
+    then by what lapsed unused; the rest was spent and is owed as overage, less what earlier
+    take-backs owe already. Cumulative, so an older or repeated report owes nothing more.
+    Runs under the purchase's lock, after its root's journal is committed."""
+    dp = row["decimal_places"]
+    lapsed, taken, owed = await repo.take_back_position(ctx.pool, row["id"], row["balance_id"])
+    share = to_scaled(Decimal(row["credits"]), dp) if full else _credits_refunded(row, refunded)
+    owe = max(0, share - to_scaled(taken, dp) - to_scaled(lapsed, dp)) - to_scaled(owed, dp)
+    if owe <= 0:
+        return
+    amount = fmt(from_scaled(owe, dp), dp)
+    op = f"rx:{row['id']}:{refunded}"
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if await repo.insert_lapsed_take_back(
+                conn, op, row["account_id"], row["balance_id"], row["credit_type_id"],
+                Decimal(amount), f"purchase {row['id']} refunded in Stripe after its credits "
+                                 "lapsed"):
+            await publish(conn, [OutboxEvent(
+                event_id(op, "credits.clawed_back"), "credits.clawed_back", row["account_id"],
+                None, datetime.now(UTC),
+                {"account": row["account"], "balance_id": row["balance_id"],
+                 "credit_type": row["credit_type"], "amount": fmt(Decimal(0), dp),
+                 "overage": amount, "reason": "refund" if full else "partial_refund",
+                 "purchase_id": row["id"], "amount_refunded": rendered})])
+    await ctx.hot.invalidate(account.root_id)  # its overage is rebuilt from Postgres
 
 
 # inbound Stripe events
