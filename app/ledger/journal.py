@@ -37,8 +37,8 @@ SWEEP_PAGE = 500  # roots read from one index shard at a time
 
 # ledger entry kinds of the operations not named like one; what these operations could not take
 # from the balance is owed (an overage entry)
-ENTRY_KINDS = {"refund": "void", "clawback": "adjustment"}
-OWING_KINDS = ("refund", "clawback")
+ENTRY_KINDS = {"refund": "void", "clawback": "adjustment", "pay": "adjustment"}
+OWING_KINDS = ("refund", "clawback", "pay")  # with an overage entry (pay's: what it paid)
 
 
 @dataclass

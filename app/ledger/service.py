@@ -315,6 +315,26 @@ async def _take_back(ctx: AppContext, kind: str, balance_id: int, amount: int, o
     return True
 
 
+async def pay_overage(ctx: AppContext, balance_id: int, op: str, description: str,
+                      **extra: Any) -> bool:
+    """Pay what the balance's account owes in its credit type out of the balance, as much as
+    it holds, once per `op` (a purchase that pays overage; its caller holds the purchase's
+    lock). False when nothing new was done: paid before, or the balance is no longer live."""
+    try:
+        _, account, credit_type = await _live_balance(ctx, balance_id)
+    except Conflict:
+        return False
+    await ctx.journal.recover_root(account.root_id)  # a payment cut short is committed first
+    if await repo.committed_ops(ctx.pool, [op]):
+        return False
+    payload = _op_payload(op, account, credit_type, balance_id, description, **extra)
+    try:
+        await ledger_op(ctx, account, "pay", balance_id, payload)
+    except Conflict:
+        return False
+    return True
+
+
 # Rating give-backs: credit returned under operation keys the caller chose, so a retry (or a
 # second process repairing the same give-back) changes nothing once the first one committed.
 

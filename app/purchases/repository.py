@@ -17,7 +17,9 @@ import asyncpg
 from app.db import Conn
 
 _PURCHASE = """SELECT p.*, a.code AS account, ct.code AS credit_type, ct.decimal_places,
-                      b.expires_at, b.product_codes
+                      b.expires_at, b.product_codes,
+                      (SELECT amount FROM ledger_entries
+                       WHERE op_key = 'po:' || p.id AND seq = 1) AS overage_paid
                FROM purchases p JOIN accounts a ON a.id = p.account_id
                JOIN credit_types ct ON ct.id = p.credit_type_id
                JOIN balances b ON b.id = p.balance_id"""
@@ -54,20 +56,21 @@ async def insert_purchase(conn: Conn, *, account_id: int, balance_id: int, credi
                           credits: Decimal, price: Decimal, currency: str, amount_minor: int,
                           method: str, customer_id: str, payment_method_id: str | None,
                           success_url: str | None, cancel_url: str | None, description: str,
-                          api_key_id: int, request_key: str, first_check: timedelta) -> int | None:
+                          api_key_id: int, request_key: str, first_check: timedelta,
+                          pays_overage: bool) -> int | None:
     """The new purchase's id; None when this API request already created one."""
     purchase_id: int | None = await conn.fetchval(
         """INSERT INTO purchases (account_id, balance_id, credit_type_id, credits, price, currency,
                                   amount_minor, method, stripe_customer_id, payment_method_id,
                                   success_url, cancel_url, description, api_key_id, request_key,
-                                  check_after)
+                                  check_after, pays_overage)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                   now() + $16::interval)
+                   now() + $16::interval, $17)
            ON CONFLICT (api_key_id, request_key) DO NOTHING
            RETURNING id""",
         account_id, balance_id, credit_type_id, credits, price, currency, amount_minor, method,
         customer_id, payment_method_id, success_url, cancel_url, description, api_key_id,
-        request_key, first_check)
+        request_key, first_check, pays_overage)
     return purchase_id
 
 

@@ -79,6 +79,9 @@ class PurchaseIn(Strict):
     success_url: Url | None = Field(default=None, description="checkout: required")
     cancel_url: Url | None = None
     description: Description = ""
+    pays_overage: bool = Field(
+        default=False, description="once paid, the credits first pay what the account owes in "
+                                   "their credit type (its overage); the rest stay drawable")
 
 
 class StripeRefs(BaseModel):
@@ -122,6 +125,9 @@ class PurchaseOut(BaseModel):
     next_action: NextAction | None
     failure: Failure | None
     amount_refunded: str
+    pays_overage: bool
+    overage_paid: str | None = Field(
+        description="what of the credits went to the account's overage once paid (pays_overage)")
     created_at: datetime
     updated_at: datetime
     paid_at: datetime | None

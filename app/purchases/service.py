@@ -79,7 +79,7 @@ ACTION_TIMEOUT = timedelta(hours=24)
 # An event the webhook could not finish is retried by the reconciler after this.
 EVENT_RETRY = timedelta(seconds=60)
 UNSETTLED = ("pending", "granting")
-REFUND_LOCK = 0x72656664  # "refd": advisory lock class of a purchase's refunds
+PURCHASE_LOCK = 0x72656664  # advisory lock class of a purchase's take-backs and overage payment
 
 
 class StripeNotConfigured(Problem):
@@ -163,6 +163,9 @@ def purchase_out(row: asyncpg.Record, intent: Intent | None = None) -> PurchaseO
         checkout_url=row["checkout_url"] if row["status"] == "pending" else None,
         next_action=action, failure=failure,
         amount_refunded=CURRENCIES[row["currency"]].render_minor(row["amount_refunded"]),
+        pays_overage=row["pays_overage"],
+        overage_paid=None if row["overage_paid"] is None else
+        fmt(Decimal(row["overage_paid"]), row["decimal_places"]),
         created_at=row["created_at"], updated_at=row["updated_at"], paid_at=row["paid_at"])
 
 
@@ -277,7 +280,8 @@ async def create_purchase(ctx: AppContext, code: str, body: PurchaseIn, api_key_
         credits=body.credits, price=body.price, currency=price.code, amount_minor=amount,
         method=body.method, customer_id=link["customer_id"], payment_method_id=payment_method,
         success_url=body.success_url, cancel_url=body.cancel_url, description=description,
-        api_key_id=api_key_id, request_key=request_key, first_check=FIRST_CHECK)
+        api_key_id=api_key_id, request_key=request_key, first_check=FIRST_CHECK,
+        pays_overage=body.pays_overage)
     if purchase_id is None:  # the same request, running twice at once: continue the other's
         await ledger.cancel_pending(ctx, balance_id)
         existing = await repo.purchase_by_request(ctx.pool, api_key_id, request_key)
@@ -563,6 +567,11 @@ async def _grant(ctx: AppContext, row: asyncpg.Record, intent_id: str | None) ->
                       row["id"], intent_id or row["payment_intent_id"])
         return current
     await ledger.activate(ctx, row["balance_id"], Decimal(row["credits"]))
+    if row["pays_overage"]:  # before it is paid: a crash here leaves it granting, resumed
+        async with exclusive(ctx.settings.database_url, PURCHASE_LOCK, f"purchase:{row['id']}"):
+            await ledger.pay_overage(ctx, row["balance_id"], f"po:{row['id']}",
+                                     f"purchase {row['id']} pays what the account owes",
+                                     purchase=row["id"])
     row = await _reload(ctx, row["id"])
     async with ctx.pool.acquire() as conn, conn.transaction():
         if await repo.mark_paid(conn, row["id"]):
@@ -600,7 +609,7 @@ async def _refunded(ctx: AppContext, row: asyncpg.Record, charge: Charge) -> asy
         await repo.record_refunded_amount(ctx.pool, row["id"], refunded)
         return await _reload(ctx, row["id"])
     account = await ledger.account_ref(ctx, row["account"])
-    async with exclusive(ctx.settings.database_url, REFUND_LOCK, f"purchase:{row['id']}"):
+    async with exclusive(ctx.settings.database_url, PURCHASE_LOCK, f"purchase:{row['id']}"):
         # a take-back cut short by a crash reaches the ledger before we read what was taken
         await ctx.journal.recover_root(account.root_id)
         done = await repo.refunded_taken_back(ctx.pool, row["id"], row["balance_id"])

@@ -58,6 +58,11 @@ def events_for(record: JournalRecord, at: datetime) -> list[OutboxEvent]:
                            {"account": None, **data})
 
     events = []
+    if record.kind == "pay" and record.applied:  # a purchase paid what the account owed
+        events.append(make("overage.settled", int(p["a"]), {
+            "credit_type": p["cc"], "reference": f"purchase:{p['purchase']}",
+            "amount": amount(-record.applied), "purchase_id": p["purchase"],
+            "balance_id": int(p["b"])}))
     if record.kind in BALANCE_EVENTS:
         data: dict[str, Any] = {"balance_id": int(p["b"]), "credit_type": p["cc"],
                                 "amount": amount(abs(record.applied))}

@@ -1,13 +1,14 @@
 -- Grants, adjustments, voids and expiries of one balance, journalled atomically.
--- ARGV: now_ms, kind (grant|adjustment|rollover|release|void|expire|refund|clawback), account
+-- ARGV: now_ms, kind (grant|adjustment|rollover|release|void|expire|refund|clawback|pay), account
 --       id, chain, balance id, amount (grant; adjustment: signed; rollover: what comes in from
 --       the period before; refund: what the balance was granted, less what was clawed back;
---       clawback: what a partial refund takes back),
+--       clawback: what a partial refund takes back; pay: unused, it pays all it can),
 --       def (grant), at_ms, payload (opaque JSON)
 -- Returns {"cold"} | {"missing"} (unknown balance, or a grant id already used) |
 --         {"insufficient", remaining} |
 --         {"ok", amount applied, remaining after, stream id, gen, flag changes, crossings,
---          owed (refund, clawback: what the balance could not give back, now overage)}
+--          owed (refund, clawback: what the balance could not give back, now overage;
+--                pay: less than zero, what the balance paid of the overage)}
 local now, kind, acct, chain, bid = ARGV[1], ARGV[2], ARGV[3], split(ARGV[4]), ARGV[5]
 local amount, def, at, payload = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
 if not loaded(chain) then return {'cold'} end
@@ -39,12 +40,18 @@ else
     local taken = math.min(amount, rem)
     applied = 0 - taken
     owed = amount - taken
+  elseif kind == 'pay' then
+    -- a purchase that pays what the account owes in this credit type: as much as it holds
+    local due = tonumber(redis.call('HGET', akey('o', acct), parse_def(current).ct) or '0')
+    local taken = math.max(math.min(rem, due), 0)
+    applied = 0 - taken
+    owed = 0 - taken
   else
     applied = 0 - rem  -- not -rem: -0 reaches HINCRBY as "-0", which Redis rejects
     redis.call('HSET', dkey, bid, with_status(current, kind == 'void' and 'v' or 'x'))
   end
   redis.call('HINCRBY', bkey, bid, applied)
-  if owed > 0 then redis.call('HINCRBY', akey('o', acct), parse_def(current).ct, owed) end
+  if owed ~= 0 then redis.call('HINCRBY', akey('o', acct), parse_def(current).ct, owed) end
 end
 
 local ct = parse_def(redis.call('HGET', dkey, bid)).ct
