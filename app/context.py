@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -30,3 +31,5 @@ class AppContext:
     journal: Journal
     loader: Loader
     stripe: StripeGateway | None = None  # None: no STRIPE_API_KEY, no purchases
+    # set when the process begins to stop: long-lived answers (balance streams) end
+    closing: asyncio.Event = field(default_factory=asyncio.Event)

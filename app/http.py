@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Send
 from starlette.types import Scope as Scope_
@@ -103,6 +103,10 @@ class Endpoint:
     # its answer holds a credential: never stored for an `Idempotency-Key` replay (such a
     # route changes nothing, so a retry is safe without one)
     secret_answer: bool = False
+    # what a success is sent as (text/event-stream: a stream of server-sent events)
+    media_type: str = "application/json"
+    # a customer token may come as the `access_token` query parameter (for EventSource)
+    token_in_query: bool = False
 
     def __post_init__(self) -> None:
         # a customer token reads one account: its routes name that account in the path
@@ -238,8 +242,16 @@ class KeyCache:
         return found
 
 
-async def authenticate(ctx: AppContext, request: Incoming, scopes: frozenset[Scope]) -> Principal:
+async def authenticate(ctx: AppContext, request: Incoming, scopes: frozenset[Scope],
+                       token_in_query: bool = False) -> Principal:
     header = request.header(b"authorization") or ""
+    if not header and token_in_query and (token := request.query_params.get("access_token")):
+        # a browser's EventSource cannot send headers: a customer token (short-lived, read
+        # only) may travel in the URL of such a route; an API key never does
+        if not token.startswith(TOKEN_PREFIX):
+            raise Unauthenticated("only a customer token may be sent as access_token; send an "
+                                  "API key as `Authorization: Bearer <key>`", field="access_token")
+        header = f"Bearer {token}"
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise Unauthenticated("send `Authorization: Bearer <api key>`", field="Authorization")
@@ -283,7 +295,7 @@ def render(result: BaseModel | Response, status: int) -> Response:
 async def parse_call(endpoint: Endpoint, request: Incoming, ctx: AppContext) -> Call:
     principal = None
     if endpoint.scopes:
-        principal = await authenticate(ctx, request, endpoint.scopes)
+        principal = await authenticate(ctx, request, endpoint.scopes, endpoint.token_in_query)
     call = Call(request, ctx, principal)
     for name, value in request.path_params.items():
         if "\x00" in str(value):  # Postgres text cannot hold NUL: nothing by that name exists
@@ -422,6 +434,10 @@ class EndpointApp:
         headers = response.raw_headers
         if self.cors:
             headers = [*headers, *cors_headers(request)]
+        if isinstance(response, StreamingResponse):  # sent as it comes, until either side ends
+            response.raw_headers = headers
+            await response(scope, receive, send)
+            return
         # every handler answers with a plain Response (a body in memory): sent as two ASGI
         # messages, without Starlette's Response.__call__ machinery
         await send({"type": "http.response.start", "status": response.status_code,

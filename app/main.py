@@ -7,7 +7,9 @@ import contextlib
 import gc
 import json
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -115,6 +117,37 @@ class App(Starlette):
 GC_THRESHOLDS = (100_000, 50, 1000)
 
 
+def on_stop_signals(stopping: asyncio.Event) -> Callable[[], None]:
+    """Set `stopping` as soon as the process is told to stop (SIGTERM, SIGINT), before the
+    server's graceful drain: the server waits for open answers before the lifespan ends, so
+    without this a balance stream would hold a shutdown for its whole lifetime.
+
+    Only where the event loop's server already handles the signal (a Python-level handler is
+    installed: asyncio's `add_signal_handler`, as granian's workers do): that handler is kept
+    and called, and the loop's own dispatch through its wakeup fd still runs. Elsewhere (a test
+    process, default handlers) nothing changes. Returns what puts the handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if not callable(handler) or handler is signal.default_int_handler:
+            continue
+
+        def chained(signum: int, frame: Any, prior: Any = handler) -> None:
+            loop.call_soon_threadsafe(stopping.set)
+            prior(signum, frame)
+
+        previous[sig] = handler
+        signal.signal(sig, chained)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return restore
+
+
 def tune_gc() -> None:
     gc.collect()
     gc.freeze()
@@ -141,6 +174,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                          Loader(pool, hot))
         ctx.stripe = StripeGateway.from_settings(settings)
         app.state.ctx = ctx
+        restore_signals = on_stop_signals(ctx.closing)
         journal.start()
         tune_gc()
         workers = asyncio.create_task(run_workers(ctx)) if settings.run_workers else None
@@ -151,6 +185,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            ctx.closing.set()
+            restore_signals()
             if workers:
                 # redis-py sometimes swallows a CancelledError (one landing inside its
                 # read timeout): a single cancel could leave shutdown waiting forever

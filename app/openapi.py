@@ -56,11 +56,16 @@ def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
 
 def _operation(endpoint: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
     problem = {"description": "problem", "content": {"application/problem+json": {"schema": PROBLEM}}}
-    success = {
+    success: dict[str, Any] = {
         "description": "success",
         "content": {"application/json": {
             "schema": refs[(endpoint.response, "serialization")]}} if endpoint.response else {},
     }
+    if endpoint.media_type != "application/json":  # e.g. server-sent events: text, not a model
+        success["content"] = {endpoint.media_type: {"schema": {"type": "string"}}}
+        if endpoint.response:
+            success["description"] = (f"each event's data is a {endpoint.response.__name__} "
+                                      "(as JSON)")
     responses: dict[str, Any] = {str(status): success for status in (endpoint.status, *endpoint.also)}
     responses |= {"4XX": problem, "503": problem}
     op: dict[str, Any] = {

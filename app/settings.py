@@ -92,10 +92,21 @@ class Settings:
     # within it (a new secret is read as soon as a token names it). At most
     # TOKEN_SECRETS_TTL_MAX_S.
     token_secrets_ttl_s: Seconds = 30.0
+    # Balance streams (app/entitlements/streams.py): how often each reads the hot state for a
+    # change, how long one stays silent before a keep-alive comment, and how long one lasts
+    # before the browser reconnects.
+    stream_poll_ms: int = 500
+    stream_heartbeat_s: Seconds = 15.0
+    stream_max_s: Seconds = 3600.0
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:
             raise ValueError("CREDITGATE_SNAPSHOT_EVERY must be at least 1")
+        if self.stream_poll_ms < 10:
+            raise ValueError("CREDITGATE_STREAM_POLL_MS must be at least 10")
+        if self.stream_max_s <= 0 or self.stream_heartbeat_s <= 0:
+            raise ValueError("CREDITGATE_STREAM_MAX_S and CREDITGATE_STREAM_HEARTBEAT_S must "
+                             "be more than 0")
         if not 0 <= self.token_secrets_ttl_s <= TOKEN_SECRETS_TTL_MAX_S:
             raise ValueError(f"CREDITGATE_TOKEN_SECRETS_TTL_S must be 0 to "
                              f"{TOKEN_SECRETS_TTL_MAX_S:g} seconds")
@@ -137,4 +148,7 @@ class Settings:
                                os.environ.get("CREDITGATE_CORS_ORIGINS", "").split(",")
                                if o.strip()),
             token_secrets_ttl_s=_seconds("CREDITGATE_TOKEN_SECRETS_TTL_S", 30.0),
+            stream_poll_ms=_int("CREDITGATE_STREAM_POLL_MS", 500),
+            stream_heartbeat_s=_seconds("CREDITGATE_STREAM_HEARTBEAT_S", 15.0),
+            stream_max_s=_seconds("CREDITGATE_STREAM_MAX_S", 3600.0),
         )

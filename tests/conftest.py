@@ -66,9 +66,11 @@ def settings(database_url: str, redis_url: str) -> Settings:
     # a key prefix of its own: parallel test sessions may share one Redis
     # no automatic bill run: tests date plans in the past and bill them when they choose
     # snapshots every few entries: every rebuild in the suite reads snapshots and their tails
+    # balance streams of the in-process apps end after 0.2 s: an in-process client reads an
+    # answer to its end (the route walk, the fuzzer); app processes get their own settings
     return Settings(database_url=database_url, redis_url=redis_url, worker_interval_s=0.5,
                     journal_orphan_ms=1_000, redis_prefix=f"cgt{uuid.uuid4().hex[:6]}",
-                    bills_auto=False, snapshot_every=3)
+                    bills_auto=False, snapshot_every=3, stream_max_s=0.2)
 
 
 @pytest.fixture(scope="session")

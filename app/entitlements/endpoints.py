@@ -22,6 +22,7 @@ from app.entitlements.schemas import (
     UsageEventOut,
     UsageResult,
 )
+from app.entitlements.streams import MEDIA_TYPE, StreamQuery, balances_stream
 from app.errors import ValidationProblem
 from app.http import CUSTOMER_READ, READ, RUNTIME, Call, Endpoint, render
 
@@ -93,6 +94,10 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/accounts/{code}/balances", balances, CUSTOMER_READ,
              "Real-time balances of an account, from the hot state", "runtime",
              response=AccountBalancesOut),
+    Endpoint("GET", "/v1/accounts/{code}/balances/stream", balances_stream, CUSTOMER_READ,
+             "The real-time balances as server-sent events: now, then at each change",
+             "runtime", query=StreamQuery, response=AccountBalancesOut, media_type=MEDIA_TYPE,
+             token_in_query=True),
     Endpoint("POST", "/v1/accounts/{code}/holds", place_hold, RUNTIME,
              "Set credit aside for a use whose cost is known after it, atomically and only if "
              "covered (201; 200 when refused, or for a uid held before)", "holds",
