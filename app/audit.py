@@ -33,6 +33,19 @@ async def begin(conn: Conn, principal: Principal, method: str, path: str,
         body[:MAX_BODY].decode(errors="replace")))
 
 
+async def purge_old(conn: Conn, retention_d: int, batch: int = 1_000) -> int:
+    """Worker: delete rows older than `retention_d` days (0: keep every row), oldest first, at
+    most `batch` per pass; how many went. Only the oldest `batch` rows are looked at (ids grow
+    with time), so a pass costs the same however long the trail is."""
+    if retention_d <= 0:
+        return 0
+    status = await conn.execute(
+        """DELETE FROM audit_log WHERE id IN (
+               SELECT id FROM (SELECT id, at FROM audit_log ORDER BY id LIMIT $2) oldest
+               WHERE at < now() - make_interval(days => $1))""", retention_d, batch)
+    return int(status.split()[-1])
+
+
 async def finish(conn: Conn, audit_id: int, status: int) -> None:
     await conn.execute("UPDATE audit_log SET status = $2, finished_at = now() WHERE id = $1",
                        audit_id, status)

@@ -66,6 +66,8 @@ class Settings:
     # Webhook events and their delivery log are kept this long once no delivery of them is
     # pending, then deleted by the workers (0: kept forever).
     webhook_retention_d: int = 30
+    # days an audit-trail row is kept (app/audit.py); 0 keeps every row
+    audit_retention_d: int = 0
     # The workers bill a period this many days after it ends (late measurements still rate
     # until then; after its bill they are stored unrated). Off: only `POST /v1/bills/run` bills.
     bills_auto: bool = True
@@ -132,6 +134,7 @@ class Settings:
             snapshot_every=_int("CREDITGATE_SNAPSHOT_EVERY", 10_000),
             idempotency_key_ttl_h=_int("CREDITGATE_IDEMPOTENCY_KEY_TTL_H", 7 * 24),
             webhook_retention_d=_int("CREDITGATE_WEBHOOK_RETENTION_D", 30),
+            audit_retention_d=_int("CREDITGATE_AUDIT_RETENTION_D", 0),
             bills_auto=os.environ.get("CREDITGATE_BILLS_AUTO", "1") != "0",
             bill_grace_d=_int("CREDITGATE_BILL_GRACE_D", 1),
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",

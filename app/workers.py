@@ -2,7 +2,7 @@
 period's credits, and the rollover of the period that ended), credit expiry, expired holds, rated
 debits a crash left, the standing charges and counter charges of billing periods that started,
 the bill run of closed periods, the purchase reconciler, the auto-recharge runner, expired
-Idempotency-Keys, and webhook events past their retention.
+Idempotency-Keys, and webhook events and audit-trail rows past their retention.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
 balance id, recurring grants by period and balance, recurring charges are settled and bills
@@ -15,6 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from app import audit
 from app.entitlements.holds import settle as settle_holds
 from app.entitlements.reversals import settle as settle_reversals
 from app.errors import STORE_ERRORS
@@ -61,6 +62,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await rerate_pending(ctx)
             await purge_expired_keys(ctx)
             await purge_old_webhooks(ctx.pool, ctx.settings)
+            await audit.purge_old(ctx.pool, ctx.settings.audit_retention_d)
         except STORE_ERRORS as exc:
             log.warning("worker pass skipped: %s", exc)
         except Exception:

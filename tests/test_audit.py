@@ -13,7 +13,9 @@ import pytest
 from app import audit
 from app.auth.keys import hash_key
 from app.config import service as config_service
+from app.settings import Settings
 from tests.conftest import Api
+from tests.fresh import fresh_app
 
 
 async def _rows(db: asyncpg.Connection, needle: str) -> list[asyncpg.Record]:
@@ -103,3 +105,22 @@ async def test_no_change_without_its_row_and_a_crash_is_recorded(
                                json={"code": code, "name": "x"})
     assert failed.status_code == 500
     assert [r["status"] for r in await _rows(db, code)] == [500]
+
+
+async def test_rows_past_the_retention_are_purged_oldest_first(
+        servers: tuple[str, str], settings: Settings) -> None:
+    async with fresh_app(servers, settings) as f:  # an audit trail of its own
+        codes = [f"kept-{uuid.uuid4().hex[:8]}" for _ in range(4)]
+        for code in codes:
+            await f.api.call("POST", "/v1/products", expect=201, json={"code": code, "name": "x"})
+        ids = [r["id"] for r in await f.db.fetch("SELECT id FROM audit_log ORDER BY id")]
+        assert len(ids) == 4
+        await f.db.execute("UPDATE audit_log SET at = now() - interval '40 days' "
+                           "WHERE id = ANY($1::int8[])", ids[:3])
+        assert await audit.purge_old(f.db, 0) == 0  # the default keeps every row
+        assert await audit.purge_old(f.db, 60) == 0
+        assert await audit.purge_old(f.db, 30, batch=2) == 2  # at most a batch per pass
+        assert await audit.purge_old(f.db, 30, batch=2) == 1
+        assert await audit.purge_old(f.db, 30, batch=2) == 0
+        left = await f.db.fetch("SELECT id, body FROM audit_log")
+        assert [r["id"] for r in left] == ids[3:] and codes[3] in left[0]["body"]
