@@ -90,7 +90,7 @@ class CheckCache:
         self._moves: dict[int, int] = {}
         self._epoch = 0
         self._sock: socket.socket | None = None
-        self._poll: select.poll | None = None  # the subscriber socket, for a read that waits not
+        self._poll: select.poll | None = None  # asked before a read: an empty socket raises nothing
         self._reader = hiredis.Reader()
         self._sub_id: int | None = None
         self._arming: asyncio.Task[None] | None = None
