@@ -21,8 +21,15 @@ from app.errors import ValidationProblem
 
 CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
-# a client's own id for something (a usage uid, a payment reference): 1-128 of these characters
-UID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+
+
+def uid_pattern(longest: int) -> str:
+    """A client's own id for something (a usage uid, a payment reference): 1 to `longest` of
+    A-Z a-z 0-9 _ . : -, starting with a letter or digit."""
+    return rf"^[A-Za-z0-9][A-Za-z0-9_.:\-]{{0,{longest - 1}}}$"
+
+
+UID_PATTERN = uid_pattern(128)
 Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]{1,255}$")]

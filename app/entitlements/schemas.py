@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from app.schemas import Code, Description, Strict, Timestamp, Uid
+from app.schemas import Code, Description, Strict, Timestamp, Uid, uid_pattern
 
 # Usage uids the rating engine gives its own debits (`r<pricing>:…`, `s<account plan>:…`,
 # `c<pricing>:…`, the bill run's `b<account plan>:…`): a client's usage uid or consume key
@@ -115,7 +115,7 @@ class AccountBalancesOut(BaseModel):
 # Holds (app/entitlements/holds.py)
 
 # a usage uid's shape, 3 characters shorter: the hold's debit is `h0:<uid>`
-HOLD_UID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,124}$"
+HOLD_UID_PATTERN = uid_pattern(128 - len("h0:"))
 HoldUid = Annotated[str, StringConstraints(pattern=HOLD_UID_PATTERN)]
 MAX_HOLD_S = 86_400
 
