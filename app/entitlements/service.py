@@ -360,16 +360,31 @@ async def _debit_root(ctx: AppContext, group: list[Prepared],
 
 async def live_balances(ctx: AppContext, code: str) -> AccountBalancesOut:
     account = await account_ref(ctx, code)
-    raw = None
+    return await balances_out(ctx, code, await read_hot(ctx, account), now_ms())
+
+
+async def read_hot(ctx: AppContext, account: AccountRef) -> list[Any]:
+    """The account's hot state as read.lua answers it: status, remaining, definitions,
+    overage (rebuilt from Postgres first when Redis has forgotten the root)."""
     for _ in range(3):
         raw = await ctx.hot.read_account(account.root_id, account.id)
         if raw is not None:
-            break
+            return raw
         await ctx.loader.ensure(account.root_id)
-    if raw is None:
-        raise Unavailable("hot state could not be rebuilt; retry")
+    raise Unavailable("hot state could not be rebuilt; retry")
+
+
+def next_turn(raw: list[Any], now: int) -> int | None:
+    """The next instant (ms) a balance of `raw` becomes effective or expires: until then the
+    same hot state reads the same (None: no such instant)."""
+    turns = [int(t) for definition in pairs(raw[2]).values()
+             for t in definition.split("|")[2:4] if t != "0" and int(t) > now]
+    return min(turns, default=None)
+
+
+async def balances_out(ctx: AppContext, code: str, raw: list[Any], now: int
+                       ) -> AccountBalancesOut:
     status, remaining, defs, overage = raw[0], pairs(raw[1]), pairs(raw[2]), pairs(raw[3])
-    now = now_ms()
     balances: list[LiveBalance] = []
     totals: dict[str, int] = defaultdict(int)
     types: dict[str, CreditTypeRef] = {}
