@@ -12,9 +12,9 @@ proxies from closing an idle stream.
 The caller's credentials are checked again on every tick (from the key cache: no round trip
 while cached), so a stream ends within a tick of its customer token expiring, and within the
 key cache's bound of its key being revoked or its signing secret retired. A stream also ends
-after `stream_max_s`, and within a tick of the process being told to stop; `retry:` tells the browser's EventSource to
-reconnect after RETRY_MS, which opens a fresh, re-authenticated stream. While Postgres or Redis
-cannot answer, ticks are skipped and the heartbeat goes on.
+after `stream_max_s`, and within a tick of the process being told to stop; `retry:` tells the
+browser's EventSource to reconnect after RETRY_MS, which opens a fresh, re-authenticated
+stream. While Postgres or Redis cannot answer, ticks are skipped and the heartbeat goes on.
 """
 
 from __future__ import annotations
