@@ -421,3 +421,37 @@ async def test_replay_after_flushall_does_not_divert_credit_from_new_usage(
     # 0.50 of credit was left for the new event: it must be drawn, not billed as overage
     assert await balance_sum(db, grant["id"]) == Decimal("0.00")
     assert result["results"][1]["overage"] == "0.00"
+
+
+async def test_every_recent_uid_of_a_root_is_refused_after_flushall(
+        api: Api, redis: aioredis.Redis) -> None:
+    """The marks come back from Postgres for every account of the root, more than one command's
+    worth (1,000) of them in one day's bucket: a replayed uid whose mark was lost would draw
+    credit in Redis before Postgres refuses it, and a new event after it would find none."""
+    parent = await api.setup()
+    child = await api.setup(parent=parent["account"])
+    await api.grant(parent["account"], "15.50")
+    sent: dict[str, list[dict[str, Any]]] = {}
+    for n, count in ((parent, 1_200), (child, 300)):
+        events = [event(f"m-{i}", n["account"], n["api"], "0.01")
+                  | {"credit_type": parent["credit_type"]} for i in range(count)]
+        for start in range(0, count, 1_000):
+            out = await api.call("POST", "/v1/usage", scope="runtime",
+                                 json={"events": events[start:start + 1_000]})
+            assert out["accepted"] == len(events[start:start + 1_000])
+        sent[n["account"]] = events
+    assert await api.available(parent["account"]) == "0.50"
+
+    await redis.flushall()
+    new = 0
+    for account, events in sent.items():
+        for start in range(0, len(events), 999):
+            old = events[start:start + 999]
+            fresh = event(f"new-{new}", account, old[0]["product"], "0.01") | {
+                "credit_type": parent["credit_type"]}
+            new += 1
+            out = await api.call("POST", "/v1/usage", scope="runtime",
+                                 json={"events": [*old, fresh]})
+            assert (out["duplicates"], out["accepted"]) == (len(old), 1)
+            assert out["results"][-1]["overage"] == "0.00"
+    assert await api.available(parent["account"]) == str(Decimal("0.50") - new * Decimal("0.01"))

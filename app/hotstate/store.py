@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,13 +239,15 @@ class HotState:
     async def restore_marks(self, root_id: int, marks: list[tuple[int, int, str]]) -> None:
         """Re-remember committed uids: (account id, day, uid). Safe at any time: a mark for a
         committed uid is always true."""
+        by_key: dict[str, list[str]] = defaultdict(list)
+        for account_id, day, uid in marks:
+            by_key[self.keys.uid_bucket(root_id, account_id, day)].append(uid)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for start in range(0, len(marks), 1000):
-                for account_id, day, uid in marks[start:start + 1000]:
-                    key = self.keys.uid_bucket(root_id, account_id, day)
-                    pipe.hset(key, uid, "1")
-                    pipe.expire(key, MARK_TTL_S)
-                await pipe.execute()
+            for key, uids in by_key.items():  # one command per bucket and 1,000 uids
+                for start in range(0, len(uids), 1000):
+                    pipe.hset(key, mapping=dict.fromkeys(uids[start:start + 1000], "1"))
+                pipe.expire(key, MARK_TTL_S)
+            await pipe.execute()
 
     async def journal_entries(self, root_id: int, max_id: str) -> list[tuple[str, dict[str, str]]]:
         entries = await self.redis.xrange(self.keys.journal(root_id), "-", max_id) or []
