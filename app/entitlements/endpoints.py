@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from app.entitlements import holds, reversals, service
+from app.entitlements import history, holds, reversals, service
 from app.entitlements.schemas import (
     MAX_BATCH,
     AccountBalancesOut,
@@ -20,7 +20,11 @@ from app.entitlements.schemas import (
     UsageBatch,
     UsageBatchOut,
     UsageEventOut,
+    UsageEventPage,
+    UsageEventsQuery,
     UsageResult,
+    UsageSummaryOut,
+    UsageSummaryQuery,
 )
 from app.entitlements.streams import MEDIA_TYPE, StreamQuery, balances_stream
 from app.errors import ValidationProblem
@@ -79,6 +83,14 @@ async def read_usage_event(call: Call) -> BaseModel:
     return await reversals.read_event(call.ctx, call.path("code"), call.path("uid"))
 
 
+async def usage_events(call: Call) -> BaseModel:
+    return await history.events(call.ctx, call.path("code"), call.query)
+
+
+async def usage_summary(call: Call) -> BaseModel:
+    return await history.summary(call.ctx, call.path("code"), call.query)
+
+
 async def reverse_usage(call: Call) -> Response:
     out, made = await reversals.reverse(call.ctx, call.path("code"), call.path("uid"), call.body)
     return render(out, 201 if made else 200)  # 200: this event's reversal made before
@@ -110,6 +122,13 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/accounts/{code}/holds/{uid}/release", release_hold, RUNTIME,
              "Give back everything a hold set aside", "holds", body=ReleaseIn,
              response=HoldOut),
+    Endpoint("GET", "/v1/accounts/{code}/usage-events", usage_events, READ,
+             "An account's usage events, newest recorded first, each with what a reversal "
+             "gave back", "runtime", query=UsageEventsQuery, response=UsageEventPage),
+    Endpoint("GET", "/v1/accounts/{code}/usage-summary", usage_summary, CUSTOMER_READ,
+             "The account's usage per UTC hour or day, product and credit type: reported, "
+             "reversed, net, overage", "runtime", query=UsageSummaryQuery,
+             response=UsageSummaryOut),
     Endpoint("GET", "/v1/accounts/{code}/usage-events/{uid}", read_usage_event, READ,
              "A usage event as recorded, the balances it drew, and its reversal", "runtime",
              response=UsageEventOut),

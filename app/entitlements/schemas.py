@@ -196,3 +196,61 @@ class UsageEventOut(BaseModel):
     recorded_at: datetime
     drawn: list[Part] = Field(description="the balances it drew, in drawdown order")
     reversal: ReversalOut | None
+
+
+EventKind = Literal["usage", "hold", "rated"]
+
+
+class UsageEventsQuery(Strict):
+    cursor: str | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    product: Code | None = None
+    kind: EventKind | None = Field(default=None, description="usage: the client's events and "
+                                   "consuming checks; hold: holds' set-asides; rated: the "
+                                   "rating engine's debits; default: all")
+
+
+class UsageEventItem(BaseModel):
+    uid: str
+    kind: EventKind
+    product: str
+    credit_type: str
+    amount: str = Field(description="as recorded (a hold's: what it set aside)")
+    overage: str = Field(description="what no balance covered")
+    reversed: str | None = Field(description="what its reversal gives back, if reversed")
+    timestamp: datetime
+    recorded_at: datetime
+
+
+class UsageEventPage(BaseModel):
+    data: list[UsageEventItem] = Field(description="newest recorded first")
+    next_cursor: str | None = Field(description="pass as `cursor` to get the next page")
+
+
+class UsageSummaryQuery(Strict):
+    start: Timestamp | None = Field(default=None, description="default: the start of the "
+                                    "current UTC month")
+    end: Timestamp | None = Field(default=None, description="exclusive; default: now")
+    window: Literal["hour", "day"] = "day"
+    product: Code | None = None
+    credit_type: Code | None = None
+
+
+class UsageBucket(BaseModel):
+    start: datetime
+    end: datetime
+    product: str
+    credit_type: str
+    events: int = Field(description="usage events and captured holds")
+    amount: str = Field(description="as reported (a hold's: what it captured)")
+    reversed: str = Field(description="given back by usage reversals")
+    net: str = Field(description="amount - reversed")
+    overage: str = Field(description="what no balance covered when it was recorded")
+
+
+class UsageSummaryOut(BaseModel):
+    account: str
+    start: datetime
+    end: datetime
+    window: Literal["hour", "day"]
+    data: list[UsageBucket] = Field(description="the windows with usage, oldest first")
