@@ -29,10 +29,13 @@ async def _reverse(api: Api, account: str, uid: str, expect: int = 201,
     return result
 
 
-async def _reversal_entries(db: asyncpg.Connection, uid: str) -> list[tuple[str, Any, Decimal]]:
+async def _reversal_entries(db: asyncpg.Connection, account: str,
+                            uid: str) -> list[tuple[str, Any, Decimal]]:
+    """The entries of the account's reversal of `uid` (other tests' accounts use the same uids)."""
     rows = await db.fetch(
-        """SELECT kind, balance_id, amount FROM ledger_entries
-           WHERE op_key LIKE 'ur:%' AND usage_uid = $1 ORDER BY id""", uid)
+        """SELECT e.kind, e.balance_id, e.amount FROM ledger_entries e
+           WHERE e.op_key LIKE 'ur:' || (SELECT id FROM accounts WHERE code = $1) || ':%'
+             AND e.usage_uid = $2 ORDER BY e.id""", account, uid)
     return [(r["kind"], r["balance_id"], Decimal(r["amount"])) for r in rows]
 
 
@@ -58,7 +61,7 @@ async def test_a_full_reversal_takes_the_overage_back_then_refills_the_balances(
     assert out["lapsed"] == [] and out["reason"] == "counted twice"
     assert await _totals(api, n["account"]) == ("8.00", "0.00")
     assert (await api.check(n["account"], n["api"]))["allowed"] is True
-    assert await _reversal_entries(db, "job-1") == [
+    assert await _reversal_entries(db, n["account"], "job-1") == [
         ("overage", None, Decimal("2.00")), ("adjustment", second["id"], Decimal("3.00")),
         ("adjustment", first["id"], Decimal("5.00"))]
 
@@ -67,7 +70,7 @@ async def test_a_full_reversal_takes_the_overage_back_then_refills_the_balances(
     assert again["duplicate"] is True and again["returned"] == out["returned"]
     other = await _reverse(api, n["account"], "job-1", expect=409, amount="1.00")
     assert other["field"] == "uid"
-    assert len(await _reversal_entries(db, "job-1")) == 3
+    assert len(await _reversal_entries(db, n["account"], "job-1")) == 3
     assert await _totals(api, n["account"]) == ("8.00", "0.00")
 
     event = await api.call("GET", _url(n["account"], "job-1"), scope="runtime")
@@ -96,7 +99,8 @@ async def test_a_partial_reversal_and_a_balance_gone_since(
     assert out["returned"] == [{"balance_id": first["id"], "amount": "0.50"}]
     assert out["lapsed"] == [{"balance_id": second["id"], "amount": "4.00"}]
     assert await _totals(api, n["account"]) == ("0.50", "0.00")
-    assert await _reversal_entries(db, "b") == [("adjustment", first["id"], Decimal("0.50"))]
+    assert await _reversal_entries(db, n["account"], "b") == [
+        ("adjustment", first["id"], Decimal("0.50"))]
 
 
 async def test_bad_reversals_are_refused_and_change_nothing(
@@ -173,15 +177,16 @@ async def test_a_reversal_cut_short_is_finished_by_the_workers(
 
     monkeypatch.setattr(reversals, "credit_back", dies_after_one)
     await _reverse(api, n["account"], "x", expect=500)
-    assert await _reversal_entries(db, "x") == [("adjustment", second["id"], Decimal("2.00"))]
+    assert await _reversal_entries(db, n["account"], "x") == [
+        ("adjustment", second["id"], Decimal("2.00"))]
     monkeypatch.setattr(reversals, "credit_back", real)
     ctx = app.state.ctx
     assert await reversals.settle(ctx) == 0  # not stuck long enough yet: its caller may be alive
     await db.execute("UPDATE usage_reversals SET updated_at = now() - interval '1 minute' "
                      "WHERE uid = 'x'")
     assert await reversals.settle(ctx) == 1
-    assert await _reversal_entries(db, "x") == [("adjustment", second["id"], Decimal("2.00")),
-                                                ("adjustment", first["id"], Decimal("2.00"))]
+    assert await _reversal_entries(db, n["account"], "x") == [
+        ("adjustment", second["id"], Decimal("2.00")), ("adjustment", first["id"], Decimal("2.00"))]
     out = (await api.call("GET", _url(n["account"], "x"), scope="runtime"))["reversal"]
     assert out["status"] == "reversed" and len(out["returned"]) == 2
     assert await _totals(api, n["account"]) == ("4.00", "0.00")
