@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -155,3 +157,36 @@ async def test_accounts_are_listed_updated_and_never_deleted(api: Api) -> None:
         if not cursor:
             break
     assert n["account"] in seen and len(seen) == len(set(seen))
+
+
+async def test_accounts_are_found_by_email_status_and_parent(api: Api) -> None:
+    parent = await api.setup()
+    children = [await api.setup(parent=parent["account"]) for _ in range(3)]
+    email = f"Billing-{uuid.uuid4().hex[:8]}@Example.com"
+    for n in (parent, children[1]):
+        await api.call("PATCH", f"/v1/accounts/{n['account']}", json={"email": email})
+    await api.call("PATCH", f"/v1/accounts/{children[2]['account']}", json={"status": "blocked"})
+
+    async def codes(**params: Any) -> list[str]:
+        found: list[str] = []
+        cursor = None
+        while True:
+            page = await api.call("GET", "/v1/accounts", params={
+                **params, "limit": 2, **({"cursor": cursor} if cursor else {})})
+            found += [a["code"] for a in page["data"]]
+            if (cursor := page["next_cursor"]) is None:
+                return found
+
+    assert await codes(email=email.lower()) == [parent["account"], children[1]["account"]]
+    assert await codes(parent=parent["account"]) == [c["account"] for c in children]
+    assert await codes(parent=parent["account"], status="blocked") == [children[2]["account"]]
+    assert await codes(parent=parent["account"], email=email.upper(), status="active") == [
+        children[1]["account"]]
+    blocked = await codes(status="blocked")
+    assert children[2]["account"] in blocked and parent["account"] not in blocked
+    assert await codes(parent=children[0]["account"]) == []
+    for params, field in [({"parent": "no-such-account"}, "query.parent"),
+                          ({"status": "closed"}, "query.status"),
+                          ({"email": "not-an-email"}, "query.email")]:
+        problem = await api.call("GET", "/v1/accounts", expect=422, params=params)
+        assert problem["field"] == field, (params, problem)

@@ -10,6 +10,7 @@ from app.config import repository as repo
 from app.config import service
 from app.config.schemas import (
     AccountIn,
+    AccountListQuery,
     AccountOut,
     AccountPage,
     AccountPatch,
@@ -22,7 +23,7 @@ from app.config.schemas import (
     ProductPage,
     ProductPatch,
 )
-from app.errors import NotFound
+from app.errors import NotFound, ValidationProblem
 from app.http import ADMIN, Call, Endpoint, Handler
 from app.schemas import ListQuery, Page, next_cursor
 
@@ -75,9 +76,17 @@ async def get_account(call: Call) -> BaseModel:
 
 
 async def list_accounts(call: Call) -> BaseModel:
-    rows = await repo.list_accounts(call.ctx.pool, call.query.after_id(), call.query.limit)
+    q = call.query
+    parent_id = None
+    if q.parent is not None:
+        parent = await call.ctx.catalog.account(q.parent)
+        if parent is None:
+            raise ValidationProblem(f"unknown account {q.parent!r}", field="query.parent")
+        parent_id = parent.id
+    rows = await repo.list_accounts(call.ctx.pool, q.after_id(), q.limit, q.email, q.status,
+                                    parent_id)
     return AccountPage(data=[service.account_out(r) for r in rows],
-                       next_cursor=next_cursor([r["id"] for r in rows], call.query.limit))
+                       next_cursor=next_cursor([r["id"] for r in rows], q.limit))
 
 
 async def update_account(call: Call) -> BaseModel:
@@ -103,8 +112,9 @@ ENDPOINTS = [
              "products", body=ProductPatch, response=ProductOut),
     Endpoint("POST", "/v1/accounts", create_account, ADMIN, "Create an account", "accounts",
              body=AccountIn, response=AccountOut, status=201),
-    Endpoint("GET", "/v1/accounts", list_accounts, ADMIN, "List accounts", "accounts",
-             query=ListQuery, response=AccountPage),
+    Endpoint("GET", "/v1/accounts", list_accounts, ADMIN,
+             "List accounts, optionally by email, status or parent", "accounts",
+             query=AccountListQuery, response=AccountPage),
     Endpoint("GET", "/v1/accounts/{code}", get_account, ADMIN, "Read an account", "accounts",
              response=AccountOut),
     Endpoint("PATCH", "/v1/accounts/{code}", update_account, ADMIN,

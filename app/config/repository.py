@@ -88,8 +88,19 @@ async def account_by_id(conn: Conn, account_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(_ACCOUNT + " WHERE a.id = $1", account_id)
 
 
-async def list_accounts(conn: Conn, after_id: int, limit: int) -> list[asyncpg.Record]:
-    return await conn.fetch(_ACCOUNT + " WHERE a.id > $1 ORDER BY a.id LIMIT $2", after_id, limit)
+async def list_accounts(conn: Conn, after_id: int, limit: int, email: str | None = None,
+                        status: str | None = None,
+                        parent_id: int | None = None) -> list[asyncpg.Record]:
+    """In id order; each filter given narrows the list (email compared without case)."""
+    where = ["a.id > $1"]
+    args: list[object] = [after_id, limit]
+    for condition, value in (("lower(a.email) = lower(${})", email), ("a.status = ${}", status),
+                             ("a.parent_id = ${}", parent_id)):
+        if value is not None:
+            args.append(value)
+            where.append(condition.format(len(args)))
+    return await conn.fetch(
+        f"{_ACCOUNT} WHERE {' AND '.join(where)} ORDER BY a.id LIMIT $2", *args)
 
 
 async def update_account(conn: Conn, account_id: int, changes: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas import Code, Email, Name, Page, Strict
+from app.schemas import Code, Email, ListQuery, Name, Page, Strict
 
 Status = Literal["active", "blocked"]
 
@@ -87,3 +87,9 @@ class ProductPage(Page[ProductOut]):
 
 class AccountPage(Page[AccountOut]):
     pass
+
+
+class AccountListQuery(ListQuery):
+    email: Email | None = Field(default=None, description="accounts with this email (any case)")
+    status: Status | None = None
+    parent: Code | None = Field(default=None, description="the children of this account")
