@@ -68,6 +68,8 @@ class Settings:
     webhook_retention_d: int = 30
     # days an audit-trail row is kept (app/audit.py); 0 keeps every row
     audit_retention_d: int = 0
+    # days before its expiry a balance is announced by `credits.expiring` (0: never)
+    expiry_notice_d: int = 7
     # The workers bill a period this many days after it ends (late measurements still rate
     # until then; after its bill they are stored unrated). Off: only `POST /v1/bills/run` bills.
     bills_auto: bool = True
@@ -135,6 +137,7 @@ class Settings:
             idempotency_key_ttl_h=_int("CREDITGATE_IDEMPOTENCY_KEY_TTL_H", 7 * 24),
             webhook_retention_d=_int("CREDITGATE_WEBHOOK_RETENTION_D", 30),
             audit_retention_d=_int("CREDITGATE_AUDIT_RETENTION_D", 0),
+            expiry_notice_d=_int("CREDITGATE_EXPIRY_NOTICE_D", 7),
             bills_auto=os.environ.get("CREDITGATE_BILLS_AUTO", "1") != "0",
             bill_grace_d=_int("CREDITGATE_BILL_GRACE_D", 1),
             run_workers=os.environ.get("CREDITGATE_WORKERS", "1") != "0",

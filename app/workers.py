@@ -1,8 +1,9 @@
 """Background work every app process runs: orphaned-journal sweep, recurring grants (each
-period's credits, and the rollover of the period that ended), credit expiry, expired holds, rated
-debits a crash left, the standing charges and counter charges of billing periods that started,
-the bill run of closed periods, the purchase reconciler, the auto-recharge runner, expired
-Idempotency-Keys, and webhook events and audit-trail rows past their retention.
+period's credits, and the rollover of the period that ended), credit expiry and the notices of
+credit about to expire, expired holds, rated debits a crash left, the standing charges and
+counter charges of billing periods that started, the bill run of closed periods, the purchase
+reconciler, the auto-recharge runner, expired Idempotency-Keys, and webhook events and
+audit-trail rows past their retention.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
 balance id, recurring grants by period and balance, recurring charges are settled and bills
@@ -20,6 +21,7 @@ from app.entitlements.holds import settle as settle_holds
 from app.entitlements.reversals import settle as settle_reversals
 from app.errors import STORE_ERRORS
 from app.idempotency import purge_expired as purge_expired_keys
+from app.ledger.expiry_notices import announce_due as announce_expiring
 from app.ledger.recurring_grants import grant_due as grant_recurring
 from app.ledger.service import expire_due
 from app.ledger.snapshots import take_due as take_snapshots
@@ -52,6 +54,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
             await grant_recurring(ctx)
             await expire_due(ctx)
+            await announce_expiring(ctx)
             await settle_holds(ctx)
             await settle_reversals(ctx)
             await take_snapshots(ctx, ctx.settings.snapshot_every)

@@ -7,6 +7,8 @@ EVENT_TYPES: dict[str, str] = {
     "credits.granted": "a balance was granted (or a purchase's credits became drawable)",
     "credits.voided": "what remained of a balance was voided",
     "credits.expired": "what remained of a balance expired",
+    "credits.expiring": "a balance expires within the notice period (CREDITGATE_EXPIRY_NOTICE_D "
+                        "days) with credit left: once per balance",
     "credits.clawed_back": "a partial refund of a purchase took its share of the purchased "
                            "credits back (what was already spent is owed as overage)",
     "credits.rolled_over": "what a recurring grant's period left unused (within its rollover "
