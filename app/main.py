@@ -178,7 +178,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         journal.start()
         tune_gc()
         workers = asyncio.create_task(run_workers(ctx)) if settings.run_workers else None
-        webhooks = Dispatcher(pool, DispatchConfig.from_settings(settings)) \
+        webhooks = Dispatcher(pool, DispatchConfig.from_settings(settings),
+                              listen_dsn=settings.database_url) \
             if settings.run_workers and settings.webhooks_dispatch else None
         if webhooks:
             webhooks.start()

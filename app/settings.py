@@ -86,7 +86,7 @@ class Settings:
     webhooks_allow_private: bool = False
     webhooks_dispatch: bool = True
     webhooks_concurrency: int = 50
-    webhooks_poll_s: Seconds = 0.1
+    webhooks_poll_s: Seconds = 1.0
     webhooks_retry_schedule_s: tuple[Seconds, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     # Browser origins that may call the customer routes (customer tokens) across origins,
     # e.g. the vendor's web app; "*" for any. Empty: no CORS headers at all.
@@ -147,7 +147,7 @@ class Settings:
             webhooks_allow_private=os.environ.get("CREDITGATE_WEBHOOKS_ALLOW_PRIVATE") == "1",
             webhooks_dispatch=os.environ.get("CREDITGATE_WEBHOOKS_DISPATCH", "1") != "0",
             webhooks_concurrency=_int("CREDITGATE_WEBHOOKS_CONCURRENCY", 50),
-            webhooks_poll_s=_seconds("CREDITGATE_WEBHOOKS_POLL_S", 0.1),
+            webhooks_poll_s=_seconds("CREDITGATE_WEBHOOKS_POLL_S", 1.0),
             webhooks_retry_schedule_s=_seconds_list("CREDITGATE_WEBHOOKS_RETRY_SCHEDULE_S",
                                                     cls.webhooks_retry_schedule_s),
             cors_origins=tuple(o.strip().rstrip("/") for o in

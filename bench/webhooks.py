@@ -10,12 +10,18 @@ producer, which commits events through `app.webhooks.outbox.publish` (a batch ev
 the journal flusher does). A database `creditgate_bench_wh_<random>` is created beside
 `--admin-database-url` (or `BENCH_DATABASE_URL`) and dropped at the end.
 
-Two phases:
+Phases:
 1. **throughput**: a backlog of `--backlog` events is committed with no dispatcher running,
    then the dispatchers start; deliveries/s = backlog / time until the receiver has them all.
 2. **latency**: events are committed at `--rate` per second for `--duration` seconds; the
    latency of an event is the receiver's clock when it arrives minus the producer's clock
    when its transaction committed (same machine, same clock). p50/p99 over all events.
+3. **idle**: the dispatchers run for `--idle` seconds with nothing to send: CPU per second.
+
+Phases 2 and 3 run in two modes, in the same run: `notify` (the app's way: dispatchers LISTEN
+and poll every `--poll` s; the producer nudges them after each commit, as the journal does)
+and `poll` (the baseline, as before notifications: no LISTEN, poll every `--baseline-poll`
+s). Phase 1 runs in `notify` mode.
 
 Target (issue 4): >= 1,000 deliveries/s with p99 < 1 s at that rate.
 """
@@ -43,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.db import create_pool, migrate  # noqa: E402
-from app.webhooks.outbox import OutboxEvent, event_id, publish  # noqa: E402
+from app.webhooks.outbox import OutboxEvent, event_id, nudge, publish  # noqa: E402
 
 TARGET_PER_S = 1_000
 TARGET_P99_S = 1.0
@@ -116,12 +122,13 @@ async def serve_receiver(port: int, secret: str, out: Path) -> None:
 # --- a dispatcher process ------------------------------------------------------------------
 
 
-async def run_dispatcher(dsn: str, concurrency: int, poll_s: float) -> None:
+async def run_dispatcher(dsn: str, concurrency: int, poll_s: float, listen: bool) -> None:
     from app.webhooks.dispatcher import DispatchConfig, Dispatcher
 
     pool = await create_pool(dsn, 4)
     dispatcher = Dispatcher(pool, DispatchConfig(concurrency=concurrency, poll_s=poll_s,
-                                                 per_endpoint=max(2, concurrency // 5)))
+                                                 per_endpoint=max(2, concurrency // 5)),
+                            listen_dsn=dsn if listen else None)
     dispatcher.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -165,10 +172,14 @@ def events(run: str, start: int, n: int) -> list[OutboxEvent]:
             for i in range(start, start + n)]
 
 
-async def publish_batch(pool: asyncpg.Pool, batch: list[OutboxEvent]) -> float:
+async def publish_batch(pool: asyncpg.Pool, batch: list[OutboxEvent], mode: str) -> float:
+    """Commit a batch (as the journal does: no NOTIFY inside, a nudge after); the commit time."""
     async with pool.acquire() as conn, conn.transaction():
-        await publish(conn, batch)
-    return time.time()
+        queued = await publish(conn, batch, notify_at_commit=False)
+    at = time.time()
+    if queued and mode == "notify":
+        await nudge(pool)
+    return at
 
 
 async def pending_count(conn: asyncpg.Connection) -> int:
@@ -215,12 +226,17 @@ class Setup:
     receiver: subprocess.Popen[bytes]
     receiver_out: Path
     args: argparse.Namespace
-    cpu: dict[str, dict[str, int]] = field(default_factory=dict)
+    cpu: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def start_dispatchers(s: Setup) -> list[subprocess.Popen[bytes]]:
+MODES = ("notify", "poll")
+
+
+def start_dispatchers(s: Setup, mode: str) -> list[subprocess.Popen[bytes]]:
+    poll = s.args.poll if mode == "notify" else s.args.baseline_poll
     return [spawn("--role", "dispatcher", "--dsn", s.dsn, "--concurrency", str(s.args.concurrency),
-                  "--poll", str(s.args.poll)) for _ in range(s.args.dispatchers)]
+                  "--poll", str(poll), *(["--listen"] if mode == "notify" else []))
+            for _ in range(s.args.dispatchers)]
 
 
 async def wait_drained(conn: asyncpg.Connection, within: float) -> None:
@@ -241,9 +257,9 @@ async def throughput(s: Setup, conn: asyncpg.Connection, run: str) -> list[str]:
     ids = []
     for start in range(0, backlog, 1000):
         batch = events(run, start, min(1000, backlog - start))
-        await publish_batch(s.pool, batch)
+        await publish_batch(s.pool, batch, "notify")
         ids += [e.id for e in batch]
-    dispatchers = start_dispatchers(s)
+    dispatchers = start_dispatchers(s, "notify")
     pids = {"dispatchers": [p.pid for p in dispatchers], "receiver": [s.receiver.pid],
             "producer": [os.getpid()]}
     before = cpu_seconds(pids)
@@ -257,15 +273,24 @@ async def throughput(s: Setup, conn: asyncpg.Connection, run: str) -> list[str]:
     return ids
 
 
-async def latency(s: Setup, conn: asyncpg.Connection, run: str) -> tuple[float, dict[str, float]]:
-    """Commit events at the rate for the duration; (offered rate, commit time per event id)."""
-    dispatchers = start_dispatchers(s)
+async def latency(s: Setup, conn: asyncpg.Connection, run: str,
+                  mode: str) -> tuple[float, dict[str, float]]:
+    """Idle for a while, then commit events at the rate for the duration; (offered rate,
+    commit time per event id)."""
+    dispatchers = start_dispatchers(s, mode)
     committed: dict[str, float] = {}
     try:
         await asyncio.sleep(2.0)  # dispatchers up and polling
         pids = {"dispatchers": [p.pid for p in dispatchers], "receiver": [s.receiver.pid],
                 "producer": [os.getpid()]}
         before = cpu_seconds(pids)
+        await asyncio.sleep(s.args.idle)
+        idle = cpu_seconds(pids)
+        s.cpu[f"idle {mode}"] = {
+            name: round(sum(t - before.get(name, {}).get(pid, 0.0) for pid, t in procs.items())
+                        / s.args.idle * 1000, 1)
+            for name, procs in idle.items() if name in ("dispatchers", "postgres")}
+        before = idle
         total = int(s.args.rate * s.args.duration)
         sent = 0
         begin = time.monotonic()
@@ -273,13 +298,14 @@ async def latency(s: Setup, conn: asyncpg.Connection, run: str) -> tuple[float, 
             due = min(total, int((time.monotonic() - begin) * s.args.rate) + 1)
             if due > sent:
                 batch = events(run, sent, due - sent)
-                at = await publish_batch(s.pool, batch)
+                at = await publish_batch(s.pool, batch, mode)
                 committed.update((e.id, at) for e in batch)
                 sent = due
             await asyncio.sleep(0.01)
         offered = total / (time.monotonic() - begin)
         await wait_drained(conn, 60)
-        s.cpu["latency"] = cpu_per_delivery(before, cpu_seconds(pids), total * s.args.endpoints)
+        s.cpu[f"latency {mode}"] = cpu_per_delivery(before, cpu_seconds(pids),
+                                                    total * s.args.endpoints)
     finally:
         for proc in dispatchers:
             stop(proc)
@@ -312,7 +338,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         setup = Setup(dsn, pool, receiver, receiver_out, args)
         run = uuid.uuid4().hex
         backlog_ids = await throughput(setup, conn, run + "t")
-        offered, committed = await latency(setup, conn, run + "l")
+        modes = {mode: await latency(setup, conn, run + "l" + mode, mode) for mode in MODES}
         await pool.close()
         await conn.close()
         stop(receiver)
@@ -322,18 +348,21 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         paths = [f"/hook/{i}" for i in range(args.endpoints)]
         drained = [arrivals[f"{path} {i}"] for i in backlog_ids for path in paths]
         span = max(drained) - min(drained)
-        waits = [arrivals[f"{path} {i}"] - at for i, at in committed.items() for path in paths
-                 if f"{path} {i}" in arrivals]
-        missing = len(committed) * len(paths) - len(waits)
-        assert not missing, f"{missing} deliveries never arrived"
+        latencies = {}
+        for mode, (offered, committed) in modes.items():
+            waits = [arrivals[f"{path} {i}"] - at for i, at in committed.items()
+                     for path in paths if f"{path} {i}" in arrivals]
+            missing = len(committed) * len(paths) - len(waits)
+            assert not missing, f"{mode}: {missing} deliveries never arrived"
+            latencies[mode] = {"events": len(committed), "offered_per_s": round(offered),
+                               "deliveries_per_s": round(offered * args.endpoints),
+                               "p50_ms": round(pct(waits, 0.5) * 1000, 1),
+                               "p99_ms": round(pct(waits, 0.99) * 1000, 1),
+                               "max_ms": round(max(waits) * 1000, 1)}
         return {
             "throughput": {"deliveries": len(drained), "seconds": round(span, 2),
                            "deliveries_per_s": round(len(drained) / span)},
-            "latency": {"events": len(committed), "offered_per_s": round(offered),
-                        "deliveries_per_s": round(offered * args.endpoints),
-                        "p50_ms": round(pct(waits, 0.5) * 1000, 1),
-                        "p99_ms": round(pct(waits, 0.99) * 1000, 1),
-                        "max_ms": round(max(waits) * 1000, 1)},
+            "latency": latencies,
             "cpu_us_per_delivery": setup.cpu,
             "receiver": {"repeated_ids": got["duplicates"], "signatures_checked": got["verified"],
                          "bad_signatures": got["bad"]},
@@ -348,17 +377,27 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, found: dict[str, Any]) -> None:
-    t, lat = found["throughput"], found["latency"]
+    t = found["throughput"]
     print(f"webhooks bench: {args.dispatchers} dispatcher process(es), concurrency "
-          f"{args.concurrency} each, {args.endpoints} endpoint(s), poll {args.poll * 1000:g} ms, "
-          f"{os.cpu_count()} CPUs")
-    print(f"  throughput: {t['deliveries']} deliveries drained from a backlog in {t['seconds']} s = "
-          f"{t['deliveries_per_s']}/s  (x{t['deliveries_per_s'] / TARGET_PER_S:.2f} of the "
-          f"{TARGET_PER_S}/s target)")
-    print(f"  latency at {lat['deliveries_per_s']} deliveries/s ({lat['offered_per_s']} events/s) for "
-          f"{args.duration:g} s: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max "
-          f"{lat['max_ms']} ms  (p99 x{lat['p99_ms'] / 1000 / TARGET_P99_S:.2f} of the 1 s bound)")
-    print(f"  CPU µs per delivery: {found['cpu_us_per_delivery']}")
+          f"{args.concurrency} each, {args.endpoints} endpoint(s), {os.cpu_count()} CPUs; "
+          f"notify: LISTEN + poll {args.poll * 1000:g} ms, baseline: poll "
+          f"{args.baseline_poll * 1000:g} ms")
+    print(f"  throughput (notify): {t['deliveries']} deliveries drained from a backlog in "
+          f"{t['seconds']} s = {t['deliveries_per_s']}/s  "
+          f"(x{t['deliveries_per_s'] / TARGET_PER_S:.2f} of the {TARGET_PER_S}/s target)")
+    for mode, lat in found["latency"].items():
+        print(f"  latency ({mode}) at {lat['deliveries_per_s']} deliveries/s "
+              f"({lat['offered_per_s']} events/s) for {args.duration:g} s: p50 {lat['p50_ms']} ms,"
+              f" p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms  "
+              f"(p99 x{lat['p99_ms'] / 1000 / TARGET_P99_S:.2f} of the 1 s bound)")
+    cpu = found["cpu_us_per_delivery"]
+    print(f"  CPU µs per delivery: {cpu}")
+    lat = found["latency"]
+    idle = {mode: cpu[f"idle {mode}"] for mode in MODES}
+    print(f"  ratios poll / notify: p50 x{lat['poll']['p50_ms'] / lat['notify']['p50_ms']:.2f}, "
+          f"p99 x{lat['poll']['p99_ms'] / lat['notify']['p99_ms']:.2f}; idle CPU ms/s "
+          f"dispatcher {idle['poll']['dispatchers']} / {idle['notify']['dispatchers']}, "
+          f"postgres {idle['poll']['postgres']} / {idle['notify']['postgres']}")
     print(f"  receiver: {found['receiver']}")
     print(json.dumps(found))
 
@@ -374,7 +413,12 @@ def main() -> None:
     parser.add_argument("--dispatchers", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=50, help="per dispatcher")
     parser.add_argument("--endpoints", type=int, default=1)
-    parser.add_argument("--poll", type=float, default=0.1, help="idle poll interval, s")
+    parser.add_argument("--poll", type=float, default=1.0,
+                        help="idle poll interval with notifications, s (the app's default)")
+    parser.add_argument("--baseline-poll", type=float, default=0.1,
+                        help="idle poll interval of the baseline (no notifications), s")
+    parser.add_argument("--listen", action="store_true", help="(dispatcher role) LISTEN")
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds of the idle phase")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--secret", default="")
     parser.add_argument("--out", type=Path, default=Path("/dev/null"))
@@ -385,7 +429,7 @@ def main() -> None:
     if args.role == "receiver":
         uvloop.run(serve_receiver(args.port, args.secret, args.out))
     elif args.role == "dispatcher":
-        uvloop.run(run_dispatcher(args.dsn, args.concurrency, args.poll))
+        uvloop.run(run_dispatcher(args.dsn, args.concurrency, args.poll, args.listen))
     else:
         report(args, uvloop.run(bench(args)))
 

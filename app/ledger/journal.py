@@ -28,7 +28,7 @@ from app.ledger import repository as repo
 from app.ledger.repository import ms_to_dt
 from app.money import scaled_text
 from app.recharge.triggers import insert_triggers, triggers_for
-from app.webhooks.outbox import events_for, publish
+from app.webhooks.outbox import events_for, nudge, publish
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 500
@@ -241,6 +241,7 @@ class Journal:
             rows.add(record)
         events = [events_for(r, ms_to_dt(r.recorded_ms)) for r in records]
         triggers = [triggers_for(r) for r in records]
+        queued = False
         async with self.pool.acquire() as conn:
             if rows.balances or rows.statuses or rows.holds or any(events) or any(triggers):
                 async with conn.transaction():
@@ -249,13 +250,16 @@ class Journal:
                     # only what this batch really committed raises events: a duplicate applied
                     # twice by a forgetful Redis must not announce a flip that never happened
                     accepted = [o == "accepted" for o in outcomes]
-                    await publish(conn, [e for evts, ok in zip(events, accepted, strict=True)
-                                         if ok for e in evts])
+                    raised = [e for evts, ok in zip(events, accepted, strict=True) if ok
+                              for e in evts]
+                    queued = await publish(conn, raised, notify_at_commit=False)
                     await insert_triggers(conn, [t for found, ok in zip(triggers, accepted, strict=True)
                                                  if ok for t in found])
             else:  # plain usage: write_rows is a single statement, atomic on its own
                 inserted = await repo.write_rows(conn, rows)
                 outcomes = await self._outcomes(conn, records, inserted)
+        if queued:  # after the commit, off the flush's path (outbox.CHANNEL)
+            self._spawn(nudge(self.pool))
         if answer_before_ack:
             self._spawn(self._after_commit(records, outcomes))
         else:

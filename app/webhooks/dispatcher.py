@@ -36,6 +36,7 @@ from app.errors import STORE_ERRORS
 from app.webhooks import repository as repo
 from app.webhooks import service
 from app.webhooks.net import transport
+from app.webhooks.outbox import CHANNEL
 from app.webhooks.signing import signed_headers
 
 if TYPE_CHECKING:
@@ -48,13 +49,15 @@ RETRY_ERRORS: tuple[type[BaseException], ...] = (
     *STORE_ERRORS, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 JITTER = 0.1  # each retry waits its scheduled delay +-10%
 T = TypeVar("T")
+# the idle poll while no notification connection is up (the configured one applies with it)
+UNHEARD_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
 class DispatchConfig:
     concurrency: int = 50
     per_endpoint: int = 10
-    poll_s: Seconds = 0.1
+    poll_s: Seconds = 1.0  # idle: queued deliveries are notified, this finds due retries
     timeout_s: Seconds = 15.0
     lease: timedelta = timedelta(seconds=60)  # > timeout_s: a claim outlives its attempt
     schedule_s: tuple[Seconds, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
@@ -280,6 +283,10 @@ async def record_streaks(conn: Connection, outcomes: list[Outcome], config: Disp
                     f"every attempt failed for {config.disable_after.days} days")
 
 
+def _set(event: asyncio.Event, *_: object) -> None:
+    event.set()
+
+
 @dataclass
 class Dispatcher:
     """Claims ahead: each endpoint holds up to 2 x `per_endpoint` claimed deliveries, at most
@@ -289,8 +296,13 @@ class Dispatcher:
 
     pool: asyncpg.Pool
     config: DispatchConfig = field(default_factory=DispatchConfig)
+    # a connection of its own LISTENs for new deliveries (outbox.CHANNEL) when this is set;
+    # without it, or while it is down, the dispatcher polls every UNHEARD_POLL_S at most
+    listen_dsn: str | None = None
+    channel: str = CHANNEL
     rng: random.Random = field(default_factory=random.Random)
     attempts_made: int = 0
+    claims_made: int = 0
     _transport: httpx.AsyncBaseTransport | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _inflight: dict[asyncio.Task[None], Job] = field(default_factory=dict)
@@ -299,16 +311,24 @@ class Dispatcher:
     _queued: dict[int, deque[Job]] = field(default_factory=dict)
     _outcomes: asyncio.Queue[Outcome] = field(default_factory=asyncio.Queue)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _listening: bool = False
 
     def start(self) -> None:
         self._transport = transport(self.config.per_endpoint, guarded=not self.config.allow_private)
         self._tasks = [asyncio.create_task(self._claim_loop(), name="webhooks-claim"),
                        asyncio.create_task(self._record_loop(), name="webhooks-record")]
+        if self.listen_dsn:
+            self._tasks.append(asyncio.create_task(self._listen_loop(self.listen_dsn),
+                                                   name="webhooks-listen"))
 
     async def stop(self, drain_s: Seconds = 2.0) -> None:
         """Release what is queued, let attempts in flight finish (for up to drain_s), record
         everything, close."""
-        claim_loop, record_loop = self._tasks or (None, None)
+        claim_loop, record_loop, *listen = self._tasks or (None, None)
+        for task in listen:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if claim_loop:
             claim_loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -350,6 +370,7 @@ class Dispatcher:
         return full, some, room
 
     async def _claim(self, limit: int) -> list[Job]:
+        self.claims_made += 1
         full, some, room = self._room()
         rows = await repo.claim(self.pool, limit, full, some, room, self._hold_cap,
                                 self.config.lease)
@@ -383,9 +404,35 @@ class Dispatcher:
             if any(self._held.get(e, 0) <= self.config.per_endpoint
                    for e in {job.endpoint_id for job in jobs}):
                 continue  # landings during the claim left an endpoint with due work half empty
-            # idle, or everything held: poll again, sooner once room frees up
+            # idle, or everything held: poll again, sooner once room frees up or a
+            # notification says deliveries were queued
+            poll_s = self.config.poll_s if self._listening else min(self.config.poll_s,
+                                                                    UNHEARD_POLL_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_s)
+                await asyncio.wait_for(self._wake.wait(), poll_s)
+
+    async def _listen_loop(self, dsn: str) -> None:
+        """Hold a connection that LISTENs for queued deliveries; each notification wakes the
+        claim loop. A lost connection is opened again (the claim loop polls meanwhile)."""
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(dsn)
+                lost = asyncio.Event()
+                conn.add_termination_listener(functools.partial(_set, lost))
+                await conn.add_listener(self.channel, functools.partial(_set, self._wake))
+                self._listening = True
+                self._wake.set()  # what was queued while nobody listened
+                await lost.wait()
+                log.warning("webhook notifications lost; polling until they are back")
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("cannot listen for webhook notifications: %s", exc)
+            finally:
+                self._listening = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=1))
+            await asyncio.sleep(1.0)
 
     def _pump(self, first: int | None = None) -> None:
         """Send queued deliveries while their endpoint and the dispatcher have room; the

@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from app.db import Connection
+import asyncpg
+
+from app.db import Conn, Connection
+from app.errors import STORE_ERRORS
 from app.money import fmt, from_scaled
 
 if TYPE_CHECKING:
     from app.ledger.journal import JournalRecord
 
+log = logging.getLogger(__name__)
 FLAG_EVENTS = {"revoked": ("balance.depleted", "entitlement.revoked"),
                "granted": ("balance.recovered", "entitlement.granted")}
 BALANCE_EVENTS = {"grant": "credits.granted", "void": "credits.voided", "expire": "credits.expired",
@@ -90,26 +95,67 @@ def events_for(record: JournalRecord, at: datetime) -> list[OutboxEvent]:
     return events
 
 
-async def publish(conn: Connection, events: list[OutboxEvent]) -> None:
-    """Insert events (once each) and a pending delivery for every endpoint that wants them."""
-    if not events:
-        return
-    await conn.execute(
-        """WITH new AS (
+# Postgres NOTIFY channel of new pending deliveries: dispatchers (app/webhooks/dispatcher.py)
+# LISTEN to it and claim at once. A transaction that notifies holds a global lock through its
+# commit (notifying transactions commit one at a time), so the journal's flushes, the busy
+# writer, do not notify: a task of theirs does after the commit (`nudge`), in a transaction of
+# its own that does not wait for its commit record to reach the disk. The other writers, rare,
+# notify within their transaction.
+CHANNEL = "creditgate_outbox"
+
+
+async def notify(conn: Conn) -> None:
+    """Wake the dispatchers (at the commit of the caller's transaction, if it is in one)."""
+    await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+
+
+async def nudge(pool: asyncpg.Pool) -> None:
+    """Wake the dispatchers now, outside any transaction: a lost nudge only delays deliveries
+    until a dispatcher's idle poll."""
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')", CHANNEL)
+    except STORE_ERRORS as exc:
+        log.warning("could not notify the webhook dispatchers: %s", exc)
+
+
+def _publish_sql(then: str) -> str:
+    return f"""WITH new AS (
                INSERT INTO webhook_events (id, type, account_id, sequence, payload, created_at)
                SELECT e.id, e.type, e.account_id, e.sequence,
                       CASE WHEN a.code IS NULL THEN e.payload::jsonb
-                           ELSE jsonb_set(e.payload::jsonb, '{data,account}', to_jsonb(a.code)) END,
+                           ELSE jsonb_set(e.payload::jsonb, '{{data,account}}', to_jsonb(a.code))
+                      END,
                       e.created_at
                FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[],
                            $6::timestamptz[]) AS e(id, type, account_id, sequence, payload, created_at)
                LEFT JOIN accounts a ON a.id = e.account_id
                ON CONFLICT (id) DO NOTHING
-               RETURNING id, type)
+               RETURNING id, type),
+         queued AS (
            INSERT INTO webhook_deliveries (event_id, endpoint_id)
            SELECT new.id, w.id FROM new JOIN webhook_endpoints w
-             ON w.enabled AND (w.event_types IS NULL OR new.type = ANY(w.event_types))""",
+             ON w.enabled AND (w.event_types IS NULL OR new.type = ANY(w.event_types))
+           RETURNING 1)
+         {then}"""
+
+
+_PUBLISH_NOTIFY = _publish_sql(f"""SELECT count(*) > 0 FROM (
+             SELECT pg_notify('{CHANNEL}', '') FROM (SELECT FROM queued LIMIT 1) q) n""")
+_PUBLISH_ASK = _publish_sql("SELECT EXISTS (SELECT FROM queued)")
+
+
+async def publish(conn: Connection, events: list[OutboxEvent], *,
+                  notify_at_commit: bool = True) -> bool:
+    """Insert events (once each) and a pending delivery for every endpoint that wants them;
+    whether it queued any. The dispatchers are notified at the commit when it did, unless
+    `notify_at_commit` is False: then the caller notifies after its commit."""
+    if not events:
+        return False
+    queued = await conn.fetchval(
+        _PUBLISH_NOTIFY if notify_at_commit else _PUBLISH_ASK,
         [e.id for e in events], [e.type for e in events], [e.account_id for e in events],
         [e.sequence for e in events], [e.payload() for e in events],
-        [e.created_at for e in events],
-    )
+        [e.created_at for e in events])
+    return bool(queued)

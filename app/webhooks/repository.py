@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from app.db import Conn, Connection
-from app.webhooks.outbox import OutboxEvent
+from app.webhooks.outbox import OutboxEvent, notify
 
 _DELIVERY = """SELECT d.id, d.event_id, e.type AS event_type, d.endpoint_id, d.status,
                       d.attempts AS attempt_count,
@@ -95,6 +95,7 @@ async def insert_event_for(conn: Conn, event: OutboxEvent, endpoint_id: int) -> 
            INSERT INTO webhook_deliveries (event_id, endpoint_id) SELECT e.id, $5 FROM e
            RETURNING id""",
         event.id, event.type, event.payload(), event.created_at, endpoint_id)
+    await notify(conn)
     return delivery_id
 
 
@@ -269,6 +270,8 @@ async def replay_event(conn: Conn, event_id: str, endpoint_id: int | None) -> li
            SET status = 'pending', next_attempt_at = now(),
                retry_base = webhook_deliveries.attempts, last_error = NULL
            RETURNING id""", event_id, endpoint_id)
+    if rows:
+        await notify(conn)
     return sorted(r["id"] for r in rows)
 
 
@@ -286,7 +289,10 @@ async def replay_failed(conn: Conn, since: datetime, endpoint_id: int | None) ->
                WHERE w.enabled AND d.status IN ('failed', 'cancelled') AND e.created_at >= $1
                  AND ($2::int8 IS NULL OR d.endpoint_id = $2)
                ORDER BY d.id FOR UPDATE OF d)""", since, endpoint_id)
-    return int(status.split()[-1])
+    replayed = int(status.split()[-1])
+    if replayed:
+        await notify(conn)
+    return replayed
 
 
 # --- retention --------------------------------------------------------------------------
