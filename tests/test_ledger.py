@@ -190,3 +190,35 @@ async def test_accounts_are_found_by_email_status_and_parent(api: Api) -> None:
                           ({"email": "not-an-email"}, "query.email")]:
         problem = await api.call("GET", "/v1/accounts", expect=422, params=params)
         assert problem["field"] == field, (params, problem)
+
+
+async def test_balances_are_listed_by_status_and_credit_type(api: Api) -> None:
+    n = await api.setup()
+    other = await api.setup(credit_type="tok", decimal_places=0)
+    kept = await api.grant(n["account"], "5.00")
+    voided = await api.grant(n["account"], "2.00")
+    await api.call("POST", f"/v1/balances/{voided['id']}/void", json={})
+    tokens = await api.grant(n["account"], "7", credit_type=other["credit_type"])
+
+    async def ids(**params: Any) -> list[int]:
+        found: list[int] = []
+        cursor = None
+        while True:
+            page = await api.call("GET", "/v1/balances", params={
+                "account": n["account"], "limit": 1, **params,
+                **({"cursor": cursor} if cursor else {})})
+            found += [b["id"] for b in page["data"]]
+            if (cursor := page["next_cursor"]) is None:
+                return found
+
+    assert await ids() == [kept["id"], voided["id"], tokens["id"]]
+    assert await ids(status="active") == [kept["id"], tokens["id"]]
+    assert await ids(status="voided") == [voided["id"]]
+    assert await ids(status="active", credit_type=n["credit_type"]) == [kept["id"]]
+    assert await ids(credit_type=other["credit_type"]) == [tokens["id"]]
+    assert await ids(status="expired") == []
+    for params, field in [({"status": "gone"}, "query.status"),
+                          ({"credit_type": "no-such-type"}, "query.credit_type")]:
+        problem = await api.call("GET", "/v1/balances", expect=422,
+                                 params={"account": n["account"], **params})
+        assert problem["field"] == field, (params, problem)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 from starlette.responses import Response
 
@@ -33,6 +35,8 @@ from app.schemas import Code, ListQuery, next_cursor
 
 class BalanceListQuery(ListQuery):
     account: Code
+    status: Literal["active", "pending", "voided", "expired"] | None = None
+    credit_type: Code | None = None
 
 
 async def grant(call: Call) -> BaseModel:
@@ -44,11 +48,14 @@ async def get_balance(call: Call) -> BaseModel:
 
 
 async def list_balances(call: Call) -> BaseModel:
-    account = await service.account_ref(call.ctx, call.query.account)
-    rows = await repo.account_balances(call.ctx.pool, account.id, call.query.after_id(),
-                                       call.query.limit)
+    q = call.query
+    account = await service.account_ref(call.ctx, q.account)
+    credit_type = None if q.credit_type is None else (await service.resolve_credit_type(
+        call.ctx, account, q.credit_type, field="query.credit_type")).id
+    rows = await repo.account_balances(call.ctx.pool, account.id, q.after_id(), q.limit,
+                                       q.status, credit_type)
     return BalancePage(data=[service.balance_out(r) for r in rows],
-                       next_cursor=next_cursor([r["id"] for r in rows], call.query.limit))
+                       next_cursor=next_cursor([r["id"] for r in rows], q.limit))
 
 
 async def adjust(call: Call) -> BaseModel:
@@ -112,7 +119,8 @@ ENDPOINTS = [
              "Grant credits: creates a balance and its grant entry", "balances", body=GrantIn,
              response=BalanceOut, status=201),
     Endpoint("GET", "/v1/balances", list_balances, ADMIN,
-             "List an account's balances (all statuses) with granted and remaining amounts",
+             "List an account's balances (all statuses, or one) with granted and remaining "
+             "amounts",
              "balances", query=BalanceListQuery, response=BalancePage),
     Endpoint("GET", "/v1/balances/{balance_id}", get_balance, ADMIN, "Read a balance",
              "balances", response=BalanceOut),

@@ -234,10 +234,15 @@ async def balance(conn: Conn, balance_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(_BALANCE + " WHERE b.id = $1", balance_id)
 
 
-async def account_balances(conn: Conn, account_id: int, after_id: int, limit: int) -> list[asyncpg.Record]:
+async def account_balances(conn: Conn, account_id: int, after_id: int, limit: int,
+                           status: str | None = None,
+                           credit_type_id: int | None = None) -> list[asyncpg.Record]:
     return await conn.fetch(
-        _BALANCE + " WHERE b.account_id = $1 AND b.id > $2 ORDER BY b.id LIMIT $3",
-        account_id, after_id, limit,
+        _BALANCE + """ WHERE b.account_id = $1 AND b.id > $2
+                         AND ($4::text IS NULL OR b.status = $4)
+                         AND ($5::int8 IS NULL OR b.credit_type_id = $5)
+                       ORDER BY b.id LIMIT $3""",
+        account_id, after_id, limit, status, credit_type_id,
     )
 
 
