@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from app.schemas import Code, Description, Strict, Timestamp, Uid, uid_pattern
+from app.schemas import Code, Description, Page, Strict, Timestamp, Uid, uid_pattern
 
 # Usage uids the rating engine gives its own debits (`r<pricing>:…`, `s<account plan>:…`,
 # `c<pricing>:…`, the bill run's `b<account plan>:…`): a client's usage uid or consume key
@@ -222,9 +222,8 @@ class UsageEventItem(BaseModel):
     recorded_at: datetime
 
 
-class UsageEventPage(BaseModel):
-    data: list[UsageEventItem] = Field(description="newest recorded first")
-    next_cursor: str | None = Field(description="pass as `cursor` to get the next page")
+class UsageEventPage(Page[UsageEventItem]):
+    """Newest recorded first."""
 
 
 class UsageSummaryQuery(Strict):
