@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.db import create_pool, migrate  # noqa: E402
-from app.webhooks.outbox import OutboxEvent, event_id, nudge, publish  # noqa: E402
+from app.webhooks.outbox import Nudger, OutboxEvent, event_id, publish  # noqa: E402
 
 TARGET_PER_S = 1_000
 TARGET_P99_S = 1.0
@@ -178,7 +178,7 @@ async def publish_batch(pool: asyncpg.Pool, batch: list[OutboxEvent], mode: str)
         queued = await publish(conn, batch, notify_at_commit=False)
     at = time.time()
     if queued and mode == "notify":
-        await nudge(pool)
+        await Nudger(pool).notify()
     return at
 
 

@@ -14,7 +14,7 @@ import asyncpg
 from app.db import create_pool
 from app.settings import Settings
 from app.webhooks.dispatcher import DispatchConfig, Dispatcher
-from app.webhooks.outbox import CHANNEL, OutboxEvent, event_id, publish
+from app.webhooks.outbox import CHANNEL, Nudger, OutboxEvent, event_id, publish
 from tests import webhook_receiver
 from tests.conftest import Api
 from tests.webhook_receiver import Endpoints, Receiver, eventually
@@ -122,3 +122,31 @@ async def test_the_journal_notifies_after_committing_an_event(
                                      for r in receiver.at(hook["path"])))
     finally:
         await db.remove_listener(CHANNEL, hear)
+
+
+async def test_commits_landing_while_a_nudge_waits_share_it(
+        settings: Settings, db: asyncpg.Connection) -> None:
+    pool = await create_pool(settings.database_url, 2)
+    async with pool.acquire() as first, pool.acquire() as second:  # every connection it has
+        pids = {first.get_server_pid(), second.get_server_pid()}
+    heard: list[int] = []
+
+    def hear(_conn: object, sender: int, _channel: str, _payload: str) -> None:
+        if sender in pids:
+            heard.append(sender)
+
+    await db.add_listener(CHANNEL, hear)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        nudger = Nudger(pool)
+        for _ in range(10):  # ten flushes commit before the first nudge is sent: one nudge
+            nudger.after_commit(lambda work: tasks.append(asyncio.create_task(work)))
+        await asyncio.gather(*tasks)
+        await eventually(lambda: len(heard) == 1)
+        nudger.after_commit(lambda work: tasks.append(asyncio.create_task(work)))  # one more
+        await asyncio.gather(*tasks)
+        await eventually(lambda: len(heard) == 2)
+        assert len(tasks) == 2
+    finally:
+        await db.remove_listener(CHANNEL, hear)
+        await pool.close()

@@ -28,7 +28,7 @@ from app.ledger import repository as repo
 from app.ledger.repository import ms_to_dt
 from app.money import scaled_text
 from app.recharge.triggers import insert_triggers, triggers_for
-from app.webhooks.outbox import events_for, nudge, publish
+from app.webhooks.outbox import Nudger, events_for, publish
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 500
@@ -156,6 +156,7 @@ class Journal:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._scanned = False  # the keyspace scan of this process's first sweep is done
+        self._nudger = Nudger(pool)  # wakes the webhook dispatchers after a flush's events
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run())
@@ -259,7 +260,7 @@ class Journal:
                 inserted = await repo.write_rows(conn, rows)
                 outcomes = await self._outcomes(conn, records, inserted)
         if queued:  # after the commit, off the flush's path (outbox.CHANNEL)
-            self._spawn(nudge(self.pool))
+            self._nudger.after_commit(self._spawn)
         if answer_before_ack:
             self._spawn(self._after_commit(records, outcomes))
         else:

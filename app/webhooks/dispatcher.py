@@ -425,7 +425,7 @@ class Dispatcher:
                 self._wake.set()  # what was queued while nobody listened
                 await lost.wait()
                 log.warning("webhook notifications lost; polling until they are back")
-            except (OSError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # any failure: poll meanwhile, try again in a second
                 log.warning("cannot listen for webhook notifications: %s", exc)
             finally:
                 self._listening = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -98,7 +99,7 @@ def events_for(record: JournalRecord, at: datetime) -> list[OutboxEvent]:
 # Postgres NOTIFY channel of new pending deliveries: dispatchers (app/webhooks/dispatcher.py)
 # LISTEN to it and claim at once. A transaction that notifies holds a global lock through its
 # commit (notifying transactions commit one at a time), so the journal's flushes, the busy
-# writer, do not notify: a task of theirs does after the commit (`nudge`), in a transaction of
+# writer, do not notify: a task of theirs does after the commit (`Nudger`), in a transaction of
 # its own that does not wait for its commit record to reach the disk. The other writers, rare,
 # notify within their transaction.
 CHANNEL = "creditgate_outbox"
@@ -109,15 +110,30 @@ async def notify(conn: Conn) -> None:
     await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
 
 
-async def nudge(pool: asyncpg.Pool) -> None:
-    """Wake the dispatchers now, outside any transaction: a lost nudge only delays deliveries
-    until a dispatcher's idle poll."""
-    try:
-        async with pool.acquire() as conn:
-            await conn.execute(
-                "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')", CHANNEL)
-    except STORE_ERRORS as exc:
-        log.warning("could not notify the webhook dispatchers: %s", exc)
+class Nudger:
+    """Wakes the dispatchers after commits, outside any transaction, with at most one
+    notification waiting to be sent: commits that land while one waits are covered by it. A
+    lost nudge only delays deliveries until a dispatcher's idle poll."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._waiting = False
+
+    def after_commit(self, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        if not self._waiting:
+            self._waiting = True
+            spawn(self.notify())
+
+    async def notify(self) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                self._waiting = False  # a commit from now on needs a notification of its own
+                await conn.execute("SELECT set_config('synchronous_commit', 'off', true), "
+                                   "pg_notify($1, '')", CHANNEL)
+        except STORE_ERRORS as exc:
+            log.warning("could not notify the webhook dispatchers: %s", exc)
+        finally:
+            self._waiting = False
 
 
 def _publish_sql(then: str) -> str:
