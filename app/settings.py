@@ -57,6 +57,9 @@ class Settings:
     # How far a usage timestamp may lie in the future (clock skew) or in the past.
     usage_future_skew_s: int = 300
     usage_max_age_s: int = 35 * 24 * 3600
+    # A usage timestamp at most this long before the request is drawn from the balances
+    # eligible at the request's time, not its own (clock skew, timestamps cut to the second).
+    usage_grace_ms: int = 5_000
     worker_interval_s: Seconds = 2.0
     # A balance (or an account's overage) with this many ledger entries after its snapshot gets
     # a new one from the workers (app/ledger/snapshots.py): what a hot-state rebuild reads.
@@ -132,6 +135,7 @@ class Settings:
             stripe_max_network_retries=_int("STRIPE_MAX_NETWORK_RETRIES", 2),
             stripe_timeout_s=_seconds("STRIPE_TIMEOUT_S", 30.0),
             journal_orphan_ms=_int("CREDITGATE_JOURNAL_ORPHAN_MS", 5_000),
+            usage_grace_ms=_int("CREDITGATE_USAGE_GRACE_MS", 5_000),
             worker_interval_s=_seconds("CREDITGATE_WORKER_INTERVAL_S", 2.0),
             snapshot_every=_int("CREDITGATE_SNAPSHOT_EVERY", 10_000),
             idempotency_key_ttl_h=_int("CREDITGATE_IDEMPOTENCY_KEY_TTL_H", 7 * 24),

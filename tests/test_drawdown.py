@@ -109,3 +109,23 @@ async def test_child_draws_its_own_balances_then_its_parents(api: Api, db: async
     assert (await api.check(child["account"], child["api"], amount="8.00"))["allowed"] is True
     assert (await api.check(child["account"], child["api"], amount="8.01"))["reason"] == \
         "insufficient_balance"
+
+
+async def test_a_use_stamped_a_moment_before_a_grant_is_drawn_from_it(api: Api) -> None:
+    """Within the grace (5 s) a timestamp is drawn as the request's time: a backend clock a
+    little behind, or a timestamp cut to the second, is not billed as overage for credit granted
+    a moment before. An older timestamp is still drawn from what was eligible then."""
+    n = await api.setup()
+    grant = await api.grant(n["account"], "5.00")
+    granted_at = datetime.fromisoformat(grant["effective_at"])
+
+    def stamped(delta: timedelta) -> str:
+        return (granted_at + delta).isoformat()
+
+    skewed = await api.usage(n["account"], n["api"], "1.00", timestamp=stamped(
+        timedelta(seconds=-2)))
+    assert (skewed["overage"], skewed["available"]) == ("0.00", "4.00")
+    late = await api.usage(n["account"], n["api"], "1.00", timestamp=stamped(
+        timedelta(minutes=-1)))
+    assert late["overage"] == "1.00"  # nothing was eligible a minute before the grant
+    assert await api.available(n["account"]) == "4.00"

@@ -238,9 +238,13 @@ async def prepare(lookups: Lookups, index: int, event: UsageEvent, now: datetime
     amount = scaled(event.amount, credit_type)
     at = to_ms(event.timestamp)
     payload = _usage_payload(account, credit_type, event.uid, event.product, amount, at)
+    # a timestamp within the grace before now is drawn as now: credit granted a moment before
+    # a use covers it, even from a backend whose clock is a little behind or cut to the second
+    now_at = to_ms(now)
+    eligible_at = max(at, now_at) if at >= now_at - ctx.settings.usage_grace_ms else at
     return Prepared(index, event, account, credit_type, DecideArgs(
-        account.id, account.chain_arg, event.uid, event.product, credit_type.code, amount, at,
-        "u", payload))
+        account.id, account.chain_arg, event.uid, event.product, credit_type.code, amount,
+        eligible_at, "u", payload))
 
 
 async def record_usage(ctx: AppContext, items: list[Any], prefix: str) -> list[UsageResult]:
