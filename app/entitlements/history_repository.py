@@ -35,7 +35,7 @@ async def events(conn: Conn, account_id: int, before: tuple[datetime, str] | Non
         where.append(KIND_FILTERS[kind])
     return await conn.fetch(
         f"""SELECT e.uid, e.product_code, e.credit_type_id, e.amount, e.overage, e.event_time,
-                   e.recorded_at, r.amount AS reversed, r.status AS reversal_status
+                   e.recorded_at, r.amount AS reversed
             FROM usage_events e
             LEFT JOIN usage_reversals r ON r.account_id = e.account_id AND r.uid = e.uid
             WHERE {' AND '.join(where)}
