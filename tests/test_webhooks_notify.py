@@ -71,30 +71,30 @@ async def test_a_notification_wakes_an_idle_dispatcher_and_a_lost_connection_com
         settings: Settings, db: asyncpg.Connection) -> None:
     pool = await create_pool(settings.database_url, 2)
     # an idle poll of an hour, and a channel of its own (the session's app notifies on the
-    # usual one): a claim after the first one comes only from a notification
+    # usual one): what it hears is this test's notifications only
     channel = f"test_{uuid.uuid4().hex[:8]}"
     dispatcher = Dispatcher(pool, DispatchConfig(poll_s=3600), listen_dsn=settings.database_url,
                             channel=channel)
     dispatcher.start()
     try:
         await eventually(lambda: dispatcher._listening and dispatcher.claims_made >= 1)
-        await asyncio.sleep(0.2)
-        before = dispatcher.claims_made
+        claims = dispatcher.claims_made
         await db.execute("SELECT pg_notify($1, '')", channel)
-        await eventually(lambda: dispatcher.claims_made > before)
+        await eventually(lambda: dispatcher.notifications == 1)
+        await eventually(lambda: dispatcher.claims_made > claims)  # and it claimed
 
-        # its connection killed: it listens again (polling meanwhile), and hears again
+        # its connection killed: it polls meanwhile, listens again, and hears again
         await db.execute(
             """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
                WHERE query = $1 AND pid <> pg_backend_pid()""", f'LISTEN "{channel}"')
         await eventually(lambda: not dispatcher._listening)
         await eventually(lambda: dispatcher._listening, within=15)
-        await asyncio.sleep(0.3)  # the claim a new connection makes for what it missed
-        before = dispatcher.claims_made
         await asyncio.sleep(0.3)
-        assert dispatcher.claims_made == before  # idle again: no polling
+        assert dispatcher.notifications == 1  # nothing sent meanwhile: nothing heard
+        claims = dispatcher.claims_made
         await db.execute("SELECT pg_notify($1, '')", channel)
-        await eventually(lambda: dispatcher.claims_made > before)
+        await eventually(lambda: dispatcher.notifications == 2)
+        await eventually(lambda: dispatcher.claims_made > claims)
     finally:
         await dispatcher.stop()
         await pool.close()

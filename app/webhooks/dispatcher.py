@@ -303,6 +303,7 @@ class Dispatcher:
     rng: random.Random = field(default_factory=random.Random)
     attempts_made: int = 0
     claims_made: int = 0
+    notifications: int = 0  # heard on the channel
     _transport: httpx.AsyncBaseTransport | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _inflight: dict[asyncio.Task[None], Job] = field(default_factory=dict)
@@ -411,6 +412,10 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), poll_s)
 
+    def _heard(self, *_: object) -> None:
+        self.notifications += 1
+        self._wake.set()
+
     async def _listen_loop(self, dsn: str) -> None:
         """Hold a connection that LISTENs for queued deliveries; each notification wakes the
         claim loop. A lost connection is opened again (the claim loop polls meanwhile)."""
@@ -420,7 +425,7 @@ class Dispatcher:
                 conn = await asyncpg.connect(dsn)
                 lost = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set, lost))
-                await conn.add_listener(self.channel, functools.partial(_set, self._wake))
+                await conn.add_listener(self.channel, self._heard)
                 self._listening = True
                 self._wake.set()  # what was queued while nobody listened
                 await lost.wait()
