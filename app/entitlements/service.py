@@ -202,12 +202,20 @@ def _rejected(uid: Any, problem: Problem, prefix: str) -> UsageResult:
 
 
 class Lookups:
-    """Configuration a batch needs, looked up once per code however many events name it."""
+    """Configuration a batch needs, looked up once per code however many events name it, and
+    the batch's clock: the bounds its timestamps are held to, worked out once."""
 
-    def __init__(self, ctx: AppContext) -> None:
+    def __init__(self, ctx: AppContext, now: datetime) -> None:
         self.ctx = ctx
         self.accounts: dict[str, AccountRef | None] = {}
         self.products: dict[str, bool] = {}
+        settings = ctx.settings
+        self.latest = now + timedelta(seconds=settings.usage_future_skew_s)
+        self.earliest = now - timedelta(seconds=settings.usage_max_age_s)
+        self.now_ms = to_ms(now)
+        # a timestamp from here on is drawn as now: credit granted a moment before a use
+        # covers it, even from a backend whose clock is a little behind or cut to the second
+        self.grace_from_ms = self.now_ms - settings.usage_grace_ms
 
     async def account(self, code: str) -> AccountRef | None:
         if code not in self.accounts:
@@ -220,16 +228,16 @@ class Lookups:
         return self.products[code]
 
 
-async def prepare(lookups: Lookups, index: int, event: UsageEvent, now: datetime) -> Prepared:
+async def prepare(lookups: Lookups, index: int, event: UsageEvent) -> Prepared:
     ctx = lookups.ctx
     account = await lookups.account(event.account)
     if account is None:
         raise ValidationProblem(f"unknown account {event.account!r}", field="account")
     if not await lookups.product_exists(event.product):
         raise ValidationProblem(f"unknown product {event.product!r}", field="product")
-    if event.timestamp > now + timedelta(seconds=ctx.settings.usage_future_skew_s):
+    if event.timestamp > lookups.latest:
         raise ValidationProblem("is in the future", field="timestamp")
-    if event.timestamp < now - timedelta(seconds=ctx.settings.usage_max_age_s):
+    if event.timestamp < lookups.earliest:
         raise ValidationProblem("is older than the accepted window", field="timestamp")
     if event.credit_type is None and account.credit_type is not None:
         credit_type = account.credit_type
@@ -238,10 +246,7 @@ async def prepare(lookups: Lookups, index: int, event: UsageEvent, now: datetime
     amount = scaled(event.amount, credit_type)
     at = to_ms(event.timestamp)
     payload = _usage_payload(account, credit_type, event.uid, event.product, amount, at)
-    # a timestamp within the grace before now is drawn as now: credit granted a moment before
-    # a use covers it, even from a backend whose clock is a little behind or cut to the second
-    now_at = to_ms(now)
-    eligible_at = max(at, now_at) if at >= now_at - ctx.settings.usage_grace_ms else at
+    eligible_at = max(at, lookups.now_ms) if at >= lookups.grace_from_ms else at
     return Prepared(index, event, account, credit_type, DecideArgs(
         account.id, account.chain_arg, event.uid, event.product, credit_type.code, amount,
         eligible_at, "u", payload))
@@ -249,15 +254,14 @@ async def prepare(lookups: Lookups, index: int, event: UsageEvent, now: datetime
 
 async def record_usage(ctx: AppContext, items: list[Any], prefix: str) -> list[UsageResult]:
     """Debit a batch; every event is answered on its own and a rejected one affects no other."""
-    now = datetime.now(UTC)
     results: dict[int, UsageResult] = {}
     by_root: dict[int, list[Prepared]] = defaultdict(list)
-    lookups = Lookups(ctx)
+    lookups = Lookups(ctx, datetime.now(UTC))
     for index, (raw, event) in enumerate(zip(items, validate_items(UsageEvent, items), strict=True)):
         try:
             if isinstance(event, Problem):
                 raise event
-            prepared = await prepare(lookups, index, event, now)
+            prepared = await prepare(lookups, index, event)
         except ValidationProblem as problem:
             uid = raw.get("uid") if isinstance(raw, dict) else None
             results[index] = _rejected(uid, problem, prefix.format(index))
