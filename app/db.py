@@ -16,6 +16,25 @@ from asyncpg.pool import PoolConnectionProxy
 Connection = asyncpg.Connection | PoolConnectionProxy
 Conn = Connection | asyncpg.Pool
 
+
+class Where:
+    """A WHERE clause of the filters a caller was given. Each condition's `{}` are its values,
+    numbered on as the statement's next parameters; a statement holds only the filters present,
+    so Postgres plans it with the index a filter needs (`$n IS NULL OR …` would not, once it
+    chose a generic plan)."""
+
+    def __init__(self, *args: object) -> None:
+        self.args: list[object] = list(args)
+        self.conditions: list[str] = []
+
+    def add(self, condition: str, *values: object) -> None:
+        first = len(self.args) + 1
+        self.args += values
+        self.conditions.append(condition.format(*(f"${first + i}" for i in range(len(values)))))
+
+    def __str__(self) -> str:
+        return " AND ".join(self.conditions)
+
 # Any constant works; it only has to be the same for every migrating process.
 MIGRATION_LOCK_ID = 0x63726564  # "cred"
 _NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")

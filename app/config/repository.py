@@ -6,7 +6,7 @@ from typing import Any
 
 import asyncpg
 
-from app.db import Conn, Connection
+from app.db import Conn, Connection, Where
 
 _ACCOUNT = """SELECT a.id, a.code, a.name, a.email, a.status, a.root_id, a.parent_id,
                      p.code AS parent, ct.code AS credit_type, a.created_at, a.updated_at
@@ -92,15 +92,13 @@ async def list_accounts(conn: Conn, after_id: int, limit: int, email: str | None
                         status: str | None = None,
                         parent_id: int | None = None) -> list[asyncpg.Record]:
     """In id order; each filter given narrows the list (email compared without case)."""
-    where = ["a.id > $1"]
-    args: list[object] = [after_id, limit]
-    for condition, value in (("lower(a.email) = lower(${})", email), ("a.status = ${}", status),
-                             ("a.parent_id = ${}", parent_id)):
+    where = Where(after_id, limit)
+    where.add("a.id > $1")
+    for condition, value in (("lower(a.email) = lower({})", email), ("a.status = {}", status),
+                             ("a.parent_id = {}", parent_id)):
         if value is not None:
-            args.append(value)
-            where.append(condition.format(len(args)))
-    return await conn.fetch(
-        f"{_ACCOUNT} WHERE {' AND '.join(where)} ORDER BY a.id LIMIT $2", *args)
+            where.add(condition, value)
+    return await conn.fetch(f"{_ACCOUNT} WHERE {where} ORDER BY a.id LIMIT $2", *where.args)
 
 
 async def update_account(conn: Conn, account_id: int, changes: dict[str, Any]) -> None:

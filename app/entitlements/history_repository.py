@@ -7,7 +7,7 @@ from datetime import datetime
 
 import asyncpg
 
-from app.db import Conn
+from app.db import Conn, Where
 
 # What a usage uid says about who wrote the event (app/entitlements/schemas.py RESERVED_UID):
 # a hold's is h0:<hold uid>, the rating engine's r…, s…, c…, b…; anything else is the client's.
@@ -22,25 +22,22 @@ async def events(conn: Conn, account_id: int, before: tuple[datetime, str] | Non
                  product: str | None, kind: str | None, limit: int) -> list[asyncpg.Record]:
     """Newest recorded first, ties by uid descending; `before`: the last row of the page before
     (the index is read from there down, so a deep page costs what a first one does)."""
-    where = ["e.account_id = $1"]
-    args: list[object] = [account_id, limit]
-    if before is not None:
-        args += before
-        where.append(f"e.recorded_at <= ${len(args) - 1}")
-        where.append(f"(e.recorded_at, e.uid) < (${len(args) - 1}, ${len(args)})")
+    where = Where(account_id, limit)
+    where.add("e.account_id = $1")
+    if before is not None:  # the index range first, then the exact position within it
+        where.add("e.recorded_at <= {0} AND (e.recorded_at, e.uid) < ({0}, {1})", *before)
     if product is not None:
-        args.append(product)
-        where.append(f"e.product_code = ${len(args)}")
+        where.add("e.product_code = {}", product)
     if kind is not None:
-        where.append(KIND_FILTERS[kind])
+        where.add(KIND_FILTERS[kind])
     return await conn.fetch(
         f"""SELECT e.uid, e.product_code, e.credit_type_id, e.amount, e.overage, e.event_time,
                    e.recorded_at, r.amount AS reversed
             FROM usage_events e
             LEFT JOIN usage_reversals r ON r.account_id = e.account_id AND r.uid = e.uid
-            WHERE {' AND '.join(where)}
+            WHERE {where}
             ORDER BY e.recorded_at DESC, e.uid DESC LIMIT $2""",
-        *args)
+        *where.args)
 
 
 async def summary(conn: Conn, account_id: int, window: str, start: datetime, end: datetime,
@@ -50,16 +47,15 @@ async def summary(conn: Conn, account_id: int, window: str, start: datetime, end
     type: the client's usage events (their amounts, what reversals gave back, their overage) and
     captured holds (what was captured). `recorded_from`/`recorded_to` bound the index range: an
     event's timestamp is accepted only within a window around the time it is recorded."""
-    where = ["e.account_id = $1", "e.recorded_at >= $3", "e.recorded_at < $4",
-             "e.event_time >= $5", "e.event_time < $6",
-             f"({KIND_FILTERS['usage']} OR e.uid LIKE 'h0:%')"]
-    args: list[object] = [account_id, window, recorded_from, recorded_to, start, end]
+    where = Where(account_id, window)
+    where.add("e.account_id = $1")
+    where.add("e.recorded_at >= {} AND e.recorded_at < {}", recorded_from, recorded_to)
+    where.add("e.event_time >= {} AND e.event_time < {}", start, end)
+    where.add(f"({KIND_FILTERS['usage']} OR e.uid LIKE 'h0:%')")
     if product is not None:
-        args.append(product)
-        where.append(f"e.product_code = ${len(args)}")
+        where.add("e.product_code = {}", product)
     if credit_type_id is not None:
-        args.append(credit_type_id)
-        where.append(f"e.credit_type_id = ${len(args)}")
+        where.add("e.credit_type_id = {}", credit_type_id)
     return await conn.fetch(
         f"""WITH used AS (
               SELECT date_trunc($2, e.event_time AT TIME ZONE 'UTC') AS bucket, e.product_code,
@@ -69,11 +65,11 @@ async def summary(conn: Conn, account_id: int, window: str, start: datetime, end
               LEFT JOIN usage_reversals r ON r.account_id = e.account_id AND r.uid = e.uid
               LEFT JOIN holds h ON e.uid LIKE 'h0:%' AND h.account_id = e.account_id
                                    AND h.uid = substr(e.uid, 4)
-              WHERE {' AND '.join(where)})
+              WHERE {where})
             SELECT bucket AT TIME ZONE 'UTC' AS bucket, product_code, credit_type_id,
                    count(*) AS events, sum(amount) AS amount, sum(reversed) AS reversed,
                    sum(overage) AS overage
             FROM used WHERE amount > 0
             GROUP BY bucket, product_code, credit_type_id
             ORDER BY bucket, product_code, credit_type_id""",
-        *args)
+        *where.args)
