@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -39,19 +39,7 @@ INDEX = "CREATE INDEX usage_events_recorded_idx ON usage_events (account_id, rec
 
 
 async def populate(conn: asyncpg.Connection, history: int, recent: int) -> None:
-    await conn.execute(
-        """INSERT INTO credit_types (id, code, name, kind, decimal_places)
-               VALUES (1, 'usd', 'US dollar', 'fiat', 2);
-           INSERT INTO products (code, name) VALUES ('api', 'API');
-           INSERT INTO accounts (id, code, name, root_id, credit_type_id)
-               VALUES (1, 'big', 'Big', 1, 1);
-           INSERT INTO balances (id, account_id, credit_type_id, priority, effective_at,
-                                 description, source, status)
-               VALUES (1, 1, 1, 100, now() - interval '60 days', 'long-lived', 'grant',
-                       'active');
-           INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id,
-                                       kind, amount, created_at)
-               VALUES ('g:1', 0, 1, 1, 1, 'grant', 100000000, now())""")
+    await passes.one_account(conn, effective=timedelta(days=60))
     await conn.execute(
         """INSERT INTO usage_events (account_id, uid, product_code, credit_type_id, amount,
                                      event_time, recorded_at)

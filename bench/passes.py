@@ -1,5 +1,5 @@
-"""What the benches that time one worker pass two ways share (recurring.py, unsent.py,
-rerate.py): a database of their own beside a private redis-server, rounds that run each way
+"""What the benches that time one pass two ways share (recurring.py, unsent.py, rerate.py,
+rebuild.py, marks.py): a database of their own beside a private redis-server, rounds that run each way
 in turn (wall time and a CPU clock), and the table they print."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import asyncpg
@@ -19,6 +19,27 @@ import run as core  # bench/run.py: databases, the private redis-server, CPU cou
 Totals = dict[str, list[float]]  # per way: [wall ms, CPU ms] over every round
 # the bench's own work: (options, database url, redis url, API keys) -> totals
 Body = Callable[[argparse.Namespace, str, str, dict[str, str]], Awaitable[Totals]]
+
+
+async def one_account(conn: asyncpg.Connection, effective: timedelta = timedelta(0)) -> None:
+    """The catalog of the rebuild benches (rebuild.py, marks.py), written straight to Postgres:
+    credit type 1 `usd`, product `api`, account 1 `big` (its own root) and its balance 1, a
+    grant of 100,000,000 effective `effective` ago."""
+    await conn.execute(
+        """INSERT INTO credit_types (id, code, name, kind, decimal_places)
+               VALUES (1, 'usd', 'US dollar', 'fiat', 2);
+           INSERT INTO products (code, name) VALUES ('api', 'API');
+           INSERT INTO accounts (id, code, name, root_id, credit_type_id)
+               VALUES (1, 'big', 'Big', 1, 1)""")
+    await conn.execute(
+        """INSERT INTO balances (id, account_id, credit_type_id, priority, effective_at,
+                                 description, source, status)
+               VALUES (1, 1, 1, 100, now() - $1::interval, 'long-lived', 'grant', 'active')""",
+        effective)
+    await conn.execute(
+        """INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id,
+                                       kind, amount, created_at)
+               VALUES ('g:1', 0, 1, 1, 1, 'grant', 100000000, now())""")
 
 
 def postgres_cpu() -> float:

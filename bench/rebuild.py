@@ -53,18 +53,7 @@ async def measure(opts: argparse.Namespace, url: str, redis_url: str,
                   _keys: dict[str, str]) -> passes.Totals:
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute(
-            """INSERT INTO credit_types (id, code, name, kind, decimal_places)
-                   VALUES (1, 'usd', 'US dollar', 'fiat', 2);
-               INSERT INTO products (code, name) VALUES ('api', 'API');
-               INSERT INTO accounts (id, code, name, root_id, credit_type_id)
-                   VALUES (1, 'big', 'Big', 1, 1);
-               INSERT INTO balances (id, account_id, credit_type_id, priority, effective_at,
-                                     description, source, status)
-                   VALUES (1, 1, 1, 100, now(), 'long-lived', 'grant', 'active');
-               INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id,
-                                           kind, amount, created_at)
-                   VALUES ('g:1', 0, 1, 1, 1, 'grant', 100000000, now())""")
+        await passes.one_account(conn)
         await populate(conn, opts.entries)
         assert await snapshot_balance(conn, 1) and await snapshot_overage(conn, 1, 1)
         saved = (await conn.fetchrow("SELECT * FROM balance_snapshots WHERE balance_id = 1"),
