@@ -227,22 +227,22 @@ async def test_the_workers_bill_after_the_grace_period_and_retry_a_missing_rate(
         return [(r["period_start"], r["drawn"]) for r in rows]
 
     assert await bills.run_when_due(ctx, memory, account_ids=[acct]) == 0  # off in the tests
-    ctx.settings = dataclasses.replace(settings, bills_auto=True, bill_grace_d=2)
-    try:
-        # through today - 2: the first day only; its minimum spend (1 USD) needs a rate of
-        # that day, which does not exist: nothing is billed, the account is retried
-        assert await bills.run_when_due(ctx, memory, account_ids=[acct]) == 0
-        assert await billed() == [] and memory.failed == [acct]
-        await api.call("POST", rates, json={"fiat": usd, "effective": str(start), "rate": "0.02"})
-        assert await bills.run_when_due(ctx, memory, account_ids=[acct]) == 1
-        assert await billed() == [(start, D(50))] and memory.failed == []  # 1 USD at 0.02
-        # the same day again: nothing left to do; the next day, the second day is past grace
-        assert await bills.run_when_due(ctx, memory, account_ids=[acct]) == 0
-        await bills.run_when_due(ctx, memory, _day(1), account_ids=[acct])
-        # 30 credits of usage, topped up by 0.70 USD at the rate of its day (0.01): 100
-        assert await billed() == [(start, D(50)), (_day(-2), D(100))]
-    finally:
-        ctx.settings = settings
+    # a context of this test's own: the session's workers share `ctx`, and with its settings
+    # changed they would bill this account between the steps below
+    ctx = dataclasses.replace(ctx, settings=dataclasses.replace(settings, bills_auto=True,
+                                                                bill_grace_d=2))
+    # through today - 2: the first day only; its minimum spend (1 USD) needs a rate of
+    # that day, which does not exist: nothing is billed, the account is retried
+    assert await bills.run_when_due(ctx, memory, account_ids=[acct]) == 0
+    assert await billed() == [] and memory.failed == [acct]
+    await api.call("POST", rates, json={"fiat": usd, "effective": str(start), "rate": "0.02"})
+    assert await bills.run_when_due(ctx, memory, account_ids=[acct]) == 1
+    assert await billed() == [(start, D(50))] and memory.failed == []  # 1 USD at 0.02
+    # the same day again: nothing left to do; the next day, the second day is past grace
+    assert await bills.run_when_due(ctx, memory, account_ids=[acct]) == 0
+    await bills.run_when_due(ctx, memory, _day(1), account_ids=[acct])
+    # 30 credits of usage, topped up by 0.70 USD at the rate of its day (0.01): 100
+    assert await billed() == [(start, D(50)), (_day(-2), D(100))]
 
 
 async def test_bad_bill_runs_name_the_field_and_change_nothing(api: Api,
