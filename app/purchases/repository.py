@@ -78,18 +78,18 @@ async def insert_recharge_purchase(conn: Conn, *, recharge_id: int, account_id: 
                                    balance_id: int, credit_type_id: int, credits: Decimal,
                                    price: Decimal, currency: str, amount_minor: int,
                                    customer_id: str, payment_method_id: str, description: str,
-                                   first_check: timedelta) -> int | None:
+                                   first_check: timedelta, pays_overage: bool) -> int | None:
     """An auto-recharge's purchase (saved card); None when the recharge has one already."""
     purchase_id: int | None = await conn.fetchval(
         """INSERT INTO purchases (account_id, balance_id, credit_type_id, credits, price, currency,
                                   amount_minor, method, stripe_customer_id, payment_method_id,
-                                  description, recharge_id, check_after)
+                                  description, recharge_id, check_after, pays_overage)
            VALUES ($1, $2, $3, $4, $5, $6, $7, 'saved_card', $8, $9, $10, $11,
-                   now() + $12::interval)
+                   now() + $12::interval, $13)
            ON CONFLICT (recharge_id) DO NOTHING
            RETURNING id""",
         account_id, balance_id, credit_type_id, credits, price, currency, amount_minor,
-        customer_id, payment_method_id, description, recharge_id, first_check)
+        customer_id, payment_method_id, description, recharge_id, first_check, pays_overage)
     return purchase_id
 
 

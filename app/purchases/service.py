@@ -335,6 +335,7 @@ class RechargePurchase:
     expires_at: datetime | None
     products: list[str] | None
     payment_method: str | None  # None: the customer's default
+    pays_overage: bool = False  # once paid, the credits pay what the account owes first
 
 
 async def saved_payment_method(ctx: AppContext, account: AccountRef,
@@ -369,7 +370,8 @@ async def purchase_for_recharge(ctx: AppContext, request: RechargePurchase) -> P
         ctx.pool, recharge_id=request.recharge_id, account_id=request.account.id,
         balance_id=balance_id, credit_type_id=request.credit_type.id, credits=request.credits,
         price=request.price, currency=price.code, amount_minor=amount, customer_id=customer_id,
-        payment_method_id=payment_method, description=description, first_check=FIRST_CHECK)
+        payment_method_id=payment_method, description=description, first_check=FIRST_CHECK,
+        pays_overage=request.pays_overage)
     if purchase_id is None:  # another runner created it first: continue that one
         await ledger.cancel_pending(ctx, balance_id)
         existing = await repo.purchase_by_recharge(ctx.pool, request.recharge_id)

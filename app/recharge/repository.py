@@ -21,7 +21,8 @@ _CONFIG = """SELECT c.*, a.code AS account, ct.code AS credit_type, ct.decimal_p
 
 _RECHARGE = """SELECT r.*, a.code AS account, ct.code AS credit_type, ct.decimal_places,
                       c.enabled, c.recharge_to, c.price_per_credit, c.currency, c.expires_in_days,
-                      c.product_codes, c.payment_method_id, c.max_per_day, c.min_charge
+                      c.product_codes, c.payment_method_id, c.max_per_day, c.min_charge,
+                      c.pays_overage
                FROM auto_recharges r JOIN accounts a ON a.id = r.account_id
                JOIN credit_types ct ON ct.id = r.credit_type_id
                LEFT JOIN auto_recharge_configs c
@@ -48,14 +49,14 @@ async def save_config(conn: Conn, account_id: int, credit_type_id: int, *, enabl
                       threshold: Decimal, recharge_to: Decimal, price_per_credit: Decimal,
                       currency: str, expires_in_days: int | None, products: list[str] | None,
                       payment_method_id: str | None, max_per_day: int,
-                      min_charge: Decimal) -> None:
+                      min_charge: Decimal, pays_overage: bool) -> None:
     """Create or replace; saving clears the reason creditgate disabled it for."""
     await conn.execute(
         """INSERT INTO auto_recharge_configs
                (account_id, credit_type_id, enabled, threshold, recharge_to, price_per_credit,
                 currency, expires_in_days, product_codes, payment_method_id, max_per_day,
-                min_charge, disabled_reason, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, clock_timestamp())
+                min_charge, pays_overage, disabled_reason, updated_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, clock_timestamp())
            ON CONFLICT (account_id, credit_type_id) DO UPDATE SET
                enabled = EXCLUDED.enabled, threshold = EXCLUDED.threshold,
                recharge_to = EXCLUDED.recharge_to, price_per_credit = EXCLUDED.price_per_credit,
@@ -63,9 +64,10 @@ async def save_config(conn: Conn, account_id: int, credit_type_id: int, *, enabl
                product_codes = EXCLUDED.product_codes,
                payment_method_id = EXCLUDED.payment_method_id,
                max_per_day = EXCLUDED.max_per_day, min_charge = EXCLUDED.min_charge,
+               pays_overage = EXCLUDED.pays_overage,
                disabled_reason = NULL, updated_at = EXCLUDED.updated_at""",
         account_id, credit_type_id, enabled, threshold, recharge_to, price_per_credit, currency,
-        expires_in_days, products, payment_method_id, max_per_day, min_charge)
+        expires_in_days, products, payment_method_id, max_per_day, min_charge, pays_overage)
 
 
 async def disable_config(conn: Conn, account_id: int, credit_type_id: int, reason: str) -> bool:
@@ -141,6 +143,18 @@ async def charges_today(conn: Conn, account_id: int, credit_type_id: int, rechar
 async def link_purchase(conn: Conn, recharge_id: int, purchase_id: int) -> None:
     await conn.execute("UPDATE auto_recharges SET purchase_id = $2 WHERE id = $1 "
                        "AND purchase_id IS NULL", recharge_id, purchase_id)
+
+
+async def fix_owed(conn: Conn, recharge_id: int, owed: Decimal) -> asyncpg.Record:
+    """Add what the account owes to the credits the recharge buys, once: a later call (a retry,
+    a second runner) finds it fixed and gets the recharge as it is."""
+    await conn.execute(
+        """UPDATE auto_recharges SET owed = $2, credits = credits + $2,
+                                      updated_at = clock_timestamp()
+           WHERE id = $1 AND owed IS NULL AND purchase_id IS NULL""", recharge_id, owed)
+    row = await recharge(conn, recharge_id)
+    assert row is not None
+    return row
 
 
 async def finish(conn: Conn, recharge_id: int, status: str, reason: str | None) -> bool:

@@ -35,6 +35,10 @@ class AutoRechargeIn(Strict):
                              description="charges per UTC day; over it a recharge fails unpaid")
     min_charge: Decimal = Field(default=Decimal(0), ge=0,
                                 description="in `currency`; a smaller charge is not made")
+    pays_overage: bool = Field(
+        default=False, description="a recharge also buys what the account owes in the credit type "
+                                   "(its overage) and pays it once paid, so the balance still "
+                                   "comes back to recharge_to")
 
 
 class AutoRechargeOut(BaseModel):
@@ -50,6 +54,7 @@ class AutoRechargeOut(BaseModel):
     payment_method_id: str | None
     max_per_day: int
     min_charge: str
+    pays_overage: bool
     disabled_reason: str | None = Field(description="why creditgate disabled it (a declined "
                                                     "payment); cleared by saving it again")
     updated_at: datetime
@@ -66,7 +71,9 @@ class RechargeOut(BaseModel):
     status: Literal["pending", "processing", "succeeded", "failed"]
     trigger: str = Field(description="what started it: crossing, enable or sweep")
     available: str = Field(description="the drawable balance when it started")
-    credits: str = Field(description="what it buys: recharge_to - available")
+    credits: str = Field(description="what it buys: recharge_to - available, plus `owed`")
+    owed: str | None = Field(description="the overage it pays (pays_overage), fixed when it is "
+                                         "first charged; null before that or without it")
     purchase_id: int | None
     reason: str | None
     created_at: datetime

@@ -60,7 +60,8 @@ def config_out(row: asyncpg.Record) -> AutoRechargeOut:
         currency=row["currency"], expires_in_days=row["expires_in_days"],
         products=row["product_codes"], payment_method_id=row["payment_method_id"],
         max_per_day=row["max_per_day"], min_charge=fmt(Decimal(row["min_charge"]), exponent),
-        disabled_reason=row["disabled_reason"], updated_at=row["updated_at"])
+        pays_overage=row["pays_overage"], disabled_reason=row["disabled_reason"],
+        updated_at=row["updated_at"])
 
 
 def _price_per_credit(body: AutoRechargeIn, credit_type: CreditTypeRef) -> Decimal:
@@ -103,7 +104,7 @@ async def save_config(ctx: AppContext, code: str, credit_type_code: str,
         expires_in_days=body.expires_in_days,
         products=sorted(set(body.products)) if body.products else None,
         payment_method_id=body.payment_method_id, max_per_day=body.max_per_day,
-        min_charge=body.min_charge)
+        min_charge=body.min_charge, pays_overage=body.pays_overage)
     await ctx.hot.set_watch(account.root_id, account.id, RECHARGE_WATCH, credit_type.code,
                             threshold if body.enabled else None, "le", now_ms())
     row = await repo.config(ctx.pool, account.id, credit_type.id)
@@ -136,6 +137,7 @@ def recharge_out(row: asyncpg.Record) -> RechargeOut:
         id=row["id"], account=row["account"], credit_type=row["credit_type"], status=row["status"],
         trigger=TRIGGERS.get(row["trigger_key"].split(":")[0], "other"),
         available=fmt(Decimal(row["available"]), dp), credits=fmt(Decimal(row["credits"]), dp),
+        owed=None if row["owed"] is None else fmt(Decimal(row["owed"]), dp),
         purchase_id=row["purchase_id"], reason=row["reason"], created_at=row["created_at"],
         updated_at=row["updated_at"])
 
@@ -151,11 +153,17 @@ async def account_recharges(ctx: AppContext, code: str, after_id: int,
 async def available(ctx: AppContext, code: str, credit_type: str) -> Decimal:
     """The account's own drawable balance of a credit type, from the hot state (what the
     `recharge` watch compares with its threshold)."""
+    return (await _totals(ctx, code, credit_type))[0]
+
+
+async def _totals(ctx: AppContext, code: str, credit_type: str) -> tuple[Decimal, Decimal]:
+    """The account's own drawable balance of a credit type and what it owes in it (its
+    overage), from the hot state."""
     view = await live_balances(ctx, code)
     for total in view.totals:
         if total.credit_type == credit_type:
-            return Decimal(total.available)
-    return Decimal(0)
+            return Decimal(total.available), Decimal(total.overage)
+    return Decimal(0), Decimal(0)
 
 
 async def start_if_low(ctx: AppContext, account: AccountRef, credit_type: CreditTypeRef,
@@ -220,6 +228,9 @@ async def process(ctx: AppContext, row: asyncpg.Record) -> None:
     if row["status"] not in ("pending", "processing"):
         return
     if await purchases_repo.purchase_by_recharge(ctx.pool, row["id"]) is None:
+        if row["pays_overage"] and row["owed"] is None:  # fixed before the first charge
+            owed = (await _totals(ctx, row["account"], row["credit_type"]))[1]
+            row = await repo.fix_owed(ctx.pool, row["id"], max(owed, Decimal(0)))
         refused = await _guard(ctx, row)
         if refused is not None:
             await _fail(ctx, row, *refused, disable=None)
@@ -231,7 +242,8 @@ async def process(ctx: AppContext, row: asyncpg.Record) -> None:
         recharge_id=row["id"], account=account, credit_type=credit_type,
         credits=Decimal(row["credits"]), price=charge_price(row), currency=row["currency"],
         expires_at=datetime.now(UTC) + timedelta(days=expires) if expires else None,
-        products=row["product_codes"], payment_method=row["payment_method_id"])
+        products=row["product_codes"], payment_method=row["payment_method_id"],
+        pays_overage=row["owed"] is not None and Decimal(row["owed"]) > 0)
     try:
         progress = await purchases.purchase_for_recharge(ctx, request)
     except Unavailable as exc:  # Stripe unreachable: asked again after the backoff, same key
@@ -266,7 +278,8 @@ def _event(row: asyncpg.Record, kind: str, **data: Any) -> OutboxEvent:
         {"account": row["account"], "credit_type": row["credit_type"], "recharge_id": row["id"],
          "trigger": TRIGGERS.get(row["trigger_key"].split(":")[0], "other"),
          "credits": fmt(Decimal(row["credits"]), dp),
-         "available_at_start": fmt(Decimal(row["available"]), dp), **data})
+         "available_at_start": fmt(Decimal(row["available"]), dp),
+         **({} if row["owed"] is None else {"owed": fmt(Decimal(row["owed"]), dp)}), **data})
 
 
 async def _succeed(ctx: AppContext, row: asyncpg.Record, purchase: asyncpg.Record) -> None:
