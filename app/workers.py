@@ -1,9 +1,9 @@
 """Background work every app process runs: orphaned-journal sweep, recurring grants (each
 period's credits, and the rollover of the period that ended), credit expiry and the notices of
-credit about to expire, expired holds, rated debits a crash left, the standing charges and
-counter charges of billing periods that started, the bill run of closed periods, the purchase
-reconciler, the auto-recharge runner, expired Idempotency-Keys, and webhook events and
-audit-trail rows past their retention.
+credit about to expire, expired holds, the usage rollups, rated debits a crash left, the
+standing charges and counter charges of billing periods that started, the bill run of closed
+periods, the purchase reconciler, the auto-recharge runner, expired Idempotency-Keys, and
+webhook events and audit-trail rows past their retention.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
 balance id, recurring grants by period and balance, recurring charges are settled and bills
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from app import audit
 from app.entitlements.holds import settle as settle_holds
 from app.entitlements.reversals import settle as settle_reversals
+from app.entitlements.rollups import roll_up_due as roll_up_usage
 from app.errors import STORE_ERRORS
 from app.idempotency import purge_expired as purge_expired_keys
 from app.ledger.expiry_notices import announce_due as announce_expiring
@@ -58,6 +59,7 @@ async def _store_workers(ctx: AppContext) -> None:
             await settle_holds(ctx)
             await settle_reversals(ctx)
             await take_snapshots(ctx, ctx.settings.snapshot_every)
+            await roll_up_usage(ctx)
             await send_unsent(ctx, cursor=unsent)
             await draw_recurring_charges(ctx, recurring)
             await run_bills(ctx, billed)

@@ -1,6 +1,6 @@
 """What the benches that time one pass two ways share (recurring.py, unsent.py, rerate.py,
-rebuild.py, marks.py): a database of their own beside a private redis-server, rounds that run each way
-in turn (wall time and a CPU clock), and the table they print."""
+rebuild.py, marks.py, rollups.py): a database of their own beside a private redis-server,
+rounds that run each way in turn (wall time and a CPU clock), and the table they print."""
 
 from __future__ import annotations
 
@@ -82,8 +82,12 @@ def table(title: str, cpu_name: str, rows: list[tuple[str, str]], totals: Totals
         print(f"| {label} | {wall:.2f} | {f'{used:.2f}' if used else '< 10 (below the tick)'} |")
     (_, first), (_, second) = rows
     (w1, c1), (w2, c2) = totals[first], totals[second]
-    cpu = f"{c1 / c2:.0f}x" if c2 else "the second is below the counters' tick"
-    print(f"ratio {first} / {second}: wall {w1 / w2:.0f}x; {cpu_name}: {cpu}")
+    cpu = _times(c1 / c2) if c2 else "the second is below the counters' tick"
+    print(f"ratio {first} / {second}: wall {_times(w1 / w2)}; {cpu_name}: {cpu}")
+
+
+def _times(ratio: float) -> str:  # float-ok: a ratio of timings, printed
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
 
 
 def main(doc: str, options: Callable[[argparse.ArgumentParser], None], body: Body,

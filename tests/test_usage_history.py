@@ -179,11 +179,19 @@ async def test_the_summary_shows_overage_and_defaults_to_the_month_so_far(api: A
     n = await api.setup()
     await api.grant(n["account"], "1.00")
     await api.usage(n["account"], n["api"], "3.00", uid="over")
+    before = datetime.now(UTC)
     out = await api.call("GET", f"/v1/accounts/{n['account']}/usage-summary", scope="admin")
-    now = datetime.now(UTC)
+    # through the end of the current hour (an hour may have begun during the call)
+    ends = {at.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+            for at in (before, datetime.now(UTC))}
+    end = datetime.fromisoformat(out["end"])
+    assert out["window"] == "day" and end in ends
     start = datetime.fromisoformat(out["start"])
-    assert start == now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    assert out["window"] == "day" and datetime.fromisoformat(out["end"]) <= now
+    assert start == (end - timedelta(hours=1)).replace(day=1, hour=0)
+    # an end at a month's first instant: the month before it (not an empty range)
+    month = await api.call("GET", f"/v1/accounts/{n['account']}/usage-summary", scope="admin",
+                           params={"end": "2026-12-01T00:00:00Z"})
+    assert month["start"] == "2026-11-01T00:00:00Z" and month["data"] == []
     [bucket] = out["data"]
     assert (bucket["amount"], bucket["overage"], bucket["net"]) == ("3.00", "2.00", "3.00")
 

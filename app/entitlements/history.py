@@ -8,11 +8,13 @@ amounts reported, what reversals gave back, the net, and the overage; a hold cou
 captured, for what it captured. The rating engine's debits are left out: priced usage is read
 per pricing from bill-to-date (`GET /v1/accounts/{code}/usage`).
 
-Both read `usage_events (account_id, recorded_at)`. A timestamp is accepted only within
-`usage_max_age_s` before and `usage_future_skew_s` after the moment the event is recorded, so
-a range of timestamps is a range of that index widened by those bounds (and an hour for clock
-differences between processes): a summary reads the account's events recorded in it, not its
-whole history.
+A summary whose `start` and `end` are whole hours (the default range is) reads the hourly
+rollups (app/entitlements/rollups.py) plus what no rollup pass has summed yet; any other range
+reads the events. The list and that reading use `usage_events (account_id, recorded_at)`. A
+timestamp is accepted only within `usage_max_age_s` before and `usage_future_skew_s` after the
+moment the event is recorded, so a range of timestamps is a range of that index widened by
+those bounds (and an hour for clock differences between processes): such a summary reads the
+account's events recorded in it, not its whole history.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ US = timedelta(microseconds=1)
 MAX_RANGE = {"hour": timedelta(days=31), "day": timedelta(days=366)}
 STEP = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 CLOCKS = timedelta(hours=1)
+
+
+HOUR = timedelta(hours=1)
+
+
+def _whole_hour(at: datetime) -> bool:
+    return (at - EPOCH) % HOUR == timedelta(0)
 
 
 def kind_of(uid: str) -> EventKind:
@@ -88,9 +97,11 @@ async def events(ctx: AppContext, code: str, query: UsageEventsQuery) -> UsageEv
 
 async def summary(ctx: AppContext, code: str, query: UsageSummaryQuery) -> UsageSummaryOut:
     account = await account_ref(ctx, code, field="code")
-    now = datetime.now(UTC)
-    end = query.end or now
-    start = query.start or end.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    # default: through the end of the current hour (a whole hour: the rollups serve it)
+    end = query.end or datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + HOUR
+    # default: the month of the range's last instant (an end on the 1st at 00:00 ends the month
+    # before, not an empty range)
+    start = query.start or (end - US).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     if start >= end:
         raise ValidationProblem("must be before `end`", field="query.start")
     if end - start > MAX_RANGE[query.window]:
@@ -100,12 +111,18 @@ async def summary(ctx: AppContext, code: str, query: UsageSummaryQuery) -> Usage
     if query.credit_type is not None:
         credit_type = await resolve_credit_type(ctx, account, query.credit_type,
                                                 field="query.credit_type")
-    settings = ctx.settings
-    rows = await repo.summary(
-        ctx.pool, account.id, query.window, start, end,
-        start - timedelta(seconds=settings.usage_future_skew_s) - CLOCKS,
-        end + timedelta(seconds=settings.usage_max_age_s) + CLOCKS,
-        query.product, None if credit_type is None else credit_type.id)
+    credit_type_id = None if credit_type is None else credit_type.id
+    if _whole_hour(start) and _whole_hour(end):
+        async with ctx.pool.acquire() as conn:
+            rows = await repo.summary_rolled(conn, account.id, query.window, start, end,
+                                             query.product, credit_type_id)
+    else:
+        settings = ctx.settings
+        rows = await repo.summary(
+            ctx.pool, account.id, query.window, start, end,
+            start - timedelta(seconds=settings.usage_future_skew_s) - CLOCKS,
+            end + timedelta(seconds=settings.usage_max_age_s) + CLOCKS,
+            query.product, credit_type_id)
     buckets = []
     for row in rows:
         ct = await ctx.catalog.credit_type_by_id(row["credit_type_id"])
