@@ -69,8 +69,8 @@ async def prepare_write(conn: asyncpg.Connection, way: str) -> None:
     if way == "with xid":
         await conn.execute("ALTER TABLE usage_events ALTER COLUMN xid "
                            "SET DEFAULT (pg_current_xact_id()::text::int8)")
-        await conn.execute("CREATE INDEX IF NOT EXISTS usage_events_xid_brin "
-                           "ON usage_events USING brin (xid)")
+        await conn.execute("CREATE INDEX IF NOT EXISTS usage_events_xid_brin ON usage_events "
+                           "USING brin (xid) WITH (pages_per_range = 32, autosummarize = on)")
     else:
         await conn.execute("ALTER TABLE usage_events ALTER COLUMN xid DROP DEFAULT")
         await conn.execute("DROP INDEX IF EXISTS usage_events_xid_brin")

@@ -15,8 +15,12 @@
 -- holds the table's lock to the end of this transaction, so none is written meanwhile).
 ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS xid bigint;
 ALTER TABLE usage_events ALTER COLUMN xid SET DEFAULT (pg_current_xact_id()::text::bigint);
--- BRIN: xids grow with the table, so the index is a few pages and costs nothing per insert
-CREATE INDEX IF NOT EXISTS usage_events_xid_brin ON usage_events USING brin (xid);
+-- BRIN: xids grow with the table, so the index is a few pages and costs nothing per insert.
+-- Pages not yet summarized are read by every range query; autosummarize has autovacuum
+-- summarize each range once it fills (within a minute), not at the table's next vacuum (after
+-- 20% more rows, on an insert-only table).
+CREATE INDEX IF NOT EXISTS usage_events_xid_brin ON usage_events USING brin (xid)
+    WITH (pages_per_range = 32, autosummarize = on);
 -- the holds' set-asides, which a summary reads live (what a hold captured changes later)
 CREATE INDEX IF NOT EXISTS usage_events_hold_time_idx ON usage_events (account_id, event_time)
     WHERE uid LIKE 'h0:%';
