@@ -53,22 +53,50 @@ async def _setup(client: httpx.AsyncClient, admin: str) -> dict[str, str]:
     return names
 
 
+async def on_the_plan(client: httpx.AsyncClient, admin: str, names: dict[str, str]) -> str:
+    """A new account with 100,000 credits, attached to the plan of `_setup`."""
+    account = f"acct-{uuid.uuid4().hex[:8]}"
+    await call_as(client, admin, "POST", "/v1/accounts", json={
+        "code": account, "name": "a", "credit_type": names["ct"]})
+    await call_as(client, admin, "POST", f"/v1/accounts/{account}/grants",
+                  json={"amount": "100000"})
+    await call_as(client, admin, "POST", f"/v1/accounts/{account}/plans",
+                  json={"plan": names["plan"], "start_date": month_start()})
+    return account
+
+
+def measurements(account: str, names: dict[str, str], amounts: list[D],
+                 prefix: str = "u") -> list[dict[str, Any]]:
+    """One measurement per amount, each a millisecond after the last (LATEST = the last)."""
+    start = datetime.now(UTC) - timedelta(seconds=2)
+    return [{"uid": f"{prefix}{i}", "account": account, "meter": names["meter"],
+             "timestamp": (start + timedelta(milliseconds=i)).isoformat(),
+             "data": {"gb": f"{v}"}} for i, v in enumerate(amounts)]
+
+
+def expected_drawn(amounts: list[D]) -> D:
+    """What the four pricings of `_setup` charge for the final aggregates of `amounts`."""
+    with localcontext() as context:  # the mean to PRECISION digits, as the service takes it
+        context.prec = PRECISION
+        mean = sum(amounts, D(0)) / len(amounts)
+    finals = {"SUM": sum(amounts, D(0)), "MAX": max(amounts), "LATEST": amounts[-1],
+              "MEAN": mean}
+    return D(sum(to_minor(price(kind, BANDS, finals[function]), 2)
+                 for function, kind in PRICED)).scaleb(-2)
+
+
+async def drawn_from(client: httpx.AsyncClient, runtime: str, account: str) -> D:
+    view = await call_as(client, runtime, "GET", f"/v1/accounts/{account}/balances")
+    return D(100000) - D(view["totals"][0]["available"])
+
+
 async def _example(urls: list[str], keys: dict[str, str], names: dict[str, str],
                    amounts: list[D], seed: int) -> None:
     clients = [httpx.AsyncClient(base_url=u, timeout=30) for u in urls]
     try:
         admin, runtime = keys["admin"], keys["runtime"]
-        account = f"acct-{uuid.uuid4().hex[:8]}"
-        await call_as(clients[0], admin, "POST", "/v1/accounts", json={
-            "code": account, "name": "a", "credit_type": names["ct"]})
-        await call_as(clients[0], admin, "POST", f"/v1/accounts/{account}/grants",
-                    json={"amount": "100000"})
-        await call_as(clients[0], admin, "POST", f"/v1/accounts/{account}/plans",
-                    json={"plan": names["plan"], "start_date": month_start()})
-        start = datetime.now(UTC) - timedelta(seconds=2)  # one timestamp each: LATEST = the last
-        items = [{"uid": f"u{i}", "account": account, "meter": names["meter"],
-                  "timestamp": (start + timedelta(milliseconds=i)).isoformat(),
-                  "data": {"gb": f"{v}"}} for i, v in enumerate(amounts)]
+        account = await on_the_plan(clients[0], admin, names)
+        items = measurements(account, names, amounts)
         rng = random.Random(seed)
         rng.shuffle(items)
         items += rng.sample(items, min(3, len(items)))  # retries: duplicates change nothing
@@ -85,17 +113,10 @@ async def _example(urls: list[str], keys: dict[str, str], names: dict[str, str],
             body = chunk[0] if len(chunk) == 1 and rng.random() < 0.5 else {"measurements": chunk}
             await call_as(clients[i % 2], runtime, "POST", "/v1/measurements", json=body)
         await asyncio.gather(*(send(i, chunk) for i, chunk in enumerate(chunks)))
-        with localcontext() as context:  # the mean to PRECISION digits, as the service takes it
-            context.prec = PRECISION
-            mean = sum(amounts, D(0)) / len(amounts)
-        finals = {"SUM": sum(amounts, D(0)), "MAX": max(amounts), "LATEST": amounts[-1],
-                  "MEAN": mean}
-        expected = D(sum(to_minor(price(kind, BANDS, finals[function]), 2)
-                         for function, kind in PRICED)).scaleb(-2)
+        expected = expected_drawn(amounts)
         drawn = None
         for _ in range(50):  # a give-back left to the worker (interval 0.5 s) comes promptly
-            view = await call_as(clients[1], runtime, "GET", f"/v1/accounts/{account}/balances")
-            drawn = D(100000) - D(view["totals"][0]["available"])
+            drawn = await drawn_from(clients[1], runtime, account)
             if drawn == expected:
                 break
             await asyncio.sleep(0.2)
