@@ -103,6 +103,9 @@ class Settings:
     # change, how long one stays silent before a keep-alive comment, and how long one lasts
     # before the browser reconnects.
     stream_poll_ms: int = 500
+    # and whether Redis's invalidations wake a stream at once on a change (the check cache's
+    # subscriber; off: the polls alone)
+    stream_push: bool = True
     stream_heartbeat_s: Seconds = 15.0
     stream_max_s: Seconds = 3600.0
 
@@ -159,6 +162,7 @@ class Settings:
                                if o.strip()),
             token_secrets_ttl_s=_seconds("CREDITGATE_TOKEN_SECRETS_TTL_S", 30.0),
             stream_poll_ms=_int("CREDITGATE_STREAM_POLL_MS", 500),
+            stream_push=os.environ.get("CREDITGATE_STREAM_PUSH", "1") != "0",
             stream_heartbeat_s=_seconds("CREDITGATE_STREAM_HEARTBEAT_S", 15.0),
             stream_max_s=_seconds("CREDITGATE_STREAM_MAX_S", 3600.0),
         )

@@ -14,9 +14,10 @@ redis-server, one account per watcher (each with its customer token). Two scenar
   what a page does without streams, at the same freshness);
 * `none`: the usage driver alone, so that what the watchers cost can be told from it.
 
-Measured: the server's CPU (its process tree, from /proc), Redis's, and the delay from a usage
-event's acknowledgement to the first answer a watcher gets that shows it (0 when the answer
-came first: the hot state moves before the commit the acknowledgement waits for). Printed: a
+Measured: the server's CPU (its process tree, from /proc), Redis's, and the delay from the
+moment a usage event is sent to the first answer a watcher gets that shows it (a stream's
+answer may come before the event's acknowledgement: the hot state moves, and wakes the stream,
+before the commit the acknowledgement waits for). Printed: a
 table, each scenario's server CPU beyond `none` per watcher, and the ratio poll / stream of
 that (how much less a stream costs than polling at the same interval).
 Results: bench/results/streams.json.
@@ -49,10 +50,10 @@ STEP = Decimal("0.01")
 
 @dataclass
 class Seen:
-    """Per account: when each of its usage events was acknowledged, and how many the watcher
-    has seen so far; the delays of the ones it saw."""
+    """Per account: when each of its usage events was sent, and how many the watcher has seen
+    so far; the delays of the ones it saw."""
 
-    acked: dict[str, dict[int, float]] = field(default_factory=dict)
+    sent: dict[str, dict[int, float]] = field(default_factory=dict)
     shown: dict[str, int] = field(default_factory=dict)
     delays: list[float] = field(default_factory=list)
     answers: int = 0
@@ -65,7 +66,7 @@ class Seen:
             return
         now = time.monotonic()
         for k in range(self.shown.get(account, 0) + 1, used + 1):
-            at = self.acked.get(account, {}).get(k)
+            at = self.sent.get(account, {}).get(k)
             self.delays.append(max(0.0, now - at) if at is not None else 0.0)
         self.shown[account] = max(self.shown.get(account, 0), used)
 
@@ -82,11 +83,11 @@ async def drive(base: str, runtime: str, accounts: list[str], rate: float, stop:
             account = accounts[sent % len(accounts)]
             counts[account] += 1
             k = counts[account]
+            seen.sent.setdefault(account, {})[k] = time.monotonic()
             r = await c.post("/v1/usage", json={"uid": uuid.uuid4().hex, "account": account,
                                                 "product": "api", "amount": str(STEP),
                                                 "timestamp": ts})
             r.raise_for_status()
-            seen.acked.setdefault(account, {})[k] = time.monotonic()
             sent += 1
             await asyncio.sleep(max(0.0, start + sent / rate - time.monotonic()))
     return sent

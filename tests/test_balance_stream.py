@@ -12,9 +12,12 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import httpx
+import pytest
+import redis.asyncio as aioredis
 
 from app.auth.tokens import rotate_secret
 from app.settings import Settings
@@ -107,6 +110,38 @@ async def test_a_customer_sees_its_balances_now_and_at_each_change(
             # nothing changes: only keep-alive comments, no repeated balances
             quiet = [await events.next(2.0) for _ in range(2)]
             assert quiet == [{"comment": "keep-alive"}] * 2
+
+
+async def test_a_change_is_pushed_without_waiting_for_the_next_tick(
+        api: Api, settings: Settings, keys: dict[str, str], redis: aioredis.Redis) -> None:
+    """Ticks a minute apart: only Redis's word that the account changed can bring these
+    events. With the check cache (and its subscriber) off, the same changes wait for a tick."""
+    n = await api.setup()
+    slow = {"CREDITGATE_STREAM_POLL_MS": "60000", "CREDITGATE_STREAM_HEARTBEAT_S": "60"}
+    async with run_apps(settings, 2, env=slow) as apps, apps[1].client() as other:
+        await call_as(other, keys["admin"], "POST", f"/v1/accounts/{n['account']}/grants",
+                      json={"amount": "3.00"})
+        async with stream(apps[0], n["account"], keys["runtime"]) as events:
+            assert _totals(await events.balances()) == [("3.00", "0.00")]
+            await _use(other, keys["runtime"], n, "1.00")  # through the other process
+            assert _totals(await events.balances()) == [("2.00", "0.00")]
+            await _use(other, keys["runtime"], n, "0.50")
+            assert _totals(await events.balances()) == [("1.50", "0.00")]
+            await redis.flushall()  # a lost hot state: rebuilt, the same balances, no event
+            await call_as(other, keys["admin"], "POST", f"/v1/accounts/{n['account']}/grants",
+                          json={"amount": "5.00"})
+            assert _totals(await events.balances()) == [("6.50", "0.00")]
+    for off in ({"CREDITGATE_CHECK_CACHE": "0"}, {"CREDITGATE_STREAM_PUSH": "0"}):
+        async with run_apps(settings, 1, env={**slow, **off}) as apps, \
+                apps[0].client() as client:
+            async with stream(apps[0], n["account"], keys["runtime"]) as events:
+                available = _totals(await events.balances())[0][0]
+                await _use(client, keys["runtime"], n, "1.00")
+                with pytest.raises(TimeoutError):
+                    await events.balances(within=2.0)
+                now = await call_as(client, keys["runtime"], "GET",
+                                    f"/v1/accounts/{n['account']}/balances")
+                assert Decimal(now["totals"][0]["available"]) == Decimal(available) - 1
 
 
 async def test_a_balance_that_becomes_effective_is_streamed_though_nothing_was_written(

@@ -371,11 +371,13 @@ async def live_balances(ctx: AppContext, code: str) -> AccountBalancesOut:
     return await balances_out(ctx, code, await read_hot(ctx, account), now_ms())
 
 
-async def read_hot(ctx: AppContext, account: AccountRef) -> list[Any]:
+async def read_hot(ctx: AppContext, account: AccountRef,
+                   tracked: tuple[str, ...] = ()) -> list[Any]:
     """The account's hot state as read.lua answers it: status, remaining, definitions,
-    overage (rebuilt from Postgres first when Redis has forgotten the root)."""
+    overage (rebuilt from Postgres first when Redis has forgotten the root). `tracked`: keys
+    for Redis to track (app/hotstate/store.py: read_account)."""
     for _ in range(3):
-        raw = await ctx.hot.read_account(account.root_id, account.id)
+        raw = await ctx.hot.read_account(account.root_id, account.id, tracked)
         if raw is not None:
             return raw
         await ctx.loader.ensure(account.root_id)

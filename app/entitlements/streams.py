@@ -2,12 +2,20 @@
 
 A browser showing a customer its credits (with a customer token) or a vendor's dashboard opens
 one stream per account and gets `event: balances` with the same JSON as `GET …/balances`: at
-once, then each time it changes. A change is found by reading the account's hot state every
-`stream_poll_ms` (one Redis script call per stream and tick): the same state as last time,
-before the next instant a balance becomes effective or expires, builds nothing; anything else
-is built and sent if its JSON differs from the last sent. So time-driven changes (which write
-nothing) are seen like writes. A comment line after `stream_heartbeat_s` of silence keeps
-proxies from closing an idle stream.
+once, then each time it changes. A change is found by reading the account's hot state when
+Redis says it changed, and every `stream_poll_ms` (one Redis script call per read): the same
+state as last time, before the next instant a balance becomes effective or expires, builds
+nothing; anything else is built and sent if its JSON differs from the last sent. So
+time-driven changes (which write nothing) are seen like writes, within a tick.
+
+The wake-up is the check cache's (app/hotstate/checkcache.py): each read declares the
+account's hashes to Redis, which tracks them for this process and pushes an invalidation on
+the next write to any of them (a debit from any process, a grant, a rebuild, a FLUSHALL);
+the invalidation wakes the stream, whose next read arms the next one. A busy account's changes
+are coalesced: a stream reads at most once every MIN_GAP_S after an event it sent. Without
+the cache's subscriber (`CREDITGATE_CHECK_CACHE=0`, or Redis unreachable), or with
+`CREDITGATE_STREAM_PUSH=0`, the ticks alone find changes. A comment line after
+`stream_heartbeat_s` of silence keeps proxies from closing an idle stream.
 
 The caller's credentials are checked again on every tick (from the key cache: no round trip
 while cached), so a stream ends within a tick of its customer token expiring, and within the
@@ -34,6 +42,7 @@ from app.http import authenticate
 from app.ledger.ops import now_ms
 from app.ledger.service import account_ref
 from app.schemas import Strict
+from app.settings import Seconds
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -41,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RETRY_MS = 2_000
+MIN_GAP_S: Seconds = 0.1  # at most ten events a second per stream, however busy the account
 MEDIA_TYPE = "text/event-stream"
 # a tick that cannot read the balances is skipped (the account, the stores: all may come back)
 SKIPPED: tuple[type[BaseException], ...] = (Problem, *STORE_ERRORS)
@@ -62,9 +72,12 @@ class Sent:
     turn: int | None = None
     body: bytes = b""
 
-    async def changed(self, ctx: AppContext, code: str) -> bytes | None:
-        """The account's balances as JSON when they differ from what was sent last."""
-        raw, at = await service.read_hot(ctx, await account_ref(ctx, code)), now_ms()
+    async def changed(self, ctx: AppContext, code: str, watched: bool = False) -> bytes | None:
+        """The account's balances as JSON when they differ from what was sent last. `watched`:
+        the read declares its keys, so that Redis tells this process when they change."""
+        account = await account_ref(ctx, code)
+        tracked = ctx.hot.keys.stream_reads(account.root_id, account.id) if watched else ()
+        raw, at = await service.read_hot(ctx, account, tracked), now_ms()
         if raw == self.raw and (self.turn is None or at < self.turn):
             return None
         out = await service.balances_out(ctx, code, raw, at)
@@ -97,29 +110,49 @@ async def balances_stream(call: Call) -> StreamingResponse:
             return True  # (a key the cache forgot cannot be checked now: the next tick will)
         return True
 
+    # woken by Redis's invalidations when the account's hot state changes (the check cache's
+    # subscriber), else at the next tick; without a subscriber, ticks alone
+    cache, wake = ctx.hot.cache if settings.stream_push else None, asyncio.Event()
+    root_id = (await account_ref(ctx, code)).root_id  # an unknown account: 404, no stream
     sent = Sent()
-    first = await sent.changed(ctx, code)  # an unknown account: 404, no stream
+    first = await sent.changed(ctx, code, watched=cache is not None and cache.armed)
     assert first is not None
 
     async def events() -> AsyncIterator[bytes]:
         yield f"retry: {RETRY_MS}\n".encode() + _frame(first)  # one event with the first
         end = loop.time() + settings.stream_max_s
         beat = loop.time() + settings.stream_heartbeat_s
-        while loop.time() < end:
-            await asyncio.sleep(tick_s)
-            if closing.is_set() or not await still_allowed():
-                return  # the process is stopping, or the caller may no longer read
-            try:
-                body = await sent.changed(ctx, code)
-            except SKIPPED as exc:
-                log.debug("balance stream of %s: tick skipped: %r", code, exc)
-                body = None
-            if body is not None:
-                yield _frame(body)
-                beat = loop.time() + settings.stream_heartbeat_s
-            elif loop.time() >= beat:
-                yield b": keep-alive\n\n"
-                beat = loop.time() + settings.stream_heartbeat_s
+        ready = loop.time()  # no read before: MIN_GAP_S after the last event sent
+        if cache is not None:  # woken at once: a change since the first read is not missed
+            cache.wake_on(root_id, wake)
+            wake.set()
+        try:
+            while loop.time() < end:
+                # the tick sets the same event (a timeout would cancel the wait: an exception
+                # per tick, which cost more than the tick's read)
+                tick = loop.call_later(tick_s, wake.set)
+                await wake.wait()
+                tick.cancel()
+                if (gap := ready - loop.time()) > 0:
+                    await asyncio.sleep(gap)  # a busy account: changes coalesced
+                if closing.is_set() or not await still_allowed():
+                    return  # the process is stopping, or the caller may no longer read
+                wake.clear()  # before the read: a change after it wakes the next wait
+                try:
+                    body = await sent.changed(ctx, code, watched=cache is not None and cache.armed)
+                except SKIPPED as exc:
+                    log.debug("balance stream of %s: tick skipped: %r", code, exc)
+                    body = None
+                if body is not None:
+                    yield _frame(body)
+                    beat, ready = (loop.time() + settings.stream_heartbeat_s,
+                                   loop.time() + MIN_GAP_S)
+                elif loop.time() >= beat:
+                    yield b": keep-alive\n\n"
+                    beat = loop.time() + settings.stream_heartbeat_s
+        finally:
+            if cache is not None:
+                cache.stop_waking(root_id, wake)
 
     return StreamingResponse(events(), media_type=MEDIA_TYPE,
                              headers={"cache-control": "no-store",

@@ -89,6 +89,8 @@ class CheckCache:
         # moves: per root, how many invalidations arrived; epoch: flushes and lost subscribers
         self._moves: dict[int, int] = {}
         self._epoch = 0
+        # balance streams waiting for their root to change (app/entitlements/streams.py)
+        self._wakers: dict[int, set[asyncio.Event]] = {}
         self._sock: socket.socket | None = None
         self._poll: select.poll | None = None  # asked before a read: an empty socket raises nothing
         self._reader = hiredis.Reader()
@@ -142,6 +144,27 @@ class CheckCache:
     def armed(self) -> bool:
         return self._sub_id is not None
 
+    # -- wakers: the same invalidations, for balance streams -----------------------------------
+
+    def wake_on(self, root_id: int, waker: asyncio.Event) -> None:
+        """Set `waker` whenever Redis says a key of the root this process read changed (and on
+        a flush, or when the subscriber is lost). A stream reads with its keys declared, so
+        each read arms the next wake-up."""
+        self._wakers.setdefault(root_id, set()).add(waker)
+
+    def stop_waking(self, root_id: int, waker: asyncio.Event) -> None:
+        wakers = self._wakers.get(root_id)
+        if wakers is not None:
+            wakers.discard(waker)
+            if not wakers:
+                del self._wakers[root_id]
+
+    def _wake(self, root_id: int | None) -> None:
+        groups = self._wakers.values() if root_id is None else [self._wakers.get(root_id, ())]
+        for wakers in groups:
+            for waker in wakers:
+                waker.set()
+
     # -- invalidations ----------------------------------------------------------------------
 
     def _forget_root(self, root_id: int) -> None:
@@ -150,12 +173,14 @@ class CheckCache:
         self._moves[root_id] = self._moves.get(root_id, 0) + 1
         for key in self._by_root.pop(root_id, ()):
             self._answers.pop(key, None)
+        self._wake(root_id)
 
     def _forget_all(self) -> None:
         self._epoch += 1
         self._answers.clear()
         self._by_root.clear()
         self._moves.clear()
+        self._wake(None)
 
     def _drain(self) -> None:
         sock, poll = self._sock, self._poll

@@ -54,6 +54,12 @@ class Keys:
         tag = self.tag(root_id)
         return tuple(f"{tag}:{kind}:{account}" for account in chain for kind in "abd")
 
+    def stream_reads(self, root_id: int, account_id: int) -> tuple[str, ...]:
+        """The hashes a balance stream's read depends on: the account's status, remaining
+        amounts, balance definitions and overage (declared to Redis: a change wakes it)."""
+        tag = self.tag(root_id)
+        return tuple(f"{tag}:{kind}:{account_id}" for kind in "abdo")
+
     def journal_index(self, shard: int) -> str:
         return f"{self.prefix}:{{jx:{shard}}}:roots"
 

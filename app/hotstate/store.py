@@ -221,8 +221,12 @@ class HotState:
             pipe.incr(self.keys.ops(root_id))
             await pipe.execute()
 
-    async def read_account(self, root_id: int, account_id: int) -> list[Any] | None:
-        raw = await self._run("read", root_id, [account_id])
+    async def read_account(self, root_id: int, account_id: int,
+                           tracked: tuple[str, ...] = ()) -> list[Any] | None:
+        """read.lua's answer, None when the root is cold. `tracked`: keys declared only so that
+        Redis tracks them for this process (a balance stream's wake-up)."""
+        raw = await self._scripts["read"](keys=[self.keys.root(root_id), *tracked],
+                                          args=[account_id])
         return None if raw and raw[0] == "cold" else list(raw)
 
     async def accounts_without_marks(self, root_id: int, account_ids: list[int],
