@@ -128,8 +128,7 @@ async def balances_stream(call: Call) -> StreamingResponse:
             wake.set()
         try:
             while loop.time() < end:
-                # the tick sets the same event (a timeout would cancel the wait: an exception
-                # per tick, which cost more than the tick's read)
+                # the tick sets the same event: one wait, whichever comes first
                 tick = loop.call_later(tick_s, wake.set)
                 await wake.wait()
                 tick.cancel()
