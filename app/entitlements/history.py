@@ -46,11 +46,9 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 US = timedelta(microseconds=1)
 # the longest range a summary covers, per window: 744 hours, 366 days
 MAX_RANGE = {"hour": timedelta(days=31), "day": timedelta(days=366)}
-STEP = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
-CLOCKS = timedelta(hours=1)
-
-
 HOUR = timedelta(hours=1)
+STEP = {"hour": HOUR, "day": timedelta(days=1)}
+CLOCKS = HOUR
 
 
 def _whole_hour(at: datetime) -> bool:
