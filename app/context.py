@@ -18,6 +18,7 @@ from app.settings import Settings
 
 if TYPE_CHECKING:
     from app.purchases.stripe_gateway import StripeGateway
+    from app.webhooks.dispatcher import Dispatcher
 
 
 @dataclass
@@ -31,5 +32,6 @@ class AppContext:
     journal: Journal
     loader: Loader
     stripe: StripeGateway | None = None  # None: no STRIPE_API_KEY, no purchases
+    dispatcher: Dispatcher | None = None  # this process's webhook dispatcher (GET /metrics)
     # set when the process begins to stop: long-lived answers (balance streams) end
     closing: asyncio.Event = field(default_factory=asyncio.Event)

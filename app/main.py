@@ -32,10 +32,12 @@ from app.hotstate.checkcache import CheckCache
 from app.hotstate.keys import Keys
 from app.hotstate.resp import FastRedis
 from app.hotstate.store import HotState
-from app.http import DirectRoutes, Endpoint, KeyCache, to_route
+from app.http import ADMIN, DirectRoutes, Endpoint, KeyCache, to_route
 from app.ledger.endpoints import ENDPOINTS as LEDGER
 from app.ledger.journal import Journal
 from app.ledger.loader import Loader
+from app.metrics import MEDIA_TYPE as METRICS_MEDIA_TYPE
+from app.metrics import metrics
 from app.purchases.endpoints import ENDPOINTS as PURCHASES
 from app.purchases.stripe_gateway import StripeGateway
 from app.rating.endpoints import ENDPOINTS as RATING
@@ -49,7 +51,10 @@ from app.workers import run_workers
 log = logging.getLogger(__name__)
 # the hot path first: Starlette tries routes in order
 ENDPOINTS: list[Endpoint] = [*RUNTIME, *MEASUREMENTS, *CONFIG, *LEDGER, *WEBHOOKS, *PURCHASES,
-                             *RATING, *RECHARGE, *TOKENS]
+                             *RATING, *RECHARGE, *TOKENS,
+                             Endpoint("GET", "/metrics", metrics, ADMIN,
+                                      "This process's figures, in the Prometheus text format",
+                                      "operations", media_type=METRICS_MEDIA_TYPE)]
 
 
 async def healthz(request: Request) -> Response:
@@ -183,6 +188,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             if settings.run_workers and settings.webhooks_dispatch else None
         if webhooks:
             webhooks.start()
+            ctx.dispatcher = webhooks
         try:
             yield
         finally:

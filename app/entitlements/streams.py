@@ -52,6 +52,15 @@ log = logging.getLogger(__name__)
 RETRY_MS = 2_000
 MIN_GAP_S: Seconds = 0.1  # at most ten events a second per stream, however busy the account
 MEDIA_TYPE = "text/event-stream"
+
+
+class _Open:
+    """How many streams this process holds open (GET /metrics)."""
+
+    count = 0
+
+
+OPEN = _Open()
 # a tick that cannot read the balances is skipped (the account, the stores: all may come back)
 SKIPPED: tuple[type[BaseException], ...] = (Problem, *STORE_ERRORS)
 
@@ -126,6 +135,7 @@ async def balances_stream(call: Call) -> StreamingResponse:
         if cache is not None:  # woken at once: a change since the first read is not missed
             cache.wake_on(root_id, wake)
             wake.set()
+        OPEN.count += 1
         try:
             while loop.time() < end:
                 # the tick sets the same event: one wait, whichever comes first
@@ -150,6 +160,7 @@ async def balances_stream(call: Call) -> StreamingResponse:
                     yield b": keep-alive\n\n"
                     beat = loop.time() + settings.stream_heartbeat_s
         finally:
+            OPEN.count -= 1
             if cache is not None:
                 cache.stop_waking(root_id, wake)
 

@@ -1,0 +1,110 @@
+"""`GET /metrics`: this process's figures in the Prometheus text format (version 0.0.4), for a
+scraper holding an admin key (`authorization: {credentials: <key>}` in its scrape config).
+
+Each app process answers for itself (scrape every instance), so the counters are the process's
+since it started. The queue sizes read from Postgres are the deployment's, the same from every
+process. Nothing here is counted on the hot path beyond what the code already counts: the
+figures are read when scraped (a few index-only counts and one Redis PING).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+from starlette.responses import Response
+
+from app.entitlements import streams
+from app.entitlements.history_repository import CUSTOM_PLANS
+from app.errors import STORE_ERRORS
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+    from app.http import Call
+
+MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+# (name, help, SQL): the queues of work in Postgres, each counted through a partial index
+_QUEUES = (
+    ("creditgate_webhook_deliveries_pending", "webhook deliveries not yet delivered or given up",
+     "SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'"),
+    ("creditgate_auto_recharges_in_flight", "auto-recharges pending or being charged",
+     "SELECT count(*) FROM auto_recharges WHERE status IN ('pending', 'processing')"),
+    ("creditgate_purchases_unsettled", "purchases Stripe has not settled yet",
+     "SELECT count(*) FROM purchases WHERE status IN ('pending', 'granting')"),
+)
+
+
+class Exposition:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, name: str, help_text: str, value: int | str, kind: str = "gauge") -> None:
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+async def _postgres(ctx: AppContext, out: Exposition) -> bool:
+    try:
+        async with ctx.pool.acquire() as conn, conn.transaction(readonly=True):
+            counts = [await conn.fetchval(sql) for _, _, sql in _QUEUES]
+            horizon = await conn.fetchval(
+                f"SELECT {CUSTOM_PLANS}, horizon FROM usage_rollup_cursor WHERE id = 1", column=1)
+            unsummed = await conn.fetchval(
+                "SELECT count(*) FROM usage_events WHERE xid >= $1", horizon)
+    except STORE_ERRORS:
+        return False
+    for (name, help_text, _), count in zip(_QUEUES, counts, strict=True):
+        out.add(name, help_text, count)
+    out.add("creditgate_usage_events_unsummed",
+            "usage events the rollup pass has not summed yet (its lag)", unsummed)
+    return True
+
+
+async def _redis(ctx: AppContext) -> bool:
+    try:
+        await ctx.redis.ping()
+    except STORE_ERRORS:
+        return False
+    return True
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+async def metrics(call: Call) -> Response:
+    ctx, out = call.ctx, Exposition()
+    out.add("creditgate_postgres_up", "1 when Postgres answered this scrape",
+            int(await _postgres(ctx, out)))
+    out.add("creditgate_redis_up", "1 when Redis answered this scrape", int(await _redis(ctx)))
+    cache = ctx.hot.cache
+    if cache is not None:
+        out.add("creditgate_check_cache_hits_total", "plain checks answered from memory",
+                cache.hits, "counter")
+        out.add("creditgate_check_cache_entries", "check answers held in memory", len(cache))
+        out.add("creditgate_check_cache_armed",
+                "1 while Redis's invalidations are heard (else checks go to Redis)",
+                int(cache.armed))
+    out.add("creditgate_balance_streams_open", "balance streams open on this process",
+            streams.OPEN.count)
+    dispatcher = ctx.dispatcher
+    if dispatcher is not None:
+        out.add("creditgate_webhook_claims_total", "claims of due deliveries made",
+                dispatcher.claims_made, "counter")
+        out.add("creditgate_webhook_notifications_total",
+                "new-delivery notifications heard from Postgres", dispatcher.notifications,
+                "counter")
+    out.add("creditgate_process_cpu_seconds_total", "CPU time of this process",
+            f"{time.process_time():.3f}", "counter")
+    out.add("creditgate_process_resident_memory_bytes", "resident memory of this process",
+            _resident_bytes())
+    return Response(out.text(), media_type=MEDIA_TYPE)
