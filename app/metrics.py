@@ -98,7 +98,8 @@ async def metrics(call: Call) -> Response:
             streams.OPEN.count)
     dispatcher = ctx.dispatcher
     if dispatcher is not None:
-        out.add("creditgate_webhook_claims_total", "claims of due deliveries made",
+        out.add("creditgate_webhook_claim_queries_total",
+                "queries for due deliveries (each poll, notification and full batch)",
                 dispatcher.claims_made, "counter")
         out.add("creditgate_webhook_notifications_total",
                 "new-delivery notifications heard from Postgres", dispatcher.notifications,

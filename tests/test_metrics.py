@@ -45,7 +45,7 @@ async def test_the_figures_move_with_what_the_process_does(
         assert before["creditgate_check_cache_armed"] == 1
         for name in ("creditgate_webhook_deliveries_pending", "creditgate_usage_events_unsummed",
                      "creditgate_auto_recharges_in_flight", "creditgate_purchases_unsettled",
-                     "creditgate_webhook_claims_total", "creditgate_process_cpu_seconds_total"):
+                     "creditgate_webhook_claim_queries_total", "creditgate_process_cpu_seconds_total"):
             assert before[name] >= 0, name
         assert before["creditgate_process_resident_memory_bytes"] > 10_000_000
         for _ in range(3):  # the first goes to Redis, the next two are answered from memory
