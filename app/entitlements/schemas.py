@@ -227,9 +227,10 @@ class UsageEventPage(Page[UsageEventItem]):
 
 
 class UsageSummaryQuery(Strict):
-    start: Timestamp | None = Field(default=None, description="default: the start of the "
-                                    "current UTC month")
-    end: Timestamp | None = Field(default=None, description="exclusive; default: now")
+    start: Timestamp | None = Field(default=None, description="default: the start of the UTC "
+                                    "month of the range's last instant")
+    end: Timestamp | None = Field(default=None, description="exclusive; default: the end of "
+                                  "the current UTC hour")
     window: Literal["hour", "day"] = "day"
     product: Code | None = None
     credit_type: Code | None = None
