@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 from starlette.responses import Response
 
 from app.entitlements import streams
-from app.entitlements.history_repository import CUSTOM_PLANS
+from app.entitlements.history_repository import rollup_horizon
 from app.errors import STORE_ERRORS
+from app.recharge.repository import IN_FLIGHT as RECHARGES_IN_FLIGHT
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -31,7 +32,7 @@ _QUEUES = (
     ("creditgate_webhook_deliveries_pending", "webhook deliveries not yet delivered or given up",
      "SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'"),
     ("creditgate_auto_recharges_in_flight", "auto-recharges pending or being charged",
-     "SELECT count(*) FROM auto_recharges WHERE status IN ('pending', 'processing')"),
+     f"SELECT count(*) FROM auto_recharges WHERE status IN {RECHARGES_IN_FLIGHT}"),
     ("creditgate_purchases_unsettled", "purchases Stripe has not settled yet",
      "SELECT count(*) FROM purchases WHERE status IN ('pending', 'granting')"),
 )
@@ -52,10 +53,8 @@ async def _postgres(ctx: AppContext, out: Exposition) -> bool:
     try:
         async with ctx.pool.acquire() as conn, conn.transaction(readonly=True):
             counts = [await conn.fetchval(sql) for _, _, sql in _QUEUES]
-            horizon = await conn.fetchval(
-                f"SELECT {CUSTOM_PLANS}, horizon FROM usage_rollup_cursor WHERE id = 1", column=1)
             unsummed = await conn.fetchval(
-                "SELECT count(*) FROM usage_events WHERE xid >= $1", horizon)
+                "SELECT count(*) FROM usage_events WHERE xid >= $1", await rollup_horizon(conn))
     except STORE_ERRORS:
         return False
     for (name, help_text, _), count in zip(_QUEUES, counts, strict=True):

@@ -91,10 +91,17 @@ async def summary_rolled(conn: Connection, account_id: int, window: str, start: 
     events above it, a few seconds' worth, are found through the BRIN index on `xid`, where a
     generic plan would read the account's whole history through its other indexes."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        horizon = await conn.fetchval(
-            f"SELECT {CUSTOM_PLANS}, horizon FROM usage_rollup_cursor WHERE id = 1", column=1)
-        return await _summary_rolled(conn, account_id, window, start, end, horizon, product,
-                                     credit_type_id)
+        return await _summary_rolled(conn, account_id, window, start, end,
+                                     await rollup_horizon(conn), product, credit_type_id)
+
+
+async def rollup_horizon(conn: Connection) -> int:
+    """The rollup cursor's horizon (the events at or above it are not summed yet); the rest of
+    the caller's transaction is planned with its parameters' values (CUSTOM_PLANS), so that a
+    statement on `xid >= horizon` reads the BRIN index's few recent pages."""
+    horizon: int = await conn.fetchval(
+        f"SELECT {CUSTOM_PLANS}, horizon FROM usage_rollup_cursor WHERE id = 1", column=1)
+    return horizon
 
 
 async def _summary_rolled(conn: Connection, account_id: int, window: str, start: datetime,
