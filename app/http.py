@@ -40,6 +40,7 @@ from app.errors import (
     internal_error,
     problem_response,
 )
+from app.observe import Observed, RouteStats
 from app.settings import Seconds
 
 if TYPE_CHECKING:
@@ -413,19 +414,25 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
+_clock = time.perf_counter_ns
+
+
 class EndpointApp:
     """The ASGI app of one declared endpoint: auth, parsing, idempotency, problem+json."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, stats: RouteStats | None = None) -> None:
         self.endpoint = endpoint
         # a browser calls the customer routes across origins (CREDITGATE_CORS_ORIGINS)
         self.cors = Scope.customer in endpoint.scopes
+        self.stats = stats  # None: CREDITGATE_REQUEST_METRICS=0 (app/observe.py)
 
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
+        started = _clock()
         request = Incoming(scope, await _read_body(receive))
+        stats = self.stats
         try:
             if self.cors and request.method == "OPTIONS":
-                response = preflight(request)
+                response, stats = preflight(request), None  # not a call of the route
             else:
                 response = await self.serve(request)
         except Exception:  # a bug, not bad input: logged, answered 500 problem+json
@@ -435,6 +442,8 @@ class EndpointApp:
         if self.cors:
             headers = [*headers, *cors_headers(request)]
         if isinstance(response, StreamingResponse):  # sent as it comes, until either side ends
+            if stats is not None:  # timed to its start: a stream lasts as long as its reader
+                stats.observe(response.status_code, _clock() - started)
             response.raw_headers = headers
             await response(scope, receive, send)
             return
@@ -443,6 +452,8 @@ class EndpointApp:
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
+        if stats is not None:
+            stats.observe(response.status_code, _clock() - started)
 
     async def serve(self, request: Incoming) -> Response:
         endpoint = self.endpoint
@@ -498,8 +509,9 @@ class DirectRoutes:
     `EndpointApp`, as Starlette's handler would make it).
     Paths with parameters and everything else go through Starlette as before."""
 
-    def __init__(self, endpoints: list[Endpoint]) -> None:
-        self.apps = {(e.method, e.path): EndpointApp(e) for e in endpoints if "{" not in e.path}
+    def __init__(self, endpoints: list[Endpoint], observed: Observed | None = None) -> None:
+        self.apps = {(e.method, e.path): EndpointApp(e, _stats(e, observed))
+                     for e in endpoints if "{" not in e.path}
 
     def find(self, scope: Scope_) -> EndpointApp | None:
         if scope["type"] != "http":
@@ -507,12 +519,16 @@ class DirectRoutes:
         return self.apps.get((scope["method"], scope["path"]))
 
 
-def to_route(endpoint: Endpoint) -> Route:
+def _stats(endpoint: Endpoint, observed: Observed | None) -> RouteStats | None:
+    return observed.route(endpoint.method, endpoint.path) if observed is not None else None
+
+
+def to_route(endpoint: Endpoint, observed: Observed | None = None) -> Route:
     # a customer route also answers a browser's CORS preflight
     methods = [endpoint.method, "OPTIONS"] if Scope.customer in endpoint.scopes \
         else [endpoint.method]
-    return Route(endpoint.path, EndpointApp(endpoint), methods=methods,
-                 name=endpoint.handler.__name__)
+    return Route(endpoint.path, EndpointApp(endpoint, _stats(endpoint, observed)),
+                 methods=methods, name=endpoint.handler.__name__)
 
 
 def _allowed_origin(request: Incoming) -> str | None:

@@ -38,6 +38,7 @@ from app.ledger.journal import Journal
 from app.ledger.loader import Loader
 from app.metrics import MEDIA_TYPE as METRICS_MEDIA_TYPE
 from app.metrics import metrics
+from app.observe import Observed
 from app.purchases.endpoints import ENDPOINTS as PURCHASES
 from app.purchases.stripe_gateway import StripeGateway
 from app.rating.endpoints import ENDPOINTS as RATING
@@ -161,6 +162,7 @@ def tune_gc() -> None:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    observed = Observed() if settings.request_metrics else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -178,6 +180,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                          KeyCache(settings.token_secrets_ttl_s), journal,
                          Loader(pool, hot))
         ctx.stripe = StripeGateway.from_settings(settings)
+        ctx.observed = observed
         app.state.ctx = ctx
         restore_signals = on_stop_signals(ctx.closing)
         journal.start()
@@ -213,11 +216,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await redis.aclose()
             await pool.close()
 
-    routes = [*[to_route(e) for e in ENDPOINTS], Route("/healthz", healthz),
+    routes = [*[to_route(e, observed) for e in ENDPOINTS], Route("/healthz", healthz),
               Route("/readyz", readyz), Route("/openapi.json", openapi_json)]
     app = App(routes=routes, lifespan=lifespan,
               exception_handlers={HTTPException: http_error, Exception: server_error})
-    app.direct = DirectRoutes(ENDPOINTS)
+    app.direct = DirectRoutes(ENDPOINTS, observed)
     app.state.openapi = json.dumps(openapi.build(ENDPOINTS))
     return app
 

@@ -3,8 +3,9 @@ scraper holding an admin key (`authorization: {credentials: <key>}` in its scrap
 
 Each app process answers for itself (scrape every instance), so the counters are the process's
 since it started. The queue sizes read from Postgres are the deployment's, the same from every
-process. Nothing here is counted on the hot path beyond what the code already counts: the
-figures are read when scraped (a few index-only counts and one Redis PING).
+process; they are read when scraped (a few index-only counts and one Redis PING). What the
+process counts as it serves (requests by route, status and duration; checks, usage events and
+measurements by outcome) is app/observe.py's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.responses import Response
 from app.entitlements import streams
 from app.entitlements.history_repository import rollup_horizon
 from app.errors import STORE_ERRORS
+from app.observe import BUCKETS, Observed
 from app.recharge.repository import IN_FLIGHT as RECHARGES_IN_FLIGHT
 
 if TYPE_CHECKING:
@@ -38,12 +40,30 @@ _QUEUES = (
 )
 
 
+def _labels(pairs: dict[str, str]) -> str:
+    escaped = (f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+               for k, v in pairs.items())
+    return "{" + ",".join(escaped) + "}"
+
+
+def _seconds(ns: int) -> str:
+    """Nanoseconds as exact decimal seconds."""
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
 class Exposition:
     def __init__(self) -> None:
         self.lines: list[str] = []
 
     def add(self, name: str, help_text: str, value: int | str, kind: str = "gauge") -> None:
         self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+
+    def family(self, name: str, help_text: str, kind: str,
+               samples: list[tuple[str, dict[str, str], int | str]]) -> None:
+        """A metric with labels: (name suffix, labels, value) per sample."""
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        self.lines += [f"{name}{suffix}{_labels(labels)} {value}"
+                       for suffix, labels, value in samples]
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
@@ -80,6 +100,33 @@ def _resident_bytes() -> int:
         return 0
 
 
+def _observed(observed: Observed, out: Exposition) -> None:
+    requests: list[tuple[str, dict[str, str], int | str]] = []
+    durations: list[tuple[str, dict[str, str], int | str]] = []
+    for (method, route), stats in sorted(observed.routes.items(), key=lambda kv: kv[0][::-1]):
+        labels = {"method": method, "route": route}
+        requests += [("", {**labels, "code": str(code)}, n) for code, n in sorted(stats.codes.items())]
+        counts = stats.cumulative()
+        if not counts[-1]:
+            continue
+        durations += [("_bucket", {**labels, "le": le}, n)
+                      for le, n in zip((*BUCKETS, "+Inf"), counts, strict=True)]
+        durations += [("_sum", labels, _seconds(stats.sum_ns)), ("_count", labels, counts[-1])]
+    out.family("creditgate_http_requests_total", "requests answered, by route and status code",
+               "counter", requests)
+    out.family("creditgate_http_request_duration_seconds",
+               "time from a request's arrival to its answer sent (a stream's: to its start)",
+               "histogram", durations)
+    out.family("creditgate_checks_total", "checks answered, by reason and whether consuming",
+               "counter", [("", {"reason": reason, "consume": str(consume).lower()}, n)
+                           for (reason, consume), n in sorted(observed.checks.items())])
+    out.family("creditgate_usage_events_total", "usage events answered, by status", "counter",
+               [("", {"status": status}, n) for status, n in sorted(observed.usage.items())])
+    out.family("creditgate_measurements_total", "measurements answered, by status", "counter",
+               [("", {"status": status}, n)
+                for status, n in sorted(observed.measurements.items())])
+
+
 async def metrics(call: Call) -> Response:
     ctx, out = call.ctx, Exposition()
     out.add("creditgate_postgres_up", "1 when Postgres answered this scrape",
@@ -103,6 +150,8 @@ async def metrics(call: Call) -> Response:
         out.add("creditgate_webhook_notifications_total",
                 "new-delivery notifications heard from Postgres", dispatcher.notifications,
                 "counter")
+    if ctx.observed is not None:
+        _observed(ctx.observed, out)
     out.add("creditgate_process_cpu_seconds_total", "CPU time of this process",
             f"{time.process_time():.3f}", "counter")
     out.add("creditgate_process_resident_memory_bytes", "resident memory of this process",

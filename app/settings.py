@@ -108,6 +108,9 @@ class Settings:
     stream_push: bool = True
     stream_heartbeat_s: Seconds = 15.0
     stream_max_s: Seconds = 3600.0
+    # GET /metrics: count each request by route and status, time it, and count the runtime
+    # API's outcomes (app/observe.py); off, the scrape shows only what it reads itself
+    request_metrics: bool = True
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1:
@@ -165,4 +168,5 @@ class Settings:
             stream_push=os.environ.get("CREDITGATE_STREAM_PUSH", "1") != "0",
             stream_heartbeat_s=_seconds("CREDITGATE_STREAM_HEARTBEAT_S", 15.0),
             stream_max_s=_seconds("CREDITGATE_STREAM_MAX_S", 3600.0),
+            request_metrics=os.environ.get("CREDITGATE_REQUEST_METRICS", "1") != "0",
         )

@@ -32,7 +32,10 @@ from app.http import CUSTOMER_READ, READ, RUNTIME, Call, Endpoint, render
 
 
 async def check(call: Call) -> BaseModel:
-    return await service.check(call.ctx, call.body, call.request.header(b"idempotency-key"))
+    out = await service.check(call.ctx, call.body, call.request.header(b"idempotency-key"))
+    if (observed := call.ctx.observed) is not None:
+        observed.checks[out.reason, call.body.consume] += 1
+    return out
 
 
 async def usage(call: Call) -> BaseModel:
@@ -48,14 +51,21 @@ async def usage(call: Call) -> BaseModel:
         if len(events) > MAX_BATCH:
             raise ValidationProblem(f"at most {MAX_BATCH} events per batch", field="events")
         results = await service.record_usage(call.ctx, events, "events.{}.")
+        _count(call, results)
         return UsageBatchOut(
             accepted=sum(r.status == "accepted" for r in results),
             duplicates=sum(r.status == "duplicate" for r in results),
             rejected=sum(r.status == "rejected" for r in results), results=results)
     [result] = await service.record_usage(call.ctx, [body], "")
+    _count(call, [result])
     if result.error is not None:
         raise ValidationProblem(result.error.message, field=result.error.field)
     return result
+
+
+def _count(call: Call, results: list[UsageResult]) -> None:
+    if (observed := call.ctx.observed) is not None:
+        observed.usage.update(r.status for r in results)
 
 
 async def balances(call: Call) -> BaseModel:

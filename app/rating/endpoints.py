@@ -35,6 +35,7 @@ from app.rating.schemas import (
     MeasurementBatch,
     MeasurementBatchOut,
     MeasurementOut,
+    MeasurementResult,
     MeterIn,
     MeterOut,
     MeterPage,
@@ -123,6 +124,11 @@ def _crud(path: str, table: str, what: str, tag: str, body: type[BaseModel],
     ]
 
 
+def _count(call: Call, results: list[MeasurementResult]) -> None:
+    if (observed := call.ctx.observed) is not None:
+        observed.measurements.update(r.status for r in results)
+
+
 async def measurements(call: Call) -> BaseModel:
     """One measurement, or {"measurements": [...]} up to 1,000 answered one by one."""
     body = call.body
@@ -138,6 +144,7 @@ async def measurements(call: Call) -> BaseModel:
             raise ValidationProblem(f"at most {MAX_MEASUREMENTS} per batch", field="measurements")
         results = await drawdown.record_measurements(call.ctx, items, "measurements.{}.")
         await recurring.after_measurements(call.ctx, items, results)
+        _count(call, results)
         return MeasurementBatchOut(
             rated=sum(r.status == "rated" for r in results),
             unrated=sum(r.status == "unrated" for r in results),
@@ -145,6 +152,7 @@ async def measurements(call: Call) -> BaseModel:
             rejected=sum(r.status == "rejected" for r in results), results=results)
     [result] = await drawdown.record_measurements(call.ctx, [body], "")
     await recurring.after_measurements(call.ctx, [body], [result])
+    _count(call, [result])
     if result.error is not None:
         raise ValidationProblem(result.error.message, field=result.error.field)
     return result
