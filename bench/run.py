@@ -458,6 +458,7 @@ def ratios(results: dict[str, Result]) -> dict[str, float | None]:
     return {
         "check_over_bare": ratio("check", "bare"),
         "check_uncached_over_bare": ratio("check_uncached", "bare"),
+        "check_over_uncounted": ratio("check", "check_uncounted"),
         "usage_over_naive": ratio("usage", "naive"),
         "batch_events_per_s": results["batch"].events_per_s if "batch" in results else None,
         "granian_over_uvicorn": ratio("bare", "bare_uvicorn"),
@@ -491,6 +492,7 @@ def markdown(results: dict[str, Result], rat: dict[str, float | None], meta: dic
               "|---|---:|---:|---|" + ("---|" if len(per_round) > 1 else "")]
     for key, label in [("check_over_bare", "check / bare"),
                        ("check_uncached_over_bare", "check with the cache off / bare"),
+                       ("check_over_uncounted", "check / check with request metrics off"),
                        ("usage_over_naive", "usage / naive"),
                        ("batch_events_per_s", "batch events/s"),
                        ("granian_over_uvicorn", "granian / uvicorn (bare)"),
@@ -524,7 +526,7 @@ def git_rev() -> str:
 
 
 ALL = ("bare", "bare_redis", "bare_fast", "bare_uvicorn", "naive", "check", "check_uncached",
-       "usage", "hold", "batch", "balances", "balances_token")
+       "check_uncounted", "usage", "hold", "batch", "balances", "balances_token")
 
 
 def main() -> None:
@@ -721,6 +723,14 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                      lambda port: granian_cmd("app.main:create_app_from_env", port, True),
                      {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url,
                       "CREDITGATE_CHECK_CACHE": "0"}, ("GET", "/healthz", None), "check",
+                     keys["runtime"], setup=None if app_scenarios else
+                     lambda base: create_catalog(base, keys["admin"], prefix, opts.accounts))
+
+    if "check_uncounted" in wanted:  # the same checks, nothing counted for /metrics
+        serve_static("check_uncounted", "POST /v1/check, request metrics off",
+                     lambda port: granian_cmd("app.main:create_app_from_env", port, True),
+                     {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url,
+                      "CREDITGATE_REQUEST_METRICS": "0"}, ("GET", "/healthz", None), "check",
                      keys["runtime"], setup=None if app_scenarios else
                      lambda base: create_catalog(base, keys["admin"], prefix, opts.accounts))
 
