@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 DEFAULT_PREFIX = "cg"
 # `<p>:{<root>}:root`  hash   {gen}: present while the root is loaded
-# `<p>:{<root>}:v`     string operation counter, bumped by every journalled change
+# `<p>:{<root>}:v`     string operation counter, bumped by every script call that journals
 # `<p>:{<root>}:j`     stream journal of changes not yet committed to Postgres (deleted by
 #                      the orphan sweep when it finds it empty: sweep.lua)
 # `<p>:{<root>}:jl`    string the last id the deleted journal stream gave (its successor's

@@ -15,6 +15,7 @@ local n = (#ARGV - 3) / 9
 local results = {}
 -- per call: each chain split and checked once, each account's balances read once
 local chains, cache = {}, {}
+local expiring = {}  -- uid-mark hashes whose time to live this call has set
 
 for i = 0, n - 1 do
   local text = ARGV[3 + i * 9 + 2]
@@ -60,7 +61,10 @@ for i = 0, n - 1 do
     end
     if need > 0 then redis.call('HINCRBY', akey('o', acct), ct, need) end
     redis.call('HSET', today_key, uid, '1')
-    redis.call('EXPIRE', today_key, ttl)
+    if not expiring[today_key] then  -- once per call and key: the call's last write is now
+      redis.call('EXPIRE', today_key, ttl)
+      expiring[today_key] = true
+    end
     local after = avail - (amount - need)
     local change = set_flag(acct, product, ct, after > 0)
     if change ~= '' then change = product .. '|' .. ct .. '|' .. change .. '|' .. string.format('%d', after) end

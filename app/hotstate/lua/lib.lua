@@ -189,11 +189,23 @@ local function check_watches(acct, ct, at, out)
   end
 end
 
-local function gen() return redis.call('HGET', KEYS[1], 'gen') end
+-- The root's generation (set by a rebuild, install.lua, never inside a script that reads it):
+-- read once per script call.
+local the_gen
+local function gen()
+  if the_gen == nil then the_gen = redis.call('HGET', KEYS[1], 'gen') end
+  return the_gen
+end
 
+-- Appends one entry to the root's journal. The op counter `:v` is bumped once per script call
+-- that journals (a rebuild compares it before and after: it only asks whether it moved), and
+-- the stream is known to exist after the call's first entry.
+local journalled = false
 local function journal(fields)
-  redis.call('INCR', T .. ':v')
   local j, id = T .. ':j', '*'
+  if journalled then return redis.call('XADD', j, id, unpack(fields)) end
+  journalled = true
+  redis.call('INCR', T .. ':v')
   if redis.call('EXISTS', j) == 0 then
     -- the orphan sweep deletes a stream it finds empty and keeps its last id in `:jl`
     -- (sweep.lua): the new stream's ids go on after it, even within the same millisecond
