@@ -13,16 +13,46 @@
 local now, today, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = (#ARGV - 3) / 9
 local results = {}
--- per call: each chain split and checked once, each account's balances read once
-local chains, cache = {}, {}
-local expiring = {}  -- uid-mark hashes whose time to live this call has set
+-- One call's reads are made once and its writes at its end: each chain split and checked
+-- once, each account's balances, flags and watches read once, the uid marks read with one
+-- HMGET per hash; what the debits draw and owe, the new marks and the journal entries are
+-- written after every event is decided (the cached copies follow the writes meanwhile). So
+-- a mistake that stops the script mid-way leaves nothing half-written.
+local chains, cache, flags, watches = {}, {}, {}, {}
+local day, yday = string.format('%d', today), string.format('%d', today - 1)
+local marks = {}     -- uid-mark hash -> {uid -> true}: found, or written by this call
+local asked = {}     -- uid-mark hash -> the uids to look for
+local drawn = {}     -- balance hash -> {balance id -> amount taken}
+local owed = {}      -- overage hash -> {credit type -> amount owed}
+local marked = {}    -- uid-mark hash -> {uid, '1', ...}: the new marks
+local entries = {}   -- {result index, journal fields}
+
+local function add(t, key, field, amount)
+  local h = t[key]
+  if not h then h = {}; t[key] = h end
+  h[field] = (h[field] or 0) + amount
+end
 
 for i = 0, n - 1 do
-  local text = ARGV[3 + i * 9 + 2]
+  local o = 3 + i * 9
+  local text = ARGV[o + 2]
   if not chains[text] then
     local chain = split(text)
     if not loaded(chain) then return {'cold'} end
     chains[text] = chain
+  end
+  if ARGV[o + 8] ~= 'q' and ARGV[o + 3] ~= '' then
+    for _, key in ipairs({akey('u', ARGV[o + 1] .. ':' .. day), akey('u', ARGV[o + 1] .. ':' .. yday)}) do
+      local uids = asked[key]
+      if not uids then uids = {}; asked[key] = uids; marks[key] = {} end
+      uids[#uids + 1] = ARGV[o + 3]
+    end
+  end
+end
+for key, uids in pairs(asked) do
+  local found = redis.call('HMGET', key, unpack(uids))
+  for j = 1, #uids do
+    if found[j] then marks[key][uids[j]] = true end
   end
 end
 
@@ -31,12 +61,11 @@ for i = 0, n - 1 do
   local acct, chain, uid, product = ARGV[o + 1], chains[ARGV[o + 2]], ARGV[o + 3], ARGV[o + 4]
   local ct, amount, at, mode, payload = ARGV[o + 5], tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]),
     ARGV[o + 8], ARGV[o + 9]
-  local today_key, yday_key = akey('u', acct .. ':' .. today), akey('u', acct .. ':' .. (today - 1))
+  local today_key, yday_key = akey('u', acct .. ':' .. day), akey('u', acct .. ':' .. yday)
   local list = eligible(chain, product, ct, at, cache)
   local avail = total(list)
   local status = 'ok'
-  if mode ~= 'q' and uid ~= '' and (redis.call('HEXISTS', today_key, uid) == 1
-      or redis.call('HEXISTS', yday_key, uid) == 1) then
+  if mode ~= 'q' and uid ~= '' and (marks[today_key][uid] or marks[yday_key][uid]) then
     status = 'duplicate'
   elseif mode ~= 'u' then
     if blocked(chain) then status = 'account_blocked'
@@ -53,33 +82,47 @@ for i = 0, n - 1 do
       if need <= 0 then break end
       local take = math.min(b.rem, need)
       if take > 0 then
-        redis.call('HINCRBY', akey('b', b.acct), b.bid, -take)
-        b.rem = b.rem - take  -- the cached copy follows Redis
+        add(drawn, akey('b', b.acct), b.bid, take)
+        b.rem = b.rem - take  -- the cached copy follows what will be written
         allocs[#allocs + 1] = b.bid .. ':' .. b.acct .. ':' .. string.format('%d', take)
         need = need - take
       end
     end
-    if need > 0 then redis.call('HINCRBY', akey('o', acct), ct, need) end
-    redis.call('HSET', today_key, uid, '1')
-    if not expiring[today_key] then  -- once per call and key: the call's last write is now
-      redis.call('EXPIRE', today_key, ttl)
-      expiring[today_key] = true
-    end
+    if need > 0 then add(owed, akey('o', acct), ct, need) end
+    if not marks[today_key] then marks[today_key] = {} end
+    marks[today_key][uid] = true
+    local new = marked[today_key]
+    if not new then new = {}; marked[today_key] = new end
+    new[#new + 1] = uid
+    new[#new + 1] = '1'
     local after = avail - (amount - need)
-    local change = set_flag(acct, product, ct, after > 0)
+    local change = set_flag(acct, product, ct, after > 0, flags)
     if change ~= '' then change = product .. '|' .. ct .. '|' .. change .. '|' .. string.format('%d', after) end
     local crossings, owners = {}, {}
     for _, a in ipairs(allocs) do
       local owner = string.match(a, '^[^:]*:([^:]*):')
       if not owners[owner] then
         owners[owner] = true
-        check_watches(owner, ct, at, crossings)
+        check_watches(owner, ct, at, crossings, cache, watches)
       end
     end
-    local alloc = table.concat(allocs, ',')
-    local id = journal({'k', 'usage', 'p', payload, 'al', alloc, 'ov', string.format('%d', need),
-                        't', now, 'g', gen(), 'fc', change, 'wc', table.concat(crossings, ';')})
-    results[#results + 1] = {status, after, need, alloc, id, gen(), change, table.concat(crossings, ';')}
+    local alloc, crossed = table.concat(allocs, ','), table.concat(crossings, ';')
+    results[#results + 1] = {status, after, need, alloc, '', gen(), change, crossed}
+    entries[#entries + 1] = {#results, {'k', 'usage', 'p', payload, 'al', alloc,
+                                        'ov', string.format('%d', need), 't', now, 'g', gen(),
+                                        'fc', change, 'wc', crossed}}
   end
 end
+
+for key, taken in pairs(drawn) do
+  for bid, amount in pairs(taken) do redis.call('HINCRBY', key, bid, string.format('%d', -amount)) end
+end
+for key, due in pairs(owed) do
+  for ct, amount in pairs(due) do redis.call('HINCRBY', key, ct, string.format('%d', amount)) end
+end
+for key, new in pairs(marked) do
+  redis.call('HSET', key, unpack(new))
+  redis.call('EXPIRE', key, ttl)
+end
+for _, e in ipairs(entries) do results[e[1]][5] = journal(e[2]) end
 return results

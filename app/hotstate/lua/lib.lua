@@ -124,13 +124,22 @@ local function total(list)
 end
 
 -- Record the entitlement flag of (account, product, credit type); returns the transition
--- ("granted" / "revoked") or "" when the flag did not change.
-local function set_flag(acct, product, ct, allowed)
-  local field = product .. '|' .. ct
+-- ("granted" / "revoked") or "" when the flag did not change. `known` (optional, one script
+-- call's table) keeps the flags read and written, so that the call's later events read none.
+local function set_flag(acct, product, ct, allowed, known)
+  local key, field = akey('e', acct), product .. '|' .. ct
   local new = allowed and '1' or '0'
-  local old = redis.call('HGET', akey('e', acct), field)
+  local memo = known and known[key]
+  local old
+  if memo and memo[field] ~= nil then
+    old = memo[field]
+  else
+    old = redis.call('HGET', key, field)  -- false when never recorded
+    if known and not memo then memo = {}; known[key] = memo end
+  end
+  if memo then memo[field] = new end
   if old == new then return '' end
-  redis.call('HSET', akey('e', acct), field, new)
+  redis.call('HSET', key, field, new)
   if old == false and allowed then return '' end
   return allowed and 'granted' or 'revoked'
 end
@@ -153,15 +162,12 @@ local function refresh_flags(acct, chain, ct, at)
   return table.concat(out, ';')
 end
 
--- The account's own drawable credit of one credit type, whatever the product.
-local function own_total(acct, ct, at)
+-- The account's own drawable credit of one credit type, whatever the product (from `cache`,
+-- balances_of's, when given: its remaining amounts are the call's, written or not).
+local function own_total(acct, ct, at, cache)
   local sum = 0
-  local defs = redis.call('HGETALL', akey('d', acct))
-  for i = 1, #defs, 2 do
-    local d = parse_def(defs[i + 1])
-    if d.ct == ct and d.st == 'a' and d.eff <= at and (d.exp == 0 or at < d.exp) then
-      sum = sum + tonumber(redis.call('HGET', akey('b', acct), defs[i]) or '0')
-    end
+  for _, d in ipairs(balances_of(acct, cache)) do
+    if d.ct == ct and d.st == 'a' and d.eff <= at and at < d.exp then sum = sum + d.rem end
   end
   return sum
 end
@@ -169,21 +175,29 @@ end
 -- Threshold watches: hash w:<account>, field "<name>|<ct>" -> "<threshold>|<armed 1/0>|<lt/le>".
 -- A watch fires once when the own total crosses below (lt) or to-or-below (le) its threshold,
 -- and re-arms silently once the total is back above.
--- Appends "name|account|ct|total|threshold" to out.
-local function check_watches(acct, ct, at, out)
-  local fields = redis.call('HGETALL', akey('w', acct))
+-- Appends "name|account|ct|total|threshold" to out. `cache` as for own_total; `known`
+-- (optional, one script call's table) keeps the watches read, and follows what is written.
+local function check_watches(acct, ct, at, out, cache, known)
+  local key = akey('w', acct)
+  local fields = known and known[key]
+  if not fields then
+    fields = redis.call('HGETALL', key)
+    if known then known[key] = fields end
+  end
   local sum = nil
   for i = 1, #fields, 2 do
     local name, wct = string.match(fields[i], '^(.*)|(.*)$')
     if wct == ct then
-      sum = sum or own_total(acct, ct, at)
+      sum = sum or own_total(acct, ct, at, cache)
       local th, armed, op = string.match(fields[i + 1], '^([^|]*)|([^|]*)|([^|]*)$')
       local below = (op == 'le' and sum <= tonumber(th)) or (op == 'lt' and sum < tonumber(th))
       if armed == '1' and below then
-        redis.call('HSET', akey('w', acct), fields[i], th .. '|0|' .. op)
+        fields[i + 1] = th .. '|0|' .. op
+        redis.call('HSET', key, fields[i], fields[i + 1])
         out[#out + 1] = name .. '|' .. acct .. '|' .. ct .. '|' .. string.format('%d', sum) .. '|' .. th
       elseif armed == '0' and not below then
-        redis.call('HSET', akey('w', acct), fields[i], th .. '|1|' .. op)
+        fields[i + 1] = th .. '|1|' .. op
+        redis.call('HSET', key, fields[i], fields[i + 1])
       end
     end
   end
