@@ -14,18 +14,20 @@ local now, today, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = (#ARGV - 3) / 9
 local results = {}
 -- One call's reads are made once and its writes at its end: each chain split and checked
--- once, each account's balances, flags and watches read once, the uid marks read with one
--- HMGET per hash; what the debits draw and owe, the new marks and the journal entries are
--- written after every event is decided (the cached copies follow the writes meanwhile). So
--- a mistake that stops the script mid-way leaves nothing half-written.
-local chains, cache, flags, watches = {}, {}, {}, {}
+-- once, each account's balances, flags and watches read once; what the debits draw and owe,
+-- the new uid marks and the journal entries are written after every event is decided (the
+-- call's copies follow the changes meanwhile; a uid is a duplicate when marked before the
+-- call or earlier in it). So a mistake that stops the script mid-way leaves nothing
+-- half-written.
+local chains, cache = {}, {}
+local flags, watches  -- (a single event reads each once anyway: no tables kept for it)
+if n > 1 then flags, watches = {}, {} end
 local day, yday = string.format('%d', today), string.format('%d', today - 1)
-local marks = {}     -- uid-mark hash -> {uid -> true}: found, or written by this call
-local asked = {}     -- uid-mark hash -> the uids to look for
+local marks = {}     -- uid-mark hash -> {uid -> true}: the marks this call will write
 local drawn = {}     -- balance hash -> {balance id -> amount taken}
 local owed = {}      -- overage hash -> {credit type -> amount owed}
 local marked = {}    -- uid-mark hash -> {uid, '1', ...}: the new marks
-local entries = {}   -- {result index, journal fields}
+local journalled, fields_of = {}, {}  -- the results that journal, and their entries' fields
 
 local function add(t, key, field, amount)
   local h = t[key]
@@ -41,21 +43,7 @@ for i = 0, n - 1 do
     if not loaded(chain) then return {'cold'} end
     chains[text] = chain
   end
-  if ARGV[o + 8] ~= 'q' and ARGV[o + 3] ~= '' then
-    for _, key in ipairs({akey('u', ARGV[o + 1] .. ':' .. day), akey('u', ARGV[o + 1] .. ':' .. yday)}) do
-      local uids = asked[key]
-      if not uids then uids = {}; asked[key] = uids; marks[key] = {} end
-      uids[#uids + 1] = ARGV[o + 3]
-    end
-  end
 end
-for key, uids in pairs(asked) do
-  local found = redis.call('HMGET', key, unpack(uids))
-  for j = 1, #uids do
-    if found[j] then marks[key][uids[j]] = true end
-  end
-end
-
 for i = 0, n - 1 do
   local o = 3 + i * 9
   local acct, chain, uid, product = ARGV[o + 1], chains[ARGV[o + 2]], ARGV[o + 3], ARGV[o + 4]
@@ -65,7 +53,8 @@ for i = 0, n - 1 do
   local list = eligible(chain, product, ct, at, cache)
   local avail = total(list)
   local status = 'ok'
-  if mode ~= 'q' and uid ~= '' and (marks[today_key][uid] or marks[yday_key][uid]) then
+  if mode ~= 'q' and uid ~= '' and (marks[today_key] and marks[today_key][uid]
+      or redis.call('HEXISTS', today_key, uid) == 1 or redis.call('HEXISTS', yday_key, uid) == 1) then
     status = 'duplicate'
   elseif mode ~= 'u' then
     if blocked(chain) then status = 'account_blocked'
@@ -89,10 +78,9 @@ for i = 0, n - 1 do
       end
     end
     if need > 0 then add(owed, akey('o', acct), ct, need) end
-    if not marks[today_key] then marks[today_key] = {} end
-    marks[today_key][uid] = true
     local new = marked[today_key]
-    if not new then new = {}; marked[today_key] = new end
+    if not new then new = {}; marked[today_key] = new; marks[today_key] = {} end
+    marks[today_key][uid] = true
     new[#new + 1] = uid
     new[#new + 1] = '1'
     local after = avail - (amount - need)
@@ -108,9 +96,10 @@ for i = 0, n - 1 do
     end
     local alloc, crossed = table.concat(allocs, ','), table.concat(crossings, ';')
     results[#results + 1] = {status, after, need, alloc, '', gen(), change, crossed}
-    entries[#entries + 1] = {#results, {'k', 'usage', 'p', payload, 'al', alloc,
-                                        'ov', string.format('%d', need), 't', now, 'g', gen(),
-                                        'fc', change, 'wc', crossed}}
+    journalled[#journalled + 1] = #results
+    fields_of[#fields_of + 1] = {'k', 'usage', 'p', payload, 'al', alloc,
+                                 'ov', string.format('%d', need), 't', now, 'g', gen(),
+                                 'fc', change, 'wc', crossed}
   end
 end
 
@@ -124,5 +113,5 @@ for key, new in pairs(marked) do
   redis.call('HSET', key, unpack(new))
   redis.call('EXPIRE', key, ttl)
 end
-for _, e in ipairs(entries) do results[e[1]][5] = journal(e[2]) end
+for j, at in ipairs(journalled) do results[at][5] = journal(fields_of[j]) end
 return results
