@@ -106,6 +106,20 @@ async def main() -> None:
         await bench.drop_database(opts.admin_database_url, name)
 
 
+async def create_accounts(c: httpx.AsyncClient, admin_key: str, prefix: str,
+                          accounts: int) -> None:
+    """USD, product `api`, and accounts `<prefix>-<n>` with a large grant each, through `c`."""
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    await c.post("/v1/credit-types", headers=admin, json={
+        "code": "usd", "name": "usd", "kind": "fiat", "decimal_places": 2})
+    await c.post("/v1/products", headers=admin, json={"code": "api", "name": "api"})
+    for a in range(accounts):
+        await c.post("/v1/accounts", headers=admin, json={
+            "code": f"{prefix}-{a}", "name": "x", "credit_type": "usd"})
+        await c.post(f"/v1/accounts/{prefix}-{a}/grants", headers=admin,
+                     json={"amount": "1000000000"})
+
+
 async def profile(opts: argparse.Namespace, db_url: str, redis_url: str,
                   keys: dict[str, str]) -> None:
     app = create_app(Settings(database_url=db_url, redis_url=redis_url))
@@ -113,15 +127,7 @@ async def profile(opts: argparse.Namespace, db_url: str, redis_url: str,
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cg") as c:
-            admin = {"Authorization": f"Bearer {keys['admin']}"}
-            await c.post("/v1/credit-types", headers=admin, json={
-                "code": "usd", "name": "usd", "kind": "fiat", "decimal_places": 2})
-            await c.post("/v1/products", headers=admin, json={"code": "api", "name": "api"})
-            for a in range(opts.accounts):
-                await c.post("/v1/accounts", headers=admin, json={
-                    "code": f"{prefix}-{a}", "name": "x", "credit_type": "usd"})
-                await c.post(f"/v1/accounts/{prefix}-{a}/grants", headers=admin,
-                             json={"amount": "1000000000"})
+            await create_accounts(c, keys["admin"], prefix, opts.accounts)
             runtime = {"Authorization": f"Bearer {keys['runtime']}"}
             path = "/v1/check" if opts.scenario == "check" else "/v1/usage"
             counter = iter(range(10**9))

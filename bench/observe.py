@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import run as bench
+from inprocess import create_accounts
 
 from app.main import create_app
 from app.settings import Settings
@@ -103,15 +104,7 @@ async def main() -> None:
 async def setup(app: Any, admin_key: str) -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://cg") as c:
-        admin = {"Authorization": f"Bearer {admin_key}"}
-        await c.post("/v1/credit-types", headers=admin, json={
-            "code": "usd", "name": "usd", "kind": "fiat", "decimal_places": 2})
-        await c.post("/v1/products", headers=admin, json={"code": "api", "name": "api"})
-        for a in range(ACCOUNTS):
-            await c.post("/v1/accounts", headers=admin, json={
-                "code": f"ob-{a}", "name": "x", "credit_type": "usd"})
-            await c.post(f"/v1/accounts/ob-{a}/grants", headers=admin,
-                         json={"amount": "1000000000"})
+        await create_accounts(c, admin_key, "ob", ACCOUNTS)
 
 
 async def compare(opts: argparse.Namespace, db_url: str, redis_url: str,

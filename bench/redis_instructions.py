@@ -35,9 +35,8 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import observe
 import run as bench
-from inprocess import body
+from inprocess import body, create_accounts
 
 from app.main import create_app
 from app.settings import Settings
@@ -101,9 +100,9 @@ async def measure(opts: argparse.Namespace, db_url: str, redis_url: str, keys: d
                   pid: int, out_dir: Path) -> dict[str, float]:
     app = create_app(Settings(database_url=db_url, redis_url=redis_url, run_workers=False))
     async with app.router.lifespan_context(app):
-        await observe.setup(app, keys["admin"])
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cg") as c:
+            await create_accounts(c, keys["admin"], "ob", opts.accounts)
             runtime = {"Authorization": f"Bearer {keys['runtime']}"}
             run = uuid.uuid4().hex[:6]
 
