@@ -65,7 +65,9 @@ async def usage(call: Call) -> BaseModel:
 
 def _count(call: Call, results: list[UsageResult]) -> None:
     if (observed := call.ctx.observed) is not None:
-        observed.usage.update(r.status for r in results)
+        counts = observed.usage
+        for r in results:  # (Counter.update checks its argument's type first: dearer for one)
+            counts[r.status] += 1
 
 
 async def balances(call: Call) -> BaseModel:
