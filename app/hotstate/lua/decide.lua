@@ -17,8 +17,8 @@ local results = {}
 -- once, each account's balances, flags and watches read once; what the debits draw and owe,
 -- the new uid marks and the journal entries are written after every event is decided (the
 -- call's copies follow the changes meanwhile; a uid is a duplicate when marked before the
--- call or earlier in it). So a mistake that stops the script mid-way leaves nothing
--- half-written.
+-- call or earlier in it). So a mistake that stops the script mid-way has drawn, marked and
+-- journalled nothing (an entitlement flag or threshold watch it changed stays changed).
 local chains, cache = {}, {}
 local flags, watches  -- (a single event reads each once anyway: no tables kept for it)
 if n > 1 then flags, watches = {}, {} end
