@@ -115,18 +115,17 @@ async def compare(opts: argparse.Namespace, db_url: str, redis_url: str,
     async with apps["counted"].router.lifespan_context(apps["counted"]), \
             apps["uncounted"].router.lifespan_context(apps["uncounted"]):
         await setup(apps["counted"], keys["admin"])
-        # (requests per slice, concurrency): the ways take turns slice by slice, each going
-        # first in every other slice, so that the machine's drift falls on both alike
-        scenarios = {"check": (1000, 1), "usage": (320, 64)}
+        # (requests per round, per slice, concurrency): the ways take turns slice by slice,
+        # each going first in every other slice, so that the machine's drift falls on both
+        scenarios = {"check": (opts.requests, 1000, 1), "usage": (opts.requests // 10, 320, 64)}
         spent = {(s, w): 0.0 for s in scenarios for w in apps}
         done = {s: 0 for s in scenarios}
-        for kind, (n, concurrency) in scenarios.items():
+        for kind, (requests, n, concurrency) in scenarios.items():
             posts = {way: asgi_post(app, f"/v1/{kind}", keys["runtime"])
                      for way, app in apps.items()}
             for way, post in posts.items():  # warm both alike: caches, connections
                 await timed(post, bodies(kind, 1000, f"warm-{way}"), concurrency)
-            slices = max(2, opts.requests // n // 2 * 2) if kind == "check" else \
-                max(2, opts.requests // 10 // n // 2 * 2)
+            slices = max(2, requests // n // 2 * 2)
             for i in range(slices * opts.rounds):
                 ways = list(posts) if i % 2 == 0 else list(posts)[::-1]
                 for way in ways:

@@ -718,21 +718,21 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                                  lambda _run, t=shown: [str(opts.accounts), prefix, token, t],
                                  opts, proc=proc)
 
-    if "check_uncached" in wanted:  # every check decided in Redis (CREDITGATE_CHECK_CACHE=0)
-        serve_static("check_uncached", "POST /v1/check, check cache off",
+    # the same checks from servers with one setting off: every check decided in Redis
+    # (CREDITGATE_CHECK_CACHE=0), nothing counted for /metrics (CREDITGATE_REQUEST_METRICS=0);
+    # the accounts made by the first that runs when no app scenario made them
+    made = bool(app_scenarios)
+    for name, what, setting in (
+            ("check_uncached", "check cache off", "CREDITGATE_CHECK_CACHE"),
+            ("check_uncounted", "request metrics off", "CREDITGATE_REQUEST_METRICS")):
+        if name not in wanted:
+            continue
+        serve_static(name, f"POST /v1/check, {what}",
                      lambda port: granian_cmd("app.main:create_app_from_env", port, True),
-                     {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url,
-                      "CREDITGATE_CHECK_CACHE": "0"}, ("GET", "/healthz", None), "check",
-                     keys["runtime"], setup=None if app_scenarios else
+                     {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, setting: "0"},
+                     ("GET", "/healthz", None), "check", keys["runtime"], setup=None if made else
                      lambda base: create_catalog(base, keys["admin"], prefix, opts.accounts))
-
-    if "check_uncounted" in wanted:  # the same checks, nothing counted for /metrics
-        serve_static("check_uncounted", "POST /v1/check, request metrics off",
-                     lambda port: granian_cmd("app.main:create_app_from_env", port, True),
-                     {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url,
-                      "CREDITGATE_REQUEST_METRICS": "0"}, ("GET", "/healthz", None), "check",
-                     keys["runtime"], setup=None if app_scenarios else
-                     lambda base: create_catalog(base, keys["admin"], prefix, opts.accounts))
+        made = True
 
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
     import granian
