@@ -54,6 +54,12 @@ class MalformedBody(Problem):
     title = "Malformed request body"
 
 
+class BodyTooLarge(Problem):
+    status = 413
+    code = "body_too_large"
+    title = "Request body too large"
+
+
 class Unauthenticated(Problem):
     status = 401
     code = "unauthenticated"

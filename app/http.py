@@ -29,6 +29,7 @@ from app.auth.tokens import PREFIX as TOKEN_PREFIX
 from app.auth.tokens import SECRETS_TTL_S, CustomerTokens, TokenRefused
 from app.errors import (
     STORE_ERRORS,
+    BodyTooLarge,
     Forbidden,
     MalformedBody,
     NotFound,
@@ -41,7 +42,7 @@ from app.errors import (
     problem_response,
 )
 from app.observe import Observed, RouteStats
-from app.settings import Seconds
+from app.settings import Seconds, Settings
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -315,13 +316,19 @@ async def parse_call(endpoint: Endpoint, request: Incoming, ctx: AppContext) -> 
             call.body = data
         else:
             assert endpoint.body is not None
-            if b"\\u0000" in raw:  # cheap test first: JSON can only spell NUL as an escape
-                _reject_nul(data)
             try:
+                if b"\\u0000" in raw:  # cheap test first: JSON can only spell NUL as an escape
+                    _reject_nul(data)
                 call.body = endpoint.body.model_validate(data)
             except ValidationError as exc:
                 raise validation_problem(exc) from exc
+            except RecursionError as exc:  # parsed, but too deep to walk (from Python 3.12
+                raise _too_deep() from exc  # the parser's C recursion goes deeper than ours
     return call
+
+
+def _too_deep() -> MalformedBody:
+    return MalformedBody("request body is nested too deeply", field="body")
 
 
 def _find_nul(value: Any, path: tuple[int | str, ...]) -> tuple[int | str, ...] | None:
@@ -359,6 +366,8 @@ def loads(raw: bytes) -> Any:
         return _DECODER.decode(raw.decode())
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody("request body is not valid JSON", field="body") from exc
+    except RecursionError as exc:  # arrays or objects nested deeper than the parser goes
+        raise _too_deep() from exc
 
 
 def request_fingerprint(request: Incoming, raw: bytes) -> bytes:
@@ -405,11 +414,26 @@ class Incoming:
         return self._body
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
+DEFAULT_MAX_BODY = Settings.max_body_bytes
+
+
+async def _read_body(scope: Scope_, receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None when it is over `limit` bytes: refused by its Content-Length
+    before anything is read, or as soon as the chunks read pass the limit (a chunked body),
+    so no client can make the process hold more than `limit` of a body."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                return None
+            break
+    chunks, size = [], 0
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
 
@@ -420,18 +444,25 @@ _clock = time.perf_counter_ns
 class EndpointApp:
     """The ASGI app of one declared endpoint: auth, parsing, idempotency, problem+json."""
 
-    def __init__(self, endpoint: Endpoint, stats: RouteStats | None = None) -> None:
+    def __init__(self, endpoint: Endpoint, stats: RouteStats | None = None,
+                 max_body: int = DEFAULT_MAX_BODY) -> None:
         self.endpoint = endpoint
         # a browser calls the customer routes across origins (CREDITGATE_CORS_ORIGINS)
         self.cors = Scope.customer in endpoint.scopes
         self.stats = stats  # None: CREDITGATE_REQUEST_METRICS=0 (app/observe.py)
+        self.max_body = max_body  # CREDITGATE_MAX_BODY_BYTES
 
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
         started = _clock()
-        request = Incoming(scope, await _read_body(receive))
+        body = await _read_body(scope, receive, self.max_body)
+        request = Incoming(scope, b"" if body is None else body)
         stats = self.stats
         try:
-            if self.cors and request.method == "OPTIONS":
+            if body is None:  # nothing of it parsed, authenticated or stored
+                response = problem_response(BodyTooLarge(
+                    f"the request body is over {self.max_body} bytes: send less at a time "
+                    f"(a batch in several requests)", field="body"))
+            elif self.cors and request.method == "OPTIONS":
                 response, stats = preflight(request), None  # not a call of the route
             else:
                 response = await self.serve(request)
@@ -509,8 +540,9 @@ class DirectRoutes:
     `EndpointApp`, as Starlette's handler would make it).
     Paths with parameters and everything else go through Starlette as before."""
 
-    def __init__(self, endpoints: list[Endpoint], observed: Observed | None = None) -> None:
-        self.apps = {(e.method, e.path): EndpointApp(e, _stats(e, observed))
+    def __init__(self, endpoints: list[Endpoint], observed: Observed | None = None,
+                 max_body: int = DEFAULT_MAX_BODY) -> None:
+        self.apps = {(e.method, e.path): endpoint_app(e, observed, max_body)
                      for e in endpoints if "{" not in e.path}
 
     def find(self, scope: Scope_) -> EndpointApp | None:
@@ -519,15 +551,18 @@ class DirectRoutes:
         return self.apps.get((scope["method"], scope["path"]))
 
 
-def _stats(endpoint: Endpoint, observed: Observed | None) -> RouteStats | None:
-    return observed.route(endpoint.method, endpoint.path) if observed is not None else None
+def endpoint_app(endpoint: Endpoint, observed: Observed | None, max_body: int) -> EndpointApp:
+    """An endpoint's app, counted in `observed` (None: not counted)."""
+    stats = observed.route(endpoint.method, endpoint.path) if observed is not None else None
+    return EndpointApp(endpoint, stats, max_body)
 
 
-def to_route(endpoint: Endpoint, observed: Observed | None = None) -> Route:
+def to_route(endpoint: Endpoint, observed: Observed | None = None,
+             max_body: int = DEFAULT_MAX_BODY) -> Route:
     # a customer route also answers a browser's CORS preflight
     methods = [endpoint.method, "OPTIONS"] if Scope.customer in endpoint.scopes \
         else [endpoint.method]
-    return Route(endpoint.path, EndpointApp(endpoint, _stats(endpoint, observed)),
+    return Route(endpoint.path, endpoint_app(endpoint, observed, max_body),
                  methods=methods, name=endpoint.handler.__name__)
 
 

@@ -216,11 +216,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await redis.aclose()
             await pool.close()
 
-    routes = [*[to_route(e, observed) for e in ENDPOINTS], Route("/healthz", healthz),
+    max_body = settings.max_body_bytes
+    routes = [*[to_route(e, observed, max_body) for e in ENDPOINTS], Route("/healthz", healthz),
               Route("/readyz", readyz), Route("/openapi.json", openapi_json)]
     app = App(routes=routes, lifespan=lifespan,
               exception_handlers={HTTPException: http_error, Exception: server_error})
-    app.direct = DirectRoutes(ENDPOINTS, observed)
+    app.direct = DirectRoutes(ENDPOINTS, observed, max_body)
     app.state.openapi = json.dumps(openapi.build(ENDPOINTS))
     return app
 

@@ -111,8 +111,13 @@ class Settings:
     # GET /metrics: count each request by route and status, time it, and count the runtime
     # API's outcomes (app/observe.py); off, the scrape shows only what it reads itself
     request_metrics: bool = True
+    # The largest request body read (bytes): a bigger one is refused 413 before it is read
+    # whole (a 1,000-item batch is a few hundred KB)
+    max_body_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise ValueError("CREDITGATE_MAX_BODY_BYTES must be at least 1024")
         if self.snapshot_every < 1:
             raise ValueError("CREDITGATE_SNAPSHOT_EVERY must be at least 1")
         if self.stream_poll_ms < 10:
@@ -169,4 +174,5 @@ class Settings:
             stream_heartbeat_s=_seconds("CREDITGATE_STREAM_HEARTBEAT_S", 15.0),
             stream_max_s=_seconds("CREDITGATE_STREAM_MAX_S", 3600.0),
             request_metrics=os.environ.get("CREDITGATE_REQUEST_METRICS", "1") != "0",
+            max_body_bytes=_int("CREDITGATE_MAX_BODY_BYTES", cls.max_body_bytes),
         )
