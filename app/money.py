@@ -12,6 +12,23 @@ from decimal import Decimal
 MAX_SCALED = 2**50
 
 
+# the most decimal places any number in a request may have (app/schemas.py: Amount)
+MAX_PLACES = 18
+
+
+def exact_places(number: Decimal) -> int:
+    """Decimal places a finite number needs (trailing zeros dropped), worked out from its
+    digits and exponent alone: no context, so 1e-999999999 neither underflows nor raises."""
+    _, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)
+    if not any(digits):
+        return 0
+    end = len(digits)
+    while end > 1 and digits[end - 1] == 0:
+        end -= 1
+    return max(0, -(exponent + len(digits) - end))
+
+
 class AmountError(ValueError):
     pass
 
@@ -20,8 +37,11 @@ def to_scaled(amount: Decimal, decimal_places: int) -> int:
     """Decimal credits -> integer minor units; rejects excess precision and oversize amounts."""
     if not amount.is_finite():
         raise AmountError("must be a finite number")
+    if amount and amount.adjusted() >= 18:  # before any arithmetic: 1e999999999 overflows it
+        raise AmountError("is too large")
     scaled = amount.scaleb(decimal_places)
-    if scaled != scaled.to_integral_value():
+    # (1e-999999999 scaled underflows to 0: a zero scaled from a non-zero amount)
+    if scaled != scaled.to_integral_value() or (amount and not scaled):
         raise AmountError(f"has more than {decimal_places} decimal places")
     value = int(scaled)
     if abs(value) >= MAX_SCALED:

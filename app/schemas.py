@@ -6,6 +6,7 @@ import base64
 import binascii
 import re
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Generic, TypeVar
 
 from pydantic import (
@@ -18,6 +19,7 @@ from pydantic import (
 )
 
 from app.errors import ValidationProblem
+from app.money import MAX_PLACES
 
 CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
@@ -34,6 +36,18 @@ Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]{1,255}$")]
 Description = Annotated[str, StringConstraints(max_length=1000)]
+
+
+def _plain_zero(value: Decimal) -> Decimal:
+    return value if value else Decimal(0)  # 0E+999999999 is a zero without the exponent
+
+
+# An amount, price or rate in a request: exact, finite, and few enough digits that no
+# arithmetic on it leaves the Decimal context or Postgres's numeric (1e999999999 was a 500,
+# 1e-999999999 a grant of 0). A credit type's own places and range are checked after.
+Amount = Annotated[Decimal, Field(max_digits=MAX_PLACES * 2, decimal_places=MAX_PLACES,
+                                  allow_inf_nan=False),
+                   AfterValidator(_plain_zero)]
 
 
 _RFC3339_START = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d")

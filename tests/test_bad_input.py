@@ -145,7 +145,15 @@ def raw(case: Case) -> Case:
                 lambda w: INVALID_JSON, "body", 400, case.scope)
 
 
+# exponents no arithmetic can follow: each was a 500 (or, 1e-999999999, a grant of 0.00)
+EXPONENTS = {"huge": "1e999999999", "tiny": "1e-999999999", "large": "1E+999999"}
+
 CASES = [
+    *[make(f"{name}-exponent-amount", "amount", amount=value)
+      for make in (check, usage, grant, adjust) for name, value in EXPONENTS.items()],
+    Case("check-huge-exponent-number", "POST", "/v1/check", lambda w: json.dumps(
+        {"account": w.account, "product": w.product, "amount": "@"}).replace(
+        '"@"', "1e999999999").encode(), "amount", 422, "runtime"),
     # check: unknown references, bad amounts, wrong types, unknown fields
     check("unknown-credit-type", "credit_type", credit_type="nope"),
     check("consume-reserved-key", "idempotency_key", consume=True, idempotency_key="r1:x"),

@@ -130,7 +130,11 @@ async def test_bad_measurements_name_the_field(api: Api) -> None:
              ({"gb": "lots", "files": 1, "seconds": 1}, "data.gb"),
              ({"gb": True, "files": 1, "seconds": 1}, "data.gb"),
              ({"gb": 1, "files": 1, "seconds": 1, "colour": "x"}, "data.colour"),
-             ({"gb": 1, "files": 1, "seconds": 1, "region": 5}, "data.region")]
+             ({"gb": 1, "files": 1, "seconds": 1, "region": 5}, "data.region"),
+             # exponents no arithmetic can follow (the first was a 500)
+             ({"gb": "1e999999999", "files": 1, "seconds": 1}, "data.gb"),
+             ({"gb": "1e-999999999", "files": 1, "seconds": 1}, "data.gb"),
+             ({"gb": 1, "files": "1e-19", "seconds": 1}, "data.files")]
     for data, field in cases:
         body = await api.call("POST", "/v1/measurements", scope="runtime", expect=422,
                               json={**base, "data": data})

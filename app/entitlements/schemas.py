@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from app.schemas import Code, Description, Page, Strict, Timestamp, Uid, uid_pattern
+from app.schemas import Amount, Code, Description, Page, Strict, Timestamp, Uid, uid_pattern
 
 # Usage uids the rating engine gives its own debits (`r<pricing>:…`, `s<account plan>:…`,
 # `c<pricing>:…`, the bill run's `b<account plan>:…`): a client's usage uid or consume key
@@ -35,7 +34,7 @@ MAX_BATCH = 1_000
 class CheckIn(Strict):
     account: Code
     product: Code
-    amount: Decimal | None = Field(default=None, gt=0,
+    amount: Amount | None = Field(default=None, gt=0,
                                    description="needed amount; omitted: any credit left")
     credit_type: Code | None = Field(default=None, description="default: the account's")
     consume: bool = Field(default=False,
@@ -57,7 +56,7 @@ class UsageEvent(Strict):
     uid: UsageUid = Field(description="unique per account: a repeated uid is a duplicate")
     account: Code
     product: Code
-    amount: Decimal = Field(gt=0, description="in the credit type's units")
+    amount: Amount = Field(gt=0, description="in the credit type's units")
     timestamp: Timestamp
     credit_type: Code | None = Field(default=None, description="default: the account's")
 
@@ -124,7 +123,7 @@ class HoldIn(Strict):
     uid: HoldUid = Field(description="unique per account: the same uid again answers the "
                          "hold made first")
     product: Code
-    amount: Decimal = Field(gt=0, description="credit set aside, in the credit type's units")
+    amount: Amount = Field(gt=0, description="credit set aside, in the credit type's units")
     credit_type: Code | None = Field(default=None, description="default: the account's")
     expires_in_s: int = Field(default=600, ge=1, le=MAX_HOLD_S,
                               description="released by the workers after this long unless "
@@ -132,7 +131,7 @@ class HoldIn(Strict):
 
 
 class CaptureIn(Strict):
-    amount: Decimal = Field(ge=0, description="what the use cost: at most the amount held; "
+    amount: Amount = Field(ge=0, description="what the use cost: at most the amount held; "
                             "the rest is released")
 
 
@@ -158,7 +157,7 @@ class HoldOut(BaseModel):
 
 
 class ReversalIn(Strict):
-    amount: Decimal | None = Field(default=None, gt=0,
+    amount: Amount | None = Field(default=None, gt=0,
                                    description="what to give back, at most the event's amount; "
                                                "default: all of it")
     reason: Description = Field(default="", description="kept with the reversal and written "

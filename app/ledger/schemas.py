@@ -8,13 +8,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from app.schemas import Code, Description, ListQuery, Page, Strict, Timestamp, Uid
+from app.schemas import Amount, Code, Description, ListQuery, Page, Strict, Timestamp, Uid
 
 Source = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
 
 class GrantIn(Strict):
-    amount: Decimal = Field(gt=0, description="credits to grant, in the credit type's units")
+    amount: Amount = Field(gt=0, description="credits to grant, in the credit type's units")
     credit_type: Code | None = Field(default=None, description="default: the account's")
     products: list[Code] | None = Field(
         default=None, min_length=1, max_length=100,
@@ -28,7 +28,7 @@ class GrantIn(Strict):
 
 
 class AdjustmentIn(Strict):
-    amount: Decimal = Field(description="signed change: positive adds credit, negative removes it")
+    amount: Amount = Field(description="signed change: positive adds credit, negative removes it")
     description: Description = ""
 
 
@@ -95,7 +95,7 @@ class BalanceAtOut(BaseModel):
 
 
 class ThresholdIn(Strict):
-    low: Decimal | None = Field(
+    low: Amount | None = Field(
         gt=0, description="`balance.low` fires once when the drawable balance falls below it; "
                           "null removes the threshold")
 
@@ -116,7 +116,7 @@ GrantDay = Annotated[date, Field(ge=date(2000, 1, 1), le=date(2999, 12, 31))]
 
 
 class RecurringGrantIn(Strict):
-    amount: Decimal = Field(gt=0, description="credits granted each period")
+    amount: Amount = Field(gt=0, description="credits granted each period")
     credit_type: Code | None = Field(default=None, description="default: the account's")
     frequency: Literal["daily", "monthly", "quarterly", "annual"]
     interval: int = Field(default=1, ge=1, le=366, description="every this many days or months, "
@@ -129,10 +129,10 @@ class RecurringGrantIn(Strict):
     products: list[Code] | None = Field(default=None, min_length=1, max_length=100)
     priority: int = Field(default=100, ge=0, le=1_000_000, description="lower is drawn first")
     description: Description = ""
-    rollover_percent: Decimal = Field(default=Decimal(0), ge=0, le=100, description=
+    rollover_percent: Amount = Field(default=Decimal(0), ge=0, le=100, description=
                                       "of what a period leaves unused, the part added to the "
                                       "next period's credits (rounded down)")
-    rollover_max: Decimal | None = Field(default=None, ge=0, description="at most this much "
+    rollover_max: Amount | None = Field(default=None, ge=0, description="at most this much "
                                          "rolls over; omitted: no cap but the percentage")
 
 
@@ -175,7 +175,7 @@ class RecurringGrantPage(Page[RecurringGrantOut]):
 
 
 class OverageSettlementIn(Strict):
-    amount: Decimal = Field(gt=0, description="what the account paid (or is let off) of what it "
+    amount: Amount = Field(gt=0, description="what the account paid (or is let off) of what it "
                                               "owes, at most that")
     reference: Uid = Field(description="the payment's id in the vendor's books (an "
                                              "invoice, a transfer): once per account and "

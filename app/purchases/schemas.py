@@ -5,12 +5,11 @@ from __future__ import annotations
 import calendar
 import re
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from app.schemas import Code, Description, Email, ListQuery, Name, Page, Strict, Timestamp
+from app.schemas import Amount, Code, Description, Email, ListQuery, Name, Page, Strict, Timestamp
 
 _DURATION = re.compile(
     r"^P(?!$)(?:(?P<Y>\d+)Y)?(?:(?P<MO>\d+)M)?(?:(?P<W>\d+)W)?(?:(?P<D>\d+)D)?"
@@ -61,9 +60,9 @@ CustomerId = Annotated[str, StringConstraints(pattern=r"^cus_[A-Za-z0-9]{1,250}$
 
 
 class PurchaseIn(Strict):
-    credits: Decimal = Field(gt=0, description="credits granted once paid, in the credit type's units")
+    credits: Amount = Field(gt=0, description="credits granted once paid, in the credit type's units")
     credit_type: Code | None = Field(default=None, description="default: the account's")
-    price: Decimal = Field(gt=0, description="what the customer pays, in major units (10.00 USD)")
+    price: Amount = Field(gt=0, description="what the customer pays, in major units (10.00 USD)")
     currency: str = Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217, e.g. usd")
     expires_in: ExpiresIn | None = Field(
         default=None, description="credit lifetime from the purchase: ISO 8601 duration "

@@ -40,6 +40,7 @@ from app.entitlements.service import TrustedDebit, debit_trusted
 from app.errors import Problem, ValidationProblem
 from app.http import validate_items
 from app.ledger.service import scaled
+from app.money import MAX_PLACES, exact_places
 from app.rating import giveback
 from app.rating import repository as repo
 from app.rating.expressions import Node, evaluate, parse
@@ -113,11 +114,15 @@ def _number(value: Any, where: str) -> Decimal:
     try:
         number = Decimal(value) if isinstance(value, str | int | Decimal) \
             and not isinstance(value, bool) and len(str(value)) <= 60 else None
-    except ArithmeticError:
+        if number is not None and not (number.is_finite() and abs(number) < MAX_MEASURE
+                                       and exact_places(number) <= MAX_PLACES):
+            number = None
+    except ArithmeticError:  # (abs of 1e999999999 overflows the context)
         number = None
-    if number is None or not number.is_finite() or not abs(number) < MAX_MEASURE:
-        raise ValidationProblem("must be a number below 1e18", field=where)
-    return number
+    if number is None:
+        raise ValidationProblem(f"must be a number below 1e18 with at most {MAX_PLACES} "
+                                f"decimal places", field=where)
+    return number if number else Decimal(0)
 
 
 def field_values(found: Meter, data: dict[str, Any]) -> dict[str, Decimal | str]:

@@ -8,11 +8,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from app.schemas import Code, ListQuery, Name, Page, Strict, Timestamp, Uid
+from app.schemas import Amount, Code, ListQuery, Name, Page, Strict, Timestamp, Uid
 
 FieldName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 # bounded so that no arithmetic on them can overflow a Decimal context
-Number = Annotated[Decimal, Field(max_digits=30, decimal_places=12, allow_inf_nan=False)]
+Number = Annotated[Amount, Field(max_digits=30, decimal_places=12)]
 Function = Literal["SUM", "COUNT", "MIN", "MAX", "MEAN", "LATEST", "UNIQUE"]
 Rounding = Literal["up", "down", "nearest", "none"]
 PricingType = Literal["per_unit", "tiered", "volume", "stair_step"]

@@ -8,18 +8,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from app.schemas import Code, ListQuery, Page, Strict
+from app.schemas import Amount, Code, ListQuery, Page, Strict
 
 PaymentMethodId = Annotated[str, StringConstraints(pattern=r"^pm_[A-Za-z0-9_]{1,250}$")]
 
 
 class AutoRechargeIn(Strict):
     enabled: bool = Field(default=True, description="false keeps the settings but stops recharging")
-    threshold: Decimal = Field(ge=0, description="recharge when the drawable balance falls to "
+    threshold: Amount = Field(ge=0, description="recharge when the drawable balance falls to "
                                                  "this or below")
-    recharge_to: Decimal = Field(gt=0, description="buy what brings the balance back to this; "
+    recharge_to: Amount = Field(gt=0, description="buy what brings the balance back to this; "
                                                    "above the threshold")
-    price_per_credit: Decimal | None = Field(
+    price_per_credit: Amount | None = Field(
         default=None, gt=0, description="in `currency`; omitted for a fiat credit type: 1 credit "
                                         "= 1 unit of the currency")
     currency: str = Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217, e.g. usd")
@@ -33,7 +33,7 @@ class AutoRechargeIn(Strict):
         default=None, description="charged off-session; omitted: the customer's default")
     max_per_day: int = Field(default=10, ge=1, le=1000,
                              description="charges per UTC day; over it a recharge fails unpaid")
-    min_charge: Decimal = Field(default=Decimal(0), ge=0,
+    min_charge: Amount = Field(default=Decimal(0), ge=0,
                                 description="in `currency`; a smaller charge is not made")
     pays_overage: bool = Field(
         default=False, description="a recharge also buys what the account owes in the credit type "
