@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Generic, TypeVar
 
@@ -64,7 +64,21 @@ def _text(value: object) -> object:
 def _aware(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("timestamp needs a UTC offset (RFC 3339), e.g. 2026-01-01T00:00:00Z")
-    return value.astimezone(UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is in year 0 in UTC
+        value = EARLIEST - timedelta(days=1)  # out of range, as below
+    if not EARLIEST <= value < END_OF_TIME:
+        raise ValueError("must be from 2000-01-01T00:00:00Z to before 3000-01-01T00:00:00Z")
+    return value
+
+
+# The span of every timestamp a request may name (the dates of plans and grants share it):
+# what the hot state's epoch milliseconds and every period computed from it can hold; a
+# grant expiring at 9999-12-31T23:59:59.999999Z was taken by Redis, then its ledger row could
+# not be written.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+END_OF_TIME = datetime(3000, 1, 1, tzinfo=UTC)
 
 
 Timestamp = Annotated[datetime, BeforeValidator(_text), AfterValidator(_aware)]

@@ -151,6 +151,16 @@ EXPONENTS = {"huge": "1e999999999", "tiny": "1e-999999999", "large": "1E+999999"
 CASES = [
     *[make(f"{name}-exponent-amount", "amount", amount=value)
       for make in (check, usage, grant, adjust) for name, value in EXPONENTS.items()],
+    # timestamps outside 2000 to 2999: the first was taken by Redis and then never written
+    grant("expires-in-year-9999", "expires_at", expires_at="9999-12-31T23:59:59.999999Z"),
+    grant("effective-in-year-0-in-utc", "effective_at", effective_at="0001-01-01T00:00:00+01:00"),
+    grant("effective-in-1999", "effective_at", effective_at="1999-12-31T23:59:59Z"),
+    Case("usage-summary-end-in-year-9999", "GET",
+         "/v1/accounts/{account}/usage-summary?end=9999-12-31T23:59:59Z", lambda w: None,
+         "query.end", 422, "runtime"),
+    Case("balance-at-in-year-0-in-utc", "GET",
+         "/v1/accounts/{account}/balance-at?at=0001-01-01T00:00:00%2B01:00", lambda w: None,
+         "query.at"),
     Case("check-huge-exponent-number", "POST", "/v1/check", lambda w: json.dumps(
         {"account": w.account, "product": w.product, "amount": "@"}).replace(
         '"@"', "1e999999999").encode(), "amount", 422, "runtime"),
