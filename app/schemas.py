@@ -126,13 +126,20 @@ def encode_cursor(last_id: int) -> str:
     return encode_cursor_text(str(last_id))
 
 
-def decode_cursor(cursor: str | None) -> int:
-    if not cursor:
-        return 0
+def cursor_id(text: str) -> int:
+    """A row id carried in a cursor: a bigint (a larger one is no row's, and Postgres would
+    refuse it rather than find nothing)."""
     try:
-        return int(decode_cursor_text(cursor))
+        value = int(text)
     except ValueError as exc:
         raise BadCursor() from exc
+    if not 0 <= value < 2**63:
+        raise BadCursor()
+    return value
+
+
+def decode_cursor(cursor: str | None) -> int:
+    return cursor_id(decode_cursor_text(cursor)) if cursor else 0
 
 
 def next_cursor(ids: list[int], limit: int) -> str | None:

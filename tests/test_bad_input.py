@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Callable
@@ -61,6 +62,11 @@ def event(w: World, **changes: Any) -> dict[str, Any]:
 
 
 _MISSING = object()
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
 NO_OFFSET = datetime.now(UTC).replace(tzinfo=None).isoformat()
 TOO_OLD = (datetime.now(UTC) - timedelta(days=400)).isoformat()
 IN_FUTURE = (datetime.now(UTC) + timedelta(days=1)).isoformat()
@@ -294,6 +300,18 @@ CASES = [
          "query.limit"),
     Case("balances-bad-cursor", "GET", "/v1/balances?account={account}&cursor=!!", lambda w: None,
          "query.cursor"),
+    # cursors this API never wrote, past a bigint or a datetime (each was a 500)
+    *[Case(f"list-cursor-past-a-bigint-{i}", "GET", f"{path}cursor={_cursor(str(2**70))}",
+           lambda w: None, "query.cursor") for i, path in enumerate((
+               "/v1/accounts?", "/v1/products?", "/v1/credit-types?", "/v1/balances?account={account}&",
+               "/v1/accounts/{account}/ledger?", "/v1/webhook-deliveries?", "/v1/audit-log?",
+               "/v1/meters?", "/v1/bills?", "/v1/accounts/{account}/purchases?"))],
+    Case("ledger-cursor-sum-past-arithmetic", "GET",
+         f"/v1/accounts/{{account}}/ledger?cursor={_cursor('5;1=1e999999999')}", lambda w: None,
+         "query.cursor"),
+    Case("usage-events-cursor-past-datetime", "GET",
+         f"/v1/accounts/{{account}}/usage-events?cursor={_cursor(f'{10**20}|u')}",
+         lambda w: None, "query.cursor", 422, "runtime"),
     Case("balance-at-yesterday", "GET", "/v1/accounts/{account}/balance-at?at=yesterday",
          lambda w: None, "query.at"),
     Case("balance-at-unix-number", "GET", "/v1/accounts/{account}/balance-at?at=1700000000",

@@ -69,7 +69,10 @@ def _position(cursor: str) -> tuple[datetime, str]:
     micros, sep, uid = decode_cursor_text(cursor).partition("|")
     if not sep or not uid or not micros.lstrip("-").isdigit():
         raise BadCursor()
-    return EPOCH + int(micros) * US, uid
+    try:
+        return EPOCH + int(micros) * US, uid
+    except OverflowError as exc:  # beyond datetime's years: no event's
+        raise BadCursor() from exc
 
 
 async def events(ctx: AppContext, code: str, query: UsageEventsQuery) -> UsageEventPage:

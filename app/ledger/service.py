@@ -30,8 +30,8 @@ from app.ledger.schemas import (
     ThresholdOut,
     VoidIn,
 )
-from app.money import AmountError, fmt, to_scaled
-from app.schemas import BadCursor, decode_cursor_text, encode_cursor_text
+from app.money import MAX_PLACES, AmountError, exact_places, fmt, to_scaled
+from app.schemas import BadCursor, cursor_id, decode_cursor_text, encode_cursor_text
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -185,11 +185,13 @@ def _read_ledger_cursor(cursor: str | None) -> tuple[int, dict[int, Decimal] | N
         return 0, {}
     last, carried, sums = decode_cursor_text(cursor).partition(";")
     try:
-        running = {int(ct): Decimal(total) for ct, total in
+        running = {cursor_id(ct): Decimal(total) for ct, total in
                    (pair.split("=") for pair in sums.split(",") if pair)}
-        if not all(total.is_finite() for total in running.values()):
-            raise ValueError("not a finite sum")
-        return int(last), running if carried else None
+        # a running sum is one this API wrote: finite, and within what arithmetic can add to
+        if not all(total.is_finite() and (not total or total.adjusted() < 40)
+                   and exact_places(total) <= MAX_PLACES for total in running.values()):
+            raise ValueError("not a running sum")
+        return cursor_id(last), running if carried else None
     except (ValueError, ArithmeticError) as exc:
         raise BadCursor() from exc
 
