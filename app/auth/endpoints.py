@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from app import audit
 from app.auth.tokens import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S
@@ -15,7 +15,7 @@ from app.schemas import Strict, decode_cursor, next_cursor
 
 
 class CustomerTokenIn(Strict):
-    ttl_s: int = Field(default=DEFAULT_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S,
+    ttl_s: StrictInt = Field(default=DEFAULT_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S,
                        description="seconds the token is good for")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from app.schemas import Code, Email, ListQuery, Name, Page, Strict
 
@@ -16,7 +16,7 @@ class CreditTypeIn(Strict):
     code: Code
     name: Name
     kind: Literal["fiat", "custom"]
-    decimal_places: int = Field(ge=0, le=9, description="fixed once created")
+    decimal_places: StrictInt = Field(ge=0, le=9, description="fixed once created")
 
 
 class CreditTypePatch(Strict):

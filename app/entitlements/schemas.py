@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StrictBool, StrictInt, StringConstraints
 
 from app.schemas import Amount, Code, Description, Page, Strict, Timestamp, Uid, uid_pattern
 
@@ -37,7 +37,7 @@ class CheckIn(Strict):
     amount: Amount | None = Field(default=None, gt=0,
                                    description="needed amount; omitted: any credit left")
     credit_type: Code | None = Field(default=None, description="default: the account's")
-    consume: bool = Field(default=False,
+    consume: StrictBool = Field(default=False,
                           description="debit `amount` now, atomically, only if allowed")
     idempotency_key: UsageUid | None = Field(
         default=None, description="required with consume (or the Idempotency-Key header)")
@@ -125,7 +125,7 @@ class HoldIn(Strict):
     product: Code
     amount: Amount = Field(gt=0, description="credit set aside, in the credit type's units")
     credit_type: Code | None = Field(default=None, description="default: the account's")
-    expires_in_s: int = Field(default=600, ge=1, le=MAX_HOLD_S,
+    expires_in_s: StrictInt = Field(default=600, ge=1, le=MAX_HOLD_S,
                               description="released by the workers after this long unless "
                                           "captured or released before")
 

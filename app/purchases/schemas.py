@@ -7,7 +7,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StrictBool, StringConstraints
 
 from app.schemas import Amount, Code, Description, Email, ListQuery, Name, Page, Strict, Timestamp
 
@@ -78,7 +78,7 @@ class PurchaseIn(Strict):
     success_url: Url | None = Field(default=None, description="checkout: required")
     cancel_url: Url | None = None
     description: Description = ""
-    pays_overage: bool = Field(
+    pays_overage: StrictBool = Field(
         default=False, description="once paid, the credits first pay what the account owes in "
                                    "their credit type (its overage); the rest stay drawable")
 

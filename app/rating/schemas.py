@@ -6,7 +6,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StrictInt, StringConstraints
 
 from app.schemas import Amount, Code, ListQuery, Name, Page, Strict, Timestamp, Uid
 
@@ -92,7 +92,7 @@ class PlanTemplateIn(Strict):
     name: Name
     product: Code
     bill_frequency: Frequency
-    bill_interval: int = Field(default=1, ge=1, le=366)
+    bill_interval: StrictInt = Field(default=1, ge=1, le=366)
     currency: Code = Field(description="the credit type prices are in (usually fiat)")
     standing_charge: Number = Field(default=Decimal(0), ge=0)
     minimum_spend: Number = Field(default=Decimal(0), ge=0)

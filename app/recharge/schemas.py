@@ -6,7 +6,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StringConstraints
 
 from app.schemas import Amount, Code, ListQuery, Page, Strict
 
@@ -14,7 +14,7 @@ PaymentMethodId = Annotated[str, StringConstraints(pattern=r"^pm_[A-Za-z0-9_]{1,
 
 
 class AutoRechargeIn(Strict):
-    enabled: bool = Field(default=True, description="false keeps the settings but stops recharging")
+    enabled: StrictBool = Field(default=True, description="false keeps the settings but stops recharging")
     threshold: Amount = Field(ge=0, description="recharge when the drawable balance falls to "
                                                  "this or below")
     recharge_to: Amount = Field(gt=0, description="buy what brings the balance back to this; "
@@ -23,7 +23,7 @@ class AutoRechargeIn(Strict):
         default=None, gt=0, description="in `currency`; omitted for a fiat credit type: 1 credit "
                                         "= 1 unit of the currency")
     currency: str = Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217, e.g. usd")
-    expires_in_days: int | None = Field(default=None, gt=0, le=36_600,
+    expires_in_days: StrictInt | None = Field(default=None, gt=0, le=36_600,
                                         description="lifetime of the bought credits; omitted: "
                                                     "they never expire")
     products: list[Code] | None = Field(
@@ -31,11 +31,11 @@ class AutoRechargeIn(Strict):
         description="product codes the credits may pay for; omitted: every product")
     payment_method_id: PaymentMethodId | None = Field(
         default=None, description="charged off-session; omitted: the customer's default")
-    max_per_day: int = Field(default=10, ge=1, le=1000,
+    max_per_day: StrictInt = Field(default=10, ge=1, le=1000,
                              description="charges per UTC day; over it a recharge fails unpaid")
     min_charge: Amount = Field(default=Decimal(0), ge=0,
                                 description="in `currency`; a smaller charge is not made")
-    pays_overage: bool = Field(
+    pays_overage: StrictBool = Field(
         default=False, description="a recharge also buys what the account owes in the credit type "
                                    "(its overage) and pays it once paid, so the balance still "
                                    "comes back to recharge_to")

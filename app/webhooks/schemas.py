@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 from app.schemas import ListQuery, Page, Strict, Timestamp
 from app.webhooks.events import EVENT_TYPES
@@ -40,20 +48,21 @@ EventTypes = Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT
                        AfterValidator(_distinct)] | None
 EndpointDescription = Annotated[str, StringConstraints(max_length=500)]
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+BodyId = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]  # in a JSON body: a number, not "5"
 
 
 class EndpointIn(Strict):
     url: ReceiverUrl
     description: EndpointDescription = ""
     event_types: EventTypes = Field(default=None, description="null: every event type")
-    enabled: bool = True
+    enabled: StrictBool = True
 
 
 class EndpointPatch(Strict):
     url: ReceiverUrl | None = None
     description: EndpointDescription | None = None
     event_types: EventTypes = Field(default=None, description="null: every event type")
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
 
 
 class EndpointOut(BaseModel):
@@ -133,7 +142,7 @@ class EventOut(BaseModel):
 
 
 class ReplayIn(Strict):
-    endpoint_id: Id | None = Field(
+    endpoint_id: BodyId | None = Field(
         default=None, description="only this endpoint (even one that never had the event); "
         "default: every endpoint that had it")
 
@@ -144,7 +153,7 @@ class ReplayOut(BaseModel):
 
 class ReplayFailedIn(Strict):
     since: Timestamp = Field(description="events created at or after this time")
-    endpoint_id: Id | None = None
+    endpoint_id: BodyId | None = None
 
 
 class ReplayFailedOut(BaseModel):
