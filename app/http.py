@@ -557,13 +557,36 @@ def endpoint_app(endpoint: Endpoint, observed: Observed | None, max_body: int) -
     return EndpointApp(endpoint, stats, max_body)
 
 
-def to_route(endpoint: Endpoint, observed: Observed | None = None,
-             max_body: int = DEFAULT_MAX_BODY) -> Route:
-    # a customer route also answers a browser's CORS preflight
-    methods = [endpoint.method, "OPTIONS"] if Scope.customer in endpoint.scopes \
-        else [endpoint.method]
-    return Route(endpoint.path, endpoint_app(endpoint, observed, max_body),
-                 methods=methods, name=endpoint.handler.__name__)
+class PathApp:
+    """The endpoints of one path, by method: one Starlette route per path, so a method the
+    path does not serve is a 405 whose `Allow` lists every one it does (RFC 9110)."""
+
+    def __init__(self, apps: dict[str, EndpointApp]) -> None:
+        self.apps = dict(apps)
+        if "GET" in apps:
+            self.apps.setdefault("HEAD", apps["GET"])  # (Starlette lets HEAD through with GET)
+        cors = [app for app in apps.values() if app.cors]
+        if cors:  # a customer route also answers a browser's CORS preflight
+            self.apps["OPTIONS"] = cors[0]
+
+    async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
+        await self.apps[scope["method"]](scope, receive, send)
+
+
+def to_routes(endpoints: list[Endpoint], observed: Observed | None = None,
+              max_body: int = DEFAULT_MAX_BODY) -> list[Route]:
+    by_path: dict[str, dict[str, EndpointApp]] = {}
+    for endpoint in endpoints:
+        by_path.setdefault(endpoint.path, {})[endpoint.method] = endpoint_app(
+            endpoint, observed, max_body)
+    routes = []
+    # fewer parameters first: a method /v1/webhook-deliveries/replay-failed does not serve
+    # is answered by that path's route, not by /v1/webhook-deliveries/{id}'s (whose Allow
+    # would name GET)
+    for path in sorted(by_path, key=lambda p: p.count("{")):
+        app = PathApp(by_path[path])
+        routes.append(Route(path, app, methods=[m for m in app.apps if m != "HEAD"]))
+    return routes
 
 
 def _allowed_origin(request: Incoming) -> str | None:

@@ -32,7 +32,7 @@ from app.hotstate.checkcache import CheckCache
 from app.hotstate.keys import Keys
 from app.hotstate.resp import FastRedis
 from app.hotstate.store import HotState
-from app.http import ADMIN, DirectRoutes, Endpoint, KeyCache, to_route
+from app.http import ADMIN, DirectRoutes, Endpoint, KeyCache, to_routes
 from app.ledger.endpoints import ENDPOINTS as LEDGER
 from app.ledger.journal import Journal
 from app.ledger.loader import Loader
@@ -92,7 +92,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
         return problem_response(NotFound("no such route", field="path"))
     problem = Problem(str(exc.detail))
     problem.status, problem.code, problem.title = exc.status_code, "http_error", str(exc.detail)
-    return problem_response(problem)
+    response = problem_response(problem)
+    response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110: it must list them)
+    return response
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -217,7 +219,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await pool.close()
 
     max_body = settings.max_body_bytes
-    routes = [*[to_route(e, observed, max_body) for e in ENDPOINTS], Route("/healthz", healthz),
+    routes = [*to_routes(ENDPOINTS, observed, max_body), Route("/healthz", healthz),
               Route("/readyz", readyz), Route("/openapi.json", openapi_json)]
     app = App(routes=routes, lifespan=lifespan,
               exception_handlers={HTTPException: http_error, Exception: server_error})

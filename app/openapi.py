@@ -79,7 +79,9 @@ def _operation(endpoint: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
         op["security"] = [{"bearer": []}]
         op["description"] = "Scopes: " + ", ".join(sorted(s.value for s in endpoint.scopes))
     if endpoint.body is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {
+        # a body whose fields are all optional may be left out (it is read as {})
+        required = any(f.is_required() for f in endpoint.body.model_fields.values())
+        op["requestBody"] = {"required": required, "content": {"application/json": {
             "schema": refs[(endpoint.body, "validation")]}}}
     return op
 
