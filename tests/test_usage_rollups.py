@@ -31,8 +31,10 @@ async def _horizon(db: asyncpg.Connection) -> int:
 
 
 async def _pass_beyond(db: asyncpg.Connection, xid: int) -> None:
-    """Run passes (this test's, or the session's workers') until the horizon is above `xid`."""
-    for _ in range(100):
+    """Run passes (this test's, or the session's workers') until the horizon is above `xid`.
+    The horizon waits for the oldest transaction running anywhere on the server, so in a full
+    run another test's open transaction can hold it for seconds (5 s once ran out)."""
+    for _ in range(600):
         await roll_up(db)
         if await _horizon(db) > xid:
             return
