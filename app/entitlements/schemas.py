@@ -35,10 +35,10 @@ class CheckIn(Strict):
     account: Code
     product: Code
     amount: Amount | None = Field(default=None, gt=0,
-                                   description="needed amount; omitted: any credit left")
+                                  description="needed amount; omitted: any credit left")
     credit_type: Code | None = Field(default=None, description="default: the account's")
     consume: StrictBool = Field(default=False,
-                          description="debit `amount` now, atomically, only if allowed")
+                                description="debit `amount` now, atomically, only if allowed")
     idempotency_key: UsageUid | None = Field(
         default=None, description="required with consume (or the Idempotency-Key header)")
 
@@ -126,13 +126,13 @@ class HoldIn(Strict):
     amount: Amount = Field(gt=0, description="credit set aside, in the credit type's units")
     credit_type: Code | None = Field(default=None, description="default: the account's")
     expires_in_s: StrictInt = Field(default=600, ge=1, le=MAX_HOLD_S,
-                              description="released by the workers after this long unless "
-                                          "captured or released before")
+                                    description="released by the workers after this long "
+                                                "unless captured or released before")
 
 
 class CaptureIn(Strict):
     amount: Amount = Field(ge=0, description="what the use cost: at most the amount held; "
-                            "the rest is released")
+                           "the rest is released")
 
 
 class ReleaseIn(Strict):
@@ -158,8 +158,8 @@ class HoldOut(BaseModel):
 
 class ReversalIn(Strict):
     amount: Amount | None = Field(default=None, gt=0,
-                                   description="what to give back, at most the event's amount; "
-                                               "default: all of it")
+                                  description="what to give back, at most the event's "
+                                              "amount; default: all of it")
     reason: Description = Field(default="", description="kept with the reversal and written "
                                                         "on its ledger entries")
 

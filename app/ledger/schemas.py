@@ -19,7 +19,8 @@ class GrantIn(Strict):
     products: list[Code] | None = Field(
         default=None, min_length=1, max_length=100,
         description="product codes this balance may pay for; omitted: every product")
-    priority: StrictInt = Field(default=100, ge=0, le=1_000_000, description="lower is drawn first")
+    priority: StrictInt = Field(default=100, ge=0, le=1_000_000,
+                                description="lower is drawn first")
     effective_at: Timestamp | None = Field(default=None, description="default: now")
     expires_at: Timestamp | None = None
     description: Description = ""
@@ -119,21 +120,22 @@ class RecurringGrantIn(Strict):
     amount: Amount = Field(gt=0, description="credits granted each period")
     credit_type: Code | None = Field(default=None, description="default: the account's")
     frequency: Literal["daily", "monthly", "quarterly", "annual"]
-    interval: StrictInt = Field(default=1, ge=1, le=366, description="every this many days or months, "
-                          "quarters, years")
+    interval: StrictInt = Field(default=1, ge=1, le=366, description="every this many days or "
+                                "months, quarters, years")
     start: GrantDay | None = Field(default=None, description="the first period's first day "
                                    "(UTC); default today. Periods over before it is created "
                                    "are not granted")
     end: GrantDay | None = Field(default=None, description="exclusive: no period starts on or "
                                  "after it; omitted: open")
     products: list[Code] | None = Field(default=None, min_length=1, max_length=100)
-    priority: StrictInt = Field(default=100, ge=0, le=1_000_000, description="lower is drawn first")
+    priority: StrictInt = Field(default=100, ge=0, le=1_000_000,
+                                description="lower is drawn first")
     description: Description = ""
     rollover_percent: Amount = Field(default=Decimal(0), ge=0, le=100, description=
-                                      "of what a period leaves unused, the part added to the "
-                                      "next period's credits (rounded down)")
+                                     "of what a period leaves unused, the part added to the "
+                                     "next period's credits (rounded down)")
     rollover_max: Amount | None = Field(default=None, ge=0, description="at most this much "
-                                         "rolls over; omitted: no cap but the percentage")
+                                        "rolls over; omitted: no cap but the percentage")
 
 
 class RecurringGrantEndIn(Strict):

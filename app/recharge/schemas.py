@@ -24,7 +24,7 @@ class AutoRechargeIn(Strict):
                                         "= 1 unit of the currency")
     currency: str = Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217, e.g. usd")
     expires_in_days: StrictInt | None = Field(default=None, gt=0, le=36_600,
-                                        description="lifetime of the bought credits; omitted: "
+                                              description="lifetime of the bought credits; omitted: "
                                                     "they never expire")
     products: list[Code] | None = Field(
         default=None, min_length=1, max_length=100,
@@ -32,9 +32,9 @@ class AutoRechargeIn(Strict):
     payment_method_id: PaymentMethodId | None = Field(
         default=None, description="charged off-session; omitted: the customer's default")
     max_per_day: StrictInt = Field(default=10, ge=1, le=1000,
-                             description="charges per UTC day; over it a recharge fails unpaid")
+                                   description="charges per UTC day; over it a recharge fails unpaid")
     min_charge: Amount = Field(default=Decimal(0), ge=0,
-                                description="in `currency`; a smaller charge is not made")
+                               description="in `currency`; a smaller charge is not made")
     pays_overage: StrictBool = Field(
         default=False, description="a recharge also buys what the account owes in the credit type "
                                    "(its overage) and pays it once paid, so the balance still "
