@@ -213,3 +213,45 @@ async def test_a_stopping_journal_commits_what_is_queued_before_it_stops(
         journal.commit_soon([record])  # queued, not yet taken by the flush loop
     await journal.stop()
     assert await _written(db, *records) == {r.payload["uid"]: (1, -10) for r in records}
+
+
+async def test_a_record_postgres_cannot_take_fails_its_own_request_and_root_only(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    """One record that cannot be written (here: a time past what a timestamp holds, as a grant
+    expiring in 9999 once had) does not take others down with it. Requests committed in one
+    flush with it are flushed again request by request, so only its own fails; the orphan
+    sweep commits the other roots' journals and announces its root again (logged each time)."""
+    root, other = await _root(api, app, db), await _root(api, app, db)
+    hot = root.ctx.hot
+    journal = Journal(root.ctx.pool, hot)
+    journal.start()
+    key = hot.keys.journal(root.id)
+    poison_id = None
+    try:
+        good = [await root.decided(10) for _ in range(6)]
+        # a decided entry rewritten in its journal with the impossible time
+        real = await root.decided(10)
+        fields = dict(await hot.journal_entries(root.id, "+"))[real.stream_id]
+        await hot.redis.xdel(key, real.stream_id)
+        poison_id = str(await hot.redis.xadd(key, {**fields, "t": "253402300800000"}))
+        poison = JournalRecord.from_stream(root.id, poison_id, {**fields,
+                                                                "t": "253402300800000"})
+        records = [*good[:3], poison, *good[3:]]
+        # queued in one go, so the flush loop takes them as one batch
+        outcomes = await asyncio.gather(*(journal.commit([r]) for r in records),
+                                        return_exceptions=True)
+        assert isinstance(outcomes[3], ValueError)
+        assert [o for i, o in enumerate(outcomes) if i != 3] == [["accepted"]] * 6
+        assert await _written(db, *good) == {r.payload["uid"]: (1, -10) for r in good}
+
+        # an orphan of another root, swept after the poisoned root in the same pass
+        orphan = await other.decided(25)
+        await hot.redis.zrem(hot.keys.journal_index_of(root.id), str(root.id))
+        await journal._sweep_roots([root.id, other.id], "+")
+        assert await _written(db, orphan) == {orphan.payload["uid"]: (1, -25)}
+        assert await _written(db, poison) == {poison.payload["uid"]: (0, 0)}
+        assert await hot.redis.zscore(hot.keys.journal_index_of(root.id), str(root.id))
+    finally:
+        if poison_id is not None:  # (the session's own sweeper would meet it in every pass)
+            await hot.redis.xdel(key, poison_id)
+        await journal.stop()

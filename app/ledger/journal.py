@@ -32,6 +32,8 @@ from app.webhooks.outbox import Nudger, events_for, publish
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 500
+# one request's records waiting for the group commit, and its answer
+Waiting = tuple[list["JournalRecord"], asyncio.Future[list[str]]]
 SWEEP_PAGE = 500  # roots read from one index shard at a time
 
 
@@ -150,8 +152,7 @@ class Journal:
     def __init__(self, pool: asyncpg.Pool, hot: HotState, parallel: int = 4) -> None:
         self.pool = pool
         self.hot = hot
-        self._queue: asyncio.Queue[tuple[list[JournalRecord], asyncio.Future[list[str]]]] = \
-            asyncio.Queue()
+        self._queue: asyncio.Queue[Waiting] = asyncio.Queue()
         self._slots = asyncio.Semaphore(parallel)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -210,22 +211,34 @@ class Journal:
                 size += len(item[0])
             self._spawn(self._flush_waiting(batch))
 
-    async def _flush_waiting(
-            self, batch: list[tuple[list[JournalRecord], asyncio.Future[list[str]]]]) -> None:
+    async def _flush_waiting(self, batch: list[Waiting]) -> None:
+        try:
+            await self._answer(batch)
+        finally:
+            self._slots.release()
+
+    async def _answer(self, batch: list[Waiting]) -> None:
+        """Flush a batch and answer each request of it. A failure of the stores fails them
+        all; any other (a record Postgres cannot take) is one request's: the batch is flushed
+        again request by request, so only that request fails (its entry stays in its journal,
+        where the sweeper meets it and logs it)."""
         try:
             outcomes = await self.flush([record for records, _ in batch for record in records],
                                         answer_before_ack=True)
-            at = 0
-            for records, future in batch:
-                if not future.done():
-                    future.set_result(outcomes[at:at + len(records)])
-                at += len(records)
         except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, STORE_ERRORS):
+                for one in batch:
+                    await self._answer([one])
+                return
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
-        finally:
-            self._slots.release()
+            return
+        at = 0
+        for records, future in batch:
+            if not future.done():
+                future.set_result(outcomes[at:at + len(records)])
+            at += len(records)
 
     async def flush(self, records: list[JournalRecord], answer_before_ack: bool = False) -> list[str]:
         """Commit records (idempotently), then drop them from their streams.
@@ -332,9 +345,19 @@ class Journal:
         recovered = []
         for root_id, entries in zip(root_ids, await self.hot.sweep_journals(root_ids, cutoff),
                                     strict=True):
-            if entries:
+            if not entries:
+                continue
+            try:
                 found += await self._recover(root_id, entries)
-                recovered.append(root_id)
+            except STORE_ERRORS:
+                raise
+            except Exception:
+                # an entry Postgres cannot take must not stop the sweep of every other root:
+                # logged, and the root announced again, so each later sweep tries it again
+                log.exception("journal of root %s: its entries could not be committed", root_id)
+                await self.hot.index(root_id)
+                continue
+            recovered.append(root_id)
         if recovered:  # their journals are empty now (the flush acknowledged the entries)
             await self.hot.sweep_journals(recovered, cutoff)
         return found
