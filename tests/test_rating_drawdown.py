@@ -266,3 +266,20 @@ async def test_license_counter_raised_and_lowered_mid_month(api: Api) -> None:
                           params={"at": "2024-08-20"})
     [usage] = bill["plans"][0]["pricings"]
     assert D(usage["amount"]) == 5 * 31  # at the peak: 5 all of August
+
+
+async def test_a_measure_of_36_digits_is_aggregated_and_priced_exactly(api: Api) -> None:
+    """The longest numbers a request may carry (18 digits each side of the point) are summed
+    and priced without rounding: the default Decimal precision of 28 digits rounded them."""
+    names, meter_code, plan_code = await storage_setup(api)
+    await price(api, plan_code, "per_unit", [(None, "0.000000000007")],
+                aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    values = ["123456789012345678.123456789012345678", "987654321098765432.987654321098765432"]
+    for value in values:
+        assert (await measure(api, names["account"], meter_code, gb=value, files=1,
+                              seconds=1))["status"] == "rated"
+    bill = await api.call("GET", f"/v1/accounts/{names['account']}/usage", scope="runtime")
+    [pricing] = [p for p in bill["plans"][0]["pricings"] if p["aggregation"]]
+    # (written out by hand: the test's own arithmetic would round at 28 digits too)
+    assert pricing["quantity"] == "1111111110111111111.111111110111111110"
+    assert pricing["amount"] == "7777777.770777777777777777770777777770"

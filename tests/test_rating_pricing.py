@@ -93,6 +93,17 @@ def test_counter_prorated_by_day_and_at_peak() -> None:
     assert counter_charge("per_unit", per_unit, D(0), spans, 31, "peak") == 20 * 31
 
 
+def test_long_levels_and_prices_are_priced_without_rounding() -> None:
+    """The longest a level and a price may be (30 digits each) multiply exactly (at the peak);
+    only the proration's quotient has a precision, PRECISION (40) significant digits."""
+    level, unit = D("123456789012345678.123456789012"), D("987654321098765432.987654321098")
+    spans = [(level, 31)]
+    exact = D("121932631137021794566377074494610576.619620178764585886175176")
+    assert counter_charge("per_unit", [Band(None, unit)], D(0), spans, 31, "peak") == exact
+    assert counter_charge("per_unit", [Band(None, unit)], D(0), spans, 31, "prorate") == \
+        D("121932631137021794566377074494610576.6196")  # exact, to 40 digits
+
+
 def test_round_once_half_up() -> None:
     assert to_minor(D("1.005"), 2) == 101 and to_minor(D("0.004"), 2) == 0
 

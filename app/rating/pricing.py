@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
-from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal, localcontext
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal
 
 PRECISION = 40
 FUNCTIONS = ("SUM", "COUNT", "MIN", "MAX", "MEAN", "LATEST", "UNIQUE")
@@ -18,8 +18,9 @@ ROUNDINGS = ("up", "down", "nearest", "none")
 PRICING_TYPES = ("per_unit", "tiered", "volume", "stair_step")
 # the documented rounding of a charge to a credit type's decimal places
 CHARGE_ROUNDING = ROUND_HALF_UP
-# what `localcontext()` with prec = PRECISION gives (the app never changes the default
-# context), kept instead of opening a context per quotient on the rating hot path
+# a quotient's context: PRECISION significant digits (app/__init__.py makes the default 100
+# for exact sums and products), kept instead of opening a context per quotient on the rating
+# hot path
 _QUOTIENT = Context(prec=PRECISION)
 
 
@@ -159,7 +160,5 @@ def counter_charge(kind: str, bands: Sequence[Band], fixed_fee: Decimal,
     if mode == "peak":
         return charge(kind, bands, fixed_fee, max((lvl for lvl, _ in spans), default=Decimal(0)),
                       used)
-    with localcontext() as context:
-        context.prec = PRECISION
-        total = sum((price(kind, bands, level) * days for level, days in spans), Decimal(0))
-        return (fixed_fee if used else Decimal(0)) + total / period_days
+    total = sum((price(kind, bands, level) * days for level, days in spans), Decimal(0))
+    return (fixed_fee if used else Decimal(0)) + _QUOTIENT.divide(total, period_days)
