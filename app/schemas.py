@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Generic, TypeVar
 
@@ -67,9 +67,9 @@ def _aware(value: datetime) -> datetime:
     try:
         value = value.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00:00+01:00 is in year 0 in UTC
-        value = EARLIEST - timedelta(days=1)  # out of range, as below
+        raise ValueError(OUT_OF_SPAN) from None
     if not EARLIEST <= value < END_OF_TIME:
-        raise ValueError("must be from 2000-01-01T00:00:00Z to before 3000-01-01T00:00:00Z")
+        raise ValueError(OUT_OF_SPAN)
     return value
 
 
@@ -79,6 +79,7 @@ def _aware(value: datetime) -> datetime:
 # not be written.
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 END_OF_TIME = datetime(3000, 1, 1, tzinfo=UTC)
+OUT_OF_SPAN = "must be from 2000-01-01T00:00:00Z to before 3000-01-01T00:00:00Z"
 
 
 Timestamp = Annotated[datetime, BeforeValidator(_text), AfterValidator(_aware)]
