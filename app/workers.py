@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from app import audit
@@ -48,28 +49,49 @@ async def run_workers(ctx: AppContext) -> None:
     await asyncio.gather(_store_workers(ctx), run_reconciler(ctx), run_recharges(ctx))
 
 
-async def _store_workers(ctx: AppContext) -> None:
+Step = tuple[str, Callable[[], Awaitable[object]]]
+
+
+def _steps(ctx: AppContext) -> list[Step]:
+    """A pass's steps, in order, each with the name it is logged by."""
     recurring, unsent, billed = SweepMemory(), UnsentCursor(shared=True), BillMemory()
+    settings = ctx.settings
+    return [
+        ("journal sweep", lambda: ctx.journal.sweep(settings.journal_orphan_ms)),
+        ("recurring grants", lambda: grant_recurring(ctx)),
+        ("expiry", lambda: expire_due(ctx)),
+        ("expiry notices", lambda: announce_expiring(ctx)),
+        ("expired holds", lambda: settle_holds(ctx)),
+        ("reversals", lambda: settle_reversals(ctx)),
+        ("snapshots", lambda: take_snapshots(ctx, settings.snapshot_every)),
+        ("usage rollups", lambda: roll_up_usage(ctx)),
+        ("unsent rated debits", lambda: send_unsent(ctx, cursor=unsent)),
+        ("recurring charges", lambda: draw_recurring_charges(ctx, recurring)),
+        ("bill run", lambda: run_bills(ctx, billed)),
+        ("give-backs", lambda: settle_unsettled(ctx)),
+        ("re-rating", lambda: rerate_pending(ctx)),
+        ("idempotency keys", lambda: purge_expired_keys(ctx)),
+        ("webhook retention", lambda: purge_old_webhooks(ctx.pool, settings)),
+        ("audit retention", lambda: audit.purge_old(ctx.pool, settings.audit_retention_d)),
+    ]
+
+
+async def _store_workers(ctx: AppContext) -> None:
+    steps = _steps(ctx)
     while True:
-        try:
-            await ctx.journal.sweep(ctx.settings.journal_orphan_ms)
-            await grant_recurring(ctx)
-            await expire_due(ctx)
-            await announce_expiring(ctx)
-            await settle_holds(ctx)
-            await settle_reversals(ctx)
-            await take_snapshots(ctx, ctx.settings.snapshot_every)
-            await roll_up_usage(ctx)
-            await send_unsent(ctx, cursor=unsent)
-            await draw_recurring_charges(ctx, recurring)
-            await run_bills(ctx, billed)
-            await settle_unsettled(ctx)
-            await rerate_pending(ctx)
-            await purge_expired_keys(ctx)
-            await purge_old_webhooks(ctx.pool, ctx.settings)
-            await audit.purge_old(ctx.pool, ctx.settings.audit_retention_d)
-        except STORE_ERRORS as exc:
-            log.warning("worker pass skipped: %s", exc)
-        except Exception:
-            log.exception("worker pass failed")
+        await run_pass(steps)
         await asyncio.sleep(ctx.settings.worker_interval_s)
+
+
+async def run_pass(steps: list[Step]) -> None:
+    """One pass. A step that fails for its own reason (a bug, a row it cannot handle) is
+    logged and the next one runs: one failing step used to skip every step after it, in
+    every pass. A store that cannot answer ends the pass (every later step would fail too)."""
+    for name, step in steps:
+        try:
+            await step()
+        except STORE_ERRORS as exc:
+            log.warning("worker pass skipped at %s: %s", name, exc)
+            return
+        except Exception:
+            log.exception("worker step %s failed", name)
