@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import asyncpg
 import redis.exceptions
 from starlette.responses import Response
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 PROBLEM_TYPE_BASE = "https://creditgate.dev/problems/"
 
 
@@ -133,3 +137,20 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.CannotConnectNowError,
 )
+
+
+async def one_by_one(items: Iterable[T], work: Callable[[T], Awaitable[int | None]],
+                     what: str) -> int:
+    """A worker's `work` on each item in turn. One that fails for its own reason (a bug, a row
+    it cannot handle) is logged and the others go on, so one bad row cannot hold up every row
+    after it, pass after pass; a store error is raised (every later item would fail too).
+    Returns the sum of what `work` returned (None: 0)."""
+    done = 0
+    for item in items:
+        try:
+            done += await work(item) or 0
+        except STORE_ERRORS:
+            raise
+        except Exception:
+            log.exception("%s failed for %r; the others go on", what, item)
+    return done

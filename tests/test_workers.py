@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from app.errors import one_by_one
 from app.workers import Step, run_pass
 from tests.conftest import Api
 
@@ -53,3 +54,50 @@ async def test_expiry_runs_while_an_earlier_step_fails_every_pass(
         await asyncio.sleep(0.1)
     assert row is not None and str(row["amount"]) == "-4.00"
     assert failures >= 1
+
+
+async def test_one_by_one_goes_on_past_an_item_that_fails_but_not_past_a_store_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def work(item: int) -> int:
+        if item == 2:
+            raise KeyError("a row it cannot handle")
+        if item == 4:
+            raise TimeoutError  # a store that cannot answer
+        return item * 10
+
+    assert await one_by_one([1, 2, 3], work, "item") == 40
+    assert "item failed for 2" in caplog.text
+    with pytest.raises(TimeoutError):
+        await one_by_one([1, 4, 5], work, "item")
+
+
+async def test_a_balance_whose_expiry_fails_does_not_hold_up_the_next(
+        api: Api, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Due expiries are read oldest first: the first failing every pass used to keep every
+    later one from expiring."""
+    import app.ledger.service as ledger_service
+
+    n = await api.setup()
+    now = datetime.now(UTC)
+    first = await api.grant(n["account"], "1.00", expires_at=(now + timedelta(milliseconds=200))
+                            .isoformat())
+    second = await api.grant(n["account"], "2.00", expires_at=(now + timedelta(milliseconds=400))
+                             .isoformat())
+    expire = ledger_service.expire_balance
+
+    async def failing_first(ctx: Any, balance_id: int) -> None:
+        if balance_id == first["id"]:
+            raise RuntimeError("a balance it cannot handle")
+        await expire(ctx, balance_id)
+
+    monkeypatch.setattr(ledger_service, "expire_balance", failing_first)
+    row = None
+    for _ in range(100):
+        row = await db.fetchrow("SELECT amount FROM ledger_entries WHERE balance_id = $1 AND "
+                                "kind = 'expire'", second["id"])
+        if row:
+            break
+        await asyncio.sleep(0.1)
+    assert row is not None and str(row["amount"]) == "-2.00"
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries WHERE balance_id = $1 AND "
+                             "kind = 'expire'", first["id"]) == 0

@@ -31,7 +31,7 @@ from app.config.catalog import AccountRef, CreditTypeRef
 from app.entitlements import holds_repository as repo
 from app.entitlements.schemas import HOLD_UID_PATTERN, HoldIn, HoldOut
 from app.entitlements.service import consume
-from app.errors import Conflict, NotFound, ValidationProblem
+from app.errors import Conflict, NotFound, ValidationProblem, one_by_one
 from app.ledger import repository as ledger_repo
 from app.ledger.ops import now_ms
 from app.ledger.service import account_ref, credit_back, resolve_credit_type, scaled
@@ -152,13 +152,16 @@ async def finish(ctx: AppContext, account: AccountRef, row: asyncpg.Record) -> N
 async def settle(ctx: AppContext, limit: int = 200) -> int:
     """Worker: release the holds past their expiry and finish those a crash left half-ended."""
     rows = await repo.open_holds(ctx.pool, STUCK_S, limit)
-    for row in rows:
-        account = await ctx.catalog.account(row["account"])
-        assert account is not None
-        if row["status"] == "held":
-            claimed = await repo.claim_end(ctx.pool, account.id, row["uid"], "expired", None)
-            if claimed is None:
-                continue  # captured or released meanwhile
-            row = claimed
-        await finish(ctx, account, row)
+    await one_by_one(rows, lambda row: _settle_one(ctx, row), "settling hold")
     return len(rows)
+
+
+async def _settle_one(ctx: AppContext, row: asyncpg.Record) -> None:
+    account = await ctx.catalog.account(row["account"])
+    assert account is not None
+    if row["status"] == "held":
+        claimed = await repo.claim_end(ctx.pool, account.id, row["uid"], "expired", None)
+        if claimed is None:
+            return  # captured or released meanwhile
+        row = claimed
+    await finish(ctx, account, row)

@@ -31,7 +31,7 @@ from app.config.catalog import AccountRef, CreditTypeRef
 from app.entitlements import reversals_repository as repo
 from app.entitlements.holds import STUCK_S
 from app.entitlements.schemas import RESERVED_UID, Part, ReversalIn, ReversalOut, UsageEventOut
-from app.errors import Conflict, NotFound, ValidationProblem
+from app.errors import Conflict, NotFound, ValidationProblem, one_by_one
 from app.ledger import repository as ledger_repo
 from app.ledger.service import account_ref, credit_back, scaled
 from app.money import fmt, from_scaled, to_scaled
@@ -163,12 +163,15 @@ async def read_event(ctx: AppContext, code: str, uid: str) -> UsageEventOut:
 async def settle(ctx: AppContext, limit: int = 200) -> int:
     """Worker: finish the reversals a crash left half-done."""
     rows = await repo.stuck(ctx.pool, STUCK_S, limit)
-    for row in rows:
-        account = await ctx.catalog.account(row["account"])
-        assert account is not None
-        event = await ledger_repo.usage_event(ctx.pool, account.id, row["uid"])
-        assert event is not None
-        await finish(ctx, account, row, event,
-                     await ctx.catalog.credit_type_by_id(event["credit_type_id"]),
-                     await ledger_repo.usage_entries(ctx.pool, account.id, row["uid"]))
+    await one_by_one(rows, lambda row: _settle_one(ctx, row), "finishing reversal")
     return len(rows)
+
+
+async def _settle_one(ctx: AppContext, row: asyncpg.Record) -> None:
+    account = await ctx.catalog.account(row["account"])
+    assert account is not None
+    event = await ledger_repo.usage_event(ctx.pool, account.id, row["uid"])
+    assert event is not None
+    await finish(ctx, account, row, event,
+                 await ctx.catalog.credit_type_by_id(event["credit_type_id"]),
+                 await ledger_repo.usage_entries(ctx.pool, account.id, row["uid"]))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from app.config.repository import existing_products
-from app.errors import STORE_ERRORS, NotFound, Unavailable, ValidationProblem
+from app.errors import STORE_ERRORS, NotFound, Unavailable, ValidationProblem, one_by_one
 from app.ledger import repository as repo
 from app.ledger.schemas import (
     RecurringGrantIn,
@@ -133,12 +133,12 @@ async def grant_due(ctx: AppContext, now: datetime | None = None, limit: int = 5
     """Worker: grant every period under way that is not granted yet, then settle the periods
     that ended (expiry and rollover). Returns how many periods it granted or settled."""
     now = now or datetime.now(UTC)
-    done = 0
-    for row in await repo.due_recurring_grants(ctx.pool, now.date(), limit):
-        done += await _grant_period(ctx, row, now.date())
-    for period in await repo.unrolled_periods(ctx.pool, now.date(), limit):
-        done += await _settle(ctx, period, now.date())
-    return done
+    today = now.date()
+    done = await one_by_one(await repo.due_recurring_grants(ctx.pool, today, limit),
+                            lambda row: _grant_period(ctx, row, today), "recurring grant")
+    return done + await one_by_one(await repo.unrolled_periods(ctx.pool, today, limit),
+                                   lambda period: _settle(ctx, period, today),
+                                   "recurring grant period")
 
 
 async def _grant_period(ctx: AppContext, row: asyncpg.Record, today: date) -> int:

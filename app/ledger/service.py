@@ -12,7 +12,7 @@ import asyncpg
 
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.config.repository import existing_products
-from app.errors import Conflict, NotFound, ValidationProblem
+from app.errors import Conflict, NotFound, ValidationProblem, one_by_one
 from app.hotstate.store import LOW_WATCH
 from app.ledger import repository as repo
 from app.ledger.loader import balance_def, to_ms
@@ -145,8 +145,8 @@ async def void(ctx: AppContext, balance_id: int, body: VoidIn) -> BalanceOut:
 async def expire_due(ctx: AppContext, limit: int = 500) -> int:
     """Write an `expire` entry for every balance whose expiry has passed (worker)."""
     rows = await repo.due_expiries(ctx.pool, datetime.now(UTC), limit)
-    for row in rows:
-        await expire_balance(ctx, row["id"])
+    await one_by_one([row["id"] for row in rows], lambda balance_id: expire_balance(ctx, balance_id),
+                     "expiring balance")
     return len(rows)
 
 
