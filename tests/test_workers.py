@@ -101,3 +101,36 @@ async def test_a_balance_whose_expiry_fails_does_not_hold_up_the_next(
     assert row is not None and str(row["amount"]) == "-2.00"
     assert await db.fetchval("SELECT count(*) FROM ledger_entries WHERE balance_id = $1 AND "
                              "kind = 'expire'", first["id"]) == 0
+
+
+async def test_an_account_whose_recurring_charges_fail_does_not_hold_up_the_next(
+        api: Api, app: Any, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recurring-charge sweep settles the due accounts one by one: the first failing does
+    not keep the others from their standing charges."""
+    from app.rating import recurring
+    from app.rating.periods import add_months
+    from tests.test_rating_config import plan
+
+    next_month = add_months(datetime.now(UTC).date().replace(day=1), 1)
+    codes, ids = [], []
+    for _ in range(2):
+        names = await api.setup()
+        await api.grant(names["account"], "100")
+        plan_code = await plan(api, names["storage"], names["credit_type"], standing_charge="5")
+        await api.call("POST", f"/v1/accounts/{names['account']}/plans", expect=201,
+                       json={"plan": plan_code, "start_date": next_month.isoformat()})
+        codes.append(names["account"])
+        ids.append(await db.fetchval("SELECT id FROM accounts WHERE code = $1", names["account"]))
+    settle = recurring._settle_current
+    tried: list[int] = []
+
+    async def failing_first(ctx: Any, plans: list[Any], by_plan: Any, day: Any) -> int:
+        tried.append(plans[0]["account_id"])
+        if plans[0]["account_id"] == ids[0]:
+            raise RuntimeError("an account plan it cannot handle")
+        return await settle(ctx, plans, by_plan, day)
+
+    monkeypatch.setattr(recurring, "_settle_current", failing_first)
+    drawn, due = await recurring._sweep(app.state.ctx, next_month, ids)
+    assert sorted(tried) == sorted(ids) and sorted(due) == sorted(ids)
+    assert drawn == 1  # the second account's standing charge, for next month

@@ -41,7 +41,7 @@ import asyncpg
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.db import Connection
 from app.entitlements.service import debit_trusted
-from app.errors import STORE_ERRORS, ValidationProblem
+from app.errors import STORE_ERRORS, ValidationProblem, one_by_one
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
 from app.rating.periods import period_of
@@ -268,9 +268,8 @@ async def _sweep(ctx: AppContext, day: date, account_ids: list[int] | None
     for charge, plan in expected.items():
         if charge not in done:
             due[plan["account_id"]][plan["id"]] = plan
-    drawn = 0
-    for account_plans in due.values():
-        drawn += await _settle_current(ctx, list(account_plans.values()), by_plan, day)
+    drawn = await one_by_one(list(due.values()), lambda account_plans: _settle_current(
+        ctx, list(account_plans.values()), by_plan, day), "recurring charges")
     return drawn, list(due)
 
 
