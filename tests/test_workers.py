@@ -134,3 +134,34 @@ async def test_an_account_whose_recurring_charges_fail_does_not_hold_up_the_next
     drawn, due = await recurring._sweep(app.state.ctx, next_month, ids)
     assert sorted(tried) == sorted(ids) and sorted(due) == sorted(ids)
     assert drawn == 1  # the second account's standing charge, for next month
+
+
+async def test_an_account_whose_bills_fail_is_listed_not_billed_and_the_others_are_billed(
+        api: Api, app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bill run goes account by account: an error of one account's own (not a store's)
+    leaves it in `failed` for the next run, and the accounts after it are billed."""
+    from app.rating import bills
+    from tests.test_rating_counters_realtime import attach, counter, license_plan
+
+    codes = []
+    for _ in range(2):
+        names = await api.setup()
+        plan_code = await license_plan(api, names, await counter(api), "peak",
+                                       standing_charge="1.5")
+        await attach(api, names["account"], plan_code)  # July 2024
+        codes.append(names["account"])
+    bill_account = bills._bill_account
+
+    async def failing_first(ctx: Any, account: Any, items: Any, done: Any) -> None:
+        if account.code == codes[0]:
+            raise RuntimeError("a period it cannot handle")
+        await bill_account(ctx, account, items, done)
+
+    monkeypatch.setattr(bills, "_bill_account", failing_first)
+    accounts = [await app.state.ctx.catalog.account(code) for code in codes]
+    account_ids = [account.id for account in accounts if account is not None]
+    outcome = await bills.run(app.state.ctx, datetime(2024, 8, 1).date(), account_ids)
+    assert [code for code, _ in outcome.failed.values()] == [codes[0]]
+    assert len(outcome.bills) == 1
+    [bill] = (await api.call("GET", f"/v1/accounts/{codes[1]}/bills"))["data"]
+    assert bill["total"] == "1.50"

@@ -45,7 +45,7 @@ import asyncpg
 
 from app.config.catalog import AccountRef, CreditTypeRef
 from app.db import Conn, Connection
-from app.errors import NotFound, ValidationProblem
+from app.errors import STORE_ERRORS, NotFound, ValidationProblem
 from app.money import fmt
 from app.rating import giveback, recurring
 from app.rating import recurring_repository as rrepo
@@ -132,6 +132,12 @@ async def run(ctx: AppContext, through: date, account_ids: list[int] | None = No
         except ValidationProblem as problem:
             log.warning("bills of account %s not written: %s", account.code, problem.detail)
             outcome.failed[account_id] = (account.code, problem.detail)
+        except STORE_ERRORS:
+            raise
+        except Exception:  # one account's own failure: the others are billed all the same
+            log.exception("bills of account %s not written", account.code)
+            outcome.failed[account_id] = (account.code, "an internal error (logged); retried "
+                                                        "by the next run")
         if n % SEND_EVERY == 0 or n == len(due):
             outcome.bills += await _after_commits(ctx, done)
             done = _Run()
