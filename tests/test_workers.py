@@ -165,3 +165,47 @@ async def test_an_account_whose_bills_fail_is_listed_not_billed_and_the_others_a
     assert len(outcome.bills) == 1
     [bill] = (await api.call("GET", f"/v1/accounts/{codes[1]}/bills"))["data"]
     assert bill["total"] == "1.50"
+
+
+async def test_re_rating_and_give_backs_go_on_past_an_account_that_fails(
+        app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each already went on past a missing conversion rate or a store error; an error of the
+    account's own (a bug) now too: logged, kept for the next pass."""
+    from datetime import date
+
+    from app.rating import giveback, rerate
+    from app.rating import repository as repo
+
+    ctx = app.state.ctx
+    tried: list[int] = []
+
+    async def settle_charge(ctx: Any, account_id: int, charge_key: str, period: Any) -> None:
+        tried.append(account_id)
+        if account_id == -1:
+            raise RuntimeError("a charge it cannot handle")
+
+    monkeypatch.setattr(giveback, "settle_charge", settle_charge)
+    start = date(2026, 1, 1)
+    await giveback.settle(ctx, [(-1, "p1", start), (-2, "p1", start)])
+    assert tried == [-1, -2]
+
+    requests = [{"account_id": -1, "requested_at": 1, "from_version": None},
+                {"account_id": -2, "requested_at": 2, "from_version": None}]
+    dropped: set[int] = set()
+
+    async def rerate_requests(conn: Any, limit: int) -> list[dict[str, Any]]:
+        return requests
+
+    async def rerate_account(ctx: Any, account_id: int, **kwargs: Any) -> tuple[int, bool]:
+        if account_id == -1:
+            raise RuntimeError("an account it cannot handle")
+        return 3, False
+
+    async def drop(conn: Any, account_id: int, requested_at: Any) -> None:
+        dropped.add(account_id)
+
+    monkeypatch.setattr(repo, "rerate_requests", rerate_requests)
+    monkeypatch.setattr(rerate, "rerate_account", rerate_account)
+    monkeypatch.setattr(repo, "drop_rerate_request", drop)
+    assert await rerate.rerate_pending(ctx) == 3
+    assert dropped == {-2}  # the failed one is kept for the next pass

@@ -60,6 +60,9 @@ async def settle(ctx: AppContext, charges: list[tuple[int, str, date]]) -> None:
         except GIVEN_UP as exc:
             log.warning("give-back of %s/%s/%s left to the worker: %s", account_id, charge_key,
                         period_start, exc)
+        except Exception:  # its own failure (a bug): logged, left to the worker, others go on
+            log.exception("give-back of %s/%s/%s left to the worker", account_id, charge_key,
+                          period_start)
 
 
 async def settle_unsettled(ctx: AppContext, older_than_s: float = 1.0,  # float-ok: seconds

@@ -65,6 +65,8 @@ async def rerate_pending(ctx: AppContext) -> int:
             rated += count
         except GIVEN_UP as exc:  # e.g. no conversion rate for the day
             log.warning("re-rating account %s failed: %s", request["account_id"], exc)
+        except Exception:  # its own failure (a bug): kept for the next pass, the others go on
+            log.exception("re-rating account %s failed", request["account_id"])
         if not more:
             await repo.drop_rerate_request(ctx.pool, request["account_id"],
                                            request["requested_at"])
