@@ -14,6 +14,18 @@ from app.workers import Step, run_pass
 from tests.conftest import Api
 
 
+async def _expired(db: asyncpg.Connection, balance_id: int, wait_s: float = 10.0) -> str | None:
+    """The amount of the balance's expire entry, once the workers wrote it (None: not within
+    `wait_s`)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        amount = await db.fetchval("SELECT amount FROM ledger_entries WHERE balance_id = $1 AND "
+                                   "kind = 'expire'", balance_id)
+        if amount is not None or asyncio.get_running_loop().time() >= deadline:
+            return None if amount is None else str(amount)
+        await asyncio.sleep(0.1)
+
+
 async def test_a_step_that_fails_is_logged_and_the_next_runs_but_a_store_error_ends_the_pass(
         caplog: pytest.LogCaptureFixture) -> None:
     ran: list[str] = []
@@ -45,14 +57,7 @@ async def test_expiry_runs_while_an_earlier_step_fails_every_pass(
     n = await api.setup()
     soon = datetime.now(UTC) + timedelta(milliseconds=300)
     grant = await api.grant(n["account"], "4.00", expires_at=soon.isoformat())
-    row = None
-    for _ in range(100):
-        row = await db.fetchrow("SELECT amount FROM ledger_entries WHERE balance_id = $1 AND "
-                                "kind = 'expire'", grant["id"])
-        if row:
-            break
-        await asyncio.sleep(0.1)
-    assert row is not None and str(row["amount"]) == "-4.00"
+    assert await _expired(db, grant["id"]) == "-4.00"
     assert failures >= 1
 
 
@@ -91,16 +96,8 @@ async def test_a_balance_whose_expiry_fails_does_not_hold_up_the_next(
         await expire(ctx, balance_id)
 
     monkeypatch.setattr(ledger_service, "expire_balance", failing_first)
-    row = None
-    for _ in range(100):
-        row = await db.fetchrow("SELECT amount FROM ledger_entries WHERE balance_id = $1 AND "
-                                "kind = 'expire'", second["id"])
-        if row:
-            break
-        await asyncio.sleep(0.1)
-    assert row is not None and str(row["amount"]) == "-2.00"
-    assert await db.fetchval("SELECT count(*) FROM ledger_entries WHERE balance_id = $1 AND "
-                             "kind = 'expire'", first["id"]) == 0
+    assert await _expired(db, second["id"]) == "-2.00"
+    assert await _expired(db, first["id"], wait_s=0) is None
 
 
 async def test_an_account_whose_recurring_charges_fail_does_not_hold_up_the_next(
