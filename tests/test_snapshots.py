@@ -107,13 +107,20 @@ async def test_snapshots_taken_while_two_processes_write_lose_and_double_nothing
             stop.set()
             taken = await running
             assert {r.status_code for r in answers} == {200}, [r.text for r in answers]
-            # snapshots were taken meanwhile: by this snapshotter, or by one of the three
-            # workers it races for the shared counting cursor (whoever counts first takes them)
-            snapshotted = await db.fetchval(
-                """SELECT count(*) FROM balance_snapshots s JOIN balances b ON b.id = s.balance_id
-                   JOIN accounts a ON a.id = b.account_id
-                   WHERE a.code = ANY($1::text[]) AND s.horizon <> '0'""",
-                [n["account"] for n in accounts])
+            # snapshots were taken: by this snapshotter, or by one of the three workers it races
+            # for the shared counting cursor (whoever counts first takes them). A worker may have
+            # counted the last entries and not yet snapshotted them: wait for its pass to end.
+            snapshotted = 0
+            for _ in range(300):
+                snapshotted = await db.fetchval(
+                    """SELECT count(*) FROM balance_snapshots s
+                       JOIN balances b ON b.id = s.balance_id
+                       JOIN accounts a ON a.id = b.account_id
+                       WHERE a.code = ANY($1::text[]) AND s.horizon <> '0'""",
+                    [n["account"] for n in accounts])
+                if snapshotted == 3:
+                    break
+                await asyncio.sleep(0.1)
             assert snapshotted == 3, (snapshotted, taken)
             await redis.flushall()
             for n in accounts:
