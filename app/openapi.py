@@ -54,6 +54,15 @@ def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
     return params
 
 
+def _event(data: dict[str, Any]) -> dict[str, Any]:
+    """One server-sent event as a parser yields it: its fields, `data` JSON text of `data`."""
+    return {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0}}}
+
+
 def _operation(endpoint: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
     problem = {"description": "problem", "content": {"application/problem+json": {"schema": PROBLEM}}}
     success: dict[str, Any] = {
@@ -61,11 +70,14 @@ def _operation(endpoint: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
         "content": {"application/json": {
             "schema": refs[(endpoint.response, "serialization")]}} if endpoint.response else {},
     }
-    if endpoint.media_type != "application/json":  # e.g. server-sent events: text, not a model
+    if endpoint.media_type == "text/event-stream" and endpoint.response:
+        # before Open API 3.2's `itemSchema`, the schema of an event stream is that of one event
+        success["content"] = {endpoint.media_type: {"schema": _event(
+            refs[(endpoint.response, "serialization")])}}
+        success["description"] = (f"server-sent events, each `event: balances` whose data is "
+                                  f"a {endpoint.response.__name__} as JSON")
+    elif endpoint.media_type != "application/json":  # text, not a model (metrics)
         success["content"] = {endpoint.media_type: {"schema": {"type": "string"}}}
-        if endpoint.response:
-            success["description"] = (f"each event's data is a {endpoint.response.__name__} "
-                                      "(as JSON)")
     responses: dict[str, Any] = {str(status): success for status in (endpoint.status, *endpoint.also)}
     responses |= {"4XX": problem, "503": problem}
     op: dict[str, Any] = {

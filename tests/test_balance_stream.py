@@ -16,10 +16,13 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import jsonschema_rs
 import pytest
 import redis.asyncio as aioredis
 
+from app import openapi
 from app.auth.tokens import rotate_secret
+from app.main import ENDPOINTS
 from app.settings import Settings
 from tests.conftest import Api
 from tests.fresh import Fresh, fresh_app
@@ -70,6 +73,19 @@ async def stream(app: AppProcess, account: str, key: str) -> AsyncIterator[Event
         yield Events(response)
 
 
+def _as_documented(event: dict[str, str]) -> None:
+    """The event is what /openapi.json says each event of the stream is (the schema of one
+    event: Open API 3.1 has no `itemSchema`), its data included."""
+    document = openapi.build(ENDPOINTS)
+    one = document["paths"][PATH.format("{code}")]["get"]["responses"]["200"]["content"][
+        "text/event-stream"]["schema"]
+    components = {"components": document["components"]}
+    jsonschema_rs.validate({**components, **one},
+                           {k: int(v) if k == "retry" else v for k, v in event.items()})
+    jsonschema_rs.validate({**components, **one["properties"]["data"]["contentSchema"]},
+                           json.loads(event["data"]))
+
+
 def _totals(data: dict[str, Any]) -> list[tuple[str, str]]:
     return [(t["available"], t["overage"]) for t in data["totals"]]
 
@@ -97,6 +113,7 @@ async def test_a_customer_sees_its_balances_now_and_at_each_change(
             opened = await events.next()
             assert opened is not None and opened["retry"] == "2000"
             assert opened["event"] == "balances"
+            _as_documented(opened)
             first = json.loads(opened["data"])
             assert first["account"] == n["account"] and _totals(first) == [("3.00", "0.00")]
             await _use(client, keys["runtime"], n, "1.00")
