@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -15,8 +16,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     StringConstraints,
 )
+from pydantic import (
+    Strict as NoCoercion,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from app.errors import ValidationProblem
 from app.money import MAX_PLACES
@@ -42,12 +49,57 @@ def _plain_zero(value: Decimal) -> Decimal:
     return value if value else Decimal(0)  # 0E+999999999 is a zero without the exponent
 
 
+def _whole_number(value: object) -> object:
+    # JSON has one number type: 26306.0 is the integer 26306 (as JSON Schema's "integer" says);
+    # bodies parse it as a Decimal
+    number = Decimal(value) if isinstance(value, float) and math.isfinite(value) else value
+    if isinstance(number, Decimal) and number.is_finite() and number.adjusted() < 19 \
+            and number == number.to_integral_value():
+        return int(number)
+    return value
+
+
+# An integer in a body: a JSON integer, or a number with no fraction ("5" and true are not).
+Integer = Annotated[int, BeforeValidator(_whole_number), NoCoercion()]
+
+
+# A decimal written as a JSON string: ASCII digits, an optional point and exponent ("12.50",
+# "1e3"). Python's Decimal would also read " 1 ", "1_000" and digits of other scripts (fullwidth ones, say).
+DECIMAL_TEXT = r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
+_DECIMAL_TEXT = re.compile(DECIMAL_TEXT)
+
+
+def is_decimal_text(text: str) -> bool:
+    return _DECIMAL_TEXT.match(text) is not None
+
+
+def _decimal_text(value: object) -> object:
+    if isinstance(value, str) and not is_decimal_text(value):
+        raise PydanticCustomError(
+            "decimal_parsing", "Input should be a decimal number: a JSON number or a string "
+            "of ASCII digits with an optional point and exponent, such as \"12.50\"")
+    return value
+
+
+class _DocumentedText:
+    """The JSON schema says what `_decimal_text` takes: the string branch gets its pattern."""
+
+    def __get_pydantic_json_schema__(self, core: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core)
+        for branch in schema.get("anyOf", []):
+            if branch.get("type") == "string":
+                branch["pattern"] = DECIMAL_TEXT
+        return schema
+
+
 # An amount, price or rate in a request: exact, finite, and few enough digits that no
 # arithmetic on it leaves the Decimal context or Postgres's numeric (1e999999999 was a 500,
 # 1e-999999999 a grant of 0). A credit type's own places and range are checked after.
 Amount = Annotated[Decimal, Field(max_digits=MAX_PLACES * 2, decimal_places=MAX_PLACES,
                                   allow_inf_nan=False),
-                   AfterValidator(_plain_zero)]
+                   BeforeValidator(_decimal_text), AfterValidator(_plain_zero),
+                   _DocumentedText()]
 
 
 _RFC3339_START = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d")

@@ -154,9 +154,15 @@ def raw(case: Case) -> Case:
 # exponents no arithmetic can follow: each was a 500 (or, 1e-999999999, a grant of 0.00)
 EXPONENTS = {"huge": "1e999999999", "tiny": "1e-999999999", "large": "1E+999999"}
 
+# strings Python's Decimal reads but that are not decimals as the API documents them
+LOOSE_TEXT = {"spaced": " 1 ", "underscored": "1_000", "fullwidth": "\uff11\uff12", "empty": ""}
+
 CASES = [
     *[make(f"{name}-exponent-amount", "amount", amount=value)
       for make in (check, usage, grant, adjust) for name, value in EXPONENTS.items()],
+    *[make(f"{name}-amount-text", "amount", amount=value)
+      for make in (check, usage, grant, adjust) for name, value in LOOSE_TEXT.items()],
+    credit_type("places-with-a-fraction", "decimal_places", decimal_places=2.5),
     # timestamps outside 2000 to 2999: the first was taken by Redis and then never written
     grant("expires-in-year-9999", "expires_at", expires_at="9999-12-31T23:59:59.999999Z"),
     grant("effective-in-year-0-in-utc", "effective_at", effective_at="0001-01-01T00:00:00+01:00"),
@@ -434,3 +440,18 @@ async def test_batch_accepts_valid_events_and_lists_each_rejected_one(
     uids = await db.fetch("SELECT uid, amount FROM usage_events WHERE account_id = $1", account_id)
     assert sorted((r["uid"], str(r["amount"])) for r in uids) == sorted(
         [(events[0]["uid"], "1.25"), (events[-1]["uid"], "2.50")])
+
+
+async def test_numbers_in_every_documented_form_are_taken(api: Api) -> None:
+    """The other side of the cases above: a decimal string with an exponent, a leading point or
+    a sign, and an integer field sent as a whole number with a fraction part (JSON Schema's
+    "integer" includes 2.0, and some encoders write whole doubles so)."""
+    n = await api.setup()
+    path = f"/v1/accounts/{n['account']}/grants"
+    granted = [(await api.call("POST", path, expect=201, json={"amount": amount}))["granted"]
+               for amount in ("1e1", ".5", "+2", "3.")]
+    assert granted == ["10.00", "0.50", "2.00", "3.00"]
+    made = await api.call("POST", "/v1/credit-types", expect=201, json={
+        "code": f"whole-{uuid.uuid4().hex[:8]}", "name": "N", "kind": "custom",
+        "decimal_places": 2.0})
+    assert made["decimal_places"] == 2

@@ -134,7 +134,10 @@ async def test_bad_measurements_name_the_field(api: Api) -> None:
              # exponents no arithmetic can follow (the first was a 500)
              ({"gb": "1e999999999", "files": 1, "seconds": 1}, "data.gb"),
              ({"gb": "1e-999999999", "files": 1, "seconds": 1}, "data.gb"),
-             ({"gb": 1, "files": "1e-19", "seconds": 1}, "data.files")]
+             ({"gb": 1, "files": "1e-19", "seconds": 1}, "data.files"),
+             # text Decimal reads that is not a decimal as documented
+             ({"gb": " 1", "files": 1, "seconds": 1}, "data.gb"),
+             ({"gb": "1_000", "files": 1, "seconds": 1}, "data.gb")]
     for data, field in cases:
         body = await api.call("POST", "/v1/measurements", scope="runtime", expect=422,
                               json={**base, "data": data})

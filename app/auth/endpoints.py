@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, Field
 
 from app import audit
 from app.auth.tokens import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S
 from app.http import ADMIN, READ, Call, Endpoint
 from app.ledger.service import account_ref
-from app.schemas import Strict, decode_cursor, next_cursor
+from app.schemas import Integer, Strict, decode_cursor, next_cursor
 
 
 class CustomerTokenIn(Strict):
-    ttl_s: StrictInt = Field(default=DEFAULT_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S,
+    ttl_s: Integer = Field(default=DEFAULT_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S,
                              description="seconds the token is good for")
 
 

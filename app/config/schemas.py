@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, Field
 
-from app.schemas import Code, Email, ListQuery, Name, Page, Strict
+from app.schemas import Code, Email, Integer, ListQuery, Name, Page, Strict
 
 Status = Literal["active", "blocked"]
 
@@ -16,7 +16,7 @@ class CreditTypeIn(Strict):
     code: Code
     name: Name
     kind: Literal["fiat", "custom"]
-    decimal_places: StrictInt = Field(ge=0, le=9, description="fixed once created")
+    decimal_places: Integer = Field(ge=0, le=9, description="fixed once created")
 
 
 class CreditTypePatch(Strict):

@@ -6,9 +6,9 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StrictBool, StrictInt, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StrictBool, StringConstraints
 
-from app.schemas import Amount, Code, Description, Page, Strict, Timestamp, Uid, uid_pattern
+from app.schemas import Amount, Code, Description, Integer, Page, Strict, Timestamp, Uid, uid_pattern
 
 # Usage uids the rating engine gives its own debits (`r<pricing>:…`, `s<account plan>:…`,
 # `c<pricing>:…`, the bill run's `b<account plan>:…`): a client's usage uid or consume key
@@ -125,7 +125,7 @@ class HoldIn(Strict):
     product: Code
     amount: Amount = Field(gt=0, description="credit set aside, in the credit type's units")
     credit_type: Code | None = Field(default=None, description="default: the account's")
-    expires_in_s: StrictInt = Field(default=600, ge=1, le=MAX_HOLD_S,
+    expires_in_s: Integer = Field(default=600, ge=1, le=MAX_HOLD_S,
                                     description="released by the workers after this long "
                                                 "unless captured or released before")
 

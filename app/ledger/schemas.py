@@ -6,9 +6,9 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 
-from app.schemas import Amount, Code, Description, ListQuery, Page, Strict, Timestamp, Uid
+from app.schemas import Amount, Code, Description, Integer, ListQuery, Page, Strict, Timestamp, Uid
 
 Source = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
@@ -19,7 +19,7 @@ class GrantIn(Strict):
     products: list[Code] | None = Field(
         default=None, min_length=1, max_length=100,
         description="product codes this balance may pay for; omitted: every product")
-    priority: StrictInt = Field(default=100, ge=0, le=1_000_000,
+    priority: Integer = Field(default=100, ge=0, le=1_000_000,
                                 description="lower is drawn first")
     effective_at: Timestamp | None = Field(default=None, description="default: now")
     expires_at: Timestamp | None = None
@@ -120,7 +120,7 @@ class RecurringGrantIn(Strict):
     amount: Amount = Field(gt=0, description="credits granted each period")
     credit_type: Code | None = Field(default=None, description="default: the account's")
     frequency: Literal["daily", "monthly", "quarterly", "annual"]
-    interval: StrictInt = Field(default=1, ge=1, le=366, description="every this many days or "
+    interval: Integer = Field(default=1, ge=1, le=366, description="every this many days or "
                                 "months, quarters, years")
     start: GrantDay | None = Field(default=None, description="the first period's first day "
                                    "(UTC); default today. Periods over before it is created "
@@ -128,7 +128,7 @@ class RecurringGrantIn(Strict):
     end: GrantDay | None = Field(default=None, description="exclusive: no period starts on or "
                                  "after it; omitted: open")
     products: list[Code] | None = Field(default=None, min_length=1, max_length=100)
-    priority: StrictInt = Field(default=100, ge=0, le=1_000_000,
+    priority: Integer = Field(default=100, ge=0, le=1_000_000,
                                 description="lower is drawn first")
     description: Description = ""
     rollover_percent: Amount = Field(default=Decimal(0), ge=0, le=100, description=

@@ -47,6 +47,7 @@ from app.rating.expressions import Node, evaluate, parse
 from app.rating.periods import period_of
 from app.rating.pricing import AggState, Band, aggregate, charge, convert, quantity, to_minor
 from app.rating.schemas import Debit, ItemError, MeasurementIn, MeasurementResult
+from app.schemas import is_decimal_text
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -112,8 +113,9 @@ async def meter(ctx: AppContext, code: str) -> Meter | None:
 def _number(value: Any, where: str) -> Decimal:
     """A measure: a JSON number, or a string holding one (exact either way)."""
     try:
-        number = Decimal(value) if isinstance(value, str | int | Decimal) \
-            and not isinstance(value, bool) and len(str(value)) <= 60 else None
+        numeric = isinstance(value, int | Decimal) and not isinstance(value, bool)
+        text = isinstance(value, str) and len(value) <= 60 and is_decimal_text(value)
+        number = Decimal(value) if numeric or text else None
         if number is not None and not (number.is_finite() and abs(number) < MAX_MEASURE
                                        and exact_places(number) <= MAX_PLACES):
             number = None

@@ -6,9 +6,9 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 
-from app.schemas import Amount, Code, ListQuery, Name, Page, Strict, Timestamp, Uid
+from app.schemas import Amount, Code, Integer, ListQuery, Name, Page, Strict, Timestamp, Uid
 
 FieldName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 # bounded so that no arithmetic on them can overflow a Decimal context
@@ -92,7 +92,7 @@ class PlanTemplateIn(Strict):
     name: Name
     product: Code
     bill_frequency: Frequency
-    bill_interval: StrictInt = Field(default=1, ge=1, le=366)
+    bill_interval: Integer = Field(default=1, ge=1, le=366)
     currency: Code = Field(description="the credit type prices are in (usually fiat)")
     standing_charge: Number = Field(default=Decimal(0), ge=0)
     minimum_spend: Number = Field(default=Decimal(0), ge=0)

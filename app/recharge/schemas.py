@@ -6,9 +6,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictBool, StrictInt, StringConstraints
+from pydantic import BaseModel, Field, StrictBool, StringConstraints
 
-from app.schemas import Amount, Code, ListQuery, Page, Strict
+from app.schemas import Amount, Code, Integer, ListQuery, Page, Strict
 
 PaymentMethodId = Annotated[str, StringConstraints(pattern=r"^pm_[A-Za-z0-9_]{1,250}$")]
 
@@ -23,7 +23,7 @@ class AutoRechargeIn(Strict):
         default=None, gt=0, description="in `currency`; omitted for a fiat credit type: 1 credit "
                                         "= 1 unit of the currency")
     currency: str = Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217, e.g. usd")
-    expires_in_days: StrictInt | None = Field(default=None, gt=0, le=36_600,
+    expires_in_days: Integer | None = Field(default=None, gt=0, le=36_600,
                                               description="lifetime of the bought credits; omitted: "
                                                     "they never expire")
     products: list[Code] | None = Field(
@@ -31,7 +31,7 @@ class AutoRechargeIn(Strict):
         description="product codes the credits may pay for; omitted: every product")
     payment_method_id: PaymentMethodId | None = Field(
         default=None, description="charged off-session; omitted: the customer's default")
-    max_per_day: StrictInt = Field(default=10, ge=1, le=1000,
+    max_per_day: Integer = Field(default=10, ge=1, le=1000,
                                    description="charges per UTC day; over it a recharge fails unpaid")
     min_charge: Amount = Field(default=Decimal(0), ge=0,
                                description="in `currency`; a smaller charge is not made")

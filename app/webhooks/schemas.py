@@ -10,12 +10,11 @@ from pydantic import (
     BaseModel,
     Field,
     StrictBool,
-    StrictInt,
     StringConstraints,
     WithJsonSchema,
 )
 
-from app.schemas import ListQuery, Page, Strict, Timestamp
+from app.schemas import Integer, ListQuery, Page, Strict, Timestamp
 from app.webhooks.events import EVENT_TYPES
 from app.webhooks.urls import MAX_URL_LENGTH, parse_url
 
@@ -48,7 +47,7 @@ EventTypes = Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT
                        AfterValidator(_distinct)] | None
 EndpointDescription = Annotated[str, StringConstraints(max_length=500)]
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
-BodyId = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]  # in a JSON body: a number, not "5"
+BodyId = Annotated[Integer, Field(ge=1, le=MAX_ID)]  # in a JSON body: a number, not "5"
 
 
 class EndpointIn(Strict):
