@@ -12,12 +12,13 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Send
@@ -97,7 +98,6 @@ class Endpoint:
     status: int = 200
     # the handler parses the JSON itself (per-item errors); `body` is then for the docs only
     raw_body: bool = False
-    path_params: tuple[str, ...] = field(default=())
     # other success statuses the handler may answer with (documented like `status`)
     also: tuple[int, ...] = ()
     # an admin write that must not run without an `Idempotency-Key` (it charges money)
@@ -558,8 +558,10 @@ def endpoint_app(endpoint: Endpoint, observed: Observed | None, max_body: int) -
 
 
 class PathApp:
-    """The endpoints of one path, by method: one Starlette route per path, so a method the
-    path does not serve is a 405 whose `Allow` lists every one it does (RFC 9110)."""
+    """The endpoints of one path, by method: one Starlette route per path, taking every method,
+    so a method the path does not serve is a 405 whose `Allow` lists every one it does (RFC
+    9110), also where a path with a parameter would match the URL too: `GET /v1/bills/run` is
+    not the bill `run` (a bill's id is a number), and its answer says POST."""
 
     def __init__(self, apps: dict[str, EndpointApp]) -> None:
         self.apps = dict(apps)
@@ -570,7 +572,10 @@ class PathApp:
             self.apps["OPTIONS"] = cors[0]
 
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
-        await self.apps[scope["method"]](scope, receive, send)
+        app = self.apps.get(scope["method"])
+        if app is None:
+            raise HTTPException(405, headers={"Allow": ", ".join(self.apps)})
+        await app(scope, receive, send)
 
 
 def to_routes(endpoints: list[Endpoint], observed: Observed | None = None,
@@ -579,14 +584,11 @@ def to_routes(endpoints: list[Endpoint], observed: Observed | None = None,
     for endpoint in endpoints:
         by_path.setdefault(endpoint.path, {})[endpoint.method] = endpoint_app(
             endpoint, observed, max_body)
-    routes = []
-    # fewer parameters first: a method /v1/webhook-deliveries/replay-failed does not serve
-    # is answered by that path's route, not by /v1/webhook-deliveries/{id}'s (whose Allow
-    # would name GET)
-    for path in sorted(by_path, key=lambda p: p.count("{")):
-        app = PathApp(by_path[path])
-        routes.append(Route(path, app, methods=[m for m in app.apps if m != "HEAD"]))
-    return routes
+    # fewer parameters first: every request to /v1/webhook-deliveries/replay-failed is that
+    # path's, whatever its method, never /v1/webhook-deliveries/{delivery_id}'s (the only
+    # paths that overlap so are these literal ones beside a row's numeric id)
+    return [Route(path, PathApp(by_path[path]))
+            for path in sorted(by_path, key=lambda p: p.count("{"))]
 
 
 def _allowed_origin(request: Incoming) -> str | None:

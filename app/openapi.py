@@ -8,7 +8,9 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from app.entitlements.schemas import HOLD_UID_PATTERN
 from app.http import Endpoint
+from app.schemas import CODE_PATTERN, UID_PATTERN
 
 REF = "#/components/schemas/{model}"
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
@@ -32,10 +34,26 @@ def _models(endpoints: list[Endpoint]) -> list[type[BaseModel]]:
     return seen
 
 
+# What a path parameter is: a row's numeric id (read by `Call.path_id`: 1 to 18 digits), a
+# client's uid (a usage event's, a hold's, a measurement's), or else a code (an event's id too).
+_ROW_ID = {"type": "integer", "minimum": 1, "maximum": 10**18 - 1}
+PATH_PARAMETERS: dict[str, dict[str, Any]] = {
+    "balance_id": _ROW_ID, "delivery_id": _ROW_ID, "endpoint_id": _ROW_ID, "id": _ROW_ID,
+    "purchase_id": _ROW_ID, "uid": {"type": "string", "pattern": UID_PATTERN}}
+_CODE = {"type": "string", "pattern": CODE_PATTERN}
+_HOLD_UID = {"type": "string", "pattern": HOLD_UID_PATTERN}  # a hold's uid is 3 shorter
+
+
+def _path_schema(path: str, name: str) -> dict[str, Any]:
+    if name == "uid" and "/holds/" in path:
+        return _HOLD_UID
+    return PATH_PARAMETERS.get(name, _CODE)
+
+
 def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
     params: list[dict[str, Any]] = [
         {"name": name, "in": "path", "required": True,
-         "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"}}
+         "schema": _path_schema(endpoint.path, name)}
         for name in re.findall(r"{(\w+)}", endpoint.path)
     ]
     if endpoint.query is not None:

@@ -11,7 +11,7 @@ import httpx
 from starlette.routing import Route
 
 from app.auth.keys import KEY_SCOPES, Scope, hash_key
-from app.http import Endpoint
+from app.http import Endpoint, PathApp
 from app.main import ENDPOINTS
 
 PUBLIC_ROUTES = {"/healthz", "/readyz", "/openapi.json"}
@@ -37,7 +37,8 @@ async def test_every_route_needs_a_key_of_its_scope(
     app: Any, client: httpx.AsyncClient, keys: dict[str, str]
 ) -> None:
     declared = {(e.method, e.path) for e in ENDPOINTS}
-    served = {(m, r.path) for r in app.routes if isinstance(r, Route) for m in (r.methods or ())
+    served = {(m, r.path) for r in app.routes if isinstance(r, Route)
+              for m in (r.endpoint.apps if isinstance(r.endpoint, PathApp) else r.methods or ())
               if m not in ("HEAD", "OPTIONS")}
     # the app serves nothing that is not declared with a scope (or one of the public probes)
     assert {(m, p) for m, p in served if p not in PUBLIC_ROUTES} == declared

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -69,13 +70,16 @@ async def test_every_declared_endpoint_is_in_the_served_document(client: httpx.A
 async def test_a_method_a_path_does_not_serve_is_a_405_allowing_every_one_it_does(
         client: httpx.AsyncClient, keys: dict[str, str]) -> None:
     """RFC 9110: the 405's Allow lists the path's methods (each path is one route), also for a
-    path that a parameterised one would match too (`replay-failed` and `{id}`: a GET there is
-    the delivery `replay-failed`, which does not exist)."""
+    path that a parameterised one would match too (`replay-failed` and `{delivery_id}`: a
+    delivery's id is a number, so a GET there is not a delivery's)."""
     admin = {"Authorization": f"Bearer {keys['admin']}"}
     for method, path, allowed in [
             ("DELETE", "/v1/accounts", {"GET", "HEAD", "POST"}),
             ("PUT", "/v1/accounts/some-code", {"GET", "HEAD", "PATCH"}),
-            ("OPTIONS", "/v1/webhook-deliveries/replay-failed", {"POST"})]:
+            ("OPTIONS", "/v1/webhook-deliveries/replay-failed", {"POST"}),
+            # not the delivery or the bill of that id: such an id is a number
+            ("GET", "/v1/webhook-deliveries/replay-failed", {"POST"}),
+            ("GET", "/v1/bills/run", {"POST"})]:
         response = await client.request(method, path, headers=admin)
         assert response.status_code == 405, (method, path, response.text)
         assert response.headers["content-type"].startswith("application/problem+json")
@@ -92,6 +96,31 @@ async def test_a_body_of_optional_fields_may_be_left_out(
     response = await client.post(f"/v1/accounts/{names['account']}/customer-tokens",
                                  headers=api.runtime)
     assert response.status_code == 201, response.text
+
+
+async def test_path_parameters_are_documented_as_what_they_are(
+        api: Api, client: httpx.AsyncClient) -> None:
+    """A uid may hold a colon and as many characters as its body field may (a hold's 125: a
+    hold made with one is read back by it); a balance's id is an integer; a code is a code."""
+    def schema(path: str, method: str, name: str) -> dict[str, Any]:
+        [found] = [p["schema"] for p in DOCUMENT["paths"][path][method]["parameters"]
+                   if p["in"] == "path" and p["name"] == name]
+        return dict(found)
+
+    names = await api.setup()
+    await api.grant(names["account"], "5.00")
+    uid = "order:" + "7" * 119
+    made = await client.post(f"/v1/accounts/{names['account']}/holds", headers=api.runtime,
+                             json={"uid": uid, "product": names["api"], "amount": "1.00"})
+    assert made.status_code == 201, made.text
+    read = await client.get(f"/v1/accounts/{names['account']}/holds/{uid}", headers=api.runtime)
+    assert read.status_code == 200 and read.json()["uid"] == uid, read.text
+    documented = schema("/v1/accounts/{code}/holds/{uid}", "get", "uid")
+    assert re.match(documented["pattern"], uid), documented
+    balance = schema("/v1/balances/{balance_id}", "get", "balance_id")
+    assert balance["type"] == "integer" and balance["minimum"] == 1, balance
+    code = schema("/v1/accounts/{code}", "get", "code")
+    assert code["type"] == "string" and re.match(code["pattern"], names["account"]), code
 
 
 @pytest.fixture(scope="module")
