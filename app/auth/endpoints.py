@@ -16,7 +16,7 @@ from app.schemas import Integer, Strict, decode_cursor, next_cursor
 
 class CustomerTokenIn(Strict):
     ttl_s: Integer = Field(default=DEFAULT_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S,
-                             description="seconds the token is good for")
+                           description="seconds the token is good for")
 
 
 class CustomerTokenOut(BaseModel):

@@ -126,8 +126,8 @@ class HoldIn(Strict):
     amount: Amount = Field(gt=0, description="credit set aside, in the credit type's units")
     credit_type: Code | None = Field(default=None, description="default: the account's")
     expires_in_s: Integer = Field(default=600, ge=1, le=MAX_HOLD_S,
-                                    description="released by the workers after this long "
-                                                "unless captured or released before")
+                                  description="released by the workers after this long "
+                                              "unless captured or released before")
 
 
 class CaptureIn(Strict):

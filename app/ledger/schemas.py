@@ -20,7 +20,7 @@ class GrantIn(Strict):
         default=None, min_length=1, max_length=100,
         description="product codes this balance may pay for; omitted: every product")
     priority: Integer = Field(default=100, ge=0, le=1_000_000,
-                                description="lower is drawn first")
+                              description="lower is drawn first")
     effective_at: Timestamp | None = Field(default=None, description="default: now")
     expires_at: Timestamp | None = None
     description: Description = ""
@@ -121,7 +121,7 @@ class RecurringGrantIn(Strict):
     credit_type: Code | None = Field(default=None, description="default: the account's")
     frequency: Literal["daily", "monthly", "quarterly", "annual"]
     interval: Integer = Field(default=1, ge=1, le=366, description="every this many days or "
-                                "months, quarters, years")
+                              "months, quarters, years")
     start: GrantDay | None = Field(default=None, description="the first period's first day "
                                    "(UTC); default today. Periods over before it is created "
                                    "are not granted")
@@ -129,7 +129,7 @@ class RecurringGrantIn(Strict):
                                  "after it; omitted: open")
     products: list[Code] | None = Field(default=None, min_length=1, max_length=100)
     priority: Integer = Field(default=100, ge=0, le=1_000_000,
-                                description="lower is drawn first")
+                              description="lower is drawn first")
     description: Description = ""
     rollover_percent: Amount = Field(default=Decimal(0), ge=0, le=100, description=
                                      "of what a period leaves unused, the part added to the "

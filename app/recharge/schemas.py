@@ -32,7 +32,7 @@ class AutoRechargeIn(Strict):
     payment_method_id: PaymentMethodId | None = Field(
         default=None, description="charged off-session; omitted: the customer's default")
     max_per_day: Integer = Field(default=10, ge=1, le=1000,
-                                   description="charges per UTC day; over it a recharge fails unpaid")
+                                 description="charges per UTC day; over it a recharge fails unpaid")
     min_charge: Amount = Field(default=Decimal(0), ge=0,
                                description="in `currency`; a smaller charge is not made")
     pays_overage: StrictBool = Field(
