@@ -566,7 +566,7 @@ class PathApp:
     def __init__(self, apps: dict[str, EndpointApp]) -> None:
         self.apps = dict(apps)
         if "GET" in apps:
-            self.apps.setdefault("HEAD", apps["GET"])  # (Starlette lets HEAD through with GET)
+            self.apps.setdefault("HEAD", apps["GET"])  # HEAD is answered as GET (RFC 9110)
         cors = [app for app in apps.values() if app.cors]
         if cors:  # a customer route also answers a browser's CORS preflight
             self.apps["OPTIONS"] = cors[0]
