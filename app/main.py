@@ -177,7 +177,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if settings.check_cache:
             hot.cache = CheckCache(settings.redis_url, fast, settings.check_cache_ttl_ms)
             await hot.cache.start()
-        journal = Journal(pool, hot)
+        journal = Journal(pool, hot, copy_from_rows=settings.journal_copy_rows)
         ctx = AppContext(settings, pool, redis, hot, Catalog(pool),
                          KeyCache(settings.token_secrets_ttl_s), journal,
                          Loader(pool, hot))

@@ -54,6 +54,9 @@ class Settings:
     stripe_timeout_s: Seconds = 30.0
     # Journal entries older than this are assumed orphaned by a dead process and re-flushed.
     journal_orphan_ms: int = 5_000
+    # A journal flush of this many rows (usage events and ledger entries) or more is written by
+    # COPY rather than one INSERT statement (0: never); see app/ledger/repository.py.
+    journal_copy_rows: int = 200
     # How far a usage timestamp may lie in the future (clock skew) or in the past.
     usage_future_skew_s: int = 300
     usage_max_age_s: int = 35 * 24 * 3600
@@ -146,6 +149,7 @@ class Settings:
             stripe_max_network_retries=_int("STRIPE_MAX_NETWORK_RETRIES", 2),
             stripe_timeout_s=_seconds("STRIPE_TIMEOUT_S", 30.0),
             journal_orphan_ms=_int("CREDITGATE_JOURNAL_ORPHAN_MS", 5_000),
+            journal_copy_rows=_int("CREDITGATE_JOURNAL_COPY_ROWS", 200),
             usage_grace_ms=_int("CREDITGATE_USAGE_GRACE_MS", 5_000),
             worker_interval_s=_seconds("CREDITGATE_WORKER_INTERVAL_S", 2.0),
             snapshot_every=_int("CREDITGATE_SNAPSHOT_EVERY", 10_000),

@@ -464,6 +464,7 @@ def ratios(results: dict[str, Result]) -> dict[str, float | None]:
         "granian_over_uvicorn": ratio("bare", "bare_uvicorn"),
         "token_over_key": ratio("balances_token", "balances"),
         "hold_over_usage": ratio("hold", "usage"),
+        "batch_over_statement": ratio("batch", "batch_statement"),
     }
 
 
@@ -497,7 +498,8 @@ def markdown(results: dict[str, Result], rat: dict[str, float | None], meta: dic
                        ("batch_events_per_s", "batch events/s"),
                        ("granian_over_uvicorn", "granian / uvicorn (bare)"),
                        ("token_over_key", "balances: customer token / runtime key"),
-                       ("hold_over_usage", "hold / usage (one event)")]:
+                       ("hold_over_usage", "hold / usage (one event)"),
+                       ("batch_over_statement", "batch / batch flushed by statement")]:
         value, target = rat.get(key), TARGETS.get(key)
         shown = "n/a" if value is None else (f"{value:,.0f}" if value > 100 else f"{value:.2f}")
         tshown = "" if target is None else (f">= {target:,}" if target > 100 else f">= {target}")
@@ -526,7 +528,8 @@ def git_rev() -> str:
 
 
 ALL = ("bare", "bare_redis", "bare_fast", "bare_uvicorn", "naive", "check", "check_uncached",
-       "check_uncounted", "usage", "hold", "batch", "balances", "balances_token")
+       "check_uncounted", "usage", "hold", "batch", "batch_statement", "balances",
+       "balances_token")
 
 
 def main() -> None:
@@ -672,6 +675,37 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                      {"NAIVE_DATABASE_URL": db_url},
                      ("POST", "/debit", {"account": 1, "amount": 0}), "naive")
 
+    def run_batch(name: str, base: str, proc: subprocess.Popen[bytes], token: str) -> None:
+        before = asyncio.run(count_usage(db_url))
+        run_scenario(name, f"POST /v1/usage, {opts.batch_size:,} events", "granian", base,
+                     "batch.lua",
+                     lambda run: [str(opts.accounts), prefix, token, f"{prefix}-{name}{run}", ts,
+                                  str(opts.batch_size)],
+                     opts, proc=proc, connections=opts.batch_concurrency,
+                     events_per_request=opts.batch_size, timeout_s=60)
+        check_committed(results[name], asyncio.run(settle_usage(db_url, before)),
+                        opts.batch_size)
+
+    made: list[str] = []  # the round's accounts exist (made through the first server up)
+
+    def catalog(base: str) -> None:
+        if not made:
+            create_catalog(base, keys["admin"], prefix, opts.accounts)
+            made.append(base)
+
+    def batch_by_statement() -> None:
+        """The batches from a server that flushes every one by statement, not COPY (run first
+        in every other round, so neither way always meets the larger tables)."""
+        port = free_port()
+        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url,
+               "CREDITGATE_JOURNAL_COPY_ROWS": "0"}
+        with server("batch_statement", granian_cmd("app.main:create_app_from_env", port, True),
+                    env, ("GET", "/healthz", None), port, pin) as (base, proc):
+            catalog(base)
+            run_batch("batch_statement", base, proc, keys["runtime"])
+
+    if swap and "batch_statement" in wanted:
+        batch_by_statement()
     app_scenarios = [s for s in ("check", "usage", "hold", "batch", "balances",
                                  "balances_token") if s in wanted]
     if app_scenarios:
@@ -679,7 +713,7 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
         env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url}
         with server("creditgate", granian_cmd("app.main:create_app_from_env", port, True), env,
                     ("GET", "/healthz", None), port, pin) as (base, proc):
-            create_catalog(base, keys["admin"], prefix, opts.accounts)
+            catalog(base)
             token = keys["runtime"]
             if "check" in app_scenarios:
                 run_scenario("check", "POST /v1/check (no consume)", "granian", base,
@@ -696,15 +730,7 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                              lambda run: [str(opts.accounts), prefix, token, f"{prefix}-h{run}",
                                           ts, "hold"], opts, proc=proc)
             if "batch" in app_scenarios:
-                before = asyncio.run(count_usage(db_url))
-                run_scenario("batch", f"POST /v1/usage, {opts.batch_size:,} events", "granian",
-                             base, "batch.lua",
-                             lambda run: [str(opts.accounts), prefix, token, f"{prefix}-b{run}", ts,
-                                          str(opts.batch_size)],
-                             opts, proc=proc, connections=opts.batch_concurrency,
-                             events_per_request=opts.batch_size, timeout_s=60)
-                check_committed(results["batch"], asyncio.run(settle_usage(db_url, before)),
-                                opts.batch_size)
+                run_batch("batch", base, proc, token)
             # the two reads in turn, the first one first in even rounds only: whichever runs
             # first in a round measured faster, by as much as the difference looked for
             reads = [("balances", "runtime key", "-"), ("balances_token",
@@ -718,10 +744,11 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                                  lambda _run, t=shown: [str(opts.accounts), prefix, token, t],
                                  opts, proc=proc)
 
+    if not swap and "batch_statement" in wanted:
+        batch_by_statement()
     # the same checks from servers with one setting off: every check decided in Redis
-    # (CREDITGATE_CHECK_CACHE=0), nothing counted for /metrics (CREDITGATE_REQUEST_METRICS=0);
-    # the accounts made by the first that runs when no app scenario made them
-    made = bool(app_scenarios)
+    # (CREDITGATE_CHECK_CACHE=0), nothing counted for /metrics (CREDITGATE_REQUEST_METRICS=0)
+
     for name, what, setting in (
             ("check_uncached", "check cache off", "CREDITGATE_CHECK_CACHE"),
             ("check_uncounted", "request metrics off", "CREDITGATE_REQUEST_METRICS")):
@@ -730,9 +757,7 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
         serve_static(name, f"POST /v1/check, {what}",
                      lambda port: granian_cmd("app.main:create_app_from_env", port, True),
                      {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, setting: "0"},
-                     ("GET", "/healthz", None), "check", keys["runtime"], setup=None if made else
-                     lambda base: create_catalog(base, keys["admin"], prefix, opts.accounts))
-        made = True
+                     ("GET", "/healthz", None), "check", keys["runtime"], setup=catalog)
 
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
     import granian

@@ -1,5 +1,6 @@
 """A journal flush writes each usage event once, however often its records come back: the
-plain insert of the usual flush falls back to the keyed one when any row is in already. The
+plain insert of the usual flush (a COPY when it is large) falls back to the keyed one when any
+row is in already. The
 orphan sweep finds the journals to read in the journal index (and, on a process's first pass,
 by a scan of the keyspace), deletes a journal it finds empty, and the next one's ids go on
 after its last."""
@@ -18,7 +19,9 @@ import asyncpg
 import pytest
 
 from app.hotstate.store import DecideArgs
+from app.ledger import repository as repo
 from app.ledger.journal import Journal, JournalRecord
+from app.ledger.repository import ms_to_dt
 from tests.conftest import Api
 from tests.webhook_receiver import eventually
 
@@ -68,9 +71,30 @@ async def _root(api: Api, app: Any, db: asyncpg.Connection) -> Root:
                                   names["credit_type"]))
 
 
+@pytest.fixture
+def copies(monkeypatch: pytest.MonkeyPatch, app: Any) -> list[bool]:
+    """Every flush of the session app's journal tries COPY, however small; what each try
+    returned (True: it wrote)."""
+    tried: list[bool] = []
+    copied = repo._copied
+
+    async def spy(conn: Any, rows: Any) -> bool:
+        tried.append(await copied(conn, rows))
+        return tried[-1]
+
+    monkeypatch.setattr(app.state.ctx.journal, "copy_from_rows", 1)
+    monkeypatch.setattr(repo, "_copied", spy)
+    return tried
+
+
+@pytest.mark.parametrize("by_copy", [False, True], ids=["statement", "copy"])
 async def test_a_repeated_flush_a_mixed_one_and_a_doubled_key_each_write_once(
-        api: Api, app: Any, db: asyncpg.Connection) -> None:
+        api: Api, app: Any, db: asyncpg.Connection, by_copy: bool,
+        request: pytest.FixtureRequest) -> None:
+    tried = request.getfixturevalue("copies") if by_copy else None
     root = await _root(api, app, db)
+    if tried is not None:
+        tried.clear()  # (the grant's)
     ctx = root.ctx
 
     first = await root.decided(150)
@@ -92,6 +116,66 @@ async def test_a_repeated_flush_a_mixed_one_and_a_doubled_key_each_write_once(
     assert await ctx.journal.flush([third, again]) == ["accepted", "duplicate"]
     assert await _written(db, third) == {third.payload["uid"]: (1, -100)}
     assert Decimal(await api.available(root.code)) == Decimal("94.75")
+    if tried is not None:  # the first went in by COPY; each later one had a row in already
+        assert tried == [True, False, False, False]
+
+
+async def test_a_flush_by_copy_writes_every_column_as_the_records_say(
+        api: Api, app: Any, db: asyncpg.Connection, copies: list[bool]) -> None:
+    """COPY's rows are the statement's: times to the millisecond, NULLs where an entry has no
+    balance (overage) or no usage uid and product (a grant), a description with a tab or a
+    backslash kept as it was (that flush goes the statement's way), and a flush with events
+    (a transaction of its own) falls back to the keyed insert inside it when a row is in."""
+    root = await _root(api, app, db)
+    copies.clear()  # (the grant's)
+    ok = await root.decided(30)
+    over = await root.decided(10_000)  # 99.70 left: drawn whole, 0.30 owed, entitlement revoked
+    assert over.allocations and over.overage == 30 and over.flag_changes
+    assert await root.ctx.journal.flush([ok, over]) == ["accepted", "accepted"]
+    assert copies == [True]
+
+    rows = await db.fetch(
+        "SELECT * FROM ledger_entries WHERE usage_uid = ANY($1) ORDER BY usage_uid, seq",
+        [ok.payload["uid"], over.payload["uid"]])
+    got = [(r["op_key"], r["seq"], r["account_id"], r["balance_id"] is None, r["credit_type_id"],
+            r["kind"], r["amount"], r["usage_uid"], r["product_code"], r["description"],
+            r["created_at"], r["journal_id"]) for r in rows]
+    expected = []
+    for rec, debits in ((ok, ["-0.30"]), (over, ["-99.70", "-0.30"])):
+        for seq, amount in enumerate(debits):
+            overage = rec is over and seq == 1
+            expected.append((rec.op_key, seq, root.id, overage, root.ct_id,
+                             "overage" if overage else "debit", Decimal(amount),
+                             rec.payload["uid"], root.product, "", ms_to_dt(rec.recorded_ms),
+                             rec.journal_id))
+    assert sorted(got) == sorted(expected)
+    events = await db.fetch(
+        "SELECT uid, product_code, credit_type_id, amount, overage, event_time, recorded_at "
+        "FROM usage_events WHERE account_id = $1", root.id)
+    assert sorted(tuple(e) for e in events) == sorted(
+        (r.payload["uid"], root.product, root.ct_id, Decimal(amount), Decimal(owed),
+         ms_to_dt(r.payload["ts"]), ms_to_dt(r.recorded_ms))
+        for r, amount, owed in ((ok, "0.30", "0"), (over, "100.00", "0.30")))
+
+    # the overage one again, with a new one: events make it a transaction, and the COPY that
+    # meets the row already in rolls back to its savepoint, so the keyed insert still runs
+    later = await root.decided(5)
+    assert await root.ctx.journal.flush([over, later]) == ["accepted", "accepted"]
+    assert copies == [True, False]
+    assert await _written(db, ok, over, later) == {
+        ok.payload["uid"]: (1, -30), over.payload["uid"]: (1, -10_000),
+        later.payload["uid"]: (1, -5)}
+
+    # grants: a balance row and an entry with no usage uid or product, in a transaction; a
+    # description COPY's text format would read otherwise goes in by the statement
+    descriptions = ["top-up", "a\ttab", "back\\slash and \\N", "new\nline", "carriage\rreturn"]
+    copies.clear()
+    ids = [(await api.grant(root.code, "2.00", description=d))["id"] for d in descriptions]
+    assert copies == [True, False, False, False, False]
+    grants = {r["balance_id"]: tuple(r)[1:] for r in await db.fetch(
+        "SELECT balance_id, amount, usage_uid, product_code, description FROM ledger_entries "
+        "WHERE balance_id = ANY($1) AND kind = 'grant'", ids)}
+    assert grants == {i: (Decimal("2.00"), None, None, d) for i, d in zip(ids, descriptions, strict=True)}
 
 
 async def test_the_index_sweep_commits_an_orphan_deletes_the_journal_and_its_successor_goes_on(

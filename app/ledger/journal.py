@@ -149,9 +149,11 @@ def _log_failure(future: asyncio.Future[list[str]]) -> None:
 
 
 class Journal:
-    def __init__(self, pool: asyncpg.Pool, hot: HotState, parallel: int = 4) -> None:
+    def __init__(self, pool: asyncpg.Pool, hot: HotState, parallel: int = 4,
+                 copy_from_rows: int = 0) -> None:
         self.pool = pool
         self.hot = hot
+        self.copy_from_rows = copy_from_rows  # flushes of this many rows go in by COPY (0: none)
         self._queue: asyncio.Queue[Waiting] = asyncio.Queue()
         self._slots = asyncio.Semaphore(parallel)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -259,7 +261,7 @@ class Journal:
         async with self.pool.acquire() as conn:
             if rows.balances or rows.statuses or rows.holds or any(events) or any(triggers):
                 async with conn.transaction():
-                    inserted = await repo.write_rows(conn, rows)
+                    inserted = await repo.write_rows(conn, rows, self.copy_from_rows)
                     outcomes = await self._outcomes(conn, records, inserted)
                     # only what this batch really committed raises events: a duplicate applied
                     # twice by a forgetful Redis must not announce a flip that never happened
@@ -269,8 +271,9 @@ class Journal:
                     queued = await publish(conn, raised, notify_at_commit=False)
                     await insert_triggers(conn, [t for found, ok in zip(triggers, accepted, strict=True)
                                                  if ok for t in found])
-            else:  # plain usage: write_rows is a single statement, atomic on its own
-                inserted = await repo.write_rows(conn, rows)
+            else:  # plain usage: write_rows is atomic on its own (one statement, or COPY's
+                # transaction)
+                inserted = await repo.write_rows(conn, rows, self.copy_from_rows)
                 outcomes = await self._outcomes(conn, records, inserted)
         if queued:  # after the commit, off the flush's path (outbox.CHANNEL)
             self._nudger.after_commit(self._spawn)
