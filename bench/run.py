@@ -562,6 +562,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="run every scenario this many times, interleaved; rates are totals "
                         "over all rounds, and the ratios of each round are printed too")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for every creditgate server (repeatable), e.g. "
+                        "CREDITGATE_JOURNAL_COPY_ROWS=32")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes of every server (the same for all scenarios)")
     opts = p.parse_args()
@@ -686,6 +689,7 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
         check_committed(results[name], asyncio.run(settle_usage(db_url, before)),
                         opts.batch_size)
 
+    server_env = dict(e.split("=", 1) for e in opts.server_env)
     made: list[str] = []  # the round's accounts exist (made through the first server up)
 
     def catalog(base: str) -> None:
@@ -697,7 +701,7 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
         """The batches from a server that flushes every one by statement, not COPY (run first
         in every other round, so neither way always meets the larger tables)."""
         port = free_port()
-        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url,
+        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, **server_env,
                "CREDITGATE_JOURNAL_COPY_ROWS": "0"}
         with server("batch_statement", granian_cmd("app.main:create_app_from_env", port, True),
                     env, ("GET", "/healthz", None), port, pin) as (base, proc):
@@ -710,7 +714,7 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                                  "balances_token") if s in wanted]
     if app_scenarios:
         port = free_port()
-        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url}
+        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, **server_env}
         with server("creditgate", granian_cmd("app.main:create_app_from_env", port, True), env,
                     ("GET", "/healthz", None), port, pin) as (base, proc):
             catalog(base)
@@ -756,7 +760,8 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
             continue
         serve_static(name, f"POST /v1/check, {what}",
                      lambda port: granian_cmd("app.main:create_app_from_env", port, True),
-                     {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, setting: "0"},
+                     {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, **server_env,
+                      setting: "0"},
                      ("GET", "/healthz", None), "check", keys["runtime"], setup=catalog)
 
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
@@ -769,7 +774,7 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
         "duration_s": opts.duration, "warmup_s": opts.warmup, "wrk_threads": opts.threads,
         "concurrency": opts.concurrency, "batch_concurrency": opts.batch_concurrency,
         "batch_size": opts.batch_size, "accounts": opts.accounts, "granian_loop": opts.loop,
-        "workers": opts.workers,
+        "workers": opts.workers, "server_env": opts.server_env,
         "redis_url": opts.redis_url, "pin_server": opts.pin_server, "pin_client": opts.pin_client,
         "postgres": pg_settings(db_url),
     }
