@@ -77,6 +77,7 @@ _USAGE_COLUMNS = ["account_id", "uid", "product_code", "credit_type_id", "amount
 _ENTRY_COLUMNS = ["op_key", "seq", "account_id", "balance_id", "credit_type_id", "kind",
                   "amount", "usage_uid", "product_code", "description", "created_at",
                   "journal_id"]
+_COPY_NULL = "\\N"
 
 
 async def _copied(conn: Connection, rows: Rows) -> bool:
@@ -130,9 +131,6 @@ def _copy_texts(rows: Rows) -> tuple[bytes, bytes] | None:
             or entries.count("\\") != nulls):
         return None
     return usage.encode(), entries.encode()
-
-
-_COPY_NULL = "\\N"
 
 
 async def _inserted_plain(conn: Connection, entries: str, usage: str) -> bool:
