@@ -572,6 +572,8 @@ def main() -> None:
     GRANIAN_LOOP = opts.loop
     WORKERS = opts.workers
     wanted = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
+    if any("=" not in e for e in opts.server_env):
+        p.error("--server-env takes NAME=VALUE")
     unknown = set(wanted) - set(ALL)
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}")
@@ -752,7 +754,6 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
         batch_by_statement()
     # the same checks from servers with one setting off: every check decided in Redis
     # (CREDITGATE_CHECK_CACHE=0), nothing counted for /metrics (CREDITGATE_REQUEST_METRICS=0)
-
     for name, what, setting in (
             ("check_uncached", "check cache off", "CREDITGATE_CHECK_CACHE"),
             ("check_uncounted", "request metrics off", "CREDITGATE_REQUEST_METRICS")):
