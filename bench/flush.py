@@ -5,8 +5,9 @@ rows as text Postgres splits) against COPY of each table in a transaction.
 
 A database of its own (no app running). Each flush is `--events` usage events of 0.01 over 100
 accounts, each one balance's debit: a usage row and a ledger entry per event, fresh uids, the
-rows `app/ledger/journal.py: Rows` makes, written by `app/ledger/repository.py: write_rows`
-outside a transaction, as the journal writes plain usage. Each round writes `--flushes`
+rows `app/ledger/journal.py: Rows` makes of the records, written by
+`app/ledger/repository.py: write_rows` outside a transaction, as the journal writes plain
+usage. Each round writes `--flushes`
 flushes one way, then as many the other way (the tables grow for both). Printed per flush:
 wall ms and the CPU of every postgres process; then per event, and the ratios. Run it at
 several `--events` to see where COPY starts to pay (CREDITGATE_JOURNAL_COPY_ROWS).
@@ -28,23 +29,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import passes  # bench/passes.py: the database, the rounds, the table
 
 from app.ledger import repository as repo
-from app.ledger.journal import Rows
+from app.ledger.journal import JournalRecord, Rows
 
 WAYS = ("COPY", "statement")
 ACCOUNTS = 100
 
 
 def usage_rows(events: int, serial: itertools.count[int]) -> Rows:
-    """What Rows.add makes of `events` plain usage records (see its `usage` branch)."""
+    """The rows the journal makes of `events` plain usage records, each drawing 0.01 from its
+    account's one balance (`Rows.add`, as a flush does)."""
     rows = Rows()
     now = time.time_ns() // 1_000_000
     for _ in range(events):
         n = next(serial)
         account = 1 + n % ACCOUNTS
-        uid = f"e{n}"
-        rows.entries.append((f"u:{account}:{uid}", 0, account, account, 1, "debit", "-0.01", uid,
-                             "api", "", now, f"{now}-{n}"))
-        rows.usage.append((account, uid, "api", 1, "0.01", "0.00", now - n % 1000, now))
+        payload = {"a": account, "ct": 1, "dp": 2, "uid": f"e{n}", "prod": "api", "amt": "1",
+                   "ts": now - n % 1000}
+        rows.add(JournalRecord(account, f"{now}-{n}", "usage", payload, now, "g",
+                               allocations=f"{account}:{account}:1"))
     return rows
 
 
