@@ -59,7 +59,8 @@ def fmt(amount: Decimal, decimal_places: int) -> str:
 
 
 def scaled_text(value: int, decimal_places: int) -> str:
-    """Minor units as an exact decimal literal ("-1234", 2 -> "-12.34"), for Postgres."""
+    """Minor units as an exact decimal with exactly `decimal_places` places ("-1234", 2 ->
+    "-12.34"): for Postgres, and for answers (what fmt(from_scaled(..)) gives, without Decimal)."""
     if decimal_places == 0:
         return str(value)
     digits = str(abs(value)).rjust(decimal_places + 1, "0")

@@ -7,7 +7,15 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.money import MAX_SCALED, AmountError, exact_places, from_scaled, to_scaled
+from app.money import (
+    MAX_SCALED,
+    AmountError,
+    exact_places,
+    fmt,
+    from_scaled,
+    scaled_text,
+    to_scaled,
+)
 
 # any finite decimal: a few digits under any exponent the Decimal type allows
 DECIMALS = st.builds(
@@ -36,3 +44,13 @@ def test_exact_places_are_the_places_of_the_number_without_trailing_zeros(
     if text is not None:  # small enough to write out: count its digits after the point
         assert places == (len(text.split(".")[1]) if "." in text else 0)
     assert places >= 0 and (places == 0 or -amount.as_tuple().exponent >= places)
+
+
+@given(st.integers(-MAX_SCALED + 1, MAX_SCALED - 1) | st.integers(-1000, 1000), st.integers(0, 18))
+def test_minor_units_are_written_with_exactly_the_credit_types_places(value: int,
+                                                                       places: int) -> None:
+    # what every answer shows of an amount kept in minor units (Redis, the journal)
+    text = scaled_text(value, places)
+    assert Decimal(text) == from_scaled(value, places)
+    assert text == fmt(from_scaled(value, places), places)
+    assert len(text.partition(".")[2]) == places

@@ -34,7 +34,7 @@ from app.entitlements.schemas import RESERVED_UID, Part, ReversalIn, ReversalOut
 from app.errors import Conflict, NotFound, ValidationProblem, one_by_one
 from app.ledger import repository as ledger_repo
 from app.ledger.service import account_ref, credit_back, scaled
-from app.money import fmt, from_scaled, to_scaled
+from app.money import fmt, from_scaled, scaled_text, to_scaled
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -133,13 +133,12 @@ async def _out(ctx: AppContext, account: AccountRef, row: asyncpg.Record,
         if entry["balance_id"] is None:
             overage += give if applied else 0
         elif applied or row["status"] == "reversed":
-            part = Part(balance_id=entry["balance_id"], amount=fmt(from_scaled(give, places),
-                                                                   places))
+            part = Part(balance_id=entry["balance_id"], amount=scaled_text(give, places))
             (returned if applied else lapsed).append(part)
     return ReversalOut(uid=row["uid"], account=account.code,
                        amount=fmt(Decimal(row["amount"]), places), reason=row["reason"],
                        status=row["status"], returned=returned,
-                       overage_reversed=fmt(from_scaled(overage, places), places),
+                       overage_reversed=scaled_text(overage, places),
                        lapsed=lapsed, created_at=row["created_at"], duplicate=duplicate)
 
 

@@ -23,7 +23,7 @@ from app.errors import Conflict, ValidationProblem
 from app.ledger import repository as repo
 from app.ledger.schemas import OverageSettlementIn, OverageSettlementOut
 from app.ledger.service import account_ref, resolve_credit_type, scaled
-from app.money import fmt, from_scaled, to_scaled
+from app.money import fmt, scaled_text, to_scaled
 from app.webhooks.outbox import OutboxEvent, event_id, publish
 
 if TYPE_CHECKING:
@@ -50,9 +50,8 @@ async def settle(ctx: AppContext, code: str,
         return OverageSettlementOut(
             account=code, credit_type=credit_type.code, reference=body.reference,
             amount=fmt(body.amount, places),
-            owed_before=None if owed_before is None else fmt(from_scaled(owed_before, places),
-                                                             places),
-            owed_after=fmt(from_scaled(owed_after, places), places), duplicate=duplicate)
+            owed_before=None if owed_before is None else scaled_text(owed_before, places),
+            owed_after=scaled_text(owed_after, places), duplicate=duplicate)
 
     op = f"os:{account.id}:{credit_type.id}:{body.reference}"
     async with exclusive(ctx.settings.database_url, OVERAGE_LOCK,
@@ -66,7 +65,7 @@ async def settle(ctx: AppContext, code: str,
         await ctx.journal.recover_root(account.root_id)  # overage still in the journal counts
         owed = await _owed(conn, account, credit_type)
         if amount > owed:
-            raise ValidationProblem(f"more than the {fmt(from_scaled(owed, places), places)} "
+            raise ValidationProblem(f"more than the {scaled_text(owed, places)} "
                                     f"owed in {credit_type.code}", field="amount")
         description = body.description or f"overage settled: {body.reference}"
         await repo.insert_overage_credit(conn, op, account.id, credit_type.id, body.amount,
@@ -75,6 +74,6 @@ async def settle(ctx: AppContext, code: str,
             event_id("overage", op), "overage.settled", account.id, None, datetime.now(UTC),
             {"account": code, "credit_type": credit_type.code, "reference": body.reference,
              "amount": fmt(body.amount, places),
-             "owed": fmt(from_scaled(owed - amount, places), places)})])
+             "owed": scaled_text(owed - amount, places)})])
     await ctx.hot.invalidate(account.root_id)  # its overage is rebuilt from Postgres
     return out(owed, owed - amount, False), True

@@ -30,7 +30,7 @@ from app.db import exclusive
 from app.errors import Conflict, NotFound, Problem, Unavailable, ValidationProblem
 from app.ledger import repository as ledger_repo
 from app.ledger import service as ledger
-from app.money import fmt, from_scaled, to_scaled
+from app.money import fmt, scaled_text, to_scaled
 from app.purchases import repository as repo
 from app.purchases.currencies import CURRENCIES, currency
 from app.purchases.schemas import (
@@ -648,7 +648,7 @@ async def _owe_after_lapse(ctx: AppContext, row: asyncpg.Record, account: Accoun
     owe = max(0, share - to_scaled(taken, dp) - to_scaled(lapsed, dp)) - to_scaled(owed, dp)
     if owe <= 0:
         return
-    amount = fmt(from_scaled(owe, dp), dp)
+    amount = scaled_text(owe, dp)
     op = f"rx:{row['id']}:{refunded}"
     async with ctx.pool.acquire() as conn, conn.transaction():
         if await repo.insert_lapsed_take_back(
