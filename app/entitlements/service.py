@@ -32,7 +32,7 @@ from app.ledger.loader import to_ms
 from app.ledger.ops import decide, now_ms
 from app.ledger.repository import ms_to_dt
 from app.ledger.service import account_ref, resolve_credit_type, scaled
-from app.money import MAX_SCALED, fmt, from_scaled
+from app.money import MAX_SCALED, scaled_text
 from app.schemas import UID_PATTERN
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class Prepared:
 
 
 def _amount(value: int, credit_type: CreditTypeRef) -> str:
-    return fmt(from_scaled(value, credit_type.decimal_places), credit_type.decimal_places)
+    return scaled_text(value, credit_type.decimal_places)
 
 
 def _usage_payload(account: AccountRef, credit_type: CreditTypeRef, uid: str, product: str,
@@ -230,10 +230,11 @@ class Lookups:
 
 async def prepare(lookups: Lookups, index: int, event: UsageEvent) -> Prepared:
     ctx = lookups.ctx
-    account = await lookups.account(event.account)
+    # (a batch names few codes: most events find theirs looked up, with no coroutine to run)
+    account = lookups.accounts.get(event.account) or await lookups.account(event.account)
     if account is None:
         raise ValidationProblem(f"unknown account {event.account!r}", field="account")
-    if not await lookups.product_exists(event.product):
+    if not (lookups.products.get(event.product) or await lookups.product_exists(event.product)):
         raise ValidationProblem(f"unknown product {event.product!r}", field="product")
     if event.timestamp > lookups.latest:
         raise ValidationProblem("is in the future", field="timestamp")

@@ -10,7 +10,6 @@ insert is keyed by the operation, so a second flush changes nothing.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 from collections import defaultdict
@@ -35,6 +34,7 @@ MAX_BATCH = 500
 # one request's records waiting for the group commit, and its answer
 Waiting = tuple[list["JournalRecord"], asyncio.Future[list[str]]]
 SWEEP_PAGE = 500  # roots read from one index shard at a time
+END_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z: past what a Python datetime holds
 
 
 # ledger entry kinds of the operations not named like one; what these operations could not take
@@ -56,6 +56,7 @@ class JournalRecord:
     applied: int = 0  # other kinds: the signed change to the balance
     flag_changes: str = ""  # "product|ct|granted/revoked|available;..."
     crossings: str = ""  # threshold watches crossed: "name|account|ct|total|threshold;..."
+    op_key: str = field(init=False, repr=False, compare=False)  # its rows' key (ON CONFLICT)
 
     @classmethod
     def from_stream(cls, root_id: int, stream_id: str, fields: dict[str, str]) -> JournalRecord:
@@ -73,11 +74,11 @@ class JournalRecord:
         ms, _, counter = self.stream_id.partition("-")
         return int(ms) * 100_000 + int(counter or 0)
 
-    @functools.cached_property
-    def op_key(self) -> str:
-        if self.kind == "usage":
-            return f"u:{self.payload['a']}:{self.payload['uid']}"
-        return str(self.payload["op"])
+    def __post_init__(self) -> None:
+        # read several times per flush: worked out once (a cached_property locks on each first
+        # read in Python 3.11, dearer than this)
+        self.op_key = (f"u:{self.payload['a']}:{self.payload['uid']}" if self.kind == "usage"
+                       else str(self.payload["op"]))
 
 
 @dataclass
@@ -93,29 +94,36 @@ class Rows:
     def add(self, rec: JournalRecord) -> None:
         # entries and usage rows carry their times as epoch milliseconds (repo.write_rows)
         p, at = rec.payload, rec.recorded_ms
+        if at >= END_MS:  # Postgres would take it, and no reader could read it back
+            raise ValueError(f"journal record {rec.journal_id}: its time ({at} ms) is past year 9999")
         dp, account, credit_type = int(p["dp"]), int(p["a"]), int(p["ct"])
+        if rec.kind == "usage":  # (most records: its entries written out here, no helper call)
+            key, uid, product, journal_id = rec.op_key, p["uid"], p["prod"], rec.journal_id
+            kind, desc, seq = "debit", p.get("desc", ""), -1
+            if "hx" in p:  # a hold's (app/entitlements/holds.py): its row comes with it
+                kind = "hold"
+                self.holds.append((account, uid[3:], product, credit_type,
+                                   scaled_text(int(p["amt"]), dp), ms_to_dt(int(p["hx"]))))
+            if rec.allocations:
+                for seq, alloc in enumerate(rec.allocations.split(",")):
+                    balance, owner, taken = alloc.split(":")
+                    self.entries.append((key, seq, int(owner), int(balance), credit_type, kind,
+                                         scaled_text(-int(taken), dp), uid, product, desc, at,
+                                         journal_id))
+            if rec.overage:
+                self.entries.append((key, seq + 1, account, None, credit_type, "overage",
+                                     scaled_text(-rec.overage, dp), uid, product, desc, at,
+                                     journal_id))
+            self.usage.append((account, uid, product, credit_type,
+                               scaled_text(int(p["amt"]), dp), scaled_text(rec.overage, dp),
+                               int(p["ts"]), at))
+            return
 
         def entry(seq: int, owner: int, balance: int | None, kind: str, scaled: int) -> None:
             self.entries.append((rec.op_key, seq, owner, balance, credit_type, kind,
                                  scaled_text(scaled, dp), p.get("uid"), p.get("prod"),
                                  p.get("desc", ""), at, rec.journal_id))
 
-        if rec.kind == "usage":
-            seq = 0
-            kind = "debit"
-            if "hx" in p:  # a hold's (app/entitlements/holds.py): its row comes with it
-                kind = "hold"
-                self.holds.append((account, p["uid"][3:], p["prod"], credit_type,
-                                   scaled_text(int(p["amt"]), dp), ms_to_dt(int(p["hx"]))))
-            for seq, alloc in enumerate(filter(None, rec.allocations.split(","))):
-                balance, owner, taken = alloc.split(":")
-                entry(seq, int(owner), int(balance), kind, -int(taken))
-            if rec.overage:
-                entry(seq + 1 if rec.allocations else 0, account, None, "overage", -rec.overage)
-            self.usage.append((account, p["uid"], p["prod"], credit_type,
-                               scaled_text(int(p["amt"]), dp), scaled_text(rec.overage, dp),
-                               int(p["ts"]), at))
-            return
         balance_id = int(p["b"])
         if rec.kind == "grant":
             bal = p["bal"]
@@ -255,7 +263,7 @@ class Journal:
         rows = Rows()
         for record in sorted(records, key=lambda r: r.op_key):  # one lock order: no deadlocks
             rows.add(record)
-        events = [events_for(r, ms_to_dt(r.recorded_ms)) for r in records]
+        events = [events_for(r) for r in records]
         triggers = [triggers_for(r) for r in records]
         queued = False
         async with self.pool.acquire() as conn:

@@ -19,6 +19,8 @@ Trigger = tuple[str, int, str, Decimal]  # trigger key, account id, credit type 
 
 
 def triggers_for(record: JournalRecord) -> list[Trigger]:
+    if not record.crossings:
+        return []
     dp = int(record.payload["dp"])
     found = []
     for crossing in filter(None, record.crossings.split(";")):

@@ -16,7 +16,8 @@ import asyncpg
 
 from app.db import Conn, Connection
 from app.errors import STORE_ERRORS
-from app.money import fmt, from_scaled
+from app.ledger.repository import ms_to_dt
+from app.money import scaled_text
 
 if TYPE_CHECKING:
     from app.ledger.journal import JournalRecord
@@ -51,13 +52,16 @@ def event_id(*parts: object) -> str:
     return "evt_" + hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:26]
 
 
-def events_for(record: JournalRecord, at: datetime) -> list[OutboxEvent]:
+def events_for(record: JournalRecord) -> list[OutboxEvent]:
     """The events one committed journal record raises."""
+    if record.kind == "usage" and not record.flag_changes and not record.crossings:
+        return []  # most of a batch: a debit that moved no flag and crossed no watch
     p = record.payload
+    at = ms_to_dt(record.recorded_ms)
     dp = int(p["dp"])
 
     def amount(scaled: int) -> str:
-        return fmt(from_scaled(scaled, dp), dp)
+        return scaled_text(scaled, dp)
 
     def make(kind: str, account: int, data: dict[str, Any], *key: object) -> OutboxEvent:
         return OutboxEvent(event_id(record.op_key, kind, *key), kind, account, record.sequence, at,
