@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -79,11 +80,12 @@ GRANIAN_LOOP = "auto"
 WORKERS = 1
 
 
-def granian_cmd(target: str, port: int, factory: bool) -> list[str]:
+def granian_cmd(target: str, port: int, factory: bool, root: Path = ROOT) -> list[str]:
+    """`root`: the tree whose `app` the server imports (granian puts it first on sys.path)."""
     cmd = [str(VENV_BIN / "granian"), "--interface", "asgi", "--loop", GRANIAN_LOOP,
            "--workers", str(WORKERS), "--host",
            "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
-           "--working-dir", str(ROOT)]
+           "--working-dir", str(root)]
     return [*cmd, "--factory", target] if factory else [*cmd, target]
 
 
@@ -465,6 +467,8 @@ def ratios(results: dict[str, Result]) -> dict[str, float | None]:
         "token_over_key": ratio("balances_token", "balances"),
         "hold_over_usage": ratio("hold", "usage"),
         "batch_over_statement": ratio("batch", "batch_statement"),
+        "batch_over_baseline": ratio("batch", "batch_baseline"),
+        "usage_over_baseline": ratio("usage", "usage_baseline"),
     }
 
 
@@ -499,7 +503,9 @@ def markdown(results: dict[str, Result], rat: dict[str, float | None], meta: dic
                        ("granian_over_uvicorn", "granian / uvicorn (bare)"),
                        ("token_over_key", "balances: customer token / runtime key"),
                        ("hold_over_usage", "hold / usage (one event)"),
-                       ("batch_over_statement", "batch / batch flushed by statement")]:
+                       ("batch_over_statement", "batch / batch flushed by statement"),
+                       ("usage_over_baseline", "usage / usage at --baseline"),
+                       ("batch_over_baseline", "batch / batch at --baseline")]:
         value, target = rat.get(key), TARGETS.get(key)
         shown = "n/a" if value is None else (f"{value:,.0f}" if value > 100 else f"{value:.2f}")
         tshown = "" if target is None else (f">= {target:,}" if target > 100 else f">= {target}")
@@ -529,7 +535,7 @@ def git_rev() -> str:
 
 ALL = ("bare", "bare_redis", "bare_fast", "bare_uvicorn", "naive", "check", "check_uncached",
        "check_uncounted", "usage", "hold", "batch", "batch_statement", "balances",
-       "balances_token")
+       "balances_token", "usage_baseline", "batch_baseline")
 
 
 def main() -> None:
@@ -567,6 +573,11 @@ def main() -> None:
                         "CREDITGATE_JOURNAL_COPY_ROWS=32")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes of every server (the same for all scenarios)")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="a git revision whose code serves the usage_baseline and "
+                        "batch_baseline scenarios (against the same database, migrated by "
+                        "this tree: the revision must take its schema), for the ratios usage "
+                        "/ usage_baseline and batch / batch_baseline of a change")
     opts = p.parse_args()
     global GRANIAN_LOOP, WORKERS
     GRANIAN_LOOP = opts.loop
@@ -577,6 +588,8 @@ def main() -> None:
     unknown = set(wanted) - set(ALL)
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}")
+    if bool(opts.baseline) != any(s.endswith("_baseline") for s in wanted):
+        p.error("--baseline REV goes with the scenarios usage_baseline and batch_baseline")
     if not shutil.which("wrk"):
         raise SystemExit("wrk is required: apt-get install -y wrk")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -592,7 +605,8 @@ def main() -> None:
     db_url, keys = asyncio.run(prepare_database(opts.admin_database_url, db_name, opts.accounts))
     rounds: list[dict[str, Result]] = []
     try:
-        with redis_server(opts.redis_url) as redis_url:
+        with redis_server(opts.redis_url) as redis_url, baseline_tree(opts.baseline) as tree:
+            opts.baseline_tree = tree
             opts.redis_url = redis_url
             for n in range(opts.rounds):
                 if opts.rounds > 1:
@@ -615,6 +629,20 @@ def main() -> None:
     print()
     print(markdown(results, rat, meta))
     print(f"\n(results in {RESULTS / 'latest.json'}; {meta['total_s']} s in all)")
+
+
+@contextmanager
+def baseline_tree(rev: str | None) -> Iterator[Path | None]:
+    """The files of `rev` (git archive) in a temporary folder, for the baseline's server."""
+    if rev is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="creditgate-baseline-") as tmp:
+        archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        print(f"baseline: the code of {rev} in {tmp}", flush=True)
+        yield Path(tmp)
 
 
 def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict[str, str],
@@ -710,6 +738,30 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
             catalog(base)
             run_batch("batch_statement", base, proc, keys["runtime"])
 
+    def from_baseline() -> None:
+        """Single usage and batches from a server running the code of --baseline (run first
+        in every other round, as batch_statement)."""
+        port = free_port()
+        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, **server_env}
+        with server("baseline", granian_cmd("app.main:create_app_from_env", port, True,
+                                            opts.baseline_tree), env,
+                    ("GET", "/healthz", None), port, pin) as (base, proc):
+            catalog(base)
+            if "usage_baseline" in wanted:
+                run_usage("usage_baseline", base, proc, keys["runtime"])
+            if "batch_baseline" in wanted:
+                run_batch("batch_baseline", base, proc, keys["runtime"])
+
+    def run_usage(name: str, base: str, proc: subprocess.Popen[bytes], token: str) -> None:
+        before = asyncio.run(count_usage(db_url))
+        run_scenario(name, "POST /v1/usage, 1 event", "granian", base, "usage.lua",
+                     lambda run: [str(opts.accounts), prefix, token, f"{prefix}-{name}{run}", ts],
+                     opts, proc=proc)
+        check_committed(results[name], asyncio.run(settle_usage(db_url, before)), 1)
+
+    baselines = opts.baseline_tree is not None
+    if swap and baselines:
+        from_baseline()
     if swap and "batch_statement" in wanted:
         batch_by_statement()
     app_scenarios = [s for s in ("check", "usage", "hold", "batch", "balances",
@@ -725,11 +777,7 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
                 run_scenario("check", "POST /v1/check (no consume)", "granian", base,
                              "static.lua", static_args("check", token), opts, proc=proc)
             if "usage" in app_scenarios:
-                before = asyncio.run(count_usage(db_url))
-                run_scenario("usage", "POST /v1/usage, 1 event", "granian", base, "usage.lua",
-                             lambda run: [str(opts.accounts), prefix, token, f"{prefix}-u{run}", ts],
-                             opts, proc=proc)
-                check_committed(results["usage"], asyncio.run(settle_usage(db_url, before)), 1)
+                run_usage("usage", base, proc, token)
             if "hold" in app_scenarios:
                 run_scenario("hold", "POST /v1/accounts/{code}/holds, 0.01 held", "granian",
                              base, "usage.lua",
@@ -752,6 +800,8 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
 
     if not swap and "batch_statement" in wanted:
         batch_by_statement()
+    if not swap and baselines:
+        from_baseline()
     # the same checks from servers with one setting off: every check decided in Redis
     # (CREDITGATE_CHECK_CACHE=0), nothing counted for /metrics (CREDITGATE_REQUEST_METRICS=0)
     for name, what, setting in (
@@ -775,7 +825,7 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
         "duration_s": opts.duration, "warmup_s": opts.warmup, "wrk_threads": opts.threads,
         "concurrency": opts.concurrency, "batch_concurrency": opts.batch_concurrency,
         "batch_size": opts.batch_size, "accounts": opts.accounts, "granian_loop": opts.loop,
-        "workers": opts.workers, "server_env": opts.server_env,
+        "workers": opts.workers, "server_env": opts.server_env, "baseline": opts.baseline,
         "redis_url": opts.redis_url, "pin_server": opts.pin_server, "pin_client": opts.pin_client,
         "postgres": pg_settings(db_url),
     }
