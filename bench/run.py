@@ -81,7 +81,7 @@ WORKERS = 1
 
 
 def granian_cmd(target: str, port: int, factory: bool, root: Path = ROOT) -> list[str]:
-    """`root`: the tree whose `app` the server imports (granian puts it first on sys.path)."""
+    """`root`: the tree whose `app` the server imports (run the server in it too: `server`)."""
     cmd = [str(VENV_BIN / "granian"), "--interface", "asgi", "--loop", GRANIAN_LOOP,
            "--workers", str(WORKERS), "--host",
            "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
@@ -96,13 +96,16 @@ def uvicorn_cmd(target: str, port: int) -> list[str]:
 
 @contextmanager
 def server(name: str, cmd: list[str], env: dict[str, str], probe: tuple[str, str, Any],
-           port: int, pin: str | None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Start a server subprocess, wait until `probe` (method, path, json) answers 2xx."""
+           port: int, pin: str | None, cwd: Path = ROOT,
+           ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Start a server subprocess in `cwd`, wait until `probe` (method, path, json) answers
+    2xx. (granian imports the app of its working directory: `--working-dir` alone did not
+    keep it from this tree's.)"""
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = open(RESULTS / f"server-{name}.log", "w")
     if pin:
         cmd = ["taskset", "-c", pin, *cmd]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log,
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -743,9 +746,9 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
         in every other round, as batch_statement)."""
         port = free_port()
         env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, **server_env}
-        with server("baseline", granian_cmd("app.main:create_app_from_env", port, True,
-                                            opts.baseline_tree), env,
-                    ("GET", "/healthz", None), port, pin) as (base, proc):
+        tree = opts.baseline_tree
+        with server("baseline", granian_cmd("app.main:create_app_from_env", port, True, tree),
+                    env, ("GET", "/healthz", None), port, pin, cwd=tree) as (base, proc):
             catalog(base)
             if "usage_baseline" in wanted:
                 run_usage("usage_baseline", base, proc, keys["runtime"])
