@@ -551,7 +551,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="wrk threads")
     p.add_argument("--accounts", type=int, default=100, help="accounts the load is spread over")
-    p.add_argument("--scenarios", default=",".join(ALL), help=f"subset of {','.join(ALL)}")
+    p.add_argument("--scenarios", default=None,
+                   help=f"subset of {','.join(ALL)} (default: all, the *_baseline ones only "
+                        "with --baseline)")
     p.add_argument("--admin-database-url",
                    default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
                    help="a Postgres URL with CREATEDB rights; the bench database is made beside it")
@@ -585,7 +587,8 @@ def main() -> None:
     global GRANIAN_LOOP, WORKERS
     GRANIAN_LOOP = opts.loop
     WORKERS = opts.workers
-    wanted = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
+    everything = [s for s in ALL if opts.baseline or not s.endswith("_baseline")]
+    wanted = [s.strip() for s in (opts.scenarios or ",".join(everything)).split(",") if s.strip()]
     if any("=" not in e for e in opts.server_env):
         p.error("--server-env takes NAME=VALUE")
     unknown = set(wanted) - set(ALL)
