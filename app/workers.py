@@ -25,6 +25,7 @@ from app.errors import STORE_ERRORS
 from app.idempotency import purge_expired as purge_expired_keys
 from app.ledger.expiry_notices import announce_due as announce_expiring
 from app.ledger.recurring_grants import grant_due as grant_recurring
+from app.ledger.rollups import roll_up_due as roll_up_ledger
 from app.ledger.service import expire_due
 from app.ledger.snapshots import take_due as take_snapshots
 from app.purchases.tasks import run_reconciler
@@ -65,6 +66,7 @@ def _steps(ctx: AppContext) -> list[Step]:
         ("reversals", lambda: settle_reversals(ctx)),
         ("snapshots", lambda: take_snapshots(ctx, settings.snapshot_every)),
         ("usage rollups", lambda: roll_up_usage(ctx)),
+        ("ledger rollups", lambda: roll_up_ledger(ctx)),
         ("unsent rated debits", lambda: send_unsent(ctx, cursor=unsent)),
         ("recurring charges", lambda: draw_recurring_charges(ctx, recurring)),
         ("bill run", lambda: run_bills(ctx, billed)),

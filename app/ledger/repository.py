@@ -347,18 +347,6 @@ async def ledger_before(conn: Conn, account_id: int, credit_type_id: int | None,
     return {r["credit_type_id"]: Decimal(r["total"]) for r in rows}
 
 
-async def balance_at(conn: Conn, account_id: int, at: datetime) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        """SELECT ct.code AS credit_type, ct.decimal_places,
-                  COALESCE(sum(e.amount) FILTER (WHERE e.kind <> 'overage'), 0) AS balance,
-                  COALESCE(-sum(e.amount) FILTER (WHERE e.kind = 'overage'), 0) AS overage
-           FROM ledger_entries e JOIN credit_types ct ON ct.id = e.credit_type_id
-           WHERE e.account_id = $1 AND e.created_at <= $2
-           GROUP BY ct.code, ct.decimal_places ORDER BY ct.code""",
-        account_id, at,
-    )
-
-
 async def usage_exists(conn: Conn, account_id: int, uids: list[str]) -> set[str]:
     rows = await conn.fetch(
         "SELECT uid FROM usage_events WHERE account_id = $1 AND uid = ANY($2::text[])",

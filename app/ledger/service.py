@@ -15,6 +15,7 @@ from app.config.repository import existing_products
 from app.errors import Conflict, NotFound, ValidationProblem, one_by_one
 from app.hotstate.store import LOW_WATCH
 from app.ledger import repository as repo
+from app.ledger import rollups
 from app.ledger.loader import balance_def, to_ms
 from app.ledger.ops import ledger_op, now_ms
 from app.ledger.schemas import (
@@ -218,7 +219,8 @@ async def ledger(ctx: AppContext, code: str, credit_type: str | None, cursor: st
 
 async def balance_at(ctx: AppContext, code: str, at: datetime) -> BalanceAtOut:
     account = await account_ref(ctx, code)
-    rows = await repo.balance_at(ctx.pool, account.id, at)
+    async with ctx.pool.acquire() as conn:
+        rows = await rollups.balance_at(conn, account.id, at)
     return BalanceAtOut(account=code, at=at, totals=[
         CreditTypeTotal(credit_type=r["credit_type"],
                         balance=fmt(Decimal(r["balance"]), r["decimal_places"]),

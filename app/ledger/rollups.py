@@ -1,0 +1,174 @@
+"""Ledger rollups (migration 033): ledger entries summed per account, credit type and UTC hour
+of `created_at`, so that a balance as of a past time (`GET …/balance-at`) reads sums instead of
+the account's whole history.
+
+A pass sums the entries written by transactions with `horizon_old <= xid < horizon_new` and
+moves the cursor to `horizon_new`, the xmin of a snapshot taken in the pass: every transaction
+below it has ended, so the entries it sums are final, and an entry committed late (a journal
+entry a dead process left, flushed by another with its decision time) has an xid at or above
+the horizon and is summed by a later pass. One process at a time: the cursor row is taken with
+`SKIP LOCKED`; the others skip the pass.
+
+A balance as of `at` is, read in one repeatable-read snapshot, H being the hour of `at`:
+- the sums of the hours before H (what the passes summed);
+- the entries made in H up to `at` that were written in order, read through the account's
+  index between two ids (`ledger_id_marks`, below): summed or not;
+- those written late (a journal entry a dead process left, flushed by another): from
+  `ledger_late` when summed, else among the entries no pass has summed yet;
+- the entries made before H that no pass has summed yet (xid at or above the horizon: a few
+  seconds' worth of the table, found through the BRIN index on xid).
+Each entry is in exactly one of them.
+
+Marks: now and then a pass records the entry sequence's last value, with the time after it was
+read. An entry is made (its `created_at`: the decision time of the app process that made it, or
+Postgres's `now()`) before it is written, and its id is taken when it is written. So an entry
+made at or after an instant T has a higher id than a mark taken before T (`lower`), and one
+written before a mark has an id at or below that mark's. An entry made in hour H whose id is
+above the first mark taken after H's end (`upper`) was written late: a pass that sums it
+copies it to `ledger_late`; until such a mark is taken, every entry of H is read by id. The
+app's clocks and Postgres's may differ: the marks are taken CLOCK_SLACK before H and after its
+end. Without a mark before H (the hours before the first marks) H is read from id 0: right,
+slower. This holds with the sequence's default cache of 1 (ids handed out in the order they are
+taken).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from app.db import Connection
+from app.entitlements.history_repository import CUSTOM_PLANS
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+MARK_EVERY = timedelta(minutes=5)
+CLOCK_SLACK = timedelta(minutes=10)
+
+# (the xid as a bigint: the BRIN index's expression, migration 033)
+_XID = "(e.xid::text::int8)"
+_SUMS = """COALESCE(sum(e.amount) FILTER (WHERE e.kind <> 'overage'), 0) AS balance,
+           COALESCE(-sum(e.amount) FILTER (WHERE e.kind = 'overage'), 0)"""  # AS overage
+
+_HOUR = "date_trunc('hour', e.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+_ROLL = f"""
+    INSERT INTO ledger_rollups AS r (account_id, credit_type_id, hour, entries, balance, overage)
+    SELECT e.account_id, e.credit_type_id, {_HOUR}, count(*), {_SUMS}
+    FROM ledger_entries e
+    WHERE {_XID} >= $1 AND {_XID} < $2
+    GROUP BY 1, 2, 3
+    ON CONFLICT (account_id, credit_type_id, hour) DO UPDATE
+        SET entries = r.entries + excluded.entries, balance = r.balance + excluded.balance,
+            overage = r.overage + excluded.overage"""
+# the same entries' late ones: above the first mark taken after their hour's end
+_LATE = f"""
+    WITH hours AS (
+        SELECT h.hour, (SELECT m.last_id FROM ledger_id_marks m
+                        WHERE m.taken_at >= h.hour + interval '1 hour' + $3::interval
+                        ORDER BY m.taken_at LIMIT 1) AS upper
+        FROM (SELECT DISTINCT {_HOUR} AS hour FROM ledger_entries e
+              WHERE {_XID} >= $1 AND {_XID} < $2) h)
+    INSERT INTO ledger_late (id, account_id, credit_type_id, created_at, balance, overage)
+    SELECT e.id, e.account_id, e.credit_type_id, e.created_at,
+           CASE WHEN e.kind <> 'overage' THEN e.amount ELSE 0 END,
+           CASE WHEN e.kind = 'overage' THEN -e.amount ELSE 0 END
+    FROM ledger_entries e JOIN hours h ON h.hour = {_HOUR}
+    WHERE {_XID} >= $1 AND {_XID} < $2 AND e.id > h.upper"""
+NO_UPPER = 2**63 - 1
+
+
+async def roll_up(conn: Connection, clock: datetime | None = None) -> int | None:
+    """One pass: sum the entries written since the last pass into the rollups (and the late
+    ones into ledger_late), and record a mark when due. Returns the rollup rows written, or
+    None when there was nothing to sum or another process holds the cursor (then it writes
+    nothing: no transaction id, no WAL, no mark). `clock`: the time its mark is taken at
+    (default Postgres's clock: a test's timeline runs on its own)."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"""SELECT {CUSTOM_PLANS}, horizon,
+                       pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS xmin
+                FROM ledger_rollup_cursor WHERE id = 1""")
+        assert row is not None  # the migration wrote it
+        new = row["xmin"]
+        if new <= row["horizon"] or not await conn.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM ledger_entries e WHERE {_XID} >= $1 "
+                f"AND {_XID} < $2)", row["horizon"], new):
+            return None
+        # the horizon again, locked: another pass may have moved it meanwhile
+        old = await conn.fetchval(
+            "SELECT horizon FROM ledger_rollup_cursor WHERE id = 1 FOR UPDATE SKIP LOCKED")
+        if old is None or new <= old:
+            return None
+        await _mark(conn, clock)  # (under the cursor's lock: marks are taken one at a time, in order)
+        status = await conn.execute(_ROLL, old, new)
+        await conn.execute(_LATE, old, new, CLOCK_SLACK)
+        await conn.execute("UPDATE ledger_rollup_cursor SET horizon = $1, updated_at = now() "
+                           "WHERE id = 1", new)
+    return int(status.split()[-1])
+
+
+async def _mark(conn: Connection, clock: datetime | None) -> None:
+    """The sequence's last value, with a time taken after it was read, when the latest mark is
+    MARK_EVERY old. One process at a time (the caller holds the cursor), so a mark's time and
+    value are both above the ones before it: the first mark after an hour is the same mark for
+    the pass that sorts that hour's entries into late or not and for every read after it."""
+    if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM ledger_id_marks WHERE taken_at > "
+                           "COALESCE($2, clock_timestamp()) - $1::interval)", MARK_EVERY, clock):
+        return
+    last = await conn.fetchval("SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                               "FROM ledger_entries_id_seq")
+    await conn.execute("INSERT INTO ledger_id_marks (taken_at, last_id) "
+                       "VALUES (COALESCE($2, clock_timestamp()), $1) ON CONFLICT DO NOTHING",
+                       last, clock)
+
+
+async def roll_up_due(ctx: AppContext) -> int | None:
+    """The workers' pass (every process; one at a time does it)."""
+    async with ctx.pool.acquire() as conn:
+        return await roll_up(conn)
+
+
+async def balance_at(c: Connection, account_id: int, at: datetime) -> list[asyncpg.Record]:
+    """Per credit type the account has entries of up to `at`: the sum of its entries other
+    than overage (`balance`) and what its overage entries owe (`overage`), as of `at`."""
+    hour = at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    async with c.transaction(isolation="repeatable_read", readonly=True):
+        horizon = await c.fetchval(
+            f"SELECT {CUSTOM_PLANS}, horizon FROM ledger_rollup_cursor WHERE id = 1", column=1)
+        lower = await c.fetchval(
+            "SELECT last_id FROM ledger_id_marks WHERE taken_at <= $1 "
+            "ORDER BY taken_at DESC LIMIT 1", hour - CLOCK_SLACK) or 0
+        upper = await c.fetchval(
+            "SELECT last_id FROM ledger_id_marks WHERE taken_at >= $1 "
+            "ORDER BY taken_at LIMIT 1", hour + timedelta(hours=1) + CLOCK_SLACK) or NO_UPPER
+        return await c.fetch(
+            f"""WITH parts AS (
+                  SELECT r.credit_type_id, r.balance, r.overage
+                  FROM ledger_rollups r WHERE r.account_id = $1 AND r.hour < $2
+                  UNION ALL
+                  SELECT ct.id, s.balance, s.overage
+                  FROM credit_types ct CROSS JOIN LATERAL (
+                      SELECT {_SUMS} AS overage
+                      FROM ledger_entries e
+                      WHERE e.account_id = $1 AND e.credit_type_id = ct.id AND e.id > $4
+                        AND e.id <= $5 AND e.created_at >= $2 AND e.created_at <= $3
+                      HAVING count(*) > 0) s
+                  UNION ALL
+                  SELECT l.credit_type_id, l.balance, l.overage
+                  FROM ledger_late l
+                  WHERE l.account_id = $1 AND l.created_at >= $2 AND l.created_at <= $3
+                  UNION ALL
+                  SELECT e.credit_type_id,
+                         CASE WHEN e.kind <> 'overage' THEN e.amount ELSE 0 END,
+                         CASE WHEN e.kind = 'overage' THEN -e.amount ELSE 0 END
+                  FROM ledger_entries e
+                  WHERE {_XID} >= $6 AND e.account_id = $1 AND e.created_at <= $3
+                    AND (e.created_at < $2 OR e.id > $5))
+                SELECT ct.code AS credit_type, ct.decimal_places, sum(p.balance) AS balance,
+                       sum(p.overage) AS overage
+                FROM parts p JOIN credit_types ct ON ct.id = p.credit_type_id
+                GROUP BY ct.code, ct.decimal_places ORDER BY ct.code""",
+            account_id, hour, at, lower, upper, horizon)
