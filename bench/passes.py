@@ -22,9 +22,9 @@ Body = Callable[[argparse.Namespace, str, str, dict[str, str]], Awaitable[Totals
 
 
 async def one_account(conn: asyncpg.Connection, effective: timedelta = timedelta(0)) -> None:
-    """The catalog of the rebuild benches (rebuild.py, marks.py), written straight to Postgres:
-    credit type 1 `usd`, product `api`, account 1 `big` (its own root) and its balance 1, a
-    grant of 100,000,000 effective `effective` ago."""
+    """The catalog of the rebuild benches (rebuild.py, marks.py, balance_at.py), written
+    straight to Postgres: credit type 1 `usd`, product `api`, account 1 `big` (its own root)
+    and its balance 1, a grant of 100,000,000 made and effective `effective` ago."""
     await conn.execute(
         """INSERT INTO credit_types (id, code, name, kind, decimal_places)
                VALUES (1, 'usd', 'US dollar', 'fiat', 2);
@@ -39,7 +39,8 @@ async def one_account(conn: asyncpg.Connection, effective: timedelta = timedelta
     await conn.execute(
         """INSERT INTO ledger_entries (op_key, seq, account_id, balance_id, credit_type_id,
                                        kind, amount, created_at)
-               VALUES ('g:1', 0, 1, 1, 1, 'grant', 100000000, now())""")
+               VALUES ('g:1', 0, 1, 1, 1, 'grant', 100000000, now() - $1::interval)""",
+        effective)
 
 
 def postgres_cpu() -> float:
