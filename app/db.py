@@ -15,6 +15,31 @@ from asyncpg.pool import PoolConnectionProxy
 # what SQL helpers accept: a connection (plain or from a pool) or the pool itself
 Connection = asyncpg.Connection | PoolConnectionProxy
 Conn = Connection | asyncpg.Pool
+# statements on a range of xids (migrations 032, 033) are planned with the values, so the BRIN
+# index finds the few recent pages; a generic plan could read the whole table
+CUSTOM_PLANS = "set_config('plan_cache_mode', 'force_custom_plan', true)"
+
+
+async def xid_window(conn: Connection, cursor: str, written: str) -> tuple[int, int] | None:
+    """For a pass that sums the rows written by the transactions since a cursor's horizon
+    (usage and ledger rollups), inside the caller's transaction: the old horizon and the new
+    one, the xmin of a snapshot (every transaction below it has ended), with the cursor row
+    locked; None when nothing new was written (`written`: an EXISTS over `$1 <= xid < $2`,
+    checked before any lock, so an idle pass writes nothing) or another process holds the
+    cursor. The rest of the transaction is planned with its parameters' values."""
+    row = await conn.fetchrow(
+        f"""SELECT {CUSTOM_PLANS}, horizon,
+                   pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS xmin
+            FROM {cursor} WHERE id = 1""")
+    assert row is not None  # its migration wrote it
+    new = row["xmin"]
+    if new <= row["horizon"] or not await conn.fetchval(written, row["horizon"], new):
+        return None
+    # the horizon again, locked: another pass may have moved it meanwhile
+    old = await conn.fetchval(f"SELECT horizon FROM {cursor} WHERE id = 1 FOR UPDATE SKIP LOCKED")
+    if old is None or new <= old:
+        return None
+    return old, new
 
 
 class Where:

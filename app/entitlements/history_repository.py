@@ -8,7 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
-from app.db import Conn, Connection, Where
+from app.db import CUSTOM_PLANS, Conn, Connection, Where
 
 # What a usage uid says about who wrote the event (app/entitlements/schemas.py RESERVED_UID):
 # a hold's is h0:<hold uid>, the rating engine's r…, s…, c…, b…; anything else is the client's.
@@ -17,9 +17,6 @@ KIND_FILTERS = {
     "hold": r"e.uid ~ '^h[0-9]+:'",
     "rated": r"e.uid ~ '^[rscb][0-9]+:'",
 }
-# statements on a range of xids (migration 032) are planned with the values, so the BRIN index
-# finds the few recent pages; a generic plan could read the whole table
-CUSTOM_PLANS = "set_config('plan_cache_mode', 'force_custom_plan', true)"
 
 
 async def events(conn: Conn, account_id: int, before: tuple[datetime, str] | None,

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from app.db import Connection
-from app.entitlements.history_repository import CUSTOM_PLANS, KIND_FILTERS
+from app.db import Connection, xid_window
+from app.entitlements.history_repository import KIND_FILTERS
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -41,21 +41,12 @@ async def roll_up(conn: Connection) -> int | None:
     rows written, or None when there was nothing to sum or another process holds the cursor.
     With nothing new it writes nothing (no transaction id, no WAL)."""
     async with conn.transaction():
-        row = await conn.fetchrow(
-            f"""SELECT {CUSTOM_PLANS}, horizon,
-                       pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS xmin
-                FROM usage_rollup_cursor WHERE id = 1""")
-        assert row is not None  # the migration wrote it
-        new = row["xmin"]
-        if new <= row["horizon"] or not await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM usage_events WHERE xid >= $1 AND xid < $2)",
-                row["horizon"], new):
+        window = await xid_window(
+            conn, "usage_rollup_cursor",
+            "SELECT EXISTS (SELECT 1 FROM usage_events WHERE xid >= $1 AND xid < $2)")
+        if window is None:
             return None
-        # the horizon again, locked: another pass may have moved it meanwhile
-        old = await conn.fetchval(
-            "SELECT horizon FROM usage_rollup_cursor WHERE id = 1 FOR UPDATE SKIP LOCKED")
-        if old is None or new <= old:
-            return None
+        old, new = window
         status = await conn.execute(_ROLL, old, new)
         await conn.execute("UPDATE usage_rollup_cursor SET horizon = $1, updated_at = now() "
                            "WHERE id = 1", new)

@@ -39,8 +39,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from app.db import Connection
-from app.entitlements.history_repository import CUSTOM_PLANS
+from app.db import CUSTOM_PLANS, Connection, xid_window
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -87,21 +86,12 @@ async def roll_up(conn: Connection, clock: datetime | None = None) -> int | None
     nothing: no transaction id, no WAL, no mark). `clock`: the time its mark is taken at
     (default Postgres's clock: a test's timeline runs on its own)."""
     async with conn.transaction():
-        row = await conn.fetchrow(
-            f"""SELECT {CUSTOM_PLANS}, horizon,
-                       pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS xmin
-                FROM ledger_rollup_cursor WHERE id = 1""")
-        assert row is not None  # the migration wrote it
-        new = row["xmin"]
-        if new <= row["horizon"] or not await conn.fetchval(
-                f"SELECT EXISTS (SELECT 1 FROM ledger_entries e WHERE {_XID} >= $1 "
-                f"AND {_XID} < $2)", row["horizon"], new):
+        window = await xid_window(
+            conn, "ledger_rollup_cursor",
+            f"SELECT EXISTS (SELECT 1 FROM ledger_entries e WHERE {_XID} >= $1 AND {_XID} < $2)")
+        if window is None:
             return None
-        # the horizon again, locked: another pass may have moved it meanwhile
-        old = await conn.fetchval(
-            "SELECT horizon FROM ledger_rollup_cursor WHERE id = 1 FOR UPDATE SKIP LOCKED")
-        if old is None or new <= old:
-            return None
+        old, new = window
         await _mark(conn, clock)  # (under the cursor's lock: marks are taken one at a time, in order)
         status = await conn.execute(_ROLL, old, new)
         await conn.execute(_LATE, old, new, CLOCK_SLACK)
