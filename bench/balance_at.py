@@ -70,7 +70,8 @@ async def populate(conn: asyncpg.Connection, entries: int, days: int, now: datet
     await conn.execute("CREATE INDEX bench_made ON ledger_entries (created_at)")
     await conn.execute(
         """INSERT INTO ledger_id_marks (taken_at, last_id)
-           SELECT t, COALESCE((SELECT max(id) FROM ledger_entries WHERE created_at <= t), 0)
+           SELECT t, COALESCE((SELECT id FROM ledger_entries WHERE created_at <= t
+                               ORDER BY created_at DESC LIMIT 1), 0)  -- (ids follow the times)
            FROM generate_series($1::timestamptz, $2::timestamptz, interval '5 minutes') AS t""",
         start, now)
     await conn.execute("DROP INDEX bench_made")
