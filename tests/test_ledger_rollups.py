@@ -144,9 +144,11 @@ ACCOUNTS = itertools.count(1)
 @example(steps=[("now", 57, 1, 1, False), ("ahead", 5, 2, 1, False), ("now", 2, 3, 1, False),
                 ("mark", 0, 0, 1, False)])
 # an entry of an hour written after the first mark past that hour's end (late): read among the
-# unsummed entries, then from ledger_late once a pass sums it
+# unsummed entries, then from ledger_late once a pass sums it, and still once a later mark (above
+# its id) is taken: the first mark past the hour's end decides, not the latest
 @example(steps=[("now", 0, 5, 1, False), ("now", 80, 1, 1, False), ("pass", 0, 0, 1, False),
-                ("late", 75, 7, 1, False), ("now", 1, 1, 1, False)])
+                ("late", 75, 7, 1, False), ("now", 1, 1, 1, False), ("pass", 0, 0, 1, False),
+                ("now", 10, 1, 1, False), ("pass", 0, 0, 1, False)])
 # an entry written by a process whose clock is behind, after a mark taken less than CLOCK_SLACK
 # past its hour's end: not late, for the pass that sums it and for every read
 @example(steps=[("now", 0, 1, 1, False), ("now", 65, 2, 1, False), ("pass", 0, 0, 1, False),

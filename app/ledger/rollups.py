@@ -52,7 +52,21 @@ _XID = "(e.xid::text::int8)"
 _SUMS = """COALESCE(sum(e.amount) FILTER (WHERE e.kind <> 'overage'), 0) AS balance,
            COALESCE(-sum(e.amount) FILTER (WHERE e.kind = 'overage'), 0)"""  # AS overage
 
+# one entry's amount split as the sums are: (balance, overage)
+_SPLIT = """CASE WHEN e.kind <> 'overage' THEN e.amount ELSE 0 END,
+           CASE WHEN e.kind = 'overage' THEN -e.amount ELSE 0 END"""
 _HOUR = "date_trunc('hour', e.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+
+
+def _upper(hour: str, slack: str) -> str:
+    """The id of the first mark taken `slack` (CLOCK_SLACK) after the end of `hour` (SQL
+    expressions), NULL before there is one: an entry of that hour above it was written late.
+    The one definition for the pass that copies late entries and the read that leaves them out
+    of the hour's ids (were they to differ, an entry would be counted twice or not at all)."""
+    return (f"(SELECT m.last_id FROM ledger_id_marks m WHERE m.taken_at >= {hour} "
+            f"+ interval '1 hour' + {slack}::interval ORDER BY m.taken_at LIMIT 1)")
+
+
 _ROLL = f"""
     INSERT INTO ledger_rollups AS r (account_id, credit_type_id, hour, entries, balance, overage)
     SELECT e.account_id, e.credit_type_id, {_HOUR}, count(*), {_SUMS}
@@ -65,15 +79,11 @@ _ROLL = f"""
 # the same entries' late ones: above the first mark taken after their hour's end
 _LATE = f"""
     WITH hours AS (
-        SELECT h.hour, (SELECT m.last_id FROM ledger_id_marks m
-                        WHERE m.taken_at >= h.hour + interval '1 hour' + $3::interval
-                        ORDER BY m.taken_at LIMIT 1) AS upper
+        SELECT h.hour, {_upper("h.hour", "$3")} AS upper
         FROM (SELECT DISTINCT {_HOUR} AS hour FROM ledger_entries e
               WHERE {_XID} >= $1 AND {_XID} < $2) h)
     INSERT INTO ledger_late (id, account_id, credit_type_id, created_at, balance, overage)
-    SELECT e.id, e.account_id, e.credit_type_id, e.created_at,
-           CASE WHEN e.kind <> 'overage' THEN e.amount ELSE 0 END,
-           CASE WHEN e.kind = 'overage' THEN -e.amount ELSE 0 END
+    SELECT e.id, e.account_id, e.credit_type_id, e.created_at, {_SPLIT}
     FROM ledger_entries e JOIN hours h ON h.hour = {_HOUR}
     WHERE {_XID} >= $1 AND {_XID} < $2 AND e.id > h.upper"""
 NO_UPPER = 2**63 - 1
@@ -131,9 +141,8 @@ async def balance_at(c: Connection, account_id: int, at: datetime) -> list[async
         lower = await c.fetchval(
             "SELECT last_id FROM ledger_id_marks WHERE taken_at <= $1 "
             "ORDER BY taken_at DESC LIMIT 1", hour - CLOCK_SLACK) or 0
-        upper = await c.fetchval(
-            "SELECT last_id FROM ledger_id_marks WHERE taken_at >= $1 "
-            "ORDER BY taken_at LIMIT 1", hour + timedelta(hours=1) + CLOCK_SLACK) or NO_UPPER
+        upper = await c.fetchval(f"SELECT {_upper('$1::timestamptz', '$2')}",
+                                 hour, CLOCK_SLACK) or NO_UPPER
         return await c.fetch(
             f"""WITH parts AS (
                   SELECT r.credit_type_id, r.balance, r.overage
@@ -151,9 +160,7 @@ async def balance_at(c: Connection, account_id: int, at: datetime) -> list[async
                   FROM ledger_late l
                   WHERE l.account_id = $1 AND l.created_at >= $2 AND l.created_at <= $3
                   UNION ALL
-                  SELECT e.credit_type_id,
-                         CASE WHEN e.kind <> 'overage' THEN e.amount ELSE 0 END,
-                         CASE WHEN e.kind = 'overage' THEN -e.amount ELSE 0 END
+                  SELECT e.credit_type_id, {_SPLIT}
                   FROM ledger_entries e
                   WHERE {_XID} >= $6 AND e.account_id = $1 AND e.created_at <= $3
                     AND (e.created_at < $2 OR e.id > $5))
