@@ -733,26 +733,29 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
             create_catalog(base, keys["admin"], prefix, opts.accounts)
             made.append(base)
 
+    @contextmanager
+    def app_server(name: str, setting: dict[str, str] | None = None,
+                   tree: Path = ROOT) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+        """A creditgate server of `tree`'s code (run in it), with `setting` beside --server-env,
+        up and with the round's accounts."""
+        port = free_port()
+        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, **server_env,
+               **(setting or {})}
+        with server(name, granian_cmd("app.main:create_app_from_env", port, True, tree), env,
+                    ("GET", "/healthz", None), port, pin, cwd=tree) as (base, proc):
+            catalog(base)
+            yield base, proc
+
     def batch_by_statement() -> None:
         """The batches from a server that flushes every one by statement, not COPY (run first
         in every other round, so neither way always meets the larger tables)."""
-        port = free_port()
-        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, **server_env,
-               "CREDITGATE_JOURNAL_COPY_ROWS": "0"}
-        with server("batch_statement", granian_cmd("app.main:create_app_from_env", port, True),
-                    env, ("GET", "/healthz", None), port, pin) as (base, proc):
-            catalog(base)
+        with app_server("batch_statement", {"CREDITGATE_JOURNAL_COPY_ROWS": "0"}) as (base, proc):
             run_batch("batch_statement", base, proc, keys["runtime"])
 
     def from_baseline() -> None:
         """Single usage and batches from a server running the code of --baseline (run first
         in every other round, as batch_statement)."""
-        port = free_port()
-        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, **server_env}
-        tree = opts.baseline_tree
-        with server("baseline", granian_cmd("app.main:create_app_from_env", port, True, tree),
-                    env, ("GET", "/healthz", None), port, pin, cwd=tree) as (base, proc):
-            catalog(base)
+        with app_server("baseline", tree=opts.baseline_tree) as (base, proc):
             if "usage_baseline" in wanted:
                 run_usage("usage_baseline", base, proc, keys["runtime"])
             if "batch_baseline" in wanted:
@@ -773,11 +776,7 @@ def run_all(opts: argparse.Namespace, wanted: list[str], db_url: str, keys: dict
     app_scenarios = [s for s in ("check", "usage", "hold", "batch", "balances",
                                  "balances_token") if s in wanted]
     if app_scenarios:
-        port = free_port()
-        env = {"DATABASE_URL": db_url, "REDIS_URL": opts.redis_url, **server_env}
-        with server("creditgate", granian_cmd("app.main:create_app_from_env", port, True), env,
-                    ("GET", "/healthz", None), port, pin) as (base, proc):
-            catalog(base)
+        with app_server("creditgate") as (base, proc):
             token = keys["runtime"]
             if "check" in app_scenarios:
                 run_scenario("check", "POST /v1/check (no consume)", "granian", base,
