@@ -13,6 +13,7 @@ from app.rating import repository as repo
 from app.rating.schemas import (
     MAX_MEASUREMENTS,
     AccountPlanAttached,
+    AccountPlanEndIn,
     AccountPlanIn,
     AccountPlanList,
     AccountPlanOut,
@@ -101,6 +102,11 @@ async def account_plans(call: Call) -> BaseModel:
         raise NotFound(f"no account {call.path('code')!r}", field="code")
     rows = await repo.account_plans(call.ctx.pool, account_id)
     return AccountPlanList(data=[AccountPlanOut.model_validate(dict(r)) for r in rows])
+
+
+async def end_account_plan(call: Call) -> BaseModel:
+    return await service.end_account_plan(call.ctx, call.path("code"),
+                                          call.path_id("id", "account plan"), call.body.end_date)
 
 
 async def adjust_counter(call: Call) -> BaseModel:
@@ -247,6 +253,10 @@ ENDPOINTS = [
              response=AccountPlanAttached, status=201),
     Endpoint("GET", "/v1/accounts/{code}/plans", account_plans, ADMIN,
              "The plans attached to an account", "plans", response=AccountPlanList),
+    Endpoint("POST", "/v1/accounts/{code}/plans/{id}/end", end_account_plan, ADMIN,
+             "Set the day an account plan ends: a plan change or a cancellation (the periods "
+             "that started keep what they drew)", "plans", body=AccountPlanEndIn,
+             response=AccountPlanOut),
     Endpoint("POST", "/v1/accounts/{code}/counter-adjustments", adjust_counter, ADMIN,
              "Set a counter's level for an account from a date on; the change to the charge "
              "of the started periods it affects is drawn at once", "counters",

@@ -132,14 +132,30 @@ async def lock_account(conn: Connection, account_id: int) -> None:
 
 
 async def overlapping_account_plan(conn: Conn, account_id: int, product: str, start: date,
-                                   end: date | None) -> bool:
+                                   end: date | None, other_than: int = 0) -> bool:
+    """Whether another plan of the account for this product (not `other_than`) overlaps
+    [start, end); a plan ended on its start date (cancelled) overlaps nothing."""
     found = await conn.fetchval(
         f"""SELECT 1 FROM account_plans ap JOIN ({PLAN}) pl ON pl.id = ap.plan_id
-            WHERE ap.account_id = $1 AND pl.product = $2
+            WHERE ap.account_id = $1 AND pl.product = $2 AND ap.id <> $5
               AND ap.start_date < COALESCE($4::date, 'infinity'::date)
-              AND COALESCE(ap.end_date, 'infinity'::date) > $3 LIMIT 1""",
-        account_id, product, start, end)
+              AND COALESCE(ap.end_date, 'infinity'::date) > $3
+              AND ap.start_date < COALESCE(ap.end_date, 'infinity'::date) LIMIT 1""",
+        account_id, product, start, end, other_than)
     return found is not None
+
+
+async def account_plan_of(conn: Conn, account_id: int, account_plan_id: int
+                          ) -> asyncpg.Record | None:
+    """One of the account's plans, with its plan's product (None: not the account's)."""
+    return await conn.fetchrow(
+        f"""SELECT ap.*, pl.product FROM account_plans ap JOIN ({PLAN}) pl ON pl.id = ap.plan_id
+            WHERE ap.account_id = $1 AND ap.id = $2""", account_id, account_plan_id)
+
+
+async def set_account_plan_end(conn: Conn, account_plan_id: int, end: date | None) -> None:
+    await conn.execute("UPDATE account_plans SET end_date = $2 WHERE id = $1",
+                       account_plan_id, end)
 
 
 async def insert_account_plan(conn: Conn, account_id: int, plan_id: int, start: date,

@@ -179,6 +179,14 @@ class AccountPlanOut(BaseModel):
     created_at: datetime
 
 
+class AccountPlanEndIn(Strict):
+    end_date: Day | None = Field(
+        default=None, description="exclusive: the first day the plan no longer covers; default "
+        "and earliest: the day after the latest a measurement may be dated on now (tomorrow, as "
+        "a rule). Later than the present end extends the plan; the plan's start date, for a "
+        "plan that has not started, cancels it")
+
+
 class AccountPlanAttached(AccountPlanOut):
     debits: list[Debit] = Field(description="what attaching it drew: the standing charge and "
                                 "counter charges of its periods that have started")

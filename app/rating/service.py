@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from app.rating.pricing import Band, check_bands
 from app.rating.schemas import (
     AccountPlanAttached,
     AccountPlanIn,
+    AccountPlanOut,
     AggregationIn,
     AggregationOut,
     BandIn,
@@ -41,6 +43,7 @@ from app.rating.schemas import (
 
 if TYPE_CHECKING:
     from app.context import AppContext
+    from app.settings import Settings
 
 NUMERIC = ("measure",)
 
@@ -238,6 +241,52 @@ async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> Accoun
     rows = await repo.account_plans(ctx.pool, account_id)
     return next(AccountPlanAttached.model_validate({**dict(r), "debits": [d.debit() for d in draws]})
                 for r in rows if r["id"] == ap_id)
+
+
+# Beyond the timestamps a measurement may carry (`usage_future_skew_s` past now), for the
+# clocks of the other app hosts: no measurement can be dated later than this yet.
+CLOCK_SLACK = timedelta(minutes=10)
+
+
+def earliest_plan_end(settings: Settings, now: datetime | None = None) -> date:
+    """The first day an account plan may end on: the day after the latest one a measurement
+    may be dated on now. So no measurement rated under the plan falls outside it, and none
+    stored unrated (or rated under another plan) falls inside a plan extended, and nothing has
+    to be re-rated."""
+    latest = (now or datetime.now(UTC)) + timedelta(seconds=settings.usage_future_skew_s)
+    return (latest + CLOCK_SLACK).date() + timedelta(days=1)
+
+
+async def end_account_plan(ctx: AppContext, code: str, account_plan_id: int,
+                           end: date | None) -> AccountPlanOut:
+    """Set the day an account plan ends (exclusive): a plan change ends one plan where the
+    next begins, a cancellation ends it tomorrow, and a plan that has not started may end on
+    its start date (it never applies). The periods that started keep what they drew; the one
+    holding the end is billed whole, as for an end given when the plan was attached."""
+    account = await account_ref(ctx, code, field="code")
+    earliest = earliest_plan_end(ctx.settings)
+    day = earliest if end is None else end
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await repo.lock_account(conn, account.id)  # (as attaching a plan: one at a time)
+        row = await repo.account_plan_of(conn, account.id, account_plan_id)
+        if row is None:
+            raise NotFound(f"account {code!r} has no plan {account_plan_id}", field="id")
+        if row["end_date"] is not None and row["end_date"] < earliest:
+            raise Conflict(f"the plan ends on {row['end_date']}: measurements past that day may "
+                           "be stored already, so its end cannot move", field="end_date")
+        if day < earliest:
+            raise ValidationProblem(f"must be {earliest} or later: measurements up to that day "
+                                    "may be rated under the plan already", field="end_date")
+        if day < row["start_date"]:
+            raise ValidationProblem(f"must not be before the plan's start {row['start_date']} "
+                                    "(on it, the plan never applies)", field="end_date")
+        if await repo.overlapping_account_plan(conn, account.id, row["product"], row["start_date"],
+                                               day, other_than=row["id"]):
+            raise Conflict("the account has another plan for this product in the longer date "
+                           "range", field="end_date")
+        await repo.set_account_plan_end(conn, row["id"], day)
+    rows = await repo.account_plans(ctx.pool, account.id)
+    return next(AccountPlanOut.model_validate(dict(r)) for r in rows if r["id"] == account_plan_id)
 
 
 async def set_rate(ctx: AppContext, code: str, body: ConversionRateIn) -> ConversionRateOut:
