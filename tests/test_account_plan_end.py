@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from app.rating import recurring
+from app.rating import bills, recurring
 from app.rating.periods import add_months, period_of
 from app.rating.service import earliest_plan_end
 from app.settings import Settings
@@ -144,6 +144,11 @@ async def test_a_plan_that_has_not_started_is_cancelled_by_ending_it_on_its_star
     drawn = [f"s{other['id']}:{first}", f"s{other['id']}:{start}"]
     assert await standing_debits(db, other["id"], drawn) == drawn
     assert await standing_debits(db, made["id"], []) == []
+    # the bill run bills the other plan's two periods, and nothing of the cancelled one
+    await bills.run(app.state.ctx, add_months(start, 1), [await account_id(db, account)])
+    assert [r["account_plan_id"] for r in await db.fetch(
+        "SELECT account_plan_id FROM bills WHERE account_plan_id = ANY($1::int8[])",
+        [made["id"], other["id"]])] == [other["id"]] * 2
     [billed] = (await api.call("GET", f"/v1/accounts/{account}/usage",
                                params={"at": str(start)}))["plans"]
     assert billed["plan"] == instead and D(billed["total"]) == 3
