@@ -6,7 +6,7 @@ import base64
 import binascii
 import math
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Generic, TypeVar
 
@@ -172,6 +172,24 @@ def decode_cursor_text(cursor: str) -> str:
     try:
         return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise BadCursor() from exc
+
+
+_EPOCH, _US = datetime(1970, 1, 1, tzinfo=UTC), timedelta(microseconds=1)
+
+
+def time_cursor(at: datetime, uid: str) -> str:
+    """A cursor past a row of a list ordered by a time, then a uid (newest first, say)."""
+    return encode_cursor_text(f"{(at - _EPOCH) // _US}|{uid}")
+
+
+def decode_time_cursor(cursor: str) -> tuple[datetime, str]:
+    micros, sep, uid = decode_cursor_text(cursor).partition("|")
+    if not sep or not uid or not micros.lstrip("-").isdigit():
+        raise BadCursor()
+    try:
+        return _EPOCH + int(micros) * _US, uid
+    except OverflowError as exc:  # beyond datetime's years: no row's
         raise BadCursor() from exc
 
 

@@ -37,7 +37,7 @@ from app.entitlements.schemas import (
 from app.errors import ValidationProblem
 from app.ledger.service import account_ref, resolve_credit_type
 from app.money import fmt
-from app.schemas import BadCursor, decode_cursor_text, encode_cursor_text
+from app.schemas import decode_time_cursor, time_cursor
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -61,23 +61,9 @@ def kind_of(uid: str) -> EventKind:
     return "hold" if uid[0] == "h" else "rated"
 
 
-def _cursor(recorded_at: datetime, uid: str) -> str:
-    return encode_cursor_text(f"{(recorded_at - EPOCH) // US}|{uid}")
-
-
-def _position(cursor: str) -> tuple[datetime, str]:
-    micros, sep, uid = decode_cursor_text(cursor).partition("|")
-    if not sep or not uid or not micros.lstrip("-").isdigit():
-        raise BadCursor()
-    try:
-        return EPOCH + int(micros) * US, uid
-    except OverflowError as exc:  # beyond datetime's years: no event's
-        raise BadCursor() from exc
-
-
 async def events(ctx: AppContext, code: str, query: UsageEventsQuery) -> UsageEventPage:
     account = await account_ref(ctx, code, field="code")
-    before = _position(query.cursor) if query.cursor else None
+    before = decode_time_cursor(query.cursor) if query.cursor else None
     rows = await repo.events(ctx.pool, account.id, before, query.product, query.kind,
                              query.limit)
     items = []
@@ -92,7 +78,7 @@ async def events(ctx: AppContext, code: str, query: UsageEventsQuery) -> UsageEv
             reversed=None if row["reversed"] is None else fmt(Decimal(row["reversed"]), places),
             timestamp=row["event_time"], recorded_at=row["recorded_at"]))
     last = rows[-1] if len(rows) == query.limit else None
-    return UsageEventPage(data=items, next_cursor=None if last is None else _cursor(
+    return UsageEventPage(data=items, next_cursor=None if last is None else time_cursor(
         last["recorded_at"], last["uid"]))
 
 

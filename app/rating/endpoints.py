@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import asyncpg
 from pydantic import BaseModel
 
 from app.errors import NotFound, ValidationProblem
@@ -36,7 +37,9 @@ from app.rating.schemas import (
     MeasurementBatch,
     MeasurementBatchOut,
     MeasurementOut,
+    MeasurementPage,
     MeasurementResult,
+    MeasurementsQuery,
     MeterIn,
     MeterOut,
     MeterPage,
@@ -52,7 +55,7 @@ from app.rating.schemas import (
     PricingQuery,
     UsageQuery,
 )
-from app.schemas import ListQuery, decode_cursor, next_cursor
+from app.schemas import ListQuery, decode_cursor, decode_time_cursor, next_cursor, time_cursor
 
 PAGES: dict[str, type[BaseModel]] = {
     "meters": MeterPage, "aggregations": AggregationPage, "counters": CounterPage,
@@ -166,6 +169,32 @@ async def measurements(call: Call) -> BaseModel:
     return result
 
 
+async def list_measurements(call: Call) -> BaseModel:
+    code, query = call.path("code"), call.query
+    account = await call.ctx.catalog.account(code)
+    if account is None:
+        raise NotFound(f"no account {code!r}", field="code")
+    meter_id = None
+    if query.meter is not None:
+        meter_id = await repo.id_of(call.ctx.pool, "meters", query.meter)
+        if meter_id is None:
+            raise ValidationProblem(f"unknown meter {query.meter!r}", field="query.meter")
+    if query.start is not None and query.end is not None and query.start >= query.end:
+        raise ValidationProblem("must be before `end`", field="query.start")
+    before = decode_time_cursor(query.cursor) if query.cursor else None
+    rows = await repo.measurements(call.ctx.pool, account.id, meter_id, query.start, query.end,
+                                   query.rated, before, query.limit)
+    last = rows[-1] if len(rows) == query.limit else None
+    return MeasurementPage(data=[_measurement_out(code, row) for row in rows],
+                           next_cursor=None if last is None else time_cursor(last["ts"],
+                                                                              last["uid"]))
+
+
+def _measurement_out(account: str, row: asyncpg.Record) -> MeasurementOut:
+    return MeasurementOut(uid=row["uid"], account=account, meter=row["meter"], timestamp=row["ts"],
+                          data=json.loads(row["data"]), rated=row["rated"])
+
+
 async def read_measurement(call: Call) -> BaseModel:
     code, uid = call.path("code"), call.path("uid")
     account = await call.ctx.catalog.account(code)
@@ -174,8 +203,7 @@ async def read_measurement(call: Call) -> BaseModel:
     row = await repo.measurement(call.ctx.pool, account.id, uid)
     if row is None:
         raise NotFound(f"no measurement {uid!r} for this account", field="uid")
-    return MeasurementOut(uid=row["uid"], account=code, meter=row["meter"], timestamp=row["ts"],
-                          data=json.loads(row["data"]), rated=row["rated"])
+    return _measurement_out(code, row)
 
 
 async def usage(call: Call) -> BaseModel:
@@ -216,6 +244,9 @@ RUNTIME_ENDPOINTS = [
 ]
 
 ENDPOINTS = [
+    Endpoint("GET", "/v1/accounts/{code}/measurements", list_measurements, READ,
+             "An account's stored measurements, newest timestamp first, rated or not",
+             "measurements", query=MeasurementsQuery, response=MeasurementPage),
     Endpoint("GET", "/v1/accounts/{code}/measurements/{uid}", read_measurement, READ,
              "A stored measurement and whether it has been rated", "runtime",
              response=MeasurementOut),

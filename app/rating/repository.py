@@ -755,6 +755,32 @@ async def mark_placed(conn: Connection, account_id: int, uids: list[str], placed
         account_id, uids, placed, version)
 
 
+async def measurements(conn: Conn, account_id: int, meter_id: int | None, start: datetime | None,
+                       end: datetime | None, rated: bool | None,
+                       before: tuple[datetime, str] | None, limit: int) -> list[asyncpg.Record]:
+    """An account's measurements, newest timestamp first (then uid), from `before` on. Each
+    meter's newest `limit` come straight from the (account, meter, ts) index (with the rows
+    that tie with the last on ts: ordering by uid there too would sort every row in range),
+    and the meters' are merged: a page reads about `limit` rows per meter, however long the
+    history. The bounds are plain comparisons (COALESCE, not `IS NULL OR`), so they stay index
+    conditions in the statement's generic plan."""
+    at, uid = before or (None, None)
+    return await conn.fetch(
+        """SELECT x.uid, x.ts, x.data, x.rated, mt.code AS meter
+           FROM meters mt CROSS JOIN LATERAL (
+             SELECT m.uid, m.ts, m.data, m.rated FROM measurements m
+             WHERE m.account_id = $1 AND m.meter_id = mt.id
+               AND m.ts >= COALESCE($3::timestamptz, '-infinity')
+               AND m.ts < COALESCE($4::timestamptz, 'infinity')
+               AND m.ts <= COALESCE($6::timestamptz, 'infinity')
+               AND ($6::timestamptz IS NULL OR (m.ts, m.uid) < ($6::timestamptz, $7::text))
+               AND m.rated = COALESCE($5::bool, m.rated)
+             ORDER BY m.ts DESC FETCH FIRST $8 ROWS WITH TIES) x
+           WHERE mt.id = COALESCE($2::int8, mt.id)
+           ORDER BY x.ts DESC, x.uid DESC LIMIT $8""",
+        account_id, meter_id, start, end, rated, at, uid, limit)
+
+
 async def measurement(conn: Conn, account_id: int, uid: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """SELECT m.uid, m.ts, m.data, m.rated, mt.code AS meter FROM measurements m

@@ -242,6 +242,22 @@ class MeasurementOut(BaseModel):
                         "becomes true when a plan or pricing attached later rates it")
 
 
+class MeasurementsQuery(Strict):
+    cursor: str | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    meter: Code | None = None
+    start: Timestamp | None = Field(default=None, description="measurements timestamped at or "
+                                    "after this instant")
+    end: Timestamp | None = Field(default=None, description="before this instant")
+    rated: bool | None = Field(default=None, description="true: rated only; false: stored "
+                               "unrated only; omitted: both")
+
+
+class MeasurementPage(BaseModel):
+    data: list[MeasurementOut]
+    next_cursor: str | None
+
+
 class MeasurementBatch(Strict):
     measurements: list[MeasurementIn] = Field(min_length=1, max_length=MAX_MEASUREMENTS)
 
