@@ -762,23 +762,34 @@ async def measurements(conn: Conn, account_id: int, meter_id: int | None, start:
     meter's newest `limit` come straight from the (account, meter, ts) index (with the rows
     that tie with the last on ts: ordering by uid there too would sort every row in range),
     and the meters' are merged: a page reads about `limit` rows per meter, however long the
-    history. The bounds are plain comparisons (COALESCE, not `IS NULL OR`), so they stay index
-    conditions in the statement's generic plan."""
-    at, uid = before or (None, None)
+    history. Only the filters given are in the statement: one that is always true for the
+    rows (`rated = COALESCE($5, rated)`, say) is estimated to keep almost none, and the
+    planner then sorts the account's whole history rather than read the index in order."""
+    args: list[Any] = [account_id, limit]
+    where = ["m.account_id = $1", "m.meter_id = mt.id"]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if start is not None:
+        where.append(f"m.ts >= {arg(start)}::timestamptz")
+    if end is not None:
+        where.append(f"m.ts < {arg(end)}::timestamptz")
+    if rated is not None:
+        where.append(f"m.rated = {arg(rated)}::bool")
+    if before is not None:
+        at, uid = arg(before[0]), arg(before[1])
+        where.append(f"m.ts <= {at}::timestamptz AND (m.ts, m.uid) < ({at}::timestamptz, {uid}::text)")
+    meters = "" if meter_id is None else f"WHERE mt.id = {arg(meter_id)}::int8"
     return await conn.fetch(
-        """SELECT x.uid, x.ts, x.data, x.rated, mt.code AS meter
-           FROM meters mt CROSS JOIN LATERAL (
-             SELECT m.uid, m.ts, m.data, m.rated FROM measurements m
-             WHERE m.account_id = $1 AND m.meter_id = mt.id
-               AND m.ts >= COALESCE($3::timestamptz, '-infinity')
-               AND m.ts < COALESCE($4::timestamptz, 'infinity')
-               AND m.ts <= COALESCE($6::timestamptz, 'infinity')
-               AND ($6::timestamptz IS NULL OR (m.ts, m.uid) < ($6::timestamptz, $7::text))
-               AND m.rated = COALESCE($5::bool, m.rated)
-             ORDER BY m.ts DESC FETCH FIRST $8 ROWS WITH TIES) x
-           WHERE mt.id = COALESCE($2::int8, mt.id)
-           ORDER BY x.ts DESC, x.uid DESC LIMIT $8""",
-        account_id, meter_id, start, end, rated, at, uid, limit)
+        f"""SELECT x.uid, x.ts, x.data, x.rated, mt.code AS meter
+            FROM meters mt CROSS JOIN LATERAL (
+              SELECT m.uid, m.ts, m.data, m.rated FROM measurements m
+              WHERE {" AND ".join(where)}
+              ORDER BY m.ts DESC FETCH FIRST $2 ROWS WITH TIES) x
+            {meters}
+            ORDER BY x.ts DESC, x.uid DESC LIMIT $2""", *args)
 
 
 async def measurement(conn: Conn, account_id: int, uid: str) -> asyncpg.Record | None:
