@@ -11,7 +11,7 @@ from typing import Any, Literal
 import asyncpg
 
 from app.config.catalog import CreditTypeRef
-from app.db import Conn, Connection
+from app.db import Conn, Connection, Where
 from app.errors import ValidationProblem
 
 METER = """SELECT m.*, p.code AS product FROM meters m LEFT JOIN products p ON p.id = m.product_id"""
@@ -762,34 +762,28 @@ async def measurements(conn: Conn, account_id: int, meter_id: int | None, start:
     meter's newest `limit` come straight from the (account, meter, ts) index (with the rows
     that tie with the last on ts: ordering by uid there too would sort every row in range),
     and the meters' are merged: a page reads about `limit` rows per meter, however long the
-    history. Only the filters given are in the statement: one that is always true for the
-    rows (`rated = COALESCE($5, rated)`, say) is estimated to keep almost none, and the
-    planner then sorts the account's whole history rather than read the index in order."""
-    args: list[Any] = [account_id, limit]
-    where = ["m.account_id = $1", "m.meter_id = mt.id"]
-
-    def arg(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
+    history. Only the filters given are in the statement (`Where`): one that is always true
+    for the rows (`rated = COALESCE($5, rated)`, say) is estimated to keep almost none, and
+    the planner then sorts the account's whole history rather than read the index in order."""
+    where = Where(account_id, limit)
+    where.add("m.account_id = $1 AND m.meter_id = mt.id")
     if start is not None:
-        where.append(f"m.ts >= {arg(start)}::timestamptz")
+        where.add("m.ts >= {}", start)
     if end is not None:
-        where.append(f"m.ts < {arg(end)}::timestamptz")
+        where.add("m.ts < {}", end)
     if rated is not None:
-        where.append(f"m.rated = {arg(rated)}::bool")
-    if before is not None:
-        at, uid = arg(before[0]), arg(before[1])
-        where.append(f"m.ts <= {at}::timestamptz AND (m.ts, m.uid) < ({at}::timestamptz, {uid}::text)")
-    meters = "" if meter_id is None else f"WHERE mt.id = {arg(meter_id)}::int8"
+        where.add("m.rated = {}", rated)
+    if before is not None:  # the index range first, then the exact position within it
+        where.add("m.ts <= {0} AND (m.ts, m.uid) < ({0}, {1})", *before)
+    if meter_id is not None:  # (the other meters' lateral reads stop at this test)
+        where.add("mt.id = {}", meter_id)
     return await conn.fetch(
         f"""SELECT x.uid, x.ts, x.data, x.rated, mt.code AS meter
             FROM meters mt CROSS JOIN LATERAL (
               SELECT m.uid, m.ts, m.data, m.rated FROM measurements m
-              WHERE {" AND ".join(where)}
+              WHERE {where}
               ORDER BY m.ts DESC FETCH FIRST $2 ROWS WITH TIES) x
-            {meters}
-            ORDER BY x.ts DESC, x.uid DESC LIMIT $2""", *args)
+            ORDER BY x.ts DESC, x.uid DESC LIMIT $2""", *where.args)
 
 
 async def measurement(conn: Conn, account_id: int, uid: str) -> asyncpg.Record | None:
