@@ -6,7 +6,7 @@ import base64
 import binascii
 import math
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Generic, TypeVar
 
@@ -134,7 +134,31 @@ END_OF_TIME = datetime(3000, 1, 1, tzinfo=UTC)
 OUT_OF_SPAN = "must be from 2000-01-01T00:00:00Z to before 3000-01-01T00:00:00Z"
 
 
-Timestamp = Annotated[datetime, BeforeValidator(_text), AfterValidator(_aware)]
+class _Span:
+    """The JSON schema states the span a time or date must lie in, with the keywords that
+    validators of `format` (ajv-formats, for one) check: JSON Schema's own bounds are for
+    numbers only."""
+
+    def __init__(self, **bounds: str) -> None:
+        self.bounds = bounds
+
+    def __get_pydantic_json_schema__(self, core: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core)
+        schema.update(self.bounds)
+        return schema
+
+
+def _z(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_text), AfterValidator(_aware),
+                      _Span(formatMinimum=_z(EARLIEST), formatExclusiveMaximum=_z(END_OF_TIME))]
+# a calendar day (a plan's, a pricing's, a recurring grant's), in the same span
+FIRST_DAY, LAST_DAY = EARLIEST.date(), END_OF_TIME.date() - timedelta(days=1)
+Day = Annotated[date, Field(ge=FIRST_DAY, le=LAST_DAY),
+                _Span(formatMinimum=FIRST_DAY.isoformat(), formatMaximum=LAST_DAY.isoformat())]
 T = TypeVar("T")
 
 

@@ -67,6 +67,54 @@ async def test_every_declared_endpoint_is_in_the_served_document(client: httpx.A
     assert documented == {(e.method, e.path) for e in ENDPOINTS}
 
 
+def _times_taken(document: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every date and date-time schema a request may carry (parameters and bodies), by where."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    seen: set[str] = set()
+
+    def walk(where: str, schema: Any) -> None:
+        if isinstance(schema, list):
+            for i, part in enumerate(schema):
+                walk(f"{where}[{i}]", part)
+            return
+        if not isinstance(schema, dict):
+            return
+        if (ref := schema.get("$ref")) is not None:
+            if ref not in seen:
+                seen.add(ref)
+                walk(ref, document["components"]["schemas"][ref.rsplit("/", 1)[1]])
+            return
+        if schema.get("format") in ("date", "date-time"):
+            found.append((where, schema))
+        for key in ("properties", "items", "anyOf", "allOf", "oneOf", "additionalProperties"):
+            part = schema.get(key)
+            for name, sub in (part.items() if key == "properties" and part else [(key, part)]):
+                walk(f"{where}.{name}", sub)
+
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for parameter in operation.get("parameters", []):
+                walk(f"{method} {path} ?{parameter['name']}", parameter["schema"])
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            if body:
+                walk(f"{method} {path} body", body["schema"])
+    return found
+
+
+def test_every_time_a_request_may_carry_states_its_span() -> None:
+    """A request's dates and timestamps are taken from 2000 to before 3000 (README): the
+    document says so, in the keywords validators of `format` check."""
+    found = _times_taken(DOCUMENT)
+    assert len({where.split(" body")[0].split(" ?")[0] for where, _ in found}) >= 10
+    for where, schema in found:
+        if schema["format"] == "date-time":
+            assert schema.get("formatMinimum") == "2000-01-01T00:00:00Z", where
+            assert schema.get("formatExclusiveMaximum") == "3000-01-01T00:00:00Z", where
+        else:
+            assert (schema.get("formatMinimum"), schema.get("formatMaximum")) == \
+                ("2000-01-01", "2999-12-31"), where
+
+
 async def test_a_method_a_path_does_not_serve_is_a_405_allowing_every_one_it_does(
         client: httpx.AsyncClient, keys: dict[str, str]) -> None:
     """RFC 9110: the 405's Allow lists the path's methods (each path is one route), also for a

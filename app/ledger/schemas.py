@@ -8,7 +8,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from app.schemas import Amount, Code, Description, Integer, ListQuery, Page, Strict, Timestamp, Uid
+from app.schemas import (
+    Amount,
+    Code,
+    Day,
+    Description,
+    Integer,
+    ListQuery,
+    Page,
+    Strict,
+    Timestamp,
+    Uid,
+)
 
 Source = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
@@ -113,7 +124,6 @@ class ThresholdList(BaseModel):
 
 # Recurring grants (app/ledger/recurring_grants.py)
 
-GrantDay = Annotated[date, Field(ge=date(2000, 1, 1), le=date(2999, 12, 31))]
 
 
 class RecurringGrantIn(Strict):
@@ -122,10 +132,10 @@ class RecurringGrantIn(Strict):
     frequency: Literal["daily", "monthly", "quarterly", "annual"]
     interval: Integer = Field(default=1, ge=1, le=366, description="every this many days or "
                               "months, quarters, years")
-    start: GrantDay | None = Field(default=None, description="the first period's first day "
+    start: Day | None = Field(default=None, description="the first period's first day "
                                    "(UTC); default today. Periods over before it is created "
                                    "are not granted")
-    end: GrantDay | None = Field(default=None, description="exclusive: no period starts on or "
+    end: Day | None = Field(default=None, description="exclusive: no period starts on or "
                                  "after it; omitted: open")
     products: list[Code] | None = Field(default=None, min_length=1, max_length=100)
     priority: Integer = Field(default=100, ge=0, le=1_000_000,
@@ -139,7 +149,7 @@ class RecurringGrantIn(Strict):
 
 
 class RecurringGrantEndIn(Strict):
-    end: GrantDay | None = Field(default=None, description="exclusive; default: tomorrow (the "
+    end: Day | None = Field(default=None, description="exclusive; default: tomorrow (the "
                                  "period under way is kept, none starts after today)")
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from app.schemas import Amount, Code, Integer, ListQuery, Name, Page, Strict, Timestamp, Uid
+from app.schemas import Amount, Code, Day, Integer, ListQuery, Name, Page, Strict, Timestamp, Uid
 
 FieldName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 # bounded so that no arithmetic on them can overflow a Decimal context
@@ -17,7 +17,6 @@ Function = Literal["SUM", "COUNT", "MIN", "MAX", "MEAN", "LATEST", "UNIQUE"]
 Rounding = Literal["up", "down", "nearest", "none"]
 PricingType = Literal["per_unit", "tiered", "volume", "stair_step"]
 Frequency = Literal["daily", "monthly", "quarterly", "annual"]
-Day = Annotated[date, Field(ge=date(2000, 1, 1), le=date(2999, 12, 31))]
 MAX_MEASUREMENTS = 1_000
 
 
