@@ -21,7 +21,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from app.db import migrate
-from app.ledger.rollups import CLOCK_SLACK, balance_at, roll_up
+from app.ledger.rollups import CLOCK_SLACK, _lower, _upper, balance_at, prune_marks, roll_up
 from app.settings import REPO_ROOT, Settings
 from tests.conftest import _with_database
 from tests.fresh import fresh_app, migrations_before
@@ -90,7 +90,7 @@ class Timeline:
 
 # one step of a timeline: (what, minutes, amount, credit type, overage)
 STEPS = st.lists(st.tuples(st.sampled_from(["now", "now", "now", "late", "ahead", "mark",
-                                            "pass"]),
+                                            "pass", "prune"]),
                            st.integers(0, 150), st.integers(-500, 500), st.sampled_from([1, 2]),
                            st.booleans()), min_size=1, max_size=25)
 
@@ -153,6 +153,22 @@ ACCOUNTS = itertools.count(1)
 # past its hour's end: not late, for the pass that sums it and for every read
 @example(steps=[("now", 0, 1, 1, False), ("now", 65, 2, 1, False), ("pass", 0, 0, 1, False),
                 ("late", 10, 4, 1, False), ("now", 20, 8, 1, False), ("pass", 0, 0, 1, False)])
+# marks every few minutes across hours, entries between them, one flushed late, then the marks
+# no hour reads dropped: every hour is read as before
+@example(steps=[("now", 5, 1, 1, False), ("mark", 0, 0, 1, False), ("now", 20, 2, 1, False),
+                ("mark", 0, 0, 1, False), ("now", 30, 3, 2, True), ("mark", 0, 0, 1, False),
+                ("now", 9, 4, 1, False), ("mark", 0, 0, 1, False), ("late", 15, 5, 1, False),
+                ("now", 12, 6, 1, False), ("mark", 0, 0, 1, False), ("pass", 0, 0, 1, False),
+                ("now", 25, 7, 1, False), ("mark", 0, 0, 1, False), ("now", 40, 8, 1, False),
+                ("mark", 0, 0, 1, False), ("prune", 0, 0, 1, False), ("late", 70, 9, 1, False),
+                ("pass", 0, 0, 1, False), ("prune", 0, 0, 1, False)])
+# an hour's upper mark, an entry of that hour written after it (late: a pass copies it to
+# ledger_late), later marks, then pruning: the upper mark stays, or the entry would be read
+# twice (by id, below a later mark, and from ledger_late)
+@example(steps=[("mark", 0, 0, 1, False), ("now", 5, 1, 1, False), ("now", 76, 2, 1, False),
+                ("mark", 0, 0, 1, False), ("late", 30, 5, 1, False), ("now", 10, 3, 1, False),
+                ("mark", 0, 0, 1, False), ("now", 10, 4, 1, False), ("mark", 0, 0, 1, False),
+                ("pass", 0, 0, 1, False), ("prune", 0, 0, 1, False)])
 def test_a_balance_as_of_any_time_is_the_sum_of_the_entries_up_to_it(
         own_database: str, steps: list[tuple[str, int, int, int, bool]]) -> None:
     asyncio.run(_timeline(own_database, steps))
@@ -183,6 +199,9 @@ async def _timeline(url: str, steps: list[tuple[str, int, int, int, bool]]) -> N
                               credit_type, amount, overage)
             elif what == "mark":
                 await t.mark()
+            elif what == "prune":  # every mark no hour reads, whatever its age
+                await prune_marks(db, t.clock, keep=timedelta(0))
+                await t.agree()
             else:  # a pass, with its mark taken at the timeline's clock
                 await roll_up(db, t.clock)
                 await t.agree()
@@ -276,3 +295,36 @@ async def test_a_pass_marks_the_sequence_every_few_minutes(
         assert [m["last_id"] for m in marks] == [first, first + 2]
         assert CLOCK_SLACK >= timedelta(minutes=5)  # (clocks of app hosts and Postgres)
         await t.agree()
+
+
+async def test_pruned_marks_leave_every_hour_its_lower_and_upper_mark(own_database: str) -> None:
+    """Two days of marks every 5 minutes (a few seconds late each time, as passes come; those
+    at 10 to and 10 past on the dot: CLOCK_SLACK from an hour exactly), then the ones no hour
+    reads dropped: about two an hour are left, every hour's lower and upper mark is the one it
+    was, and pruning again drops nothing."""
+    db = await asyncpg.connect(own_database)
+    try:
+        await db.execute("DELETE FROM ledger_id_marks")
+        start = datetime(2026, 3, 1, tzinfo=UTC)
+        taken = [start + timedelta(minutes=5 * k, seconds=0 if k % 12 in (2, 10) else k % 7 + 1)
+                 for k in range(2 * 288)]
+        await db.executemany("INSERT INTO ledger_id_marks (taken_at, last_id) VALUES ($1, $2)",
+                             [(at, 1000 + k) for k, at in enumerate(taken)])
+        hours = [start.replace(minute=0, second=0) + timedelta(hours=h) for h in range(-1, 50)]
+
+        async def bounds() -> list[tuple[int | None, int | None]]:
+            return [tuple(await db.fetchrow(
+                f"SELECT {_lower('$1::timestamptz', '$2')}, {_upper('$1::timestamptz', '$2')}",
+                hour, CLOCK_SLACK)) for hour in hours]
+
+        before = await bounds()
+        now = taken[-1] + timedelta(minutes=1)
+        # none is old enough yet to be dropped by the passes' default
+        assert await prune_marks(db, now) == 0
+        dropped = await prune_marks(db, now, keep=timedelta(0))
+        left = await db.fetchval("SELECT count(*) FROM ledger_id_marks")
+        assert dropped + left == len(taken) and left <= 2 * 49 + 2, (dropped, left)
+        assert await bounds() == before
+        assert await prune_marks(db, now, keep=timedelta(0)) == 0
+    finally:
+        await db.close()

@@ -28,7 +28,8 @@ above the first mark taken after H's end (`upper`) was written late: a pass that
 copies it to `ledger_late`; until such a mark is taken, every entry of H is read by id. The
 app's clocks and Postgres's may differ: the marks are taken CLOCK_SLACK before H and after its
 end. Without a mark before H (the hours before the first marks) H is read from id 0: right,
-slower. This holds with the sequence's default cache of 1 (ids handed out in the order they are
+slower. Only those two marks of each hour are ever read: the others are dropped once two days
+old (`prune_marks`). This holds with the sequence's default cache of 1 (ids handed out in the order they are
 taken).
 """
 
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 
 MARK_EVERY = timedelta(minutes=5)
 CLOCK_SLACK = timedelta(minutes=10)
+# marks that no hour reads are dropped once this old (when a later pass takes a mark), looking
+# this far back (a week's marks after a week without passes)
+PRUNE_AFTER, PRUNE_SPAN = timedelta(days=2), timedelta(days=7)
 
 # (the xid as a bigint: the BRIN index's expression, migration 033)
 _XID = "(e.xid::text::int8)"
@@ -56,6 +60,13 @@ _SUMS = """COALESCE(sum(e.amount) FILTER (WHERE e.kind <> 'overage'), 0) AS bala
 _SPLIT = """CASE WHEN e.kind <> 'overage' THEN e.amount ELSE 0 END,
            CASE WHEN e.kind = 'overage' THEN -e.amount ELSE 0 END"""
 _HOUR = "date_trunc('hour', e.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+
+
+def _lower(hour: str, slack: str) -> str:
+    """The id of the last mark taken `slack` (CLOCK_SLACK) or more before `hour` (SQL
+    expressions), NULL when there is none: every entry made in that hour has a higher id."""
+    return (f"(SELECT m.last_id FROM ledger_id_marks m WHERE m.taken_at <= {hour} "
+            f"- {slack}::interval ORDER BY m.taken_at DESC LIMIT 1)")
 
 
 def _upper(hour: str, slack: str) -> str:
@@ -123,6 +134,46 @@ async def _mark(conn: Connection, clock: datetime | None) -> None:
     await conn.execute("INSERT INTO ledger_id_marks (taken_at, last_id) "
                        "VALUES (COALESCE($2, clock_timestamp()), $1) ON CONFLICT DO NOTHING",
                        last, clock)
+    await prune_marks(conn, clock)
+
+
+def _hour(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _serves(before: datetime, at: datetime, after: datetime) -> bool:
+    """Whether the mark taken `at`, between the marks taken `before` and `after`, is some hour
+    H's lower mark (the last taken CLOCK_SLACK or more before H: H - CLOCK_SLACK lies in
+    [at, after)) or its upper one (the first taken CLOCK_SLACK or more after H's end: an hour
+    H + 1 h lies in (before - CLOCK_SLACK, at - CLOCK_SLACK])."""
+    start = at + CLOCK_SLACK
+    first_hour = _hour(start) if _hour(start) == start else _hour(start) + timedelta(hours=1)
+    return first_hour < after + CLOCK_SLACK or _hour(at - CLOCK_SLACK) > before - CLOCK_SLACK
+
+
+async def prune_marks(conn: Connection, clock: datetime | None = None,
+                      keep: timedelta = PRUNE_AFTER) -> int:
+    """Drop the marks that no hour reads (all but each hour's lower and upper mark: about 48 a
+    day of the 288 taken), of those taken from `keep` + PRUNE_SPAN to `keep` before the clock.
+    What `_lower` and `_upper` find for every hour stays what it was: a mark that serves an
+    hour is kept, and a mark taken later is taken after all of them. Returns the marks dropped.
+    (Run by the pass that takes a mark, under the cursor's lock.)"""
+    now = clock or await conn.fetchval("SELECT clock_timestamp()")
+    lo, hi = now - keep - PRUNE_SPAN, now - keep
+    times = [r["taken_at"] for r in await conn.fetch(
+        """(SELECT taken_at FROM ledger_id_marks WHERE taken_at < $1
+            ORDER BY taken_at DESC LIMIT 1)
+           UNION ALL
+           SELECT taken_at FROM ledger_id_marks WHERE taken_at >= $1 AND taken_at < $2
+           UNION ALL
+           (SELECT taken_at FROM ledger_id_marks WHERE taken_at >= $2 ORDER BY taken_at LIMIT 1)
+           ORDER BY 1""", lo, hi)]
+    drop = [at for before, at, after in zip(times, times[1:], times[2:], strict=False)
+            if lo <= at < hi and not _serves(before, at, after)]
+    if drop:
+        await conn.execute("DELETE FROM ledger_id_marks WHERE taken_at = ANY($1::timestamptz[])",
+                           drop)
+    return len(drop)
 
 
 async def roll_up_due(ctx: AppContext) -> int | None:
@@ -138,9 +189,8 @@ async def balance_at(c: Connection, account_id: int, at: datetime) -> list[async
     async with c.transaction(isolation="repeatable_read", readonly=True):
         horizon = await c.fetchval(
             f"SELECT {CUSTOM_PLANS}, horizon FROM ledger_rollup_cursor WHERE id = 1", column=1)
-        lower = await c.fetchval(
-            "SELECT last_id FROM ledger_id_marks WHERE taken_at <= $1 "
-            "ORDER BY taken_at DESC LIMIT 1", hour - CLOCK_SLACK) or 0
+        lower = await c.fetchval(f"SELECT {_lower('$1::timestamptz', '$2')}",
+                                 hour, CLOCK_SLACK) or 0
         upper = await c.fetchval(f"SELECT {_upper('$1::timestamptz', '$2')}",
                                  hour, CLOCK_SLACK) or NO_UPPER
         return await c.fetch(
