@@ -187,12 +187,13 @@ async def balance_at(c: Connection, account_id: int, at: datetime) -> list[async
     than overage (`balance`) and what its overage entries owe (`overage`), as of `at`."""
     hour = at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     async with c.transaction(isolation="repeatable_read", readonly=True):
-        horizon = await c.fetchval(
-            f"SELECT {CUSTOM_PLANS}, horizon FROM ledger_rollup_cursor WHERE id = 1", column=1)
-        lower = await c.fetchval(f"SELECT {_lower('$1::timestamptz', '$2')}",
-                                 hour, CLOCK_SLACK) or 0
-        upper = await c.fetchval(f"SELECT {_upper('$1::timestamptz', '$2')}",
-                                 hour, CLOCK_SLACK) or NO_UPPER
+        # (in one round trip; the sums below are planned with these values, not as unknowns)
+        found = await c.fetchrow(
+            f"""SELECT {CUSTOM_PLANS}, horizon, COALESCE({_lower('$1::timestamptz', '$2')}, 0),
+                       COALESCE({_upper('$1::timestamptz', '$2')}, $3)
+                FROM ledger_rollup_cursor WHERE id = 1""", hour, CLOCK_SLACK, NO_UPPER)
+        assert found is not None  # (migration 033 wrote the cursor's one row)
+        _, horizon, lower, upper = found
         return await c.fetch(
             f"""WITH parts AS (
                   SELECT r.credit_type_id, r.balance, r.overage
