@@ -92,8 +92,9 @@ async def test_a_plan_change_ends_one_plan_where_the_next_begins(
     ended = await api.call("POST", end_path(account, current["id"]), json={})
     assert ended["id"] == current["id"] and ended["end_date"] == str(change)
     assert ended["start_date"] == str(first) and ended["plan"] == old
+    assert ended["status"] == "active"  # (through today)
     following = await attach(api, account, new, change)
-    assert following["debits"] == []  # it has not started
+    assert following["debits"] == [] and following["status"] == "scheduled"  # not started
     assert await plans_of(api, account) == {current["id"]: (str(first), str(change)),
                                             following["id"]: (str(change), None)}
 
@@ -137,6 +138,7 @@ async def test_a_plan_that_has_not_started_is_cancelled_by_ending_it_on_its_star
     cancelled = await api.call("POST", end_path(account, made["id"]),
                                json={"end_date": str(start)})
     assert cancelled["end_date"] == str(start) == cancelled["start_date"]
+    assert cancelled["status"] == "cancelled"
     # a cancelled plan overlaps nothing, not even a range around its start
     first = date.fromisoformat(month_start())
     other = await attach(api, account, instead, first)
@@ -212,6 +214,8 @@ async def test_bad_ends_are_refused_naming_the_field_and_change_nothing(
         assert problem["field"] == field, (path, body, problem)
     assert await plans_of(api, account) == before
     assert (await plans_of(api, other_account))[past["id"]] == ("2024-01-01", "2024-02-01")
+    listed = await api.call("GET", f"/v1/accounts/{other_account}/plans")
+    assert [p["status"] for p in listed["data"]] == ["ended"]
 
 
 async def test_an_end_replayed_with_its_idempotency_key_is_answered_once(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, computed_field
 
 from app.schemas import Amount, Code, Day, Integer, ListQuery, Name, Page, Strict, Timestamp, Uid
 
@@ -176,6 +176,16 @@ class AccountPlanOut(BaseModel):
     start_date: date
     end_date: date | None
     created_at: datetime
+
+    @computed_field(description="today (UTC): `scheduled` (it starts later), `active`, "
+                    "`ended`, or `cancelled` (ended on its start date: it never applied)")
+    def status(self) -> Literal["scheduled", "active", "ended", "cancelled"]:
+        today = datetime.now(UTC).date()
+        if self.end_date == self.start_date:
+            return "cancelled"
+        if self.start_date > today:
+            return "scheduled"
+        return "ended" if self.end_date is not None and self.end_date <= today else "active"
 
 
 class AccountPlanEndIn(Strict):
