@@ -15,7 +15,7 @@ import asyncpg
 
 from app.rating import bills, recurring
 from app.rating.periods import add_months, period_of
-from app.rating.service import earliest_plan_end
+from app.rating.service import earliest_end
 from app.settings import Settings
 from tests.conftest import Api
 from tests.procs import account_id
@@ -60,14 +60,14 @@ def test_the_earliest_end_is_past_every_day_a_measurement_may_be_dated_on(
         settings: Settings) -> None:
     settings = replace(settings, usage_future_skew_s=300)
     noon = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
-    assert earliest_plan_end(settings, noon) == date(2026, 3, 11)
+    assert earliest_end(settings, noon) == date(2026, 3, 11)
     # 23:46 + 5 minutes of skew + 10 of clock slack is tomorrow: a measurement may be dated
     # on the 11th already, so the plan covers the 11th whole
-    assert earliest_plan_end(settings, datetime(2026, 3, 10, 23, 46, tzinfo=UTC)) == \
+    assert earliest_end(settings, datetime(2026, 3, 10, 23, 46, tzinfo=UTC)) == \
         date(2026, 3, 12)
-    assert earliest_plan_end(settings, datetime(2026, 3, 10, 23, 44, tzinfo=UTC)) == \
+    assert earliest_end(settings, datetime(2026, 3, 10, 23, 44, tzinfo=UTC)) == \
         date(2026, 3, 11)
-    assert earliest_plan_end(replace(settings, usage_future_skew_s=86_400), noon) == date(2026, 3, 12)
+    assert earliest_end(replace(settings, usage_future_skew_s=86_400), noon) == date(2026, 3, 12)
 
 
 async def test_a_plan_change_ends_one_plan_where_the_next_begins(
@@ -84,7 +84,7 @@ async def test_a_plan_change_ends_one_plan_where_the_next_begins(
     first = date.fromisoformat(month_start())
     current = await attach(api, account, old, first)
     assert [D(d["amount"]) for d in current["debits"]] == [D(5)]
-    change = earliest_plan_end(settings)
+    change = earliest_end(settings)
     # while the old plan is open, the new one cannot begin
     refused = await attach(api, account, new, change, expect=409)
     assert refused["field"] == "start_date"
@@ -160,7 +160,7 @@ async def test_a_plan_is_extended_unless_another_takes_the_days(
         api: Api, settings: Settings) -> None:
     names = await api.setup()
     account = names["account"]
-    earliest = earliest_plan_end(settings)
+    earliest = earliest_end(settings)
     one = await plan(api, names["storage"], names["credit_type"])
     two = await plan(api, names["storage"], names["credit_type"])
     first = date.fromisoformat(month_start())
@@ -183,7 +183,7 @@ async def test_bad_ends_are_refused_naming_the_field_and_change_nothing(
     names = await api.setup()
     account = names["account"]
     other_account = (await api.setup())["account"]
-    earliest = earliest_plan_end(settings)
+    earliest = earliest_end(settings)
     today = datetime.now(UTC).date()
     product_plan = await plan(api, names["storage"], names["credit_type"])
     api_plan = await plan(api, names["api"], names["credit_type"])
@@ -224,13 +224,13 @@ async def test_an_end_replayed_with_its_idempotency_key_is_answered_once(
     account = names["account"]
     made = await attach(api, account, await plan(api, names["storage"], names["credit_type"]),
                         date.fromisoformat(month_start()))
-    body = {"end_date": str(earliest_plan_end(settings) + timedelta(days=1))}
+    body = {"end_date": str(earliest_end(settings) + timedelta(days=1))}
     headers = {"Idempotency-Key": f"end-{made['id']}"}
     first = await api.call("POST", end_path(account, made["id"]), json=body, headers=headers)
     again = await api.call("POST", end_path(account, made["id"]), json=body, headers=headers)
     assert again == first
     different = await api.call("POST", end_path(account, made["id"]), expect=422,
-                               json={"end_date": str(earliest_plan_end(settings))},
+                               json={"end_date": str(earliest_end(settings))},
                                headers=headers)
     assert different["code"] == "idempotency_key_reused"
     assert (await plans_of(api, account))[made["id"]][1] == body["end_date"]

@@ -14,7 +14,6 @@ from app.rating import repository as repo
 from app.rating.schemas import (
     MAX_MEASUREMENTS,
     AccountPlanAttached,
-    AccountPlanEndIn,
     AccountPlanIn,
     AccountPlanList,
     AccountPlanOut,
@@ -34,6 +33,7 @@ from app.rating.schemas import (
     CounterIn,
     CounterOut,
     CounterPage,
+    EndIn,
     MeasurementBatch,
     MeasurementBatchOut,
     MeasurementOut,
@@ -110,6 +110,10 @@ async def account_plans(call: Call) -> BaseModel:
 async def end_account_plan(call: Call) -> BaseModel:
     return await service.end_account_plan(call.ctx, call.path("code"),
                                           call.path_id("id", "account plan"), call.body.end_date)
+
+
+async def end_pricing(call: Call) -> BaseModel:
+    return await service.end_pricing(call.ctx, call.path_id("id", "pricing"), call.body.end_date)
 
 
 async def adjust_counter(call: Call) -> BaseModel:
@@ -278,6 +282,9 @@ ENDPOINTS = [
              body=PricingIn, response=PricingOut, status=201),
     Endpoint("GET", "/v1/pricings", list_pricings, ADMIN, "List the pricings of a plan",
              "pricings", query=PricingQuery, response=PricingPage),
+    Endpoint("POST", "/v1/pricings/{id}/end", end_pricing, ADMIN,
+             "Set the day a pricing ends: a price change or a cancellation", "pricings",
+             body=EndIn, response=PricingOut),
     Endpoint("POST", "/v1/accounts/{code}/plans", attach_plan, ADMIN,
              "Attach a plan to an account for a date range; the standing charge and counter "
              "charges of its started periods are drawn at once", "plans", body=AccountPlanIn,
@@ -286,7 +293,7 @@ ENDPOINTS = [
              "The plans attached to an account", "plans", response=AccountPlanList),
     Endpoint("POST", "/v1/accounts/{code}/plans/{id}/end", end_account_plan, ADMIN,
              "Set the day an account plan ends: a plan change or a cancellation (the periods "
-             "that started keep what they drew)", "plans", body=AccountPlanEndIn,
+             "that started keep what they drew)", "plans", body=EndIn,
              response=AccountPlanOut),
     Endpoint("POST", "/v1/accounts/{code}/counter-adjustments", adjust_counter, ADMIN,
              "Set a counter's level for an account from a date on; the change to the charge "

@@ -91,9 +91,10 @@ def started_periods(plan: asyncpg.Record, first_day: date, day: date) -> Iterato
 
 def overlaps(pricing: asyncpg.Record, period: Period) -> bool:
     """A counter pricing charges every period its date range touches (for the whole period,
-    as bill-to-date does: pricings are meant to start and end on period boundaries)."""
-    return pricing["start_date"] < period[1] and (pricing["end_date"] is None
-                                                  or pricing["end_date"] > period[0])
+    as bill-to-date does: pricings are meant to start and end on period boundaries); an empty
+    range (a pricing cancelled before it started) touches none."""
+    start, end = pricing["start_date"], pricing["end_date"]
+    return start < period[1] and (end is None or (start < end and end > period[0]))
 
 
 def counter_amount(pricing: asyncpg.Record, levels: Levels, period: Period) -> Decimal:

@@ -97,14 +97,22 @@ async def lock_plan(conn: Connection, plan_id: int) -> None:
 
 
 async def overlapping_pricing(conn: Conn, plan_id: int, aggregation_id: int | None,
-                              counter_id: int | None, start: date, end: date | None) -> bool:
+                              counter_id: int | None, start: date, end: date | None,
+                              other_than: int = 0) -> bool:
+    """Whether another pricing of the plan for this aggregation or counter (not `other_than`)
+    overlaps [start, end); one ended on its start date (cancelled) overlaps nothing."""
     found = await conn.fetchval(
-        """SELECT 1 FROM pricings WHERE plan_id = $1
+        """SELECT 1 FROM pricings WHERE plan_id = $1 AND id <> $6
              AND aggregation_id IS NOT DISTINCT FROM $2 AND counter_id IS NOT DISTINCT FROM $3
              AND start_date < COALESCE($5::date, 'infinity'::date)
-             AND COALESCE(end_date, 'infinity'::date) > $4 LIMIT 1""",
-        plan_id, aggregation_id, counter_id, start, end)
+             AND COALESCE(end_date, 'infinity'::date) > $4
+             AND start_date < COALESCE(end_date, 'infinity'::date) LIMIT 1""",
+        plan_id, aggregation_id, counter_id, start, end, other_than)
     return found is not None
+
+
+async def set_pricing_end(conn: Conn, pricing_id: int, end: date) -> None:
+    await conn.execute("UPDATE pricings SET end_date = $2 WHERE id = $1", pricing_id, end)
 
 
 async def insert_pricing(conn: Conn, v: dict[str, Any]) -> int:
@@ -521,6 +529,7 @@ async def pricings_in(conn: Conn, plan_id: int, start: date, end: date) -> list[
         _WITH_AGGREGATION + """ LEFT JOIN LATERAL (SELECT function, quantity_per_unit, rounding, segment_field
                                 FROM aggregations WHERE id = pr.aggregation_id) g2 ON true
         WHERE pr.plan_id = $1 AND pr.start_date < $3 AND (pr.end_date IS NULL OR pr.end_date > $2)
+          AND pr.start_date < COALESCE(pr.end_date, 'infinity'::date)  -- (not a cancelled one)
         ORDER BY pr.id""", plan_id, start, end)
 
 

@@ -143,13 +143,28 @@ class PricingIn(Strict):
     counter_mode: Literal["prorate", "peak"] = "prorate"
 
 
-class PricingOut(BaseModel):
+class Dated(BaseModel):
+    """An account plan's or a pricing's date range, and where today (UTC) stands in it."""
+
+    start_date: date
+    end_date: date | None
+
+    @computed_field(description="today (UTC): `scheduled` (it starts later), `active`, "
+                    "`ended`, or `cancelled` (ended on its start date: it never applied)")
+    def status(self) -> Literal["scheduled", "active", "ended", "cancelled"]:
+        today = datetime.now(UTC).date()
+        if self.end_date == self.start_date:
+            return "cancelled"
+        if self.start_date > today:
+            return "scheduled"
+        return "ended" if self.end_date is not None and self.end_date <= today else "active"
+
+
+class PricingOut(Dated):
     id: int
     plan: str
     aggregation: str | None
     counter: str | None
-    start_date: date
-    end_date: date | None
     type: str
     bands: list[dict[str, Any]]
     fixed_fee: str
@@ -169,31 +184,19 @@ class AccountPlanIn(Strict):
     end_date: Day | None = Field(default=None, description="exclusive; omitted: open")
 
 
-class AccountPlanOut(BaseModel):
+class AccountPlanOut(Dated):
     id: int
     account: str
     plan: str
-    start_date: date
-    end_date: date | None
     created_at: datetime
 
-    @computed_field(description="today (UTC): `scheduled` (it starts later), `active`, "
-                    "`ended`, or `cancelled` (ended on its start date: it never applied)")
-    def status(self) -> Literal["scheduled", "active", "ended", "cancelled"]:
-        today = datetime.now(UTC).date()
-        if self.end_date == self.start_date:
-            return "cancelled"
-        if self.start_date > today:
-            return "scheduled"
-        return "ended" if self.end_date is not None and self.end_date <= today else "active"
 
-
-class AccountPlanEndIn(Strict):
+class EndIn(Strict):
     end_date: Day | None = Field(
-        default=None, description="exclusive: the first day the plan no longer covers; default "
-        "and earliest: the day after the latest a measurement may be dated on now (tomorrow, as "
-        "a rule). Later than the present end extends the plan; the plan's start date, for a "
-        "plan that has not started, cancels it")
+        default=None, description="exclusive: the first day it no longer covers; default and "
+        "earliest: the day after the latest a measurement may be dated on now (tomorrow, as a "
+        "rule). Later than the present end extends it; its start date, for one that has not "
+        "started, cancels it")
 
 
 class AccountPlanAttached(AccountPlanOut):

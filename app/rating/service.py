@@ -248,11 +248,11 @@ async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> Accoun
 CLOCK_SLACK = timedelta(minutes=10)
 
 
-def earliest_plan_end(settings: Settings, now: datetime | None = None) -> date:
-    """The first day an account plan may end on: the day after the latest one a measurement
-    may be dated on now. So no measurement rated under the plan falls outside it, and none
-    stored unrated (or rated under another plan) falls inside a plan extended, and nothing has
-    to be re-rated."""
+def earliest_end(settings: Settings, now: datetime | None = None) -> date:
+    """The first day an account plan or a pricing may end on: the day after the latest one a
+    measurement may be dated on now. So no measurement rated under it falls outside it, none
+    stored unrated (or rated by another) falls inside one extended, and nothing has to be
+    re-rated."""
     latest = (now or datetime.now(UTC)) + timedelta(seconds=settings.usage_future_skew_s)
     return (latest + CLOCK_SLACK).date() + timedelta(days=1)
 
@@ -264,22 +264,14 @@ async def end_account_plan(ctx: AppContext, code: str, account_plan_id: int,
     its start date (it never applies). The periods that started keep what they drew; the one
     holding the end is billed whole, as for an end given when the plan was attached."""
     account = await account_ref(ctx, code, field="code")
-    earliest = earliest_plan_end(ctx.settings)
+    earliest = earliest_end(ctx.settings)
     day = earliest if end is None else end
     async with ctx.pool.acquire() as conn, conn.transaction():
         await repo.lock_account(conn, account.id)  # (as attaching a plan: one at a time)
         row = await repo.account_plan_of(conn, account.id, account_plan_id)
         if row is None:
             raise NotFound(f"account {code!r} has no plan {account_plan_id}", field="id")
-        if row["end_date"] is not None and row["end_date"] < earliest:
-            raise Conflict(f"the plan ends on {row['end_date']}: measurements past that day may "
-                           "be stored already, so its end cannot move", field="end_date")
-        if day < earliest:
-            raise ValidationProblem(f"must be {earliest} or later: measurements up to that day "
-                                    "may be rated under the plan already", field="end_date")
-        if day < row["start_date"]:
-            raise ValidationProblem(f"must not be before the plan's start {row['start_date']} "
-                                    "(on it, the plan never applies)", field="end_date")
+        _check_end("plan", row, day, earliest)
         if await repo.overlapping_account_plan(conn, account.id, row["product"], row["start_date"],
                                                day, other_than=row["id"]):
             raise Conflict("the account has another plan for this product in the longer date "
@@ -287,6 +279,44 @@ async def end_account_plan(ctx: AppContext, code: str, account_plan_id: int,
         await repo.set_account_plan_end(conn, row["id"], day)
     rows = await repo.account_plans(ctx.pool, account.id)
     return next(AccountPlanOut.model_validate(dict(r)) for r in rows if r["id"] == account_plan_id)
+
+
+async def end_pricing(ctx: AppContext, pricing_id: int, end: date | None) -> PricingOut:
+    """Set the day a pricing ends (exclusive), as an account plan's: a price change ends one
+    pricing where the next begins (each rates its own days: a change within a billing period
+    prices that period's usage in two parts, so a change is best made on a period's start)."""
+    earliest = earliest_end(ctx.settings)
+    day = earliest if end is None else end
+    found = await repo.pricing(ctx.pool, pricing_id)
+    if found is None:
+        raise NotFound(f"no pricing {pricing_id}", field="id")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await repo.lock_plan(conn, found["plan_id"])  # (as creating a pricing: one at a time)
+        row = await repo.pricing(conn, pricing_id)  # (as it is now, under the lock)
+        assert row is not None  # (nothing is deleted)
+        _check_end("pricing", row, day, earliest)
+        if await repo.overlapping_pricing(conn, row["plan_id"], row["aggregation_id"],
+                                          row["counter_id"], row["start_date"], day,
+                                          other_than=row["id"]):
+            raise Conflict("the plan has another pricing of this aggregation or counter in the "
+                           "longer date range", field="end_date")
+        await repo.set_pricing_end(conn, row["id"], day)
+    row = await repo.pricing(ctx.pool, pricing_id)
+    assert row is not None
+    return pricing_out(row)
+
+
+def _check_end(what: str, row: asyncpg.Record, day: date, earliest: date) -> None:
+    """The rules of a new end for an account plan or a pricing (see earliest_end)."""
+    if row["end_date"] is not None and row["end_date"] < earliest:
+        raise Conflict(f"the {what} ends on {row['end_date']}: measurements past that day may "
+                       "be stored already, so its end cannot move", field="end_date")
+    if day < earliest:
+        raise ValidationProblem(f"must be {earliest} or later: measurements up to that day "
+                                f"may be rated under the {what} already", field="end_date")
+    if day < row["start_date"]:
+        raise ValidationProblem(f"must not be before the {what}'s start {row['start_date']} "
+                                f"(on it, the {what} never applies)", field="end_date")
 
 
 async def set_rate(ctx: AppContext, code: str, body: ConversionRateIn) -> ConversionRateOut:
