@@ -29,8 +29,8 @@ copies it to `ledger_late`; until such a mark is taken, every entry of H is read
 app's clocks and Postgres's may differ: the marks are taken CLOCK_SLACK before H and after its
 end. Without a mark before H (the hours before the first marks) H is read from id 0: right,
 slower. Only those two marks of each hour are ever read: the others are dropped once two days
-old (`prune_marks`). This holds with the sequence's default cache of 1 (ids handed out in the order they are
-taken).
+old (`prune_marks`). This holds with the sequence's default cache of 1 (ids handed out in the
+order they are taken).
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ async def account_plan_of(conn: Conn, account_id: int, account_plan_id: int
             WHERE ap.account_id = $1 AND ap.id = $2""", account_id, account_plan_id)
 
 
-async def set_account_plan_end(conn: Conn, account_plan_id: int, end: date | None) -> None:
+async def set_account_plan_end(conn: Conn, account_plan_id: int, end: date) -> None:
     await conn.execute("UPDATE account_plans SET end_date = $2 WHERE id = $1",
                        account_plan_id, end)
 
@@ -771,7 +771,8 @@ async def measurements(conn: Conn, account_id: int, meter_id: int | None, start:
     meter's newest `limit` come straight from the (account, meter, ts) index (with the rows
     that tie with the last on ts: ordering by uid there too would sort every row in range),
     and the meters' are merged: a page reads about `limit` rows per meter, however long the
-    history. Only the filters given are in the statement (`Where`): one that is always true
+    history (with `rated`, also the rows of the other kind it passes over: no index holds
+    the flag). Only the filters given are in the statement (`Where`): one that is always true
     for the rows (`rated = COALESCE($5, rated)`, say) is estimated to keep almost none, and
     the planner then sorts the account's whole history rather than read the index in order."""
     where = Where(account_id, limit)
