@@ -199,12 +199,12 @@ def decode_cursor_text(cursor: str) -> str:
         raise BadCursor() from exc
 
 
-_EPOCH, _US = datetime(1970, 1, 1, tzinfo=UTC), timedelta(microseconds=1)
+EPOCH, US = datetime(1970, 1, 1, tzinfo=UTC), timedelta(microseconds=1)
 
 
 def time_cursor(at: datetime, uid: str) -> str:
     """A cursor past a row of a list ordered by a time, then a uid (newest first, say)."""
-    return encode_cursor_text(f"{(at - _EPOCH) // _US}|{uid}")
+    return encode_cursor_text(f"{(at - EPOCH) // US}|{uid}")
 
 
 def decode_time_cursor(cursor: str) -> tuple[datetime, str]:
@@ -212,7 +212,7 @@ def decode_time_cursor(cursor: str) -> tuple[datetime, str]:
     if not sep or not uid or not micros.lstrip("-").isdigit():
         raise BadCursor()
     try:
-        return _EPOCH + int(micros) * _US, uid
+        return EPOCH + int(micros) * US, uid
     except OverflowError as exc:  # beyond datetime's years: no row's
         raise BadCursor() from exc
 

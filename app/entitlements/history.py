@@ -37,13 +37,11 @@ from app.entitlements.schemas import (
 from app.errors import ValidationProblem
 from app.ledger.service import account_ref, resolve_credit_type
 from app.money import fmt
-from app.schemas import decode_time_cursor, time_cursor
+from app.schemas import EPOCH, US, decode_time_cursor, time_cursor
 
 if TYPE_CHECKING:
     from app.context import AppContext
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-US = timedelta(microseconds=1)
 # the longest range a summary covers, per window: 744 hours, 366 days
 MAX_RANGE = {"hour": timedelta(days=31), "day": timedelta(days=366)}
 HOUR = timedelta(hours=1)

@@ -125,7 +125,6 @@ class ThresholdList(BaseModel):
 # Recurring grants (app/ledger/recurring_grants.py)
 
 
-
 class RecurringGrantIn(Strict):
     amount: Amount = Field(gt=0, description="credits granted each period")
     credit_type: Code | None = Field(default=None, description="default: the account's")

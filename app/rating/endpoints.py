@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from app.errors import NotFound, ValidationProblem
 from app.http import ADMIN, CUSTOMER_READ, READ, RUNTIME, Call, Endpoint
+from app.ledger.service import account_ref
 from app.rating import billing, bills, drawdown, recurring, service
 from app.rating import repository as repo
 from app.rating.schemas import (
@@ -175,9 +176,7 @@ async def measurements(call: Call) -> BaseModel:
 
 async def list_measurements(call: Call) -> BaseModel:
     code, query = call.path("code"), call.query
-    account = await call.ctx.catalog.account(code)
-    if account is None:
-        raise NotFound(f"no account {code!r}", field="code")
+    account = await account_ref(call.ctx, code, field="code")
     meter_id = None
     if query.meter is not None:
         meter_id = await repo.id_of(call.ctx.pool, "meters", query.meter)
@@ -201,9 +200,7 @@ def _measurement_out(account: str, row: asyncpg.Record) -> MeasurementOut:
 
 async def read_measurement(call: Call) -> BaseModel:
     code, uid = call.path("code"), call.path("uid")
-    account = await call.ctx.catalog.account(code)
-    if account is None:
-        raise NotFound(f"no account {code!r}", field="code")
+    account = await account_ref(call.ctx, code, field="code")
     row = await repo.measurement(call.ctx.pool, account.id, uid)
     if row is None:
         raise NotFound(f"no measurement {uid!r} for this account", field="uid")
@@ -223,9 +220,7 @@ async def read_bill(call: Call) -> BaseModel:
 
 
 async def account_bills(call: Call) -> BaseModel:
-    account = await call.ctx.catalog.account(call.path("code"))
-    if account is None:
-        raise NotFound(f"no account {call.path('code')!r}", field="code")
+    account = await account_ref(call.ctx, call.path("code"), field="code")
     return await _bill_page(call, account.id)
 
 

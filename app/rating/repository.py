@@ -155,9 +155,12 @@ async def overlapping_account_plan(conn: Conn, account_id: int, product: str, st
 
 async def account_plan_of(conn: Conn, account_id: int, account_plan_id: int
                           ) -> asyncpg.Record | None:
-    """One of the account's plans, with its plan's product (None: not the account's)."""
+    """One of the account's plans, as `account_plans` lists it, with its plan's product (None:
+    not the account's)."""
     return await conn.fetchrow(
-        f"""SELECT ap.*, pl.product FROM account_plans ap JOIN ({PLAN}) pl ON pl.id = ap.plan_id
+        f"""SELECT ap.*, a.code AS account, pl.code AS plan, pl.product
+            FROM account_plans ap JOIN accounts a ON a.id = ap.account_id
+            JOIN ({PLAN}) pl ON pl.id = ap.plan_id
             WHERE ap.account_id = $1 AND ap.id = $2""", account_id, account_plan_id)
 
 

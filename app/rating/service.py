@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -210,7 +210,7 @@ async def create_pricing(ctx: AppContext, body: PricingIn) -> PricingOut:
     return pricing_out(row)
 
 
-def pricing_out(row: asyncpg.Record) -> PricingOut:
+def pricing_out(row: asyncpg.Record | Mapping[str, Any]) -> PricingOut:
     return PricingOut(id=row["id"], plan=row["plan"], aggregation=row["aggregation"],
                       counter=row["counter"], start_date=row["start_date"],
                       end_date=row["end_date"], type=row["pricing_type"],
@@ -277,8 +277,7 @@ async def end_account_plan(ctx: AppContext, code: str, account_plan_id: int,
             raise Conflict("the account has another plan for this product in the longer date "
                            "range", field="end_date")
         await repo.set_account_plan_end(conn, row["id"], day)
-    rows = await repo.account_plans(ctx.pool, account.id)
-    return next(AccountPlanOut.model_validate(dict(r)) for r in rows if r["id"] == account_plan_id)
+    return AccountPlanOut.model_validate({**dict(row), "end_date": day})
 
 
 async def end_pricing(ctx: AppContext, pricing_id: int, end: date | None) -> PricingOut:
@@ -301,9 +300,7 @@ async def end_pricing(ctx: AppContext, pricing_id: int, end: date | None) -> Pri
             raise Conflict("the plan has another pricing of this aggregation or counter in the "
                            "longer date range", field="end_date")
         await repo.set_pricing_end(conn, row["id"], day)
-    row = await repo.pricing(ctx.pool, pricing_id)
-    assert row is not None
-    return pricing_out(row)
+    return pricing_out({**dict(row), "end_date": day})
 
 
 def _check_end(what: str, row: asyncpg.Record, day: date, earliest: date) -> None:
