@@ -31,15 +31,21 @@ async def _horizon(db: asyncpg.Connection) -> int:
 
 
 async def _pass_beyond(db: asyncpg.Connection, xid: int) -> None:
-    """Run passes (this test's, or the session's workers') until the horizon is above `xid`.
-    The horizon waits for the oldest transaction running anywhere on the server, so in a full
-    run another test's open transaction can hold it for seconds (5 s once ran out)."""
+    """Run passes (this test's, or the session's workers') until every usage event written by
+    transaction `xid` or before it is summed: none left at or above the horizon. The horizon
+    waits for the oldest transaction running anywhere on the server, so in a full run another
+    test's open transaction can hold it for seconds (5 s once ran out); and a pass moves it
+    only when there is something to sum, so one that summed the last events just short of
+    `xid` leaves it there for good (waiting for it to pass `xid` once ran out after 30 s)."""
     for _ in range(600):
         await roll_up(db)
-        if await _horizon(db) > xid:
+        if await db.fetchval(
+                """SELECT NOT EXISTS (SELECT 1 FROM usage_events e, usage_rollup_cursor c
+                                      WHERE c.id = 1 AND e.xid >= c.horizon AND e.xid <= $1)""",
+                xid):
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"the rollup horizon never passed {xid}")
+    raise AssertionError(f"the events up to transaction {xid} were never all summed")
 
 
 def _rows(records: list[asyncpg.Record]) -> list[tuple[Any, ...]]:
