@@ -9,66 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import time
-import uuid
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
 
-from app.hotstate.store import DecideArgs
 from app.ledger import repository as repo
 from app.ledger.journal import Journal, JournalRecord
 from app.ledger.repository import ms_to_dt
 from tests.conftest import Api
+from tests.journal_helpers import new_root, written
 from tests.webhook_receiver import eventually
-
-
-async def _written(db: asyncpg.Connection, *records: JournalRecord) -> dict[str, tuple[int, int]]:
-    """uid -> (usage_events rows, sum of its ledger entries in cents)."""
-    uids = [r.payload["uid"] for r in records]
-    events = {r["uid"]: r["n"] for r in await db.fetch(
-        "SELECT uid, count(*) AS n FROM usage_events WHERE uid = ANY($1) GROUP BY uid", uids)}
-    entries = {r["usage_uid"]: int(r["total"] * 100) for r in await db.fetch(
-        "SELECT usage_uid, sum(amount) AS total FROM ledger_entries WHERE usage_uid = ANY($1) "
-        "GROUP BY usage_uid", uids)}
-    return {uid: (events.get(uid, 0), entries.get(uid, 0)) for uid in uids}
-
-
-@dataclasses.dataclass
-class Root:
-    """A new account with 100.00 granted, as the journal sees it."""
-
-    ctx: Any
-    code: str
-    product: str
-    ct: str
-    id: int
-    ct_id: int
-
-    async def decided(self, cents: int) -> JournalRecord:
-        """A usage event decided in Redis and not committed yet (what a flush is handed)."""
-        uid = f"flush-{uuid.uuid4().hex[:10]}"
-        at = time.time_ns() // 1_000_000
-        payload = json.dumps({"a": self.id, "ct": self.ct_id, "cc": self.ct, "dp": 2, "uid": uid,
-                              "prod": self.product, "amt": str(cents), "ts": at})
-        decisions = await self.ctx.hot.decide(self.id, at, [DecideArgs(
-            self.id, str(self.id), uid, self.product, self.ct, cents, at, "u", payload)])
-        assert decisions is not None and decisions[0].status == "ok"
-        d = decisions[0]
-        return JournalRecord(self.id, d.stream_id, "usage", json.loads(payload), at, d.gen,
-                             d.allocations, d.overage, flag_changes=d.flag_change)
-
-
-async def _root(api: Api, app: Any, db: asyncpg.Connection) -> Root:
-    names = await api.setup()
-    await api.grant(names["account"], "100.00")
-    return Root(app.state.ctx, names["account"], names["api"], names["credit_type"],
-                await db.fetchval("SELECT id FROM accounts WHERE code = $1", names["account"]),
-                await db.fetchval("SELECT id FROM credit_types WHERE code = $1",
-                                  names["credit_type"]))
 
 
 @pytest.fixture
@@ -92,29 +44,29 @@ async def test_a_repeated_flush_a_mixed_one_and_a_doubled_key_each_write_once(
         api: Api, app: Any, db: asyncpg.Connection, by_copy: bool,
         request: pytest.FixtureRequest) -> None:
     tried = request.getfixturevalue("copies") if by_copy else None
-    root = await _root(api, app, db)
+    root = await new_root(api, app, db)
     if tried is not None:
         tried.clear()  # (the grant's)
     ctx = root.ctx
 
     first = await root.decided(150)
     assert await ctx.journal.flush([first]) == ["accepted"]
-    assert await _written(db, first) == {first.payload["uid"]: (1, -150)}
+    assert await written(db, first) == {first.payload["uid"]: (1, -150)}
     # the sweeper flushes the same entry again: its own, so accepted, and nothing is added
     assert await ctx.journal.flush([first]) == ["accepted"]
-    assert await _written(db, first) == {first.payload["uid"]: (1, -150)}
+    assert await written(db, first) == {first.payload["uid"]: (1, -150)}
 
     # a flush holding an old record and a new one: the new one is still written
     second = await root.decided(275)
     assert await ctx.journal.flush([first, second]) == ["accepted", "accepted"]
-    assert await _written(db, first, second) == {first.payload["uid"]: (1, -150),
+    assert await written(db, first, second) == {first.payload["uid"]: (1, -150),
                                                  second.payload["uid"]: (1, -275)}
 
     # one uid applied twice by a Redis that forgot it: the first is kept, the other is not
     third = await root.decided(100)
     again = dataclasses.replace(third, stream_id="1-1")
     assert await ctx.journal.flush([third, again]) == ["accepted", "duplicate"]
-    assert await _written(db, third) == {third.payload["uid"]: (1, -100)}
+    assert await written(db, third) == {third.payload["uid"]: (1, -100)}
     assert Decimal(await api.available(root.code)) == Decimal("94.75")
     if tried is not None:  # the first went in by COPY; each later one had a row in already
         assert tried == [True, False, False, False]
@@ -126,7 +78,7 @@ async def test_a_flush_by_copy_writes_every_column_as_the_records_say(
     balance (overage) or no usage uid and product (a grant), a description with a tab or a
     backslash kept as it was (that flush goes the statement's way), and a flush with events
     (a transaction of its own) falls back to the keyed insert inside it when a row is in."""
-    root = await _root(api, app, db)
+    root = await new_root(api, app, db)
     copies.clear()  # (the grant's)
     ok = await root.decided(30)
     over = await root.decided(10_000)  # 99.70 left: drawn whole, 0.30 owed, entitlement revoked
@@ -162,7 +114,7 @@ async def test_a_flush_by_copy_writes_every_column_as_the_records_say(
     later = await root.decided(5)
     assert await root.ctx.journal.flush([over, later]) == ["accepted", "accepted"]
     assert copies == [True, False]
-    assert await _written(db, ok, over, later) == {
+    assert await written(db, ok, over, later) == {
         ok.payload["uid"]: (1, -30), over.payload["uid"]: (1, -10_000),
         later.payload["uid"]: (1, -5)}
 
@@ -180,7 +132,7 @@ async def test_a_flush_by_copy_writes_every_column_as_the_records_say(
 
 async def test_the_index_sweep_commits_an_orphan_deletes_the_journal_and_its_successor_goes_on(
         api: Api, app: Any, db: asyncpg.Connection) -> None:
-    root = await _root(api, app, db)
+    root = await new_root(api, app, db)
     ctx, account_id = root.ctx, root.id
     hot = ctx.hot
     journal, last = hot.keys.journal(account_id), hot.keys.tag(account_id) + ":jl"
@@ -197,7 +149,7 @@ async def test_the_index_sweep_commits_an_orphan_deletes_the_journal_and_its_suc
         # the app's own sweeper (every 0.5 s): once the root's last announcement is older than
         # the orphan age plus the index lag, the orphan is committed, the journal (empty now)
         # deleted, and the root dropped from the index
-        return (await _written(db, orphan) == {orphan.payload["uid"]: (1, -40)}
+        return (await written(db, orphan) == {orphan.payload["uid"]: (1, -40)}
                 and not await hot.redis.exists(journal)
                 and await hot.redis.zscore(index, str(account_id)) is None)
 
@@ -214,14 +166,14 @@ async def test_the_index_sweep_commits_an_orphan_deletes_the_journal_and_its_suc
     assert record.stream_id == "99999999999999-8"
     assert await hot.redis.zscore(index, str(account_id)) is not None
     assert await ctx.journal.flush([record]) == ["accepted"]
-    assert await _written(db, record) == {record.payload["uid"]: (1, -100)}
+    assert await written(db, record) == {record.payload["uid"]: (1, -100)}
 
 
 async def test_a_journal_missing_from_the_index_is_found_by_a_process_s_first_sweep_only(
         api: Api, app: Any, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     """A journal written before the index existed, or whose announcement a failover lost: the
     keyspace scan of a process's first sweep finds it; later sweeps read only the index."""
-    root = await _root(api, app, db)
+    root = await new_root(api, app, db)
     ctx, account_id = root.ctx, root.id
     hot = ctx.hot
     orphan = await root.decided(250)
@@ -238,12 +190,12 @@ async def test_a_journal_missing_from_the_index_is_found_by_a_process_s_first_sw
     monkeypatch.setattr(hot.redis, "scan_iter", counted)
     # the running app's sweeper made its first pass long ago: it does not see the orphan
     await asyncio.sleep(3 * ctx.settings.worker_interval_s)
-    assert (scans, await _written(db, orphan)) == (0, {orphan.payload["uid"]: (0, 0)})
+    assert (scans, await written(db, orphan)) == (0, {orphan.payload["uid"]: (0, 0)})
 
     restarted = Journal(ctx.pool, hot)  # a process started now
     assert await restarted.sweep(ctx.settings.journal_orphan_ms) >= 1
     assert scans == 1
-    assert await _written(db, orphan) == {orphan.payload["uid"]: (1, -250)}
+    assert await written(db, orphan) == {orphan.payload["uid"]: (1, -250)}
     assert not await hot.redis.exists(hot.keys.journal(account_id))
     await restarted.sweep(ctx.settings.journal_orphan_ms)
     assert scans == 1
@@ -254,7 +206,7 @@ async def test_an_index_entry_announced_again_while_swept_stays(api: Api, app: A
                                                                 db: asyncpg.Connection) -> None:
     """The sweep drops a root from the index only if no process announced it again after the
     sweep read it: a process that announced meanwhile may have journalled since."""
-    root = await _root(api, app, db)
+    root = await new_root(api, app, db)
     hot = root.ctx.hot
     index = hot.keys.journal_index_of(root.id)
     others = [root.id + 16 * n for n in (1, 2)]  # (same shard; no journals of theirs needed)
@@ -273,7 +225,7 @@ async def test_a_rebuilt_root_is_announced_again_at_once(api: Api, app: Any,
     """Redis lost a root and its index entry (FLUSHALL, here for one root) less than a second
     after this process announced it: the rebuild announces it again before installing, as any
     other process may go on journalling on an announcement made before the loss."""
-    root = await _root(api, app, db)
+    root = await new_root(api, app, db)
     hot = root.ctx.hot
     index = hot.keys.journal_index_of(root.id)
     await api.usage(root.code, root.product, "1.00")
@@ -289,14 +241,14 @@ async def test_a_stopping_journal_commits_what_is_queued_before_it_stops(
         api: Api, app: Any, db: asyncpg.Connection) -> None:
     """A graceful stop (SIGTERM, a deploy) does not leave debits queued for the group commit
     to another process's sweeper: they are committed before the journal stops."""
-    root = await _root(api, app, db)
+    root = await new_root(api, app, db)
     journal = Journal(root.ctx.pool, root.ctx.hot)
     journal.start()
     records = [await root.decided(10) for _ in range(20)]
     for record in records:
         journal.commit_soon([record])  # queued, not yet taken by the flush loop
     await journal.stop()
-    assert await _written(db, *records) == {r.payload["uid"]: (1, -10) for r in records}
+    assert await written(db, *records) == {r.payload["uid"]: (1, -10) for r in records}
 
 
 async def test_a_record_postgres_cannot_take_fails_its_own_request_and_root_only(
@@ -305,7 +257,7 @@ async def test_a_record_postgres_cannot_take_fails_its_own_request_and_root_only
     expiring in 9999 once had) does not take others down with it. Requests committed in one
     flush with it are flushed again request by request, so only its own fails; the orphan
     sweep commits the other roots' journals and announces its root again (logged each time)."""
-    root, other = await _root(api, app, db), await _root(api, app, db)
+    root, other = await new_root(api, app, db), await new_root(api, app, db)
     hot = root.ctx.hot
     journal = Journal(root.ctx.pool, hot)
     journal.start()
@@ -326,14 +278,14 @@ async def test_a_record_postgres_cannot_take_fails_its_own_request_and_root_only
                                         return_exceptions=True)
         assert isinstance(outcomes[3], ValueError)
         assert [o for i, o in enumerate(outcomes) if i != 3] == [["accepted"]] * 6
-        assert await _written(db, *good) == {r.payload["uid"]: (1, -10) for r in good}
+        assert await written(db, *good) == {r.payload["uid"]: (1, -10) for r in good}
 
         # an orphan of another root, swept after the poisoned root in the same pass
         orphan = await other.decided(25)
         await hot.redis.zrem(hot.keys.journal_index_of(root.id), str(root.id))
         await journal._sweep_roots([root.id, other.id], "+")
-        assert await _written(db, orphan) == {orphan.payload["uid"]: (1, -25)}
-        assert await _written(db, poison) == {poison.payload["uid"]: (0, 0)}
+        assert await written(db, orphan) == {orphan.payload["uid"]: (1, -25)}
+        assert await written(db, poison) == {poison.payload["uid"]: (0, 0)}
         assert await hot.redis.zscore(hot.keys.journal_index_of(root.id), str(root.id))
     finally:
         if poison_id is not None:  # (the session's own sweeper would meet it in every pass)
