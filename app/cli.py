@@ -1,5 +1,5 @@
 """The `creditgate` command: serve, migrate, keys create/list/revoke, tokens
-rotate-secret/secrets, webhooks send-test/watch.
+rotate-secret/secrets, webhooks send-test/watch, journal stuck/drop.
 
 With DATABASE_URL unset (and REDIS_URL, for `serve`), the commands use embedded Postgres and
 Redis kept in the data folder (--data-dir, env CREDITGATE_DATA_DIR, default ./.data); see
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -123,7 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--endpoint", type=_positive_int, default=None, help="only this endpoint id")
     watch.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
     watch.set_defaults(run=_cmd_webhooks_watch)
+    journal = commands.add_parser(
+        "journal", help="journal entries Postgres will not take: list them, drop one")
+    journal_commands = journal.add_subparsers(dest="journal_command", required=True,
+                                              metavar="COMMAND")
+    stuck = journal_commands.add_parser(
+        "stuck", parents=[data],
+        help="commit what the journals hold that can be committed, and name each entry "
+        "Postgres refuses, with its error (exit status 3 when there is one)")
+    stuck.add_argument("--older-than", type=_positive_int, default=60, metavar="SECONDS",
+                       help="only entries decided at least this long ago (default 60)")
+    stuck.set_defaults(run=_cmd_journal_stuck)
+    drop = journal_commands.add_parser(
+        "drop", parents=[data],
+        help="take one entry Postgres refuses out of its journal (never answered with a "
+        "2xx) and rebuild its root from Postgres")
+    drop.add_argument("root_id", type=_positive_int, help="the root id, from `journal stuck`")
+    drop.add_argument("entry_id", type=_stream_id, help="the entry id, from `journal stuck`")
+    drop.set_defaults(run=_cmd_journal_drop)
     return parser
+
+
+def _stream_id(raw: str) -> str:
+    if not re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", raw):
+        raise argparse.ArgumentTypeError("a journal entry id is <ms>-<n>, e.g. 1764842400000-0")
+    return raw
 
 
 def _positive_int(raw: str) -> int:
@@ -138,7 +163,7 @@ def _positive_int(raw: str) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     _exit_on_sigterm()  # until granian installs its own handlers, so cleanup still runs
-    with _backing_services(args.data_dir, need_redis=True):
+    with _backing_services(args.data_dir, need_redis=True, serving=True):
         settings = Settings.from_env()
         admin_key = asyncio.run(_prepare(settings))
         _print_banner(args.host, args.port, admin_key)
@@ -259,15 +284,36 @@ def _cmd_webhooks_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_journal_stuck(args: argparse.Namespace) -> int:
+    from app.ledger.commands import stuck
+
+    with _backing_services(args.data_dir, need_redis=True):
+        found = asyncio.run(stuck(Settings.from_env(), args.older_than * 1000,
+                                  lambda line: print(line, flush=True)))
+    return 3 if found else 0
+
+
+def _cmd_journal_drop(args: argparse.Namespace) -> int:
+    from app.ledger.commands import drop
+
+    with _backing_services(args.data_dir, need_redis=True):
+        try:
+            print(asyncio.run(drop(Settings.from_env(), args.root_id, args.entry_id)))
+        except LookupError as exc:
+            raise CliError(str(exc)) from exc
+    return 0
+
+
 # --- backing services ----------------------------------------------------------------------
 
 
 @contextmanager
-def _backing_services(data_dir: Path, *, need_redis: bool) -> Iterator[None]:
+def _backing_services(data_dir: Path, *, need_redis: bool,
+                      serving: bool = False) -> Iterator[None]:
     """Point DATABASE_URL (and REDIS_URL) at running servers for the duration of the block.
 
     External servers when the variables are set; otherwise the embedded servers of `data_dir`:
-    those of another process when one runs them (not for `serve`), else our own.
+    those of another process when one runs them (not when `serving`), else our own.
     """
     database_url = os.environ.get("DATABASE_URL", "")
     redis_url = os.environ.get("REDIS_URL", "")
@@ -276,7 +322,7 @@ def _backing_services(data_dir: Path, *, need_redis: bool) -> Iterator[None]:
         return
     if need_redis and (database_url or redis_url):
         raise CliError("set both DATABASE_URL and REDIS_URL, or neither (embedded mode)")
-    shared = None if need_redis else running_embedded(data_dir)
+    shared = None if serving else running_embedded(data_dir)
     if shared is not None:
         _set_urls(shared.database_url, shared.redis_url)
         yield

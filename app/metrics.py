@@ -142,6 +142,9 @@ async def metrics(call: Call) -> Response:
                 int(cache.armed))
     out.add("creditgate_balance_streams_open", "balance streams open on this process",
             streams.OPEN.count)
+    out.add("creditgate_journal_sweep_failures_total",
+            "sweeps of a root's journal that Postgres refused (`creditgate journal stuck`)",
+            ctx.journal.sweep_failures, "counter")
     dispatcher = ctx.dispatcher
     if dispatcher is not None:
         out.add("creditgate_webhook_claim_queries_total",

@@ -253,9 +253,26 @@ class HotState:
                 pipe.expire(key, MARK_TTL_S)
             await pipe.execute()
 
-    async def journal_entries(self, root_id: int, max_id: str) -> list[tuple[str, dict[str, str]]]:
-        entries = await self.redis.xrange(self.keys.journal(root_id), "-", max_id) or []
+    async def journal_entries(self, root_id: int, max_id: str, min_id: str = "-"
+                              ) -> list[tuple[str, dict[str, str]]]:
+        entries = await self.redis.xrange(self.keys.journal(root_id), min_id, max_id) or []
         return [(str(eid), _pairs(fields)) for eid, fields in entries]
+
+    async def drop_entry(self, root_id: int, entry_id: str,
+                         mark: tuple[int, int, str] | None) -> bool:
+        """Remove one journal entry that will never be committed, with the uid mark it made
+        ((account id, day, uid) of a usage event), and forget the root's hot state in the same
+        transaction: the next request rebuilds it from Postgres and the rest of the journal,
+        without the entry's effect. False when the entry was not there."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xdel(self.keys.journal(root_id), entry_id)
+            if mark is not None:
+                account_id, day, uid = mark
+                pipe.hdel(self.keys.uid_bucket(root_id, account_id, day), uid)
+            pipe.delete(self.keys.root(root_id))
+            pipe.incr(self.keys.ops(root_id))
+            removed = (await pipe.execute())[0]
+        return bool(removed)
 
     async def sweep_journals(self, root_ids: list[int], max_id: str
                              ) -> list[list[tuple[str, dict[str, str]]]]:

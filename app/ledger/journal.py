@@ -22,7 +22,7 @@ import asyncpg
 from app.db import Connection
 from app.errors import STORE_ERRORS
 from app.hotstate.keys import JOURNAL_INDEX_SHARDS, root_of
-from app.hotstate.store import HotState, index_lag_ms
+from app.hotstate.store import DAY_MS, HotState, index_lag_ms
 from app.ledger import repository as repo
 from app.ledger.repository import ms_to_dt
 from app.money import scaled_text
@@ -151,6 +151,14 @@ def ops_outcome(records: list[JournalRecord], inserted: set[str], owners: dict[s
     return outcomes
 
 
+@dataclass(frozen=True)
+class Stuck:
+    """A journal entry Postgres does not take, and what it said."""
+
+    record: JournalRecord
+    error: str
+
+
 def _log_failure(future: asyncio.Future[list[str]]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("journal commit failed; the sweeper will retry: %s", future.exception())
@@ -168,6 +176,7 @@ class Journal:
         self._loop_task: asyncio.Task[None] | None = None
         self._scanned = False  # the keyspace scan of this process's first sweep is done
         self._nudger = Nudger(pool)  # wakes the webhook dispatchers after a flush's events
+        self.sweep_failures = 0  # roots whose journal a sweep of this process could not commit
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run())
@@ -335,8 +344,7 @@ class Journal:
         meanwhile). The first sweep of a process also scans the keyspace for journals: those
         written before the index existed, or whose announcement a failover lost. Returns the
         entries flushed."""
-        seconds, micros = await self.hot.redis.time()
-        now = seconds * 1000 + micros // 1000
+        now = await self._redis_ms()
         cutoff = f"{now - orphan_ms}"
         found = 0
         if not self._scanned:
@@ -365,13 +373,73 @@ class Journal:
             except Exception:
                 # an entry Postgres cannot take must not stop the sweep of every other root:
                 # logged, and the root announced again, so each later sweep tries it again
-                log.exception("journal of root %s: its entries could not be committed", root_id)
+                log.exception("journal of root %s: its entries could not be committed "
+                              "(`creditgate journal stuck` names them)", root_id)
+                self.sweep_failures += 1
                 await self.hot.index(root_id)
                 continue
             recovered.append(root_id)
         if recovered:  # their journals are empty now (the flush acknowledged the entries)
             await self.hot.sweep_journals(recovered, cutoff)
         return found
+
+    async def stuck(self, older_than_ms: int) -> list[Stuck]:
+        """The journal entries older than `older_than_ms` that Postgres does not take, each with
+        its error, found as the sweeper finds them but over every journal in Redis: a root's
+        old entries are flushed together, and when that fails one by one. So what can be
+        committed is committed on the way (as the sweeper would), and only the entries that
+        fail on their own are named."""
+        cutoff = str(await self._redis_ms() - older_than_ms)
+        found: list[Stuck] = []
+        async for key in self.hot.redis.scan_iter(match=self.hot.keys.journal_pattern,
+                                                   count=1000, _type="stream"):
+            root_id = root_of(str(key))
+            records = [JournalRecord.from_stream(root_id, eid, fields)
+                       for eid, fields in await self.hot.journal_entries(root_id, cutoff)]
+            if await self._refused(records) is None:
+                continue
+            for record in records:
+                error = await self._refused([record])
+                if error is not None:
+                    found.append(Stuck(record, error))
+        return found
+
+    async def drop(self, root_id: int, entry_id: str) -> tuple[str, JournalRecord]:
+        """Take an entry Postgres will not take out of its root's journal, undoing its effect
+        on the hot state (the root is rebuilt from Postgres, the uid of a usage event can be
+        sent again). Its request was never answered with a 2xx (a 2xx waits for the commit),
+        so nothing acknowledged is lost. The entry is flushed once more first: ("committed",
+        record) when that works, ("dropped", record) when it did not and the entry is gone.
+        LookupError: no such entry."""
+        entries = await self.hot.journal_entries(root_id, entry_id, entry_id)
+        if not entries:
+            raise LookupError(f"root {root_id} has no journal entry {entry_id}")
+        record = JournalRecord.from_stream(root_id, *entries[0])
+        if await self._refused([record]) is None:
+            return "committed", record
+        mark = None
+        if record.kind == "usage":  # decide.lua marks the uid in the bucket of the entry's day
+            mark = (int(record.payload["a"]), record.recorded_ms // DAY_MS,
+                    str(record.payload["uid"]))
+        await self.hot.drop_entry(root_id, entry_id, mark)
+        log.warning("journal of root %s: entry %s (%s) dropped uncommitted", root_id, entry_id,
+                    record.op_key)
+        return "dropped", record
+
+    async def _refused(self, records: list[JournalRecord]) -> str | None:
+        """Flush the records; why Postgres refused them, None when they are committed. An
+        error of the stores themselves is raised (nothing can be told of the records)."""
+        try:
+            await self.flush(records)
+        except STORE_ERRORS:
+            raise
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def _redis_ms(self) -> int:
+        seconds, micros = await self.hot.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     async def _sweep_keyspace(self, cutoff: str) -> int:
         found = 0
