@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# how far apart the clocks of the app hosts and Postgres's may be: what reasons about times
+# taken on different hosts leaves this much room (ledger rollups' marks, plan and pricing ends)
+CLOCK_SLACK = timedelta(minutes=10)
 
 
 def _int(name: str, default: int) -> int:

@@ -41,12 +41,12 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from app.db import CUSTOM_PLANS, Connection, xid_window
+from app.settings import CLOCK_SLACK
 
 if TYPE_CHECKING:
     from app.context import AppContext
 
 MARK_EVERY = timedelta(minutes=5)
-CLOCK_SLACK = timedelta(minutes=10)
 # marks that no hour reads are dropped once this old (when a later pass takes a mark), looking
 # this far back (a week's marks after a week without passes)
 PRUNE_AFTER, PRUNE_SPAN = timedelta(days=2), timedelta(days=7)

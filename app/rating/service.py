@@ -40,6 +40,7 @@ from app.rating.schemas import (
     PricingIn,
     PricingOut,
 )
+from app.settings import CLOCK_SLACK
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -243,16 +244,12 @@ async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> Accoun
                 for r in rows if r["id"] == ap_id)
 
 
-# Beyond the timestamps a measurement may carry (`usage_future_skew_s` past now), for the
-# clocks of the other app hosts: no measurement can be dated later than this yet.
-CLOCK_SLACK = timedelta(minutes=10)
-
-
 def earliest_end(settings: Settings, now: datetime | None = None) -> date:
     """The first day an account plan or a pricing may end on: the day after the latest one a
     measurement may be dated on now. So no measurement rated under it falls outside it, none
     stored unrated (or rated by another) falls inside one extended, and nothing has to be
-    re-rated."""
+    re-rated. CLOCK_SLACK beyond the timestamps a measurement may carry
+    (`usage_future_skew_s` past now), for the clocks of the other app hosts."""
     latest = (now or datetime.now(UTC)) + timedelta(seconds=settings.usage_future_skew_s)
     return (latest + CLOCK_SLACK).date() + timedelta(days=1)
 
