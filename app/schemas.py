@@ -6,9 +6,10 @@ import base64
 import binascii
 import math
 import re
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -205,6 +206,14 @@ EPOCH, US = datetime(1970, 1, 1, tzinfo=UTC), timedelta(microseconds=1)
 def time_cursor(at: datetime, uid: str) -> str:
     """A cursor past a row of a list ordered by a time, then a uid (newest first, say)."""
     return encode_cursor_text(f"{(at - EPOCH) // US}|{uid}")
+
+
+def next_time_cursor(rows: Sequence[Any], limit: int, time_field: str) -> str | None:
+    """The cursor past a full page's last row (records: its time in `time_field`, then its
+    uid); None when the page is not full."""
+    if len(rows) < limit or not rows:
+        return None
+    return time_cursor(rows[-1][time_field], rows[-1]["uid"])
 
 
 def decode_time_cursor(cursor: str) -> tuple[datetime, str]:

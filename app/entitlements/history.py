@@ -37,7 +37,7 @@ from app.entitlements.schemas import (
 from app.errors import ValidationProblem
 from app.ledger.service import account_ref, resolve_credit_type
 from app.money import fmt
-from app.schemas import EPOCH, US, decode_time_cursor, time_cursor
+from app.schemas import EPOCH, US, decode_time_cursor, next_time_cursor
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -75,9 +75,8 @@ async def events(ctx: AppContext, code: str, query: UsageEventsQuery) -> UsageEv
             overage=fmt(Decimal(row["overage"]), places),
             reversed=None if row["reversed"] is None else fmt(Decimal(row["reversed"]), places),
             timestamp=row["event_time"], recorded_at=row["recorded_at"]))
-    last = rows[-1] if len(rows) == query.limit else None
-    return UsageEventPage(data=items, next_cursor=None if last is None else time_cursor(
-        last["recorded_at"], last["uid"]))
+    return UsageEventPage(data=items,
+                          next_cursor=next_time_cursor(rows, query.limit, "recorded_at"))
 
 
 async def summary(ctx: AppContext, code: str, query: UsageSummaryQuery) -> UsageSummaryOut:

@@ -56,7 +56,7 @@ from app.rating.schemas import (
     PricingQuery,
     UsageQuery,
 )
-from app.schemas import ListQuery, decode_cursor, decode_time_cursor, next_cursor, time_cursor
+from app.schemas import ListQuery, decode_cursor, decode_time_cursor, next_cursor, next_time_cursor
 
 PAGES: dict[str, type[BaseModel]] = {
     "meters": MeterPage, "aggregations": AggregationPage, "counters": CounterPage,
@@ -187,10 +187,8 @@ async def list_measurements(call: Call) -> BaseModel:
     before = decode_time_cursor(query.cursor) if query.cursor else None
     rows = await repo.measurements(call.ctx.pool, account.id, meter_id, query.start, query.end,
                                    query.rated, before, query.limit)
-    last = rows[-1] if len(rows) == query.limit else None
     return MeasurementPage(data=[_measurement_out(code, row) for row in rows],
-                           next_cursor=None if last is None else time_cursor(last["ts"],
-                                                                              last["uid"]))
+                           next_cursor=next_time_cursor(rows, query.limit, "ts"))
 
 
 def _measurement_out(account: str, row: asyncpg.Record) -> MeasurementOut:
