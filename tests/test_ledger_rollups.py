@@ -328,3 +328,14 @@ async def test_pruned_marks_leave_every_hour_its_lower_and_upper_mark(own_databa
         assert await prune_marks(db, now, keep=timedelta(0)) == 0
     finally:
         await db.close()
+
+
+async def test_entry_ids_are_handed_out_in_the_order_they_are_taken(db: asyncpg.Connection) -> None:
+    """The marks' reasoning holds only while every session takes the next id of the sequence
+    (a cache of 1): with a larger cache a session hands out ids it reserved earlier, so an id
+    below a mark could be written after it. A migration that changes the cache fails here."""
+    sequence = await db.fetchval("SELECT pg_get_serial_sequence('ledger_entries', 'id')")
+    assert sequence is not None
+    assert await db.fetchval(
+        "SELECT cache_size FROM pg_sequences WHERE format('%I.%I', schemaname, sequencename) = $1",
+        sequence) == 1
