@@ -1,5 +1,5 @@
 """The `creditgate` command: serve, migrate, keys create/list/revoke, tokens
-rotate-secret/secrets, webhooks send-test/watch, journal stuck/drop.
+rotate-secret/secrets, webhooks send-test/watch, journal stuck/drop, hotstate verify.
 
 With DATABASE_URL unset (and REDIS_URL, for `serve`), the commands use embedded Postgres and
 Redis kept in the data folder (--data-dir, env CREDITGATE_DATA_DIR, default ./.data); see
@@ -142,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("root_id", type=_positive_int, help="the root id, from `journal stuck`")
     drop.add_argument("entry_id", type=_stream_id, help="the entry id, from `journal stuck`")
     drop.set_defaults(run=_cmd_journal_drop)
+
+    hotstate = commands.add_parser("hotstate", help="the Redis hot copy: compare it with Postgres")
+    hot_commands = hotstate.add_subparsers(dest="hotstate_command", required=True,
+                                           metavar="COMMAND")
+    verify = hot_commands.add_parser(
+        "verify", parents=[data],
+        help="compare each loaded root's hot copy with what a rebuild from Postgres would "
+        "install now; print what differs (exit status 3 when something does)")
+    verify.add_argument("--account", default=None, help="only the root of this account code")
+    verify.add_argument("--repair", action="store_true",
+                        help="drop the roots that differ from Redis: the next request rebuilds "
+                        "them from Postgres")
+    verify.set_defaults(run=_cmd_hotstate_verify)
     return parser
 
 
@@ -302,6 +315,18 @@ def _cmd_journal_drop(args: argparse.Namespace) -> int:
         except LookupError as exc:
             raise CliError(str(exc)) from exc
     return 0
+
+
+def _cmd_hotstate_verify(args: argparse.Namespace) -> int:
+    from app.ledger.commands import verify
+
+    with _backing_services(args.data_dir, need_redis=True):
+        try:
+            drifting = asyncio.run(verify(Settings.from_env(), args.account, args.repair,
+                                          lambda line: print(line, flush=True)))
+        except LookupError as exc:
+            raise CliError(str(exc)) from exc
+    return 3 if drifting else 0
 
 
 # --- backing services ----------------------------------------------------------------------

@@ -70,6 +70,11 @@ class Keys:
     def journal_pattern(self) -> str:
         return self.prefix + ":{*}:j"
 
+    @property
+    def root_pattern(self) -> str:
+        """The root keys of every loaded root (not the journal index's `:roots`)."""
+        return self.prefix + ":{*}:root"
+
 
 def root_of(key: str) -> int:
     """The root id inside a key's hash tag."""

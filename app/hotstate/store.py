@@ -17,7 +17,7 @@ from app.hotstate.resp import FastRedis, Script
 
 LUA_DIR = Path(__file__).parent / "lua"
 SCRIPTS = ("decide", "ledger_op", "account", "snapshot", "install", "ack", "read", "watch",
-           "sweep")
+           "sweep", "dump")
 # Hot path numbers are passed to Lua as strings; the bucket of a usage uid is its UTC day.
 # Threshold watches (lib.lua check_watches), by name: `balance.low` and auto-recharge.
 LOW_WATCH = "low"
@@ -105,6 +105,17 @@ class LedgerOpResult:
     owed: int = 0
 
 
+@dataclass
+class Dump:
+    """dump.lua's answer: per account id, its hashes by kind (a: status and parent, b:
+    remaining amounts, d: balance definitions, o: overage)."""
+
+    loaded: bool
+    ver: str
+    entries: list[tuple[str, dict[str, str]]]
+    accounts: dict[int, dict[str, dict[str, str]]]
+
+
 class HotState:
     def __init__(self, redis: Redis, fast: FastRedis, keys: Keys) -> None:
         self.redis = redis  # redis-py: everything off the hot path
@@ -189,6 +200,18 @@ class HotState:
     async def snapshot(self, root_id: int) -> tuple[bool, str, list[tuple[str, dict[str, str]]]]:
         loaded, ver, entries = await self._run("snapshot", root_id, [])
         return bool(loaded), str(ver), [(eid, _pairs(fields)) for eid, fields in entries]
+
+    async def dump(self, root_id: int, account_ids: list[int]) -> Dump:
+        """A root's accounts as installed, with its op counter and unflushed journal, read
+        atomically (dump.lua); `accounts` is empty when the root is cold."""
+        loaded, ver, entries, found = await self._run("dump", root_id, account_ids)
+        accounts = {account_id: {kind: _pairs(fields) for kind, fields in zip("abdo", hashes,
+                                                                           strict=True)}
+                    for account_id, hashes in zip(account_ids, found, strict=False)}
+        return Dump(bool(loaded), str(ver), [(eid, _pairs(f)) for eid, f in entries], accounts)
+
+    async def ops_counter(self, root_id: int) -> str:
+        return str(await self.redis.get(self.keys.ops(root_id)) or "0")
 
     async def install(self, root_id: int, ver: str, gen: str, now_ms: int, state_json: str) -> str:
         """Install a rebuilt root, announced in the journal index first whatever this process

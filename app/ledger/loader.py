@@ -12,6 +12,7 @@ import asyncio
 import json
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -43,6 +44,58 @@ def _with_status(definition: str, code: str) -> str:
     parts = definition.split("|")
     parts[4] = code
     return "|".join(parts)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One way a root's hot copy differs from Postgres (plus its unflushed journal): `what`
+    is `account`, `status`, `parent`, `balance <id>` (remaining), `definition <id>` or
+    `overage`; the two values as Redis and Postgres hold them ("" for none; amounts in the
+    credit type's minor units)."""
+
+    account_id: int
+    what: str
+    redis: str
+    postgres: str
+    credit_type: str = ""  # the amount's (balance and overage drifts)
+
+
+def _drawable(remaining: dict[str, str], defs: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Balance id -> (remaining, definition) of the balances that are not voided or expired:
+    Redis keeps those until the next rebuild, Postgres's live set leaves them out."""
+    return {bid: (remaining.get(bid, ""), d) for bid, d in defs.items()
+            if d.split("|")[4] not in ("v", "x")} | \
+        {bid: (rem, "") for bid, rem in remaining.items() if bid not in defs}
+
+
+def drift(installed: dict[int, dict[str, dict[str, str]]], state: dict[str, Any]) -> list[Drift]:
+    """Compare the hashes of a root's accounts in Redis (HotState.dump) with the state a
+    rebuild would install (Loader._state)."""
+    found: list[Drift] = []
+    for account in state["accounts"]:
+        aid, hot = int(account["id"]), installed.get(int(account["id"]), {})
+        status = hot.get("a", {})
+        if not status:
+            found.append(Drift(aid, "account", "", "present"))
+            continue
+        for field, what in (("st", "status"), ("par", "parent")):
+            if status.get(field, "") != account[field]:
+                found.append(Drift(aid, what, status.get(field, ""), account[field]))
+        want = _drawable(account["b"], account["d"])
+        have = _drawable(hot.get("b", {}), hot.get("d", {}))
+        for bid in sorted(want.keys() | have.keys(), key=int):
+            (rem, d), (want_rem, want_d) = have.get(bid, ("", "")), want.get(bid, ("", ""))
+            credit_type = (want_d or d).split("|")[0]
+            if rem != want_rem:
+                found.append(Drift(aid, f"balance {bid}", rem, want_rem, credit_type))
+            if d != want_d:
+                found.append(Drift(aid, f"definition {bid}", d, want_d))
+        owed = {ct: v for ct, v in hot.get("o", {}).items() if int(v)}
+        want_owed = {ct: v for ct, v in account["o"].items() if int(v)}
+        for ct in sorted(owed.keys() | want_owed.keys()):
+            if owed.get(ct, "0") != want_owed.get(ct, "0"):
+                found.append(Drift(aid, "overage", owed.get(ct, "0"), want_owed.get(ct, "0"), ct))
+    return found
 
 
 class Loader:
@@ -83,6 +136,26 @@ class Loader:
                 return
             await asyncio.sleep(0.005)
         raise Unavailable("hot state could not be rebuilt; retry")
+
+    async def verify(self, root_id: int) -> list[Drift] | None:
+        """How a loaded root's hot copy differs from what a rebuild would install now
+        (Postgres plus the unflushed journal); None when the root is cold (nothing to compare:
+        the next request rebuilds it). Read as a rebuild reads (the journal first, then one
+        Postgres snapshot, each entry counted once whether flushed or not) and compared only
+        when no operation ran in between (the op counter did not move); Unavailable when the
+        root never held still for ATTEMPTS tries."""
+        async with self.pool.acquire() as conn:
+            account_ids = [int(a["id"]) for a in await repo.root_accounts(conn, root_id)]
+        for _ in range(ATTEMPTS):
+            dump = await self.hot.dump(root_id, account_ids)
+            if not dump.loaded:
+                return None
+            records = [JournalRecord.from_stream(root_id, eid, f) for eid, f in dump.entries]
+            state = await self._state(root_id, records)
+            if await self.hot.ops_counter(root_id) == dump.ver:
+                return drift(dump.accounts, state)
+            await asyncio.sleep(0.005)
+        raise Unavailable("the root kept changing while it was read; verify it again")
 
     async def _restore_marks(self, root_id: int, account_ids: list[int]) -> None:
         """After Redis lost a root's uid marks (FLUSHALL, restart), bring back those of the mark
