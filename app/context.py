@@ -14,6 +14,7 @@ from app.hotstate.store import HotState
 from app.http import KeyCache
 from app.ledger.journal import Journal
 from app.ledger.loader import Loader
+from app.ledger.verifier import HotCheck
 from app.observe import Observed
 from app.settings import Settings
 
@@ -35,5 +36,6 @@ class AppContext:
     stripe: StripeGateway | None = None  # None: no STRIPE_API_KEY, no purchases
     dispatcher: Dispatcher | None = None  # this process's webhook dispatcher (GET /metrics)
     observed: Observed | None = None  # what this app counts (GET /metrics; None: not counting)
+    hot_check: HotCheck = field(default_factory=HotCheck)  # the workers' sampled check
     # set when the process begins to stop: long-lived answers (balance streams) end
     closing: asyncio.Event = field(default_factory=asyncio.Event)

@@ -145,6 +145,12 @@ async def metrics(call: Call) -> Response:
     out.add("creditgate_journal_sweep_failures_total",
             "sweeps of a root's journal that Postgres refused (`creditgate journal stuck`)",
             ctx.journal.sweep_failures, "counter")
+    out.add("creditgate_hotstate_roots_verified_total",
+            "loaded roots this process's workers compared with Postgres (a sample)",
+            ctx.hot_check.verified, "counter")
+    out.add("creditgate_hotstate_roots_repaired_total",
+            "roots whose hot copy differed from Postgres twice, dropped for a rebuild",
+            ctx.hot_check.repaired, "counter")
     dispatcher = ctx.dispatcher
     if dispatcher is not None:
         out.add("creditgate_webhook_claim_queries_total",

@@ -68,6 +68,9 @@ class Settings:
     # eligible at the request's time, not its own (clock skew, timestamps cut to the second).
     usage_grace_ms: int = 5_000
     worker_interval_s: Seconds = 2.0
+    # Each process compares one loaded root's hot copy with Postgres this often (0: never); see
+    # app/ledger/verifier.py.
+    verify_every_s: Seconds = 60.0
     # A balance (or an account's overage) with this many ledger entries after its snapshot gets
     # a new one from the workers (app/ledger/snapshots.py): what a hot-state rebuild reads.
     snapshot_every: int = 10_000
@@ -156,6 +159,7 @@ class Settings:
             journal_copy_rows=_int("CREDITGATE_JOURNAL_COPY_ROWS", 200),
             usage_grace_ms=_int("CREDITGATE_USAGE_GRACE_MS", 5_000),
             worker_interval_s=_seconds("CREDITGATE_WORKER_INTERVAL_S", 2.0),
+            verify_every_s=_seconds("CREDITGATE_VERIFY_EVERY_S", 60.0),
             snapshot_every=_int("CREDITGATE_SNAPSHOT_EVERY", 10_000),
             idempotency_key_ttl_h=_int("CREDITGATE_IDEMPOTENCY_KEY_TTL_H", 7 * 24),
             webhook_retention_d=_int("CREDITGATE_WEBHOOK_RETENTION_D", 30),

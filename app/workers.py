@@ -1,9 +1,9 @@
-"""Background work every app process runs: orphaned-journal sweep, recurring grants (each
-period's credits, and the rollover of the period that ended), credit expiry and the notices of
-credit about to expire, expired holds, the usage rollups, rated debits a crash left, the
-standing charges and counter charges of billing periods that started, the bill run of closed
-periods, the purchase reconciler, the auto-recharge runner, expired Idempotency-Keys, and
-webhook events and audit-trail rows past their retention.
+"""Background work every app process runs: orphaned-journal sweep, a sampled check of the hot
+copy against Postgres, recurring grants (each period's credits, and the rollover of the period
+that ended), credit expiry and the notices of credit about to expire, expired holds, the usage
+rollups, rated debits a crash left, the standing charges and counter charges of billing periods
+that started, the bill run of closed periods, the purchase reconciler, the auto-recharge
+runner, expired Idempotency-Keys, and webhook events and audit-trail rows past their retention.
 
 Safe with any number of processes: journal flushes are idempotent, expiries are keyed by
 balance id, recurring grants by period and balance, recurring charges are settled and bills
@@ -28,6 +28,7 @@ from app.ledger.recurring_grants import grant_due as grant_recurring
 from app.ledger.rollups import roll_up_due as roll_up_ledger
 from app.ledger.service import expire_due
 from app.ledger.snapshots import take_due as take_snapshots
+from app.ledger.verifier import check_sampled
 from app.purchases.tasks import run_reconciler
 from app.rating.bills import BillMemory
 from app.rating.bills import run_when_due as run_bills
@@ -59,6 +60,7 @@ def _steps(ctx: AppContext) -> list[Step]:
     settings = ctx.settings
     return [
         ("journal sweep", lambda: ctx.journal.sweep(settings.journal_orphan_ms)),
+        ("hot-state check", lambda: check_sampled(ctx, ctx.hot_check, settings.verify_every_s)),
         ("recurring grants", lambda: grant_recurring(ctx)),
         ("expiry", lambda: expire_due(ctx)),
         ("expiry notices", lambda: announce_expiring(ctx)),

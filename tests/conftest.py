@@ -68,9 +68,11 @@ def settings(database_url: str, redis_url: str) -> Settings:
     # snapshots every few entries: every rebuild in the suite reads snapshots and their tails
     # balance streams of the in-process apps end after 0.2 s: an in-process client reads an
     # answer to its end (the route walk, the fuzzer); app processes get their own settings
+    # no sampled hot-state check: tests that change Redis on purpose must not see it repaired
+    # (tests/test_hotstate_verify.py runs it itself)
     return Settings(database_url=database_url, redis_url=redis_url, worker_interval_s=0.5,
                     journal_orphan_ms=1_000, redis_prefix=f"cgt{uuid.uuid4().hex[:6]}",
-                    bills_auto=False, snapshot_every=3, stream_max_s=0.2)
+                    bills_auto=False, snapshot_every=3, stream_max_s=0.2, verify_every_s=0)
 
 
 @pytest.fixture(scope="session")

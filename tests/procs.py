@@ -191,6 +191,7 @@ async def run_apps(settings: Settings, n: int = 2, *, env: dict[str, str] | None
                          "CREDITGATE_WORKER_INTERVAL_S": str(settings.worker_interval_s),
                          "CREDITGATE_BILLS_AUTO": "1" if settings.bills_auto else "0",
                          "CREDITGATE_SNAPSHOT_EVERY": str(settings.snapshot_every),
+                         "CREDITGATE_VERIFY_EVERY_S": str(settings.verify_every_s),
                          **(env or {})}, log_dir)
     failed = True
     try:

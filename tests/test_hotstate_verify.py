@@ -9,16 +9,21 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 import uuid
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from app.errors import Unavailable
+from app.hotstate.keys import Keys
+from app.hotstate.store import HotState
 from app.ledger.commands import verify
 from app.ledger.loader import Drift
+from app.ledger.verifier import HotCheck, check_sampled, random_root
 from app.settings import REPO_ROOT, Settings
 from tests.conftest import Api
 
@@ -179,3 +184,69 @@ async def test_the_command_reports_repairs_and_refuses_as_an_operator_sees_it(
 
     unknown = await _cli(settings, "--account", "no-such-account")
     assert unknown.returncode == 1 and "no account 'no-such-account'" in unknown.stderr
+
+
+@pytest.fixture
+def sampling(app: Any, monkeypatch: pytest.MonkeyPatch) -> HotCheck:
+    """The session app's sampled check, counted afresh, run by the test itself (every second;
+    the session's workers pass 0, which does nothing)."""
+    assert app.state.ctx.settings.verify_every_s == 0
+    memory = HotCheck(due_at=time.monotonic() - 1)  # (a process's first period is over)
+    monkeypatch.setattr(app.state.ctx, "hot_check", memory)
+    return memory
+
+
+async def test_the_workers_sample_drop_a_root_that_differs_twice(
+        api: Api, app: Any, db: asyncpg.Connection, client: httpx.AsyncClient,
+        sampling: HotCheck, caplog: pytest.LogCaptureFixture) -> None:
+    f = await _family(api, db)
+    ctx = app.state.ctx
+    hot, tag = ctx.hot, ctx.hot.keys.tag(f["root_id"])
+    before = await api.live(f["child"])
+    await hot.redis.hincrby(f"{tag}:b:{f['child_id']}", str(f["scoped"]), 100)
+
+    assert await check_sampled(ctx, sampling, 1, f["root_id"]) == 0  # a first look: a suspect
+    assert sampling.verified == 1 and sampling.suspect is not None
+    assert await hot.redis.exists(hot.keys.root(f["root_id"])) == 1
+    assert await check_sampled(ctx, sampling, 1) == 1  # seen again: dropped
+    assert sampling.repaired == 1 and sampling.suspect is None
+    assert await hot.redis.exists(hot.keys.root(f["root_id"])) == 0
+    assert f"hot state of root {f['root_id']} differed from Postgres twice" in caplog.text
+    assert f"account {f['child_id']} balance {f['scoped']}: '350' in Redis, '250' in Postgres" \
+        in caplog.text
+    assert await api.live(f["child"]) == before
+    metrics = (await client.get("/metrics", headers=api.admin)).text.splitlines()
+    assert "creditgate_hotstate_roots_repaired_total 1" in metrics
+    assert "creditgate_hotstate_roots_verified_total 1" in metrics
+    # the next root only once the period is over
+    assert await check_sampled(ctx, sampling, 1, f["root_id"]) == 0
+    assert sampling.verified == 1
+
+
+async def test_a_sampled_difference_gone_at_the_second_look_is_left_alone(
+        api: Api, app: Any, db: asyncpg.Connection, sampling: HotCheck) -> None:
+    f = await _family(api, db)
+    ctx = app.state.ctx
+    hot, tag = ctx.hot, ctx.hot.keys.tag(f["root_id"])
+    await hot.redis.hset(f"{tag}:a:{f['child_id']}", "st", "blocked")
+    await check_sampled(ctx, sampling, 1, f["root_id"])
+    assert sampling.suspect is not None
+    await hot.redis.hset(f"{tag}:a:{f['child_id']}", "st", "active")  # Redis caught up
+    assert await check_sampled(ctx, sampling, 1) == 0
+    assert sampling.repaired == 0
+    assert await hot.redis.exists(hot.keys.root(f["root_id"])) == 1
+
+
+async def test_a_random_root_is_one_of_this_deployments(
+        api: Api, app: Any, db: asyncpg.Connection) -> None:
+    """One this process wrote to lately; for a process that wrote to none, a loaded one."""
+    await _family(api, db)
+    hot = app.state.ctx.hot
+    fresh = HotState(hot.redis, hot.fast, hot.keys)  # (another process: it wrote nothing)
+    assert fresh.recent_roots() == []
+    for picker in (hot, fresh):  # (the whole keyspace: the test Redis may hold many sessions')
+        picked = await random_root(picker, pages=10**6)
+        assert picked is not None
+        assert await db.fetchval("SELECT count(*) FROM accounts WHERE id = $1 AND root_id = id",
+                                 picked) == 1
+    assert await random_root(HotState(hot.redis, hot.fast, Keys("cg-none")), pages=10**6) is None

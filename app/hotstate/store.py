@@ -143,6 +143,10 @@ class HotState:
         return hiredis.pack_command(("EVAL", self._index_add, 1,  # type: ignore[arg-type]
                                      self.keys.journal_index_of(root_id), root_id)), now
 
+    def recent_roots(self) -> list[int]:
+        """The roots this process journalled for lately (those it remembers announcing)."""
+        return list(self._announced)
+
     def _announced_at(self, root_id: int, sent: float) -> None:  # float-ok: monotonic s
         announced = self._announced
         if len(announced) >= INDEX_MEMORY:

@@ -30,6 +30,7 @@ from app.hotstate.store import HotState
 from app.ledger.journal import Journal, JournalRecord
 from app.ledger.loader import Drift, Loader
 from app.ledger.repository import ms_to_dt
+from app.ledger.verifier import seen_in
 from app.money import scaled_text
 from app.settings import Seconds, Settings
 
@@ -112,7 +113,7 @@ async def verify(settings: Settings, account: str | None, repair: bool,
                 found = await loader.verify(root_id)
                 if found:
                     await asyncio.sleep(settle_s)
-                    seen = {(d.account_id, d.what) for d in found}
+                    seen = seen_in(found)
                     found = [d for d in await loader.verify(root_id) or []
                              if (d.account_id, d.what) in seen]
             except Unavailable:
