@@ -81,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig = commands.add_parser("migrate", parents=[data], help="apply pending migrations")
     mig.set_defaults(run=_cmd_migrate)
 
-    keys = commands.add_parser("keys", help="manage API keys")
-    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    key_commands = _group(commands, "keys", "manage API keys")
     create = key_commands.add_parser("create", parents=[data], help="create an API key")
     create.add_argument("--scope", required=True, choices=[s.value for s in KEY_SCOPES])
     create.add_argument("--name", default="")
@@ -96,9 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", type=int, help="the key's id, from `keys list`")
     revoke.set_defaults(run=_cmd_keys_revoke)
 
-    tokens = commands.add_parser("tokens", help="customer tokens: rotate the signing secret")
-    token_commands = tokens.add_subparsers(dest="tokens_command", required=True,
-                                           metavar="COMMAND")
+    token_commands = _group(commands, "tokens", "customer tokens: rotate the signing secret")
     rotate = token_commands.add_parser(
         "rotate-secret", parents=[data],
         help="write a new signing secret for customer tokens; the older ones keep verifying "
@@ -113,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the signing secrets (id, created, retired; never the secret)")
     secrets_list.set_defaults(run=_cmd_tokens_secrets)
 
-    hooks = commands.add_parser("webhooks", help="outbound webhooks: send a test, watch deliveries")
-    hook_commands = hooks.add_subparsers(dest="webhooks_command", required=True, metavar="COMMAND")
+    hook_commands = _group(commands, "webhooks",
+                           "outbound webhooks: send a test, watch deliveries")
     test = hook_commands.add_parser("send-test", parents=[data],
                                     help="send a webhook.test event to one endpoint only")
     test.add_argument("endpoint_id", type=_positive_int)
@@ -124,10 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--endpoint", type=_positive_int, default=None, help="only this endpoint id")
     watch.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
     watch.set_defaults(run=_cmd_webhooks_watch)
-    journal = commands.add_parser(
-        "journal", help="journal entries Postgres will not take: list them, drop one")
-    journal_commands = journal.add_subparsers(dest="journal_command", required=True,
-                                              metavar="COMMAND")
+    journal_commands = _group(commands, "journal",
+                              "journal entries Postgres will not take: list them, drop one")
     stuck = journal_commands.add_parser(
         "stuck", parents=[data],
         help="commit what the journals hold that can be committed, and name each entry "
@@ -143,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("entry_id", type=_stream_id, help="the entry id, from `journal stuck`")
     drop.set_defaults(run=_cmd_journal_drop)
 
-    hotstate = commands.add_parser("hotstate", help="the Redis hot copy: compare it with Postgres")
-    hot_commands = hotstate.add_subparsers(dest="hotstate_command", required=True,
-                                           metavar="COMMAND")
+    hot_commands = _group(commands, "hotstate", "the Redis hot copy: compare it with Postgres")
     verify = hot_commands.add_parser(
         "verify", parents=[data],
         help="compare each loaded root's hot copy with what a rebuild from Postgres would "
@@ -156,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "them from Postgres")
     verify.set_defaults(run=_cmd_hotstate_verify)
     return parser
+
+
+def _group(commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+           help_text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """A command with subcommands of its own (`creditgate <name> <subcommand>`)."""
+    return commands.add_parser(name, help=help_text).add_subparsers(
+        dest=f"{name}_command", required=True, metavar="COMMAND")
 
 
 def _stream_id(raw: str) -> str:
