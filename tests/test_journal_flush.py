@@ -251,12 +251,13 @@ async def test_a_stopping_journal_commits_what_is_queued_before_it_stops(
     assert await written(db, *records) == {r.payload["uid"]: (1, -10) for r in records}
 
 
-async def test_a_record_postgres_cannot_take_fails_its_own_request_and_root_only(
+async def test_a_record_postgres_cannot_take_fails_its_own_request_and_entry_only(
         api: Api, app: Any, db: asyncpg.Connection) -> None:
     """One record that cannot be written (here: a time past what a timestamp holds, as a grant
     expiring in 9999 once had) does not take others down with it. Requests committed in one
     flush with it are flushed again request by request, so only its own fails; the orphan
-    sweep commits the other roots' journals and announces its root again (logged each time)."""
+    sweep commits the other roots' journals and the root's other entries, and announces its
+    root again (logged each time)."""
     root, other = await new_root(api, app, db), await new_root(api, app, db)
     hot = root.ctx.hot
     journal = Journal(root.ctx.pool, hot)
@@ -280,12 +281,15 @@ async def test_a_record_postgres_cannot_take_fails_its_own_request_and_root_only
         assert [o for i, o in enumerate(outcomes) if i != 3] == [["accepted"]] * 6
         assert await written(db, *good) == {r.payload["uid"]: (1, -10) for r in good}
 
-        # an orphan of another root, swept after the poisoned root in the same pass
-        orphan = await other.decided(25)
+        # an orphan of another root, swept after the poisoned root in the same pass, and one of
+        # the poisoned root's own after it in its journal: both committed
+        orphan, behind = await other.decided(25), await root.decided(5)
         await hot.redis.zrem(hot.keys.journal_index_of(root.id), str(root.id))
         await journal._sweep_roots([root.id, other.id], "+")
-        assert await written(db, orphan) == {orphan.payload["uid"]: (1, -25)}
+        assert await written(db, orphan, behind) == {orphan.payload["uid"]: (1, -25),
+                                                     behind.payload["uid"]: (1, -5)}
         assert await written(db, poison) == {poison.payload["uid"]: (0, 0)}
+        assert [eid for eid, _ in await hot.journal_entries(root.id, "+")] == [poison_id]
         assert await hot.redis.zscore(hot.keys.journal_index_of(root.id), str(root.id))
     finally:
         if poison_id is not None:  # (the session's own sweeper would meet it in every pass)

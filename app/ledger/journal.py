@@ -328,10 +328,8 @@ class Journal:
             log.warning("journal ack failed; entries will be re-flushed by the sweeper")
 
     async def recover_root(self, root_id: int, max_id: str = "+") -> int:
-        return await self._recover(root_id, await self.hot.journal_entries(root_id, max_id))
-
-    async def _recover(self, root_id: int, entries: list[tuple[str, dict[str, str]]]) -> int:
-        records = [JournalRecord.from_stream(root_id, eid, fields) for eid, fields in entries]
+        records = [JournalRecord.from_stream(root_id, eid, fields)
+                   for eid, fields in await self.hot.journal_entries(root_id, max_id)]
         await self.flush(records)
         return len(records)
 
@@ -366,15 +364,17 @@ class Journal:
                                     strict=True):
             if not entries:
                 continue
-            try:
-                found += await self._recover(root_id, entries)
-            except STORE_ERRORS:
-                raise
-            except Exception:
-                # an entry Postgres cannot take must not stop the sweep of every other root:
+            records = [JournalRecord.from_stream(root_id, eid, f) for eid, f in entries]
+            stuck = await self._committed_apart(records)
+            found += len(records) - len(stuck)
+            if stuck:
+                # an entry Postgres cannot take must not stop the sweep of every other root,
+                # nor hold back its own root's other entries (committed one by one above):
                 # logged, and the root announced again, so each later sweep tries it again
-                log.exception("journal of root %s: its entries could not be committed "
-                              "(`creditgate journal stuck` names them)", root_id)
+                log.error("journal of root %s: entries Postgres refuses (`creditgate journal "
+                          "stuck` names them, `creditgate journal drop` takes one out): %s",
+                          root_id, "; ".join(f"{s.record.stream_id} {s.record.op_key}: "
+                                             f"{s.error}" for s in stuck))
                 self.sweep_failures += 1
                 await self.hot.index(root_id)
                 continue
@@ -394,14 +394,21 @@ class Journal:
         async for key in self.hot.redis.scan_iter(match=self.hot.keys.journal_pattern,
                                                    count=1000, _type="stream"):
             root_id = root_of(str(key))
-            records = [JournalRecord.from_stream(root_id, eid, fields)
-                       for eid, fields in await self.hot.journal_entries(root_id, cutoff)]
-            if await self._refused(records) is None:
-                continue
-            for record in records:
-                error = await self._refused([record])
-                if error is not None:
-                    found.append(Stuck(record, error))
+            found += await self._committed_apart(
+                [JournalRecord.from_stream(root_id, eid, fields)
+                 for eid, fields in await self.hot.journal_entries(root_id, cutoff)])
+        return found
+
+    async def _committed_apart(self, records: list[JournalRecord]) -> list[Stuck]:
+        """Flush records together, and when Postgres refuses that, one by one: the ones it
+        refuses on their own, with its error (the rest are committed)."""
+        if await self._refused(records) is None:
+            return []
+        found = []
+        for record in records:
+            error = await self._refused([record])
+            if error is not None:
+                found.append(Stuck(record, error))
         return found
 
     async def drop(self, root_id: int, entry_id: str) -> tuple[str, JournalRecord]:
