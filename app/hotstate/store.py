@@ -10,6 +10,7 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from app.hotstate.checkcache import CheckCache
 from app.hotstate.keys import Keys
@@ -244,9 +245,13 @@ class HotState:
         perhaps older than the change that called for this) cannot install: install.lua
         refuses a counter that moved since the snapshot, and the rebuild starts again."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.root(root_id))
-            pipe.incr(self.keys.ops(root_id))
+            self._forget(pipe, root_id)
             await pipe.execute()
+
+    def _forget(self, pipe: Pipeline, root_id: int) -> None:
+        """The commands of `invalidate`, queued in a transaction of the caller's."""
+        pipe.delete(self.keys.root(root_id))
+        pipe.incr(self.keys.ops(root_id))
 
     async def read_account(self, root_id: int, account_id: int,
                            tracked: tuple[str, ...] = ()) -> list[Any] | None:
@@ -296,8 +301,7 @@ class HotState:
             if mark is not None:
                 account_id, day, uid = mark
                 pipe.hdel(self.keys.uid_bucket(root_id, account_id, day), uid)
-            pipe.delete(self.keys.root(root_id))
-            pipe.incr(self.keys.ops(root_id))
+            self._forget(pipe, root_id)
             removed = (await pipe.execute())[0]
         return bool(removed)
 

@@ -20,6 +20,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 
+import asyncpg
 import redis.asyncio as aioredis
 
 from app.db import create_pool
@@ -30,26 +31,34 @@ from app.hotstate.store import HotState
 from app.ledger.journal import Journal, JournalRecord
 from app.ledger.loader import Drift, Loader
 from app.ledger.repository import ms_to_dt
-from app.ledger.verifier import seen_in
+from app.ledger.verifier import seen_again, seen_in
 from app.money import scaled_text
 from app.settings import Seconds, Settings
 
 
 @contextlib.asynccontextmanager
-async def _journal(settings: Settings) -> AsyncIterator[Journal]:
-    """A journal of this command's own (no flush loop: it flushes only when told), on stores
-    of its own (`journal.pool`, `journal.hot`)."""
+async def _stores(settings: Settings) -> AsyncIterator[tuple[asyncpg.Pool, HotState]]:
+    """A pool and a hot state of this command's own."""
     pool = await create_pool(settings.database_url, 2)
     redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
     fast = FastRedis(settings.redis_url)
-    journal = Journal(pool, HotState(redis, fast, Keys(settings.redis_prefix)))
     try:
-        yield journal
+        yield pool, HotState(redis, fast, Keys(settings.redis_prefix))
     finally:
-        await journal.stop()  # (the webhook nudges a flush may have spawned)
         await fast.aclose()
         await redis.aclose()
         await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _journal(settings: Settings) -> AsyncIterator[Journal]:
+    """A journal of this command's own (no flush loop: it flushes only when told)."""
+    async with _stores(settings) as (pool, hot):
+        journal = Journal(pool, hot)
+        try:
+            yield journal
+        finally:
+            await journal.stop()  # (the webhook nudges a flush may have spawned)
 
 
 def _when(ms: int) -> str:
@@ -94,8 +103,7 @@ async def verify(settings: Settings, account: str | None, repair: bool,
     only when a second comparison `settle_s` later finds it again: a write between its
     Postgres commit and its Redis update (an account's status, say) shows for an instant.
     Returns how many roots differ."""
-    async with _journal(settings) as journal:
-        pool, hot = journal.pool, journal.hot
+    async with _stores(settings) as (pool, hot):
         loader = Loader(pool, hot)
         places = {r["code"]: r["decimal_places"]
                   for r in await pool.fetch("SELECT code, decimal_places FROM credit_types")}
@@ -113,9 +121,7 @@ async def verify(settings: Settings, account: str | None, repair: bool,
                 found = await loader.verify(root_id)
                 if found:
                     await asyncio.sleep(settle_s)
-                    seen = seen_in(found)
-                    found = [d for d in await loader.verify(root_id) or []
-                             if (d.account_id, d.what) in seen]
+                    found = seen_again(seen_in(found), await loader.verify(root_id))
             except Unavailable:
                 out(f"root {root_id}: it kept changing while it was read; not verified")
                 continue

@@ -35,6 +35,11 @@ def seen_in(found: list[Drift]) -> frozenset[tuple[int, str]]:
     return frozenset((d.account_id, d.what) for d in found)
 
 
+def seen_again(seen: frozenset[tuple[int, str]], found: list[Drift] | None) -> list[Drift]:
+    """The differences of a second look (None: the root went cold) that the first saw too."""
+    return [d for d in found or [] if (d.account_id, d.what) in seen]
+
+
 @dataclass
 class HotCheck:
     """A process's sampled checks: when the next is due, the root whose first look found a
@@ -74,8 +79,7 @@ async def check_sampled(ctx: AppContext, memory: HotCheck, every: Seconds,
         root, seen = memory.suspect
         memory.suspect = None
         try:
-            found = [d for d in await ctx.loader.verify(root) or []
-                     if (d.account_id, d.what) in seen]
+            found = seen_again(seen, await ctx.loader.verify(root))
         except Unavailable:
             return 0
         if not found:
