@@ -263,3 +263,15 @@ async def call_as(client: httpx.AsyncClient, key: str, method: str, path: str,
                                      **kwargs)
     assert response.status_code < 300, response.text
     return response.json()
+
+
+async def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`creditgate <args>` run to its end in a process of its own, on the test session's
+    database, Redis and hot state (its key prefix)."""
+    env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
+           "CREDITGATE_REDIS_PREFIX": settings.redis_prefix,
+           "CREDITGATE_MIGRATIONS_DIR": str(settings.migrations_dir)}
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", "from app.cli import main; raise SystemExit(main())",
+                         *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=60)

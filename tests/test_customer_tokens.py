@@ -7,8 +7,6 @@ import base64
 import hashlib
 import hmac
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,10 +20,10 @@ import pytest
 
 from app.auth.keys import Scope, create_api_key, hash_key
 from app.auth.tokens import rotate_secret
-from app.settings import REPO_ROOT, Settings
+from app.settings import Settings
 from tests.conftest import Api
 from tests.fresh import Fresh, fresh_app, migrations_before
-from tests.procs import run_apps
+from tests.procs import cli, run_apps
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -109,16 +107,6 @@ async def test_minting_stores_nothing_and_refuses_bad_input(
                                headers=api.runtime, json={}), 404, "code")
 
 
-async def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """`creditgate <args>` in a process of its own, against the test database."""
-    env = {**os.environ, "DATABASE_URL": settings.database_url,
-           "CREDITGATE_MIGRATIONS_DIR": str(settings.migrations_dir)}
-    return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", "from app.cli import main; raise SystemExit(main())",
-                         *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-        timeout=60)
-
-
 async def test_a_forged_expired_or_orphaned_token_is_refused(
         api: Api, app: Any, client: httpx.AsyncClient, db: asyncpg.Connection,
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,14 +147,14 @@ async def test_a_forged_expired_or_orphaned_token_is_refused(
                                 headers=_bearer(minter))).json()["token"]
     assert (await read(orphan)).status_code == 200
     key_id = await db.fetchval("SELECT id FROM api_keys WHERE key_hash = $1", hash_key(minter))
-    revoked = await _cli(settings, "keys", "revoke", str(key_id))
+    revoked = await cli(settings, "keys", "revoke", str(key_id))
     assert revoked.returncode == 0, revoked.stderr
     assert "revoked" in _refused(await read(orphan), 401)
-    listed = await _cli(settings, "keys", "list")
+    listed = await cli(settings, "keys", "list")
     mine = [line for line in listed.stdout.splitlines() if line.endswith(" minter")]
     assert listed.returncode == 0 and mine[-1].split()[0] == str(key_id), listed.stdout
     assert minter[:12] in mine[-1] and minter not in listed.stdout  # the prefix, never the key
-    again = await _cli(settings, "keys", "revoke", str(key_id))  # not live any more
+    again = await cli(settings, "keys", "revoke", str(key_id))  # not live any more
     assert again.returncode == 1 and f"no live API key with id {key_id}" in again.stderr
     assert (await read(token)).status_code == 200  # other keys' tokens are unaffected
 
@@ -353,7 +341,7 @@ async def test_a_rotation_reaches_every_process_and_retire_now_ends_old_tokens_e
             assert _secret_id(first) == 1
             assert await statuses(first) == {name: 200 for name in readers}
 
-            rotated = await _cli(f.settings, "tokens", "rotate-secret")
+            rotated = await cli(f.settings, "tokens", "rotate-secret")
             assert rotated.returncode == 0, rotated.stderr
             assert rotated.stdout.strip() == "2"
             retires = await f.db.fetchval(
@@ -385,7 +373,7 @@ async def test_a_rotation_reaches_every_process_and_retire_now_ends_old_tokens_e
             f.tokens.refresh_s = 1.0
             assert await statuses(first) == await statuses(second) == \
                 {name: 200 for name in readers}  # each one remembered by every process
-            retired = await _cli(f.settings, "tokens", "rotate-secret", "--retire-now")
+            retired = await cli(f.settings, "tokens", "rotate-secret", "--retire-now")
             assert retired.returncode == 0, retired.stderr
             assert retired.stdout.strip() == "3"
 
@@ -462,7 +450,7 @@ async def test_a_forged_or_retired_secret_id_is_refused(
 
 async def test_the_cli_rotates_and_lists_secrets_without_showing_them(fresh: Fresh) -> None:
     f = fresh
-    empty = await _cli(f.settings, "tokens", "secrets")
+    empty = await cli(f.settings, "tokens", "secrets")
     assert empty.returncode == 0, empty.stderr
     assert empty.stdout.splitlines()[0].split()[:2] == ["id", "created"]
     assert len(empty.stdout.splitlines()) == 1  # no secret until a token is minted
@@ -471,12 +459,12 @@ async def test_the_cli_rotates_and_lists_secrets_without_showing_them(fresh: Fre
     await _mint(f.api, own["account"])  # writes secret 1
     for new_id, args in enumerate((("rotate-secret",), ("rotate-secret",),
                                    ("rotate-secret", "--retire-now"), ("rotate-secret",)), 2):
-        done = await _cli(f.settings, "tokens", *args)
+        done = await cli(f.settings, "tokens", *args)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == str(new_id)
         assert f"secret {new_id} signs new tokens" in done.stderr
         assert ("retired now" in done.stderr) == ("--retire-now" in args), done.stderr
-    listed = await _cli(f.settings, "tokens", "secrets")
+    listed = await cli(f.settings, "tokens", "secrets")
     assert listed.returncode == 0, listed.stderr
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]
     states = {int(row[0]): row[-1] for row in rows}

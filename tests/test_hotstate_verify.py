@@ -6,9 +6,6 @@ while it is written to; a hot copy changed behind the app's back shows each diff
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from decimal import Decimal
@@ -24,8 +21,9 @@ from app.hotstate.store import HotState
 from app.ledger.commands import verify
 from app.ledger.loader import Drift
 from app.ledger.verifier import HotCheck, check_sampled, random_root
-from app.settings import REPO_ROOT, Settings
+from app.settings import Settings
 from tests.conftest import Api
+from tests.procs import cli
 
 
 async def _family(api: Api, db: asyncpg.Connection) -> dict[str, Any]:
@@ -151,38 +149,29 @@ async def test_a_difference_seen_once_is_not_reported(
     assert lines == ["1 loaded roots verified, 0 differ from Postgres"]
 
 
-async def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-           "CREDITGATE_REDIS_PREFIX": settings.redis_prefix}
-    return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", "from app.cli import main; raise SystemExit(main())",
-                         "hotstate", "verify", *args], env=env, cwd=REPO_ROOT,
-        capture_output=True, text=True, timeout=60)
-
-
 async def test_the_command_reports_repairs_and_refuses_as_an_operator_sees_it(
         api: Api, app: Any, db: asyncpg.Connection, settings: Settings) -> None:
     f = await _family(api, db)
     hot, tag = app.state.ctx.hot, app.state.ctx.hot.keys.tag(f["root_id"])
     await hot.redis.hincrby(f"{tag}:b:{f['child_id']}", str(f["scoped"]), -100)
 
-    found = await _cli(settings, "--account", f["account"])
+    found = await cli(settings, "hotstate", "verify", "--account", f["account"])
     assert found.returncode == 3, found.stderr
     assert (f"root {f['root_id']}  account {f['child_id']} ({f['child']})  balance {f['scoped']}: "
             f"1.50 {f['credit_type']} in Redis, 2.50 {f['credit_type']} in Postgres") \
         in found.stdout.splitlines()
     assert await hot.redis.exists(hot.keys.root(f["root_id"])) == 1  # not repaired unasked
 
-    repaired = await _cli(settings, "--account", f["child"], "--repair")
+    repaired = await cli(settings, "hotstate", "verify", "--account", f["child"], "--repair")
     assert repaired.returncode == 3, repaired.stderr
     assert repaired.stdout.splitlines()[-1].endswith("(repaired)")
     assert Decimal((await api.live(f["child"]))["balances"][0]["remaining"]) >= 0
     await api.usage(f["account"], f["api"], "0.01")  # loaded again, from Postgres
-    again = await _cli(settings, "--account", f["account"])
+    again = await cli(settings, "hotstate", "verify", "--account", f["account"])
     assert again.returncode == 0, again.stdout
     assert again.stdout.splitlines()[-1] == "1 loaded roots verified, 0 differ from Postgres"
 
-    unknown = await _cli(settings, "--account", "no-such-account")
+    unknown = await cli(settings, "hotstate", "verify", "--account", "no-such-account")
     assert unknown.returncode == 1 and "no account 'no-such-account'" in unknown.stderr
 
 

@@ -6,9 +6,6 @@ rebuilt from Postgres without it, and the event's uid may be sent again."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from decimal import Decimal
 from typing import Any
 
@@ -16,25 +13,15 @@ import asyncpg
 import httpx
 import pytest
 
-from app.settings import REPO_ROOT, Settings
+from app.settings import Settings
 from tests.conftest import Api
 from tests.journal_helpers import new_root, written
+from tests.procs import cli
 
 
 async def _metric(client: httpx.AsyncClient, api: Api, name: str) -> int:
     text = (await client.get("/metrics", headers=api.admin)).text
     return int(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
-
-
-async def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """`creditgate journal <args>` in a process of its own, on the test session's servers and
-    hot state."""
-    env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-           "CREDITGATE_REDIS_PREFIX": settings.redis_prefix}
-    return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", "from app.cli import main; raise SystemExit(main())",
-                         "journal", *args], env=env, cwd=REPO_ROOT, capture_output=True,
-        text=True, timeout=60)
 
 
 async def test_a_refused_entry_is_named_and_dropped_and_its_uid_can_come_again(
@@ -99,7 +86,7 @@ async def test_the_commands_name_drop_and_refuse_as_an_operator_sees_them(
     root = await new_root(api, app, db)
     refused = await root.refused(10)
     await asyncio.sleep(1.1)  # --older-than 1: an entry of a second ago or more
-    listed = await _cli(settings, "stuck", "--older-than", "1")
+    listed = await cli(settings, "journal", "stuck", "--older-than", "1")
     assert listed.returncode == 3, listed.stderr
     lines = listed.stdout.splitlines()
     at = next(i for i, line in enumerate(lines)
@@ -107,15 +94,15 @@ async def test_the_commands_name_drop_and_refuse_as_an_operator_sees_them(
     assert refused.payload["uid"] in lines[at]
     assert lines[at + 1].startswith("  refused: ") and "out of range" in lines[at + 1]
 
-    dropped = await _cli(settings, "drop", str(root.id), refused.stream_id)
+    dropped = await cli(settings, "journal", "drop", str(root.id), refused.stream_id)
     assert dropped.returncode == 0, dropped.stderr
     assert dropped.stdout.startswith("dropped; ")
     assert Decimal(await api.available(root.code)) == Decimal("100.00")
-    listed = await _cli(settings, "stuck", "--older-than", "1")
+    listed = await cli(settings, "journal", "stuck", "--older-than", "1")
     assert f"root {root.id} " not in listed.stdout
 
-    gone = await _cli(settings, "drop", str(root.id), refused.stream_id)
+    gone = await cli(settings, "journal", "drop", str(root.id), refused.stream_id)
     assert gone.returncode == 1
     assert f"root {root.id} has no journal entry {refused.stream_id}" in gone.stderr
-    malformed = await _cli(settings, "drop", str(root.id), "latest")
+    malformed = await cli(settings, "journal", "drop", str(root.id), "latest")
     assert malformed.returncode == 2 and "entry_id" in malformed.stderr
