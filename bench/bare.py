@@ -3,9 +3,10 @@
 POST /bare reads and parses the JSON body (like /v1/check does) and answers a small JSON object,
 so the number it gets is what the server + framework cost before any creditgate code runs.
 
-POST /bare_redis does the same plus one EVALSHA of a one-line Lua script through redis-py
-(the client creditgate uses), when BARE_REDIS_URL is set: the floor of any endpoint that must
-ask Redis once, as /v1/check does.
+POST /bare_redis does the same plus one EVALSHA of a one-line Lua script through redis-py, and
+POST /bare_fast through creditgate's own pipelined client (app/hotstate/resp.py, how its Lua is
+called), when BARE_REDIS_URL is set: the floor of any endpoint that must ask Redis once, as
+/v1/check does.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ rounded once with the remainder carried, a `rated_debits` row in the same transa
 the usage path under a deterministic uid (`send_unsent` repairs a crash in between).
 
 A charge that goes down (a counter lowered) is not given back mid-period: the drawn amount
-stays at its high-water mark and the bill run settles the difference, as for measurements.
+stays at its high-water mark and the bill run settles the difference (unlike a measurement
+charge, which `app/rating/giveback.py` gives back at once).
 
 When it happens, each in one transaction under the account's row lock:
 - a counter adjustment settles every started period of the account's plans that price the
