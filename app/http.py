@@ -165,6 +165,22 @@ def validate_items(model: type[M], items: list[Any]) -> list[M | Problem]:
     return checked
 
 
+def batch_of(body: Any, key: str, limit: int) -> list[Any] | None:
+    """The items of a batch body `{key: [...]}` (1 to `limit` of them, nothing beside); None
+    when the body is a single item."""
+    if not (isinstance(body, dict) and key in body):
+        return None
+    items = body[key]
+    if set(body) != {key}:
+        raise ValidationProblem(f"only `{key}` is allowed beside a batch",
+                                field=sorted(set(body) - {key})[0])
+    if not isinstance(items, list) or not items:
+        raise ValidationProblem(f"must be a non-empty list of {key}", field=key)
+    if len(items) > limit:
+        raise ValidationProblem(f"at most {limit} {key} per batch", field=key)
+    return items
+
+
 class KeyCache:
     """Known keys are cached briefly so the hot path does not hit Postgres; revocation lags by
     at most KEY_CACHE_TTL_S. Customer tokens are checked here too (`tokens`), each against

@@ -11,6 +11,7 @@ import asyncpg
 
 from app.rating import repository as repo
 from app.rating.drawdown import UnsentCursor, send_unsent
+from app.rating.schemas import MAX_MEASUREMENTS
 from tests.conftest import Api
 from tests.test_rating_config import _code, meter, plan
 
@@ -150,6 +151,30 @@ async def test_bad_measurements_name_the_field(api: Api) -> None:
         {**base, "uid": "u2", "x": 1, "data": {"gb": 1, "files": 1, "seconds": 1}}]})
     assert batch["unrated"] == 1 and batch["rejected"] == 1
     assert batch["results"][1]["error"]["field"] == "measurements.1.x"
+
+
+async def test_a_bad_batch_envelope_names_the_field_and_stores_nothing(
+        api: Api, db: asyncpg.Connection) -> None:
+    names = await api.setup()
+    meter_code = await meter(api)
+
+    def one() -> dict[str, Any]:
+        return {"uid": uuid.uuid4().hex, "account": names["account"], "meter": meter_code,
+                "timestamp": _now(), "data": {"gb": 1, "files": 1, "seconds": 1}}
+
+    before = await db.fetchval("SELECT count(*) FROM measurements")
+    cases = [({"measurements": [one() for _ in range(MAX_MEASUREMENTS + 1)]}, "measurements"),
+             ({"measurements": []}, "measurements"),
+             ({"measurements": one()}, "measurements"),
+             ({"measurements": [one()], "surprise": 1}, "surprise")]
+    for body, field in cases:
+        problem = await api.call("POST", "/v1/measurements", scope="runtime", expect=422,
+                                 json=body)
+        assert problem["field"] == field, problem
+    assert await db.fetchval("SELECT count(*) FROM measurements") == before
+    full = await api.call("POST", "/v1/measurements", scope="runtime",
+                          json={"measurements": [one() for _ in range(MAX_MEASUREMENTS)]})
+    assert full["unrated"] == MAX_MEASUREMENTS  # the limit itself is taken
 
 
 async def test_a_rated_debit_lost_in_a_crash_is_sent_by_the_worker(

@@ -28,7 +28,7 @@ from app.entitlements.schemas import (
 )
 from app.entitlements.streams import MEDIA_TYPE, StreamQuery, balances_stream
 from app.errors import ValidationProblem
-from app.http import CUSTOMER_READ, READ, RUNTIME, Call, Endpoint, render
+from app.http import CUSTOMER_READ, READ, RUNTIME, Call, Endpoint, batch_of, render
 
 
 async def check(call: Call) -> BaseModel:
@@ -41,15 +41,8 @@ async def check(call: Call) -> BaseModel:
 async def usage(call: Call) -> BaseModel:
     """One event object, or {"events": [...]} with up to MAX_BATCH events answered one by one."""
     body = call.body
-    if isinstance(body, dict) and "events" in body:
-        events = body["events"]
-        if set(body) != {"events"}:
-            raise ValidationProblem("only `events` is allowed beside a batch",
-                                    field=sorted(set(body) - {"events"})[0])
-        if not isinstance(events, list) or not events:
-            raise ValidationProblem("must be a non-empty list of events", field="events")
-        if len(events) > MAX_BATCH:
-            raise ValidationProblem(f"at most {MAX_BATCH} events per batch", field="events")
+    events = batch_of(body, "events", MAX_BATCH)
+    if events is not None:
         results = await service.record_usage(call.ctx, events, "events.{}.")
         _count(call, results)
         return UsageBatchOut(

@@ -8,7 +8,7 @@ import asyncpg
 from pydantic import BaseModel
 
 from app.errors import NotFound, ValidationProblem
-from app.http import ADMIN, CUSTOMER_READ, READ, RUNTIME, Call, Endpoint
+from app.http import ADMIN, CUSTOMER_READ, READ, RUNTIME, Call, Endpoint, batch_of
 from app.ledger.service import account_ref
 from app.rating import billing, bills, drawdown, recurring, service
 from app.rating import repository as repo
@@ -148,16 +148,8 @@ def _count(call: Call, results: list[MeasurementResult]) -> None:
 async def measurements(call: Call) -> BaseModel:
     """One measurement, or {"measurements": [...]} up to 1,000 answered one by one."""
     body = call.body
-    if isinstance(body, dict) and "measurements" in body:
-        items = body["measurements"]
-        if set(body) != {"measurements"}:
-            raise ValidationProblem("only `measurements` is allowed beside a batch",
-                                    field=sorted(set(body) - {"measurements"})[0])
-        if not isinstance(items, list) or not items:
-            raise ValidationProblem("must be a non-empty list of measurements",
-                                    field="measurements")
-        if len(items) > MAX_MEASUREMENTS:
-            raise ValidationProblem(f"at most {MAX_MEASUREMENTS} per batch", field="measurements")
+    items = batch_of(body, "measurements", MAX_MEASUREMENTS)
+    if items is not None:
         results = await drawdown.record_measurements(call.ctx, items, "measurements.{}.")
         await recurring.after_measurements(call.ctx, items, results)
         _count(call, results)
