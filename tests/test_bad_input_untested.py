@@ -370,12 +370,14 @@ async def test_a_measurement_with_no_credit_type_to_draw_stores_nothing(
     alone = one(world.bare)
     problem = await api.call("POST", "/v1/measurements", scope="runtime", expect=422, json=alone)
     assert problem["field"] == "account", problem
+    # in a batch, each is refused on its own: the measurement beside them is taken
+    neighbour = one(world.account)
     batch = await api.call("POST", "/v1/measurements", scope="runtime",
-                           json={"measurements": [one(world.bare), one(world.bare)]})
-    assert (batch["rejected"], batch["rated"], batch["unrated"]) == (2, 0, 0)
-    # (the batch names it `account`, without the `measurements.N.` prefix its other
-    # rejections carry: reported, so either is taken here)
-    assert {r["error"]["field"].rsplit(".", 1)[-1] for r in batch["results"]} == {"account"}
+                           json={"measurements": [one(world.bare), neighbour, one(world.bare)]})
+    assert [r["status"] for r in batch["results"]] == ["rejected", "unrated", "rejected"]
+    assert [r["error"]["field"] for r in batch["results"] if r["error"]] == [
+        "measurements.0.account", "measurements.2.account"]
+    await api.call("GET", f"/v1/accounts/{world.account}/measurements/{neighbour['uid']}")
     assert await db.fetchval("SELECT count(*) FROM measurements WHERE account_id = $1",
                              bare_id) == 0
     assert await db.fetchval("SELECT count(*) FROM rated_debits WHERE account_id = $1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal as D
 from typing import Any
 
@@ -67,6 +68,38 @@ async def test_no_rate_for_the_day_rejects_the_measurement_and_stores_nothing(
         "timestamp": "2024-07-10T00:00:00Z", "data": {"gb": 1}})
     assert body["field"] == "account" and "conversion rate" in body["detail"]
     assert await db.fetchval("SELECT count(*) FROM measurements WHERE uid = $1", uid) == 0
+
+
+async def test_in_a_batch_only_the_measurement_with_no_rate_for_its_day_is_refused(
+        api: Api, db: asyncpg.Connection) -> None:
+    """Rating refuses the batch together (one transaction), then rates it apart: by account,
+    then one by one within the account that still fails."""
+    names = await api.setup(credit_type="credits", decimal_places=0)
+    usd = await fiat_usd(api)
+    await api.call("POST", f"/v1/credit-types/{names['credit_type']}/conversion-rates",
+                   json={"fiat": usd, "effective": "2024-07-16", "rate": "0.01"})
+    meter_code = await _storage_priced_in(api, names, usd)
+    other, other_meter, other_plan = await storage_setup(api)
+    await api.call("POST", "/v1/pricings", expect=201, json={
+        "plan": other_plan, "aggregation": await aggregation(api, other_meter, "gb", "SUM"),
+        "start_date": await _plan_start(api, other["account"]), "type": "per_unit",
+        "bands": [{"up_to": None, "price": "1"}]})
+    sent = [{"uid": uuid.uuid4().hex, "account": names["account"], "meter": meter_code,
+             "timestamp": ts, "data": {"gb": 1}}
+            for ts in ("2024-07-10T00:00:00Z", "2024-07-20T00:00:00Z")]
+    sent.append({"uid": uuid.uuid4().hex, "account": other["account"], "meter": other_meter,
+                 "timestamp": datetime.now(UTC).isoformat(),
+                 "data": {"gb": 2, "files": 1, "seconds": 1}})
+    out = await api.call("POST", "/v1/measurements", scope="runtime",
+                         json={"measurements": sent})
+    assert [r["status"] for r in out["results"]] == ["rejected", "rated", "rated"], out
+    assert out["results"][0]["error"]["field"] == "measurements.0.account"
+    assert [d["amount"] for d in out["results"][1]["debits"]] == ["5"]  # 0.05 USD at 0.01
+    assert [d["amount"] for d in out["results"][2]["debits"]] == ["2.00"]
+    stored = await db.fetch("SELECT uid FROM measurements WHERE uid = ANY($1::text[])",
+                            [m["uid"] for m in sent])
+    assert {r["uid"] for r in stored} == {sent[1]["uid"], sent[2]["uid"]}
+    assert D(await api.available(other["account"])) == D(1000 - 2)
 
 
 async def _storage_priced_in(api: Api, names: dict[str, str], currency: str) -> str:

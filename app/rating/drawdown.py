@@ -196,14 +196,15 @@ async def record_measurements(ctx: AppContext, items: list[Any],
             continue
         seen.add(key)
         valid.append(item)
+    refused: dict[int, ValidationProblem] = {}
+    new = await _rate_apart(ctx, valid, refused) if valid else set()
+    if refused:
+        for item in valid:
+            if item.index in refused:
+                results[item.index] = _rejected(item.body.model_dump(), refused[item.index],
+                                                prefix.format(item.index))
+        valid = [item for item in valid if item.index not in refused]
     if valid:
-        try:
-            new = await _group_of(ctx).rate(valid, seen)
-        except ValidationProblem as problem:  # e.g. no conversion rate: nothing was stored
-            for item in valid:
-                results[item.index] = _rejected(item.body.model_dump(), problem, "")
-            new = set()
-            valid = []
         await send_rated(ctx, valid)
         for item in valid:
             credit_type = item.account.credit_type
@@ -220,6 +221,29 @@ async def record_measurements(ctx: AppContext, items: list[Any],
                 status="duplicate" if (item.account.id, item.body.uid) not in new
                 else "rated" if item.pricings else "unrated")
     return [results[i] for i in range(len(items))]
+
+
+async def _rate_apart(ctx: AppContext, items: list[Item],
+                      refused: dict[int, ValidationProblem]) -> set[tuple[int, str]]:
+    """Rate `items`; when rating refuses them together (an account with no credit type to
+    draw, no conversion rate for a day: the transaction rolled back, nothing stored), rate them
+    apart, each account's on their own (side by side: the group runs them in one transaction
+    and splits it again if one still fails), then one by one, so that only the measurements
+    refused are: `refused` gets each one's problem, by its index in the request."""
+    try:
+        return await _group_of(ctx).rate(items, {(i.account.id, i.body.uid) for i in items})
+    except ValidationProblem as problem:
+        if len(items) == 1:
+            refused[items[0].index] = problem
+            return set()
+    by_account: dict[int, list[Item]] = {}
+    for item in items:
+        by_account.setdefault(item.account.id, []).append(item)
+    parts = list(by_account.values()) if len(by_account) > 1 else [[item] for item in items]
+    new: set[tuple[int, str]] = set()
+    for found in await asyncio.gather(*(_rate_apart(ctx, part, refused) for part in parts)):
+        new |= found
+    return new
 
 
 def debit_uid(uid: str, pricing_id: int, prefix: str = "r") -> str:
