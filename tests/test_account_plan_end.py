@@ -103,7 +103,12 @@ async def test_a_plan_change_ends_one_plan_where_the_next_begins(
     assert rated["status"] == "rated", rated
     [today] = (await api.call("GET", f"/v1/accounts/{account}/usage",
                               params={"at": str(datetime.now(UTC).date())}))["plans"]
-    assert today["plan"] == old and D(today["total"]) == D("5.30")
+    # the old plan's standing charge is for the days before the change (5 a month, prorated)
+    period = period_of(first, "monthly", 1, datetime.now(UTC).date())
+    covered = min(change, period[1])
+    assert today["plan"] == old and today["covered_until"] == str(covered)
+    share = D(5) * (covered - period[0]).days / (period[1] - period[0]).days
+    assert abs(D(today["total"]) - share - D("0.30")) < D("1e-30")  # (a quotient: 40 digits)
     [on_change] = (await api.call("GET", f"/v1/accounts/{account}/usage",
                                   params={"at": str(change)}))["plans"]
     assert on_change["plan"] == new and D(on_change["total"]) == 7

@@ -14,13 +14,14 @@ from app.errors import NotFound
 from app.money import fmt
 from app.rating import repository as repo
 from app.rating.drawdown import _state
-from app.rating.periods import period_of
+from app.rating.periods import covered_until, period_of
 from app.rating.pricing import (
     Band,
     aggregate,
     charge,
     counter_charge,
     counter_levels,
+    prorate,
     quantity,
 )
 from app.rating.schemas import AccountUsageOut, BandApplied, PlanUsage, PricingUsage
@@ -58,13 +59,14 @@ def _bands(pricing: asyncpg.Record) -> list[Band]:
 
 
 async def pricing_usage(conn: Conn, account_id: int, pricing: asyncpg.Record,
-                        start: date, end: date) -> list[PricingUsage]:
-    """A pricing's lines for the period [start, end): one per segment (one for a counter)."""
+                        start: date, end: date, until: date) -> list[PricingUsage]:
+    """A pricing's lines for the period [start, end): one per segment (one for a counter, of
+    the levels before `until`: `periods.covered_until`)."""
     bands, fee = _bands(pricing), Decimal(pricing["fixed_fee"])
     kind = pricing["pricing_type"]
     if pricing["counter_id"] is not None:
         levels = await repo.counter_levels(conn, account_id, pricing["counter_id"])
-        spans = counter_levels(levels, start, end)
+        spans = counter_levels(levels, start, until)
         amount = counter_charge(kind, bands, fee, spans, (end - start).days,
                                 pricing["counter_mode"])
         peak = max((lvl for lvl, _ in spans), default=Decimal(0))
@@ -92,13 +94,15 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
     day = at or datetime.now(UTC).date()
     plans = []
     for plan in await repo.plans_at(ctx.pool, account.id, day):
-        start, end = period_of(plan["anchor"], plan["bill_frequency"], plan["bill_interval"], day)
+        period = start, end = period_of(plan["anchor"], plan["bill_frequency"],
+                                        plan["bill_interval"], day)
+        until = covered_until(period, plan["plan_end"])
         usages: list[PricingUsage] = []
         drawn = 0
         for pricing in await repo.pricings_in(ctx.pool, plan["id"], start, end):
-            usages += await pricing_usage(ctx.pool, account.id, pricing, start, end)
+            usages += await pricing_usage(ctx.pool, account.id, pricing, start, end, until)
             drawn += await repo.drawn_minor(ctx.pool, account.id, f"p{pricing['id']}", start)
-        standing = Decimal(plan["standing_charge"])
+        standing = prorate(Decimal(plan["standing_charge"]), period, until)
         standing_drawn = await repo.drawn_minor(ctx.pool, account.id,
                                                 f"s{plan['account_plan_id']}", start)
         drawn += standing_drawn
@@ -106,7 +110,8 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
         places = account.credit_type.decimal_places if account.credit_type else 0
         plans.append(PlanUsage(
             plan=plan["code"], currency=plan["currency"], period_start=start, period_end=end,
-            standing_charge=f"{standing:f}", minimum_spend=f"{Decimal(plan['minimum_spend']):f}",
+            covered_until=until, standing_charge=f"{standing:f}",
+            minimum_spend=f"{prorate(Decimal(plan['minimum_spend']), period, until):f}",
             pricings=usages, total=f"{total:f}",
             drawn=fmt(Decimal(drawn).scaleb(-places), places),
             standing_charge_drawn=fmt(Decimal(standing_drawn).scaleb(-places), places),

@@ -15,7 +15,8 @@ transaction under the account's row lock:
 3. **Lines**: the standing charge and each pricing's quantity, bands and amount, exactly as
    bill-to-date computes them from the stored states and counter levels; the subtotal; a
    **minimum spend** top-up when the subtotal is below the plan's minimum; the total rounded
-   once, half up, at the plan currency's places.
+   once, half up, at the plan currency's places. A period the account plan ends within is
+   charged for the days before the end (`periods.covered_until`, `pricing.prorate`).
 4. **Settle the credits** (accounts with a credit type): the top-up is a running charge of its
    own (`m<account plan id>`, converted at the rate of the period's last day); then every
    charge of the period is brought to its rounded exact amount: a counter lowered mid-period
@@ -51,8 +52,8 @@ from app.rating import giveback, recurring
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
 from app.rating.billing import pricing_usage
-from app.rating.periods import period_of
-from app.rating.pricing import CHARGE_ROUNDING, convert, to_minor
+from app.rating.periods import covered_until, period_of
+from app.rating.pricing import CHARGE_ROUNDING, convert, prorate, to_minor
 from app.rating.recurring import Draw, Period
 from app.rating.schemas import BillOut, BillRunIn, BillRunOut, NotBilled, PricingUsage
 from app.webhooks.outbox import OutboxEvent, event_id, publish
@@ -74,7 +75,7 @@ _PLANS = f"""
 _BILL = """
     SELECT b.*, a.code AS account, pl.code AS plan, cur.code AS currency,
            cur.decimal_places AS currency_places, ct.code AS credit_type,
-           ct.decimal_places AS credit_places
+           ct.decimal_places AS credit_places, ap.end_date AS plan_end
     FROM bills b JOIN accounts a ON a.id = b.account_id
     JOIN account_plans ap ON ap.id = b.account_plan_id JOIN plans pl ON pl.id = ap.plan_id
     JOIN credit_types cur ON cur.id = b.currency_id
@@ -181,12 +182,14 @@ async def _bill(conn: Connection, account: AccountRef, plan: asyncpg.Record, per
         settlement = recurring.Settlement(conn, account, credit_type)
         await settlement.period(plan, [p for p in pricings if p["counter_id"] is not None], period)
         done.draws += settlement.draws
+    until = covered_until(period, plan["end_date"])
     lines: list[PricingUsage] = []
     for pricing in pricings:
-        lines += await pricing_usage(conn, account.id, pricing, start, end)
-    standing = Decimal(plan["standing_charge"])
+        lines += await pricing_usage(conn, account.id, pricing, start, end, until)
+    standing = prorate(Decimal(plan["standing_charge"]), period, until)
+    minimum = prorate(Decimal(plan["minimum_spend"]), period, until)
     subtotal = standing + sum((Decimal(u.amount) for u in lines), Decimal(0))
-    topup = max(Decimal(0), Decimal(plan["minimum_spend"]) - subtotal)
+    topup = max(Decimal(0), minimum - subtotal)
     total = (subtotal + topup).quantize(Decimal(1).scaleb(-plan["currency_places"]),
                                         rounding=CHARGE_ROUNDING)
     drawn = settled = None
@@ -203,8 +206,8 @@ async def _bill(conn: Connection, account: AccountRef, plan: asyncpg.Record, per
            VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14)
            RETURNING id""",
         account.id, plan["id"], start, end, plan["currency_id"], standing,
-        json.dumps([u.model_dump() for u in lines]), subtotal, Decimal(plan["minimum_spend"]),
-        topup, total, credit_type.id if credit_type else None, drawn, settled)
+        json.dumps([u.model_dump() for u in lines]), subtotal, minimum, topup, total,
+        credit_type.id if credit_type else None, drawn, settled)
     done.bills.append(bill_id)
     data: dict[str, Any] = {
         "bill": bill_id, "plan": plan["plan"], "period_start": start.isoformat(),
@@ -323,6 +326,7 @@ def bill_out(row: asyncpg.Record) -> BillOut:
         id=row["id"], account=row["account"], account_plan=row["account_plan_id"],
         plan=row["plan"], period_start=row["period_start"],
         period_end=row["period_end"], currency=row["currency"],
+        covered_until=covered_until((row["period_start"], row["period_end"]), row["plan_end"]),
         standing_charge=f"{Decimal(row['standing_charge']):f}",
         pricings=[PricingUsage.model_validate(p) for p in json.loads(row["pricings"])],
         subtotal=f"{Decimal(row['subtotal']):f}",

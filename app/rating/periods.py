@@ -26,3 +26,12 @@ def period_of(anchor: date, frequency: str, interval: int, day: date) -> tuple[d
     while add_months(anchor, k * step) > day:
         k -= 1
     return add_months(anchor, k * step), add_months(anchor, (k + 1) * step)
+
+
+def covered_until(period: tuple[date, date], plan_end: date | None) -> date:
+    """Where an account plan's cover of a billing period [start, end) ends (exclusive): the
+    period's end, or the plan's end when the plan ends within the period (a plan change or a
+    cancellation). The standing charge, the minimum spend and a prorated counter are for the
+    days before it."""
+    start, end = period
+    return end if plan_end is None or plan_end >= end else max(plan_end, start)

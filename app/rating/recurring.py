@@ -5,7 +5,8 @@ measurements: they follow from what is known now (the account's counter levels, 
 So real-time drawdown *settles* them: it recomputes the charge the bill would show for the
 whole period if nothing else changed (a prorated counter: each known level over the days it
 holds, the rest of the period at the latest level; a peak counter: the highest known level;
-the standing charge: the plan's) and draws the difference from what it already took,
+the standing charge: the plan's; each for the days before the account plan's end when it
+ends within the period, `periods.covered_until`) and draws the difference from what it already took,
 `charge(now) - charge(settled before)`, through the same machinery as measurements: the
 cumulative exact charge per (account, charge key, period) in `rated_charges` (`charged`
 remembers the plan-currency charge already in it), converted to the account's credit type,
@@ -20,6 +21,7 @@ When it happens, each in one transaction under the account's row lock:
 - a counter adjustment settles every started period of the account's plans that price the
   counter, from the period holding its effective date through the current one;
 - attaching a plan settles every started period of it (standing charge and counters);
+- moving an account plan's end settles its current period again;
 - the worker's sweep, and the first rated measurement of an account in a process each day,
   settle the current period of every plan in effect that has not been settled yet (a new
   period: the standing charge, and the counter levels carried over).
@@ -45,8 +47,8 @@ from app.entitlements.service import debit_trusted
 from app.errors import STORE_ERRORS, ValidationProblem, one_by_one
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
-from app.rating.periods import period_of
-from app.rating.pricing import Band, convert, counter_charge, counter_levels, to_minor
+from app.rating.periods import covered_until, period_of
+from app.rating.pricing import Band, convert, counter_charge, counter_levels, prorate, to_minor
 from app.rating.schemas import Debit, MeasurementResult
 
 if TYPE_CHECKING:
@@ -98,13 +100,15 @@ def overlaps(pricing: asyncpg.Record, period: Period) -> bool:
     return start < period[1] and (end is None or (start < end and end > period[0]))
 
 
-def counter_amount(pricing: asyncpg.Record, levels: Levels, period: Period) -> Decimal:
-    """A counter pricing's charge for a period, in the plan's currency (what bill-to-date says)."""
+def counter_amount(pricing: asyncpg.Record, levels: Levels, period: Period,
+                   until: date) -> Decimal:
+    """A counter pricing's charge for a period, in the plan's currency (what bill-to-date says):
+    the levels of the days before `until` (`periods.covered_until`)."""
     bands = [Band(None if b["up_to"] is None else Decimal(b["up_to"]), Decimal(b["price"]))
              for b in json.loads(pricing["bands"])]
     start, end = period
     return counter_charge(pricing["pricing_type"], bands, Decimal(pricing["fixed_fee"]),
-                          counter_levels(levels, start, end), (end - start).days,
+                          counter_levels(levels, start, until), (end - start).days,
                           pricing["counter_mode"])
 
 
@@ -140,12 +144,14 @@ class Settlement:
         if await rrepo.billed(self.conn, plan["id"], period[1]):
             return  # the bill run settled this period for good
         targets: dict[str, tuple[Decimal, date]] = {}
+        until = covered_until(period, plan["end_date"])
         standing = Decimal(plan["standing_charge"])
         if standing > 0:
-            targets[f"s{plan['id']}"] = (standing, start)
+            targets[f"s{plan['id']}"] = (prorate(standing, period, until), start)
         for pricing in pricings:
             if overlaps(pricing, period):
-                amount = counter_amount(pricing, await self._levels(pricing["counter_id"]), period)
+                amount = counter_amount(pricing, await self._levels(pricing["counter_id"]), period,
+                                        until)
                 targets[f"p{pricing['id']}"] = (amount, max(start, changed or start))
         if not targets:
             return
@@ -192,6 +198,24 @@ async def on_attach(conn: Connection, account: AccountRef, account_plan_id: int,
     pricings = (await _pricings_by_plan(conn, [plan["plan_id"]]))[plan["plan_id"]]
     settlement = Settlement(conn, account, account.credit_type)
     for period in started_periods(plan, plan["start_date"], day or today()):
+        await settlement.period(plan, pricings, period)
+    return settlement.draws
+
+
+async def on_end(conn: Connection, account: AccountRef, account_plan_id: int,
+                 day: date | None = None) -> list[Draw]:
+    """In the transaction that moves an account plan's end (after it is written): settle the
+    current period again, whose cover the end may have cut short or lengthened. An end is never
+    before tomorrow, so no other started period changes; one cut short keeps what it drew (the
+    high-water mark) and the bill run gives the difference back."""
+    if account.credit_type is None:
+        return []
+    plan = await rrepo.account_plan(conn, account_plan_id)
+    assert plan is not None
+    pricings = (await _pricings_by_plan(conn, [plan["plan_id"]]))[plan["plan_id"]]
+    settlement = Settlement(conn, account, account.credit_type)
+    day = day or today()
+    for period in started_periods(plan, day, day):
         await settlement.period(plan, pricings, period)
     return settlement.draws
 

@@ -518,7 +518,7 @@ async def drawn_minor(conn: Conn, account_id: int, charge_key: str, period_start
 
 async def plans_at(conn: Conn, account_id: int, day: date) -> list[asyncpg.Record]:
     return await conn.fetch(
-        f"""SELECT ap.start_date AS anchor, ap.id AS account_plan_id, pl.*
+        f"""SELECT ap.start_date AS anchor, ap.id AS account_plan_id, ap.end_date AS plan_end, pl.*
             FROM account_plans ap JOIN ({PLAN}) pl
             ON pl.id = ap.plan_id WHERE ap.account_id = $1 AND ap.start_date <= $2
             AND (ap.end_date IS NULL OR ap.end_date > $2) ORDER BY ap.id""", account_id, day)

@@ -331,6 +331,9 @@ class PlanUsage(BaseModel):
     currency: str
     period_start: date
     period_end: date
+    covered_until: date = Field(description="exclusive: `period_end`, or the account plan's end "
+                                "when it falls within the period; the standing charge, the "
+                                "minimum spend and prorated counters are for the days before it")
     standing_charge: str
     minimum_spend: str
     pricings: list[PricingUsage]
@@ -396,6 +399,9 @@ class BillOut(BaseModel):
     plan: str
     period_start: date
     period_end: date = Field(description="exclusive")
+    covered_until: date = Field(description="exclusive: `period_end`, or the account plan's end "
+                                "when it falls within the period; the standing charge, the "
+                                "minimum spend and prorated counters are for the days before it")
     currency: str = Field(description="the plan's: every amount below but `drawn`, `settled`")
     standing_charge: str
     pricings: list[PricingUsage]
