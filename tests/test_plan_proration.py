@@ -142,3 +142,26 @@ async def test_moving_the_end_settles_the_current_period_and_the_bill_gives_back
         end, low)
     assert (bill.drawn, bill.settled) == (f"{low:f}", f"{low - high:f}")
     assert await _available_becomes(api, account, 1000 - low) == 1000 - low
+
+
+async def test_a_counter_price_change_within_a_period_charges_each_price_for_its_days(
+        api: Api) -> None:
+    names = await api.setup()
+    account = names["account"]
+    await api.grant(account, "2000")
+    licenses = await counter(api)
+    code = await _plan(api, names, standing="0")
+    for start, end, price in ((JULY, "2024-07-16", "31"), ("2024-07-16", None, "62")):
+        await api.call("POST", "/v1/pricings", expect=201, json={
+            "plan": code, "counter": licenses, "type": "per_unit", "counter_mode": "prorate",
+            "bands": [{"up_to": None, "price": price}], "start_date": start, "end_date": end})
+    await attach(api, account, code, JULY, "2024-08-01")
+    # 10 licenses all month: 15 days at 1 a license-day, 16 at 2
+    await adjust(api, account, licenses, JULY, 10)
+    [july] = (await api.call("GET", f"/v1/accounts/{account}/usage",
+                             params={"at": "2024-07-20"}))["plans"]
+    assert sorted(D(line["amount"]) for line in july["pricings"]) == [D(150), D(320)]
+    [bill_id] = (await run_bills(api, account, "2024-08-01"))["bills"]
+    bill = await api.call("GET", f"/v1/bills/{bill_id}")
+    assert (bill["total"], bill["drawn"]) == ("470.00", "470.00")
+    assert D(await api.available(account)) == 2000 - 470

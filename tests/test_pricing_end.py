@@ -84,12 +84,15 @@ async def test_a_pricing_that_has_not_started_is_cancelled_by_ending_it_on_its_s
     plan_code = await plan(api, names["storage"], names["credit_type"], standing_charge="1")
     first = date.fromisoformat(month_start())
     start = add_months(first, 1)
-    # from the 11th of next month (a counter pricing charges each period it touches, whole)
+    # from the 11th of next month (a counter pricing counts the days of its own range)
     seats_from = start + timedelta(days=10)
     seats = await pricing(api, plan_code, seats_from, price="2", counter=licenses)
     attached = await attach(api, account, plan_code, first)
     await adjust(api, account, licenses, str(first), 3)
-    assert await lines(api, account, start) == {seats["id"]: D(6)}
+    period_days = (add_months(start, 1) - start).days
+    [(line, amount)] = (await lines(api, account, start)).items()
+    assert line == seats["id"]
+    assert abs(amount - D(6) * (period_days - 10) / period_days) < D("1e-30")
 
     cancelled = await end(api, seats["id"], end_date=str(seats_from))
     assert cancelled["end_date"] == str(seats_from) == cancelled["start_date"]

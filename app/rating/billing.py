@@ -14,7 +14,7 @@ from app.errors import NotFound
 from app.money import fmt
 from app.rating import repository as repo
 from app.rating.drawdown import _state
-from app.rating.periods import covered_until, period_of
+from app.rating.periods import counted, covered_until, period_of
 from app.rating.pricing import (
     Band,
     aggregate,
@@ -61,12 +61,13 @@ def _bands(pricing: asyncpg.Record) -> list[Band]:
 async def pricing_usage(conn: Conn, account_id: int, pricing: asyncpg.Record,
                         start: date, end: date, until: date) -> list[PricingUsage]:
     """A pricing's lines for the period [start, end): one per segment (one for a counter, of
-    the levels before `until`: `periods.covered_until`)."""
+    the levels of the days it counts: `periods.counted`)."""
     bands, fee = _bands(pricing), Decimal(pricing["fixed_fee"])
     kind = pricing["pricing_type"]
     if pricing["counter_id"] is not None:
         levels = await repo.counter_levels(conn, account_id, pricing["counter_id"])
-        spans = counter_levels(levels, start, until)
+        spans = counter_levels(levels, *counted((start, end), until, pricing["start_date"],
+                                                pricing["end_date"]))
         amount = counter_charge(kind, bands, fee, spans, (end - start).days,
                                 pricing["counter_mode"])
         peak = max((lvl for lvl, _ in spans), default=Decimal(0))

@@ -35,3 +35,13 @@ def covered_until(period: tuple[date, date], plan_end: date | None) -> date:
     days before it."""
     start, end = period
     return end if plan_end is None or plan_end >= end else max(plan_end, start)
+
+
+def counted(period: tuple[date, date], until: date, pricing_start: date,
+            pricing_end: date | None) -> tuple[date, date]:
+    """The days [from, to) of a billing period a counter pricing counts: those its own date
+    range holds, before where the account plan's cover ends (`covered_until`). A price change
+    within a period so splits it by day, each pricing counting its own days."""
+    low = max(period[0], pricing_start)
+    high = until if pricing_end is None else min(until, pricing_end)
+    return low, max(low, high)

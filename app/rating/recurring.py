@@ -47,7 +47,7 @@ from app.entitlements.service import debit_trusted
 from app.errors import STORE_ERRORS, ValidationProblem, one_by_one
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
-from app.rating.periods import covered_until, period_of
+from app.rating.periods import counted, covered_until, period_of
 from app.rating.pricing import Band, convert, counter_charge, counter_levels, prorate, to_minor
 from app.rating.schemas import Debit, MeasurementResult
 
@@ -93,9 +93,9 @@ def started_periods(plan: asyncpg.Record, first_day: date, day: date) -> Iterato
 
 
 def overlaps(pricing: asyncpg.Record, period: Period) -> bool:
-    """A counter pricing charges every period its date range touches (for the whole period,
-    as bill-to-date does: pricings are meant to start and end on period boundaries); an empty
-    range (a pricing cancelled before it started) touches none."""
+    """A counter pricing charges every period its date range touches (for the days of it
+    that it counts, `periods.counted`, as bill-to-date does); an empty range (a pricing
+    cancelled before it started) touches none."""
     start, end = pricing["start_date"], pricing["end_date"]
     return start < period[1] and (end is None or (start < end and end > period[0]))
 
@@ -103,12 +103,12 @@ def overlaps(pricing: asyncpg.Record, period: Period) -> bool:
 def counter_amount(pricing: asyncpg.Record, levels: Levels, period: Period,
                    until: date) -> Decimal:
     """A counter pricing's charge for a period, in the plan's currency (what bill-to-date says):
-    the levels of the days before `until` (`periods.covered_until`)."""
+    the levels of the days it counts (`periods.counted`: its own, before `until`)."""
     bands = [Band(None if b["up_to"] is None else Decimal(b["up_to"]), Decimal(b["price"]))
              for b in json.loads(pricing["bands"])]
-    start, end = period
+    days = counted(period, until, pricing["start_date"], pricing["end_date"])
     return counter_charge(pricing["pricing_type"], bands, Decimal(pricing["fixed_fee"]),
-                          counter_levels(levels, start, until), (end - start).days,
+                          counter_levels(levels, *days), (period[1] - period[0]).days,
                           pricing["counter_mode"])
 
 
