@@ -123,25 +123,36 @@ async def test_moving_the_end_settles_the_current_period_and_the_bill_gives_back
     [now] = (await api.call("GET", f"/v1/accounts/{account}/usage"))["plans"]
     assert now["covered_until"] == str(later) and D(now["standing_charge_drawn"]) == high
 
-    # moved earlier: what was drawn stays (the high-water mark) until the bill run
+    # moved earlier: the cut-off days are given back at once
     end = earliest_end(settings)
     await api.call("POST", end_path(account, attached["id"]), json={"end_date": str(end)})
-    [now] = (await api.call("GET", f"/v1/accounts/{account}/usage"))["plans"]
     low = _share(D(31), period, end)
-    assert now["covered_until"] == str(end)
+    assert await _available_becomes(api, account, 1000 - low) == 1000 - low
+    [now] = (await api.call("GET", f"/v1/accounts/{account}/usage"))["plans"]
+    assert now["covered_until"] == str(end) and D(now["standing_charge_drawn"]) == low
     exact = D(31) * (end - start).days / (period[1] - start).days
     assert abs(D(now["standing_charge"]) - exact) < D("1e-30")  # (a quotient: 40 digits)
-    assert D(now["standing_charge_drawn"]) == high
-    assert D(await api.available(account)) == 1000 - high
 
-    # the bill run (here for the period not yet over) charges the days covered, gives back
-    # the rest
-    outcome = await bills.run(app.state.ctx, period[1], [await account_id(db, account)])
-    [bill] = [b for b in [await bills.bill(db, i) for i in outcome.bills]]
+    # and back and forth again: each move draws or gives back once more (no uid used twice)
+    for moved, expected in ((later, high), (end, low), (later, high), (end, low)):
+        await api.call("POST", end_path(account, attached["id"]), json={"end_date": str(moved)})
+        assert await _available_becomes(api, account, 1000 - expected) == 1000 - expected
+    acct = await account_id(db, account)
+    debits = await db.fetch("SELECT uid, amount FROM usage_events WHERE account_id = $1 "
+                            "AND uid LIKE 's%' ORDER BY recorded_at", acct)
+    assert len(debits) == 4 and len({d["uid"] for d in debits}) == 4
+    credits = await db.fetch("SELECT uid, amount, settled_at FROM rated_credits "
+                             "WHERE account_id = $1", acct)
+    assert len(credits) == 3 and all(c["settled_at"] is not None for c in credits)
+    assert sum(d["amount"] for d in debits) - sum(c["amount"] for c in credits) == low
+
+    # the bill run (here for the period not yet over) finds it drawn right: nothing to settle
+    outcome = await bills.run(app.state.ctx, period[1], [acct])
+    [bill] = [await bills.bill(db, i) for i in outcome.bills]
     assert (bill.covered_until, D(bill.standing_charge).quantize(D("0.01"), ROUND_HALF_UP)) == (
         end, low)
-    assert (bill.drawn, bill.settled) == (f"{low:f}", f"{low - high:f}")
-    assert await _available_becomes(api, account, 1000 - low) == 1000 - low
+    assert (bill.drawn, bill.settled) == (f"{low:f}", "0.00")
+    assert D(await api.available(account)) == 1000 - low
 
 
 async def test_a_counter_price_change_within_a_period_charges_each_price_for_its_days(

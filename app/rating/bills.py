@@ -249,24 +249,13 @@ async def _settle(conn: Connection, account: AccountRef, credit_type: CreditType
                             amount, now))
             done.givebacks.append((account.id, key, start))
         if target != drawn or key.startswith("m"):
-            charges.append((account.id, key, start, exact, target, charged))
+            charges.append((account.id, key, start, exact, target, charged,
+                            int(row["given_minor"])))
         drawn_total += target
         settled += target - drawn
     await rrepo.save_charges(conn, charges, debits)
-    await insert_credits(conn, credits)
+    await rrepo.insert_credits(conn, credits)
     return Decimal(drawn_total).scaleb(-places), Decimal(settled).scaleb(-places)
-
-
-async def insert_credits(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Give-backs (account, uid, charge key, period start, product, credit type, amount, ts),
-    paid by `giveback.settle` once committed."""
-    if rows:
-        await conn.execute(
-            """INSERT INTO rated_credits (account_id, uid, charge_key, period_start,
-                                          product_code, credit_type, amount, ts)
-               SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::date[], $5::text[],
-                                    $6::text[], $7::numeric[], $8::timestamptz[])
-               ON CONFLICT DO NOTHING""", *[list(c) for c in zip(*rows, strict=True)])
 
 
 def default_through(ctx: AppContext, day: date | None = None) -> date:

@@ -15,7 +15,8 @@ the usage path under a deterministic uid (`send_unsent` repairs a crash in betwe
 
 A charge that goes down (a counter lowered) is not given back mid-period: the drawn amount
 stays at its high-water mark and the bill run settles the difference (unlike a measurement
-charge, which `app/rating/giveback.py` gives back at once).
+charge, which `app/rating/giveback.py` gives back at once). Moving an account plan's end
+earlier is the exception: the cut-off days are given back in its transaction (`on_end`).
 
 When it happens, each in one transaction under the account's row lock:
 - a counter adjustment settles every started period of the account's plans that price the
@@ -45,6 +46,7 @@ from app.config.catalog import AccountRef, CreditTypeRef
 from app.db import Connection
 from app.entitlements.service import debit_trusted
 from app.errors import STORE_ERRORS, ValidationProblem, one_by_one
+from app.rating import giveback
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
 from app.rating.periods import counted, covered_until, period_of
@@ -113,8 +115,9 @@ def counter_amount(pricing: asyncpg.Record, levels: Levels, period: Period,
 
 
 def _uid(key: str, start: date, drawn_before: int, drawn_after: int) -> str:
-    """The usage uid of a debit: fixed by what it brings the period's drawn total to, so a
-    retried settlement can never debit twice. A standing charge's one debit: `s<ap>:<start>`."""
+    """The usage uid of a debit: fixed by what it brings the period's debited total to (drawn
+    plus what was given back: it only grows), so a retried settlement can never debit twice
+    and no uid is used twice. A standing charge's first debit: `s<ap>:<start>`."""
     if key.startswith("s") and drawn_before == 0:
         return f"{key}:{start.isoformat()}"
     prefix = "c" + key[1:] if key.startswith("p") else key
@@ -122,12 +125,18 @@ def _uid(key: str, start: date, drawn_before: int, drawn_after: int) -> str:
 
 
 class Settlement:
-    """One transaction's settlements for one account (levels read once per counter)."""
+    """One transaction's settlements for one account (levels read once per counter). A charge
+    that went down keeps what it drew (the high-water mark: the bill run settles it), unless
+    `give_back`: then the difference is given back at once (`givebacks`, paid by
+    `giveback.settle` once the transaction has committed)."""
 
-    def __init__(self, conn: Connection, account: AccountRef, credit_type: CreditTypeRef) -> None:
+    def __init__(self, conn: Connection, account: AccountRef, credit_type: CreditTypeRef,
+                 give_back: bool = False) -> None:
         self.conn, self.account, self.credit_type = conn, account, credit_type
+        self.give_back = give_back
         self.levels: dict[int, Levels] = {}
         self.draws: list[Draw] = []
+        self.givebacks: list[tuple[int, str, date]] = []
 
     async def _levels(self, counter_id: int) -> Levels:
         if counter_id not in self.levels:
@@ -158,26 +167,36 @@ class Settlement:
         rows = await rrepo.lock_charges(self.conn, [(self.account.id, key, start,
                                                      self.credit_type.id) for key in targets])
         places, now = self.credit_type.decimal_places, datetime.now(UTC)
-        charges, debits = [], []
+        charges, debits, credits = [], [], []
         for row in rows:
             key = row["charge_key"]
             target, day = targets[key]
             charged = Decimal(0) if row["charged"] is None else Decimal(row["charged"])
             exact, drawn = Decimal(row["exact"]), int(row["drawn_minor"])
+            given = int(row["given_minor"])
             if target != charged:
                 rate, multiply = await repo.factor_on(self.conn, plan["currency_id"],
                                                       self.credit_type, day, self.account.code)
                 exact += convert(target - charged, rate, multiply)
-            after = max(drawn, to_minor(exact, places))
-            if row["charged"] is None or target != charged:
-                charges.append((self.account.id, key, start, exact, after, target))
+            rounded = max(0, to_minor(exact, places))
+            after = rounded if self.give_back else max(drawn, rounded)
+            given_after = given + max(0, drawn - after)
+            if row["charged"] is None or target != charged or after != drawn:
+                charges.append((self.account.id, key, start, exact, after, target, given_after))
             if after > drawn:
-                draw = Draw(self.account, self.credit_type, key, _uid(key, start, drawn, after),
-                            plan["product"], after - drawn)
+                uid = _uid(key, start, drawn + given, after + given)
+                draw = Draw(self.account, self.credit_type, key, uid, plan["product"],
+                            after - drawn)
                 self.draws.append(draw)
                 debits.append((self.account.id, draw.uid, draw.product, self.credit_type.code,
                                Decimal(draw.minor).scaleb(-places), now, key, start))
+            elif after < drawn:  # (give_back only) keyed by what was given in all: it only grows
+                credits.append((self.account.id, f"e{key}:{start.isoformat()}:{given_after}", key,
+                                start, plan["product"], self.credit_type.code,
+                                Decimal(drawn - after).scaleb(-places), now))
+                self.givebacks.append((self.account.id, key, start))
         await rrepo.save_charges(self.conn, charges, debits)
+        await rrepo.insert_credits(self.conn, credits)
 
 
 async def _pricings_by_plan(conn: Connection | asyncpg.Pool,
@@ -203,21 +222,30 @@ async def on_attach(conn: Connection, account: AccountRef, account_plan_id: int,
 
 
 async def on_end(conn: Connection, account: AccountRef, account_plan_id: int,
-                 day: date | None = None) -> list[Draw]:
+                 day: date | None = None) -> Settlement | None:
     """In the transaction that moves an account plan's end (after it is written): settle the
-    current period again, whose cover the end may have cut short or lengthened. An end is never
-    before tomorrow, so no other started period changes; one cut short keeps what it drew (the
-    high-water mark) and the bill run gives the difference back."""
+    current period again, whose cover the end may have cut short or lengthened (an end is
+    never before tomorrow, so no other started period changes): the difference is drawn, or
+    given back at once. The caller sends the draws and pays the give-backs once committed
+    (`after_end`); None: the account has no credit type (nothing was drawn)."""
     if account.credit_type is None:
-        return []
+        return None
     plan = await rrepo.account_plan(conn, account_plan_id)
     assert plan is not None
     pricings = (await _pricings_by_plan(conn, [plan["plan_id"]]))[plan["plan_id"]]
-    settlement = Settlement(conn, account, account.credit_type)
+    settlement = Settlement(conn, account, account.credit_type, give_back=True)
     day = day or today()
     for period in started_periods(plan, day, day):
         await settlement.period(plan, pricings, period)
-    return settlement.draws
+    return settlement
+
+
+async def after_end(ctx: AppContext, settlement: Settlement | None) -> None:
+    """After `on_end`'s transaction committed: the debits, then the give-backs."""
+    if settlement is not None:
+        await send(ctx, settlement.draws)
+        if settlement.givebacks:
+            await giveback.settle(ctx, settlement.givebacks)
 
 
 async def on_adjust(conn: Connection, account: AccountRef, counter_id: int, effective: date,

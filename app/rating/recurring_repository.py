@@ -102,14 +102,15 @@ async def lock_charges(conn: Connection,
 
 async def save_charges(conn: Connection, charges: list[tuple[Any, ...]],
                        debits: list[tuple[Any, ...]]) -> None:
-    """Write back locked charges (account, key, period, exact, drawn_minor, charged) and insert
-    the debits they owe (account, uid, product, credit type, amount, ts, charge key, period
-    start: a give-back of the same charge reverses them)."""
+    """Write back locked charges (account, key, period, exact, drawn_minor, charged,
+    given_minor) and insert the debits they owe (account, uid, product, credit type, amount,
+    ts, charge key, period start: a give-back of the same charge reverses them)."""
     if charges:
         await conn.execute(
-            """UPDATE rated_charges c SET exact = k.e, drawn_minor = k.m, charged = k.g
+            """UPDATE rated_charges c SET exact = k.e, drawn_minor = k.m, charged = k.g,
+                                          given_minor = k.gv
                FROM unnest($1::int8[], $2::text[], $3::date[], $4::numeric[], $5::int8[],
-                           $6::numeric[]) AS k(a, ck, d, e, m, g)
+                           $6::numeric[], $7::int8[]) AS k(a, ck, d, e, m, g, gv)
                WHERE c.account_id = k.a AND c.charge_key = k.ck AND c.period_start = k.d""",
             *[list(c) for c in zip(*charges, strict=True)])
     if debits:
@@ -119,3 +120,15 @@ async def save_charges(conn: Connection, charges: list[tuple[Any, ...]],
                SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[],
                                     $5::numeric[], $6::timestamptz[], $7::text[], $8::date[])
                ON CONFLICT DO NOTHING""", *[list(c) for c in zip(*debits, strict=True)])
+
+
+async def insert_credits(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Give-backs (account, uid, charge key, period start, product, credit type, amount, ts),
+    paid by `giveback.settle` once committed."""
+    if rows:
+        await conn.execute(
+            """INSERT INTO rated_credits (account_id, uid, charge_key, period_start,
+                                          product_code, credit_type, amount, ts)
+               SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::date[], $5::text[],
+                                    $6::text[], $7::numeric[], $8::timestamptz[])
+               ON CONFLICT DO NOTHING""", *[list(c) for c in zip(*rows, strict=True)])

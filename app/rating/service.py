@@ -260,8 +260,8 @@ async def end_account_plan(ctx: AppContext, code: str, account_plan_id: int,
     next begins, a cancellation ends it tomorrow, and a plan that has not started may end on
     its start date (it never applies). The period holding the end is charged for the days
     before it (standing charge, minimum spend, prorated counters: `periods.covered_until`);
-    the current period is settled again at once (more drawn when the end moved later; when
-    it moved earlier, what was drawn stays until the bill run gives the difference back)."""
+    the current period is settled again at once: more drawn when the end moved later, the
+    difference given back when it moved earlier."""
     account = await account_ref(ctx, code, field="code")
     earliest = earliest_end(ctx.settings)
     day = earliest if end is None else end
@@ -276,8 +276,8 @@ async def end_account_plan(ctx: AppContext, code: str, account_plan_id: int,
             raise Conflict("the account has another plan for this product in the longer date "
                            "range", field="end_date")
         await repo.set_account_plan_end(conn, row["id"], day)
-        draws = await recurring.on_end(conn, account, row["id"])
-    await recurring.send(ctx, draws)
+        settlement = await recurring.on_end(conn, account, row["id"])
+    await recurring.after_end(ctx, settlement)
     return AccountPlanOut.model_validate({**dict(row), "end_date": day})
 
 
