@@ -176,3 +176,23 @@ async def test_a_counter_price_change_within_a_period_charges_each_price_for_its
     bill = await api.call("GET", f"/v1/bills/{bill_id}")
     assert (bill["total"], bill["drawn"]) == ("470.00", "470.00")
     assert D(await api.available(account)) == 2000 - 470
+
+
+async def test_ending_a_plan_gives_back_its_counter_days_too(
+        api: Api, settings: Settings) -> None:
+    names = await api.setup()
+    account = names["account"]
+    await api.grant(account, "5000")
+    licenses = await counter(api)
+    code = await _plan(api, names, standing="0", licenses=licenses)
+    start = datetime.now(UTC).date() - timedelta(days=1)
+    period = period_of(start, "monthly", 1, start)
+    attached = await attach(api, account, code, str(start), None)
+    # 10 licenses from the start, priced 31 a license-month: 310 for the whole period
+    assert amounts(await adjust(api, account, licenses, str(start), 10)) == [D(310)]
+    end = earliest_end(settings)
+    await api.call("POST", end_path(account, attached["id"]), json={"end_date": str(end)})
+    kept = _share(D(310), period, end)
+    assert await _available_becomes(api, account, 5000 - kept) == 5000 - kept
+    [now] = (await api.call("GET", f"/v1/accounts/{account}/usage"))["plans"]
+    assert D(now["drawn"]) == kept
