@@ -39,7 +39,8 @@ async def _plan(api: Api, names: dict[str, str], standing: str, minimum: str = "
     return code
 
 
-async def test_a_plan_ending_within_a_period_is_charged_for_its_days(api: Api) -> None:
+async def test_a_plan_ending_within_a_period_is_charged_for_its_days(
+        api: Api, db: asyncpg.Connection) -> None:
     names = await api.setup()
     account = names["account"]
     await api.grant(account, "2000")
@@ -70,6 +71,10 @@ async def test_a_plan_ending_within_a_period_is_charged_for_its_days(api: Api) -
                                                                 "200.00")
     assert (bill["drawn"], bill["settled"]) == ("200.00", "90.00")
     assert D(await api.available(account)) == 2000 - 200
+    payload = await db.fetchval("SELECT payload FROM webhook_events WHERE type = "
+                                "'bill.finalized' AND payload->'data'->>'bill' = $1",
+                                str(bill_id))
+    assert '"covered_until": "2024-07-11"' in payload
 
 
 async def test_a_period_the_plan_covers_whole_is_charged_whole(api: Api) -> None:

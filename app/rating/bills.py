@@ -211,7 +211,8 @@ async def _bill(conn: Connection, account: AccountRef, plan: asyncpg.Record, per
     done.bills.append(bill_id)
     data: dict[str, Any] = {
         "bill": bill_id, "plan": plan["plan"], "period_start": start.isoformat(),
-        "period_end": end.isoformat(), "currency": plan["currency"], "total": f"{total:f}",
+        "period_end": end.isoformat(), "covered_until": until.isoformat(),
+        "currency": plan["currency"], "total": f"{total:f}",
         "credit_type": credit_type.code if credit_type else None,
         "drawn": None if drawn is None else f"{drawn:f}"}
     await publish(conn, [OutboxEvent(event_id("bill", bill_id), "bill.finalized", account.id,
