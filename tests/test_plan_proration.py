@@ -19,11 +19,12 @@ from app.rating.periods import period_of
 from app.rating.service import earliest_end
 from app.settings import Settings
 from tests.conftest import Api
-from tests.procs import account_id
+from tests.procs import account_id, run_apps
 from tests.test_account_plan_end import end_path
 from tests.test_rating_bills import run_bills
 from tests.test_rating_config import plan
 from tests.test_rating_counters_realtime import JULY, adjust, amounts, attach, counter
+from tests.webhook_receiver import eventually
 
 
 async def _plan(api: Api, names: dict[str, str], standing: str, minimum: str = "0",
@@ -201,3 +202,46 @@ async def test_ending_a_plan_gives_back_its_counter_days_too(
     assert await _available_becomes(api, account, 5000 - kept) == 5000 - kept
     [now] = (await api.call("GET", f"/v1/accounts/{account}/usage"))["plans"]
     assert D(now["drawn"]) == kept
+
+
+async def test_ends_moved_back_and_forth_from_two_processes_leave_the_final_days_drawn(
+        api: Api, db: asyncpg.Connection, settings: Settings, keys: dict[str, str]) -> None:
+    """Each move settles the period under the account's row lock, whichever process takes it;
+    whatever order they land in, what stays drawn is the share of the end that won."""
+    names = await api.setup()
+    account = names["account"]
+    await api.grant(account, "1000")
+    code = await _plan(api, names, standing="31")
+    start = datetime.now(UTC).date() - timedelta(days=1)
+    period = period_of(start, "monthly", 1, start)
+    attached = await attach(api, account, code, str(start), None)
+    ends = [earliest_end(settings) + timedelta(days=n) for n in (0, 4, 9)]
+    async with run_apps(settings, 2) as apps:
+        clients = [a.client() for a in apps]
+        try:
+            answers = await asyncio.gather(*(
+                clients[i % 2].post(end_path(account, attached["id"]),
+                                    json={"end_date": str(ends[i % 3])},
+                                    headers={"Authorization": f"Bearer {keys['admin']}"})
+                for i in range(12)))
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients))
+    assert [a.status_code for a in answers] == [200] * 12, [a.text for a in answers]
+    final = date.fromisoformat((await api.call("GET", f"/v1/accounts/{account}/plans"))
+                               ["data"][0]["end_date"])
+    kept = _share(D(31), period, final)
+    acct = await account_id(db, account)
+    # (the processes keep a hot copy of their own: read the ledger, once the give-backs are paid)
+    async def paid() -> bool:
+        return not await db.fetchval("SELECT count(*) FROM rated_credits WHERE account_id = $1 "
+                                     "AND settled_at IS NULL", acct)
+
+    await eventually(paid, within=5.0)
+    [balance] = (await api.call("GET", "/v1/balances", params={"account": account}))["data"]
+    assert D(balance["remaining"]) == 1000 - kept
+    debits = await db.fetch("SELECT uid, amount FROM usage_events WHERE account_id = $1 "
+                            "AND uid LIKE 's%'", acct)
+    credits = await db.fetch("SELECT amount FROM rated_credits WHERE account_id = $1", acct)
+    assert sum(d["amount"] for d in debits) - sum(c["amount"] for c in credits) == kept
+    [charge] = await db.fetch("SELECT drawn_minor FROM rated_charges WHERE account_id = $1", acct)
+    assert D(charge["drawn_minor"]) / 100 == kept
