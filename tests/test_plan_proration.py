@@ -231,11 +231,12 @@ async def test_ends_moved_back_and_forth_from_two_processes_leave_the_final_days
                                ["data"][0]["end_date"])
     kept = _share(D(31), period, final)
     acct = await account_id(db, account)
-    # (the processes keep a hot copy of their own: read the ledger, once the give-backs are paid)
+
     async def paid() -> bool:
         return not await db.fetchval("SELECT count(*) FROM rated_credits WHERE account_id = $1 "
                                      "AND settled_at IS NULL", acct)
 
+    # (the processes keep a hot copy of their own: read the ledger, once the give-backs are paid)
     await eventually(paid, within=5.0)
     [balance] = (await api.call("GET", "/v1/balances", params={"account": account}))["data"]
     assert D(balance["remaining"]) == 1000 - kept
