@@ -13,6 +13,9 @@ from decimal import Decimal as D
 from typing import Any
 
 import asyncpg
+from hypothesis import HealthCheck, example, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from app.rating import bills
 from app.rating.periods import period_of
@@ -28,15 +31,15 @@ from tests.webhook_receiver import eventually
 
 
 async def _plan(api: Api, names: dict[str, str], standing: str, minimum: str = "0",
-                licenses: str | None = None) -> str:
-    """A monthly plan; with `licenses`, the counter priced per unit at 31 a license-month,
-    prorated by day (1 a license-day in July)."""
+                licenses: str | None = None, price: str = "31") -> str:
+    """A monthly plan; with `licenses`, the counter priced per unit at `price` a
+    license-month, prorated by day (31: 1 a license-day in July)."""
     code = await plan(api, names["storage"], names["credit_type"], standing_charge=standing,
                       minimum_spend=minimum)
     if licenses is not None:
         await api.call("POST", "/v1/pricings", expect=201, json={
             "plan": code, "counter": licenses, "type": "per_unit", "counter_mode": "prorate",
-            "bands": [{"up_to": None, "price": "31"}], "start_date": JULY})
+            "bands": [{"up_to": None, "price": price}], "start_date": JULY})
     return code
 
 
@@ -76,6 +79,24 @@ async def test_a_plan_ending_within_a_period_is_charged_for_its_days(
                                 "'bill.finalized' AND payload->'data'->>'bill' = $1",
                                 str(bill_id))
     assert '"covered_until": "2024-07-11"' in payload
+
+
+async def test_the_bill_draws_the_period_total_rounded_once_not_each_charge_rounded(
+        api: Api) -> None:
+    """10 days of July at 10 a month, twice (standing charge and one license): each charge is
+    3.2258…, drawn in real time as 3.23, but the period comes to 6.4516… = 6.45: the bill run
+    gives the cent back from the larger charge, so what stays drawn is the bill's total."""
+    names = await api.setup()
+    account = names["account"]
+    await api.grant(account, "100")
+    licenses = await counter(api)
+    code = await _plan(api, names, standing="10", licenses=licenses, price="10")
+    assert amounts(await attach(api, account, code, JULY, "2024-07-11")) == [D("3.23")]
+    assert amounts(await adjust(api, account, licenses, JULY, 1)) == [D("3.23")]
+    [bill_id] = (await run_bills(api, account, "2024-08-01"))["bills"]
+    bill = await api.call("GET", f"/v1/bills/{bill_id}")
+    assert (bill["total"], bill["drawn"], bill["settled"]) == ("6.45", "6.45", "-0.01")
+    assert await _available_becomes(api, account, D("93.55")) == D("93.55")
 
 
 async def test_a_period_the_plan_covers_whole_is_charged_whole(api: Api) -> None:
@@ -246,3 +267,60 @@ async def test_ends_moved_back_and_forth_from_two_processes_leave_the_final_days
     assert sum(d["amount"] for d in debits) - sum(c["amount"] for c in credits) == kept
     [charge] = await db.fetch("SELECT drawn_minor FROM rated_charges WHERE account_id = $1", acct)
     assert D(charge["drawn_minor"]) / 100 == kept
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("level"), st.integers(0, 20), st.integers(0, 20)),
+    st.tuples(st.just("end"), st.integers(0, 40)),
+), min_size=1, max_size=8)
+
+
+@hypothesis_settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(steps=ops)
+# a counter raised, the end cut short, the counter raised again within the cover, the end moved
+# past the period and back: give-backs and draws of both charges in turn
+@example(steps=[("level", 0, 5), ("end", 0), ("level", 10, 20), ("end", 40), ("end", 2)])
+async def test_what_stays_drawn_is_the_bill_of_the_final_levels_and_end(
+        steps: list[tuple[Any, ...]], api: Api, app: Any, db: asyncpg.Connection,
+        settings: Settings) -> None:
+    """Invariant 8 with a period cut short: whatever the order of counter changes and end
+    moves, the bill run finds the period drawn (after its own settling) at what a model of
+    the final levels and end charges: 31 a month standing, 31 a license-month prorated."""
+    names = await api.setup()
+    account = names["account"]
+    await api.grant(account, "10000")
+    licenses = await counter(api)
+    code = await _plan(api, names, standing="31", licenses=licenses)
+    today = datetime.now(UTC).date()
+    start = today - timedelta(days=20)
+    period = period_of(start, "monthly", 1, start)
+    attached = await attach(api, account, code, str(start), None)
+    earliest = earliest_end(settings)
+    levels: dict[date, int] = {}
+    end: date | None = None
+    for step in steps:
+        if step[0] == "level":
+            day = start + timedelta(days=step[1])
+            await adjust(api, account, licenses, str(day), step[2])
+            levels[day] = step[2]
+        else:
+            end = earliest + timedelta(days=step[1])
+            await api.call("POST", end_path(account, attached["id"]),
+                           json={"end_date": str(end)})
+    until = period[1] if end is None else min(end, period[1])
+    days = (period[1] - period[0]).days
+
+    def level_on(day: date) -> int:
+        known = [d for d in levels if d <= day]
+        return levels[max(known)] if known else 0
+
+    counted = sum(level_on(period[0] + timedelta(days=i)) for i in range((until - start).days))
+    model = (D(31) * (until - start).days + D(31) * counted) / days
+    total = model.quantize(D("0.01"), rounding=ROUND_HALF_UP)
+
+    acct = await account_id(db, account)
+    outcome = await bills.run(app.state.ctx, period[1], [acct])
+    [bill] = [await bills.bill(db, i) for i in outcome.bills]
+    assert (bill.covered_until, bill.total) == (until, f"{total:f}")
+    assert bill.drawn == f"{total:f}"
+    assert await _available_becomes(api, account, 10000 - total) == 10000 - total

@@ -223,21 +223,27 @@ async def _settle(conn: Connection, account: AccountRef, credit_type: CreditType
                   plan: asyncpg.Record, period: Period, keys: list[str], topup: Decimal,
                   done: _Run) -> tuple[Decimal, Decimal]:
     """Bring every charge of the period to its rounded exact amount (the minimum-spend top-up
-    first becomes the exact amount of `m<account plan>`); (drawn, settled) in credits."""
+    first becomes the exact amount of `m<account plan>`), the period's total rounded once:
+    what rounding each charge apart adds up to beyond the rounded sum of their exact amounts
+    (a minor unit here and there) is put on the largest; (drawn, settled) in credits."""
     start, end = period
     places, now = credit_type.decimal_places, datetime.now(UTC)
     rows = await rrepo.lock_charges(conn, [(account.id, key, start, credit_type.id)
                                            for key in keys])
-    charges, debits, credits = [], [], []
-    drawn_total = settled = 0
+    found = []  # (row, exact, charged, target)
     for row in rows:
-        key, exact, drawn = row["charge_key"], Decimal(row["exact"]), int(row["drawn_minor"])
-        charged = row["charged"]
-        if key.startswith("m"):
+        exact, charged = Decimal(row["exact"]), row["charged"]
+        if row["charge_key"].startswith("m"):
             rate, multiply = await repo.factor_on(conn, plan["currency_id"], credit_type,
                                                   end - timedelta(days=1), account.code)
             exact, charged = convert(topup, rate, multiply), topup
-        target = to_minor(exact, places)
+        found.append((row, exact, charged, to_minor(exact, places)))
+    targets = _rounded_once([target for _, _, _, target in found],
+                            to_minor(sum((e for _, e, _, _ in found), Decimal(0)), places))
+    charges, debits, credits = [], [], []
+    drawn_total = settled = 0
+    for (row, exact, charged, _), target in zip(found, targets, strict=True):
+        key, drawn = row["charge_key"], int(row["drawn_minor"])
         uid = f"b{plan['id']}:{start.isoformat()}:{key}"
         amount = Decimal(abs(target - drawn)).scaleb(-places)
         if target > drawn:
@@ -257,6 +263,20 @@ async def _settle(conn: Connection, account: AccountRef, credit_type: CreditType
     await rrepo.save_charges(conn, charges, debits)
     await rrepo.insert_credits(conn, credits)
     return Decimal(drawn_total).scaleb(-places), Decimal(settled).scaleb(-places)
+
+
+def _rounded_once(targets: list[int], total: int) -> list[int]:
+    """Each charge's rounded amount, the difference to `total` (the rounded sum) taken up by
+    the largest ones (never below nothing)."""
+    out = list(targets)
+    rest = total - sum(out)
+    for i in sorted(range(len(out)), key=lambda i: -out[i]):
+        if rest == 0:
+            break
+        moved = max(rest, -out[i])
+        out[i] += moved
+        rest -= moved
+    return out
 
 
 def default_through(ctx: AppContext, day: date | None = None) -> date:
