@@ -215,5 +215,17 @@ def test_api_conforms_to_its_schema(case: Any, scope: str, fuzz_keys: dict[str, 
         # a batch answers each event on its own: an invalid event is listed as rejected in a
         # 200, by design, which this check would call "schema-violating request accepted"
         excluded = [*EXCLUDED, schemathesis.checks.negative_data_rejection]
+    if _authorization_mutated(case):
+        # the test sends a key of its own, which undoes the negative case's invalid
+        # Authorization: what is left of it may be valid (a false "accepted")
+        excluded = [*excluded, schemathesis.checks.negative_data_rejection]
     case.call_and_validate(headers={"Authorization": f"Bearer {fuzz_keys[scope]}"},
                            excluded_checks=excluded)
+
+
+def _authorization_mutated(case: Any) -> bool:
+    """A negative case that made the Authorization header invalid (left out, or not a
+    bearer token): seen in non-derandomized runs of schemathesis 4.32."""
+    data = case.meta.phase.data if case.meta is not None else None
+    return any((m.parameter or "").lower() == "authorization"
+               for m in getattr(data, "mutations", ()))
