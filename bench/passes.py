@@ -132,8 +132,9 @@ async def accounts_on_the_plan(url: str, accounts: int, start: date) -> None:
                FROM generate_series(1, $1) AS n""", accounts)
         await conn.execute("SELECT setval('accounts_id_seq', $1)", accounts)
         await conn.execute(
-            """INSERT INTO account_plans (account_id, plan_id, start_date)
-               SELECT n, (SELECT id FROM plans), $2::date FROM generate_series(1, $1) AS n""",
+            """INSERT INTO account_plans (account_id, plan_id, start_date, billing_anchor)
+               SELECT n, (SELECT id FROM plans), $2::date, $2::date
+               FROM generate_series(1, $1) AS n""",
             accounts, start)
     finally:
         await conn.close()

@@ -18,15 +18,16 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from app.rating import bills
-from app.rating.periods import period_of
+from app.rating.periods import billing_anchor, period_of
 from app.rating.service import earliest_end
 from app.settings import Settings
 from tests.conftest import Api
 from tests.procs import account_id, run_apps
 from tests.test_account_plan_end import end_path
-from tests.test_rating_bills import run_bills
-from tests.test_rating_config import plan
+from tests.test_rating_bills import measure_on, run_bills
+from tests.test_rating_config import meter, plan
 from tests.test_rating_counters_realtime import JULY, adjust, amounts, attach, counter
+from tests.test_rating_drawdown import aggregation, price
 from tests.webhook_receiver import eventually
 
 
@@ -189,10 +190,11 @@ async def test_a_counter_price_change_within_a_period_charges_each_price_for_its
     await api.grant(account, "2000")
     licenses = await counter(api)
     code = await _plan(api, names, standing="0")
-    for start, end, price in ((JULY, "2024-07-16", "31"), ("2024-07-16", None, "62")):
+    for start, end, per_month in ((JULY, "2024-07-16", "31"), ("2024-07-16", None, "62")):
         await api.call("POST", "/v1/pricings", expect=201, json={
             "plan": code, "counter": licenses, "type": "per_unit", "counter_mode": "prorate",
-            "bands": [{"up_to": None, "price": price}], "start_date": start, "end_date": end})
+            "bands": [{"up_to": None, "price": per_month}], "start_date": start,
+            "end_date": end})
     await attach(api, account, code, JULY, "2024-08-01")
     # 10 licenses all month: 15 days at 1 a license-day, 16 at 2
     await adjust(api, account, licenses, JULY, 10)
@@ -324,3 +326,57 @@ async def test_what_stays_drawn_is_the_bill_of_the_final_levels_and_end(
     assert (bill.covered_until, bill.total) == (until, f"{total:f}")
     assert bill.drawn == f"{total:f}"
     assert await _available_becomes(api, account, 10000 - total) == 10000 - total
+
+
+def test_calendar_billing_counts_periods_from_the_first_of_the_month_quarter_or_year() -> None:
+    start = date(2024, 8, 17)
+    assert billing_anchor("anniversary", "monthly", start) == start
+    assert billing_anchor("calendar", "monthly", start) == date(2024, 8, 1)
+    assert billing_anchor("calendar", "quarterly", start) == date(2024, 7, 1)
+    assert billing_anchor("calendar", "quarterly", date(2024, 12, 31)) == date(2024, 10, 1)
+    assert billing_anchor("calendar", "annual", start) == date(2024, 1, 1)
+    assert billing_anchor("calendar", "daily", start) == start
+
+
+async def test_calendar_billing_prorates_a_first_period_the_plan_starts_within(api: Api) -> None:
+    names = await api.setup()
+    account = names["account"]
+    await api.grant(account, "2000")
+    licenses = await counter(api)
+    code = await _plan(api, names, standing="31", licenses=licenses)
+    meter_code = await meter(api, names["storage"])
+    await price(api, code, "per_unit", [(None, "1")], start_date=JULY,
+                aggregation=await aggregation(api, meter_code, "gb", "SUM"))
+    refused = await api.call("POST", f"/v1/accounts/{account}/plans", expect=422, json={
+        "plan": code, "start_date": "2024-07-16", "billing": "weekly"})
+    assert refused["field"] == "billing"
+    # from July 16th to August 20th, billed by calendar month: 16 days of July, 19 of August
+    attached = await api.call("POST", f"/v1/accounts/{account}/plans", expect=201, json={
+        "plan": code, "start_date": "2024-07-16", "end_date": "2024-08-20",
+        "billing": "calendar"})
+    assert attached["billing_anchor"] == JULY
+    assert amounts(attached) == [D(16), D(19)]
+    # 10 licenses from the 16th: a license-day is 1 in July and August alike (31 days each)
+    assert amounts(await adjust(api, account, licenses, "2024-07-16", 10)) == [D(160), D(190)]
+    # usage rates into the calendar month's aggregate: 5 GB at 1
+    rated = await measure_on(api, account, meter_code, date(2024, 7, 20), gb=5)
+    assert [d["amount"] for d in rated["debits"]] == ["5.00"]
+    [july] = (await api.call("GET", f"/v1/accounts/{account}/usage",
+                             params={"at": "2024-07-20"}))["plans"]
+    assert (july["period_start"], july["covered_from"], july["covered_until"]) == (
+        JULY, "2024-07-16", "2024-08-01")
+    assert (D(july["standing_charge"]), D(july["total"]), D(july["drawn"])) == (
+        D(16), D(181), D(181))
+    made = (await run_bills(api, account, "2024-09-01"))["bills"]
+    bills_ = [await api.call("GET", f"/v1/bills/{i}") for i in made]
+    assert [(b["period_start"], b["covered_from"], b["covered_until"], b["total"], b["drawn"])
+            for b in bills_] == [(JULY, "2024-07-16", "2024-08-01", "181.00", "181.00"),
+                                 ("2024-08-01", "2024-08-01", "2024-08-20", "209.00", "209.00")]
+    assert D(await api.available(account)) == 2000 - 181 - 209
+
+
+async def test_anniversary_billing_is_the_default(api: Api) -> None:
+    names = await api.setup()
+    code = await _plan(api, names, standing="0")
+    attached = await attach(api, names["account"], code, "2024-07-16", None)
+    assert attached["billing_anchor"] == "2024-07-16"

@@ -279,8 +279,9 @@ async def _legacy_account_plans(api: Api, db: asyncpg.Connection, n: int,
             "code": code, "name": "Legacy Inc.", "credit_type": names["credit_type"]})
         await api.grant(code, "100")
         ap_ids.append(await db.fetchval(
-            """INSERT INTO account_plans (account_id, plan_id, start_date)
-               VALUES ($1, $2, date_trunc('month', now() AT TIME ZONE 'UTC')::date)
+            """INSERT INTO account_plans (account_id, plan_id, start_date, billing_anchor)
+               SELECT $1, $2, d, d FROM (SELECT date_trunc('month', now() AT TIME ZONE 'UTC')::date
+                                         AS d) month
                RETURNING id""", await account_id(db, code), plan_id))
         accounts.append(code)
     return accounts, ap_ids

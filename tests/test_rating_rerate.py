@@ -453,8 +453,9 @@ async def test_a_rating_that_waited_for_a_plan_reads_the_plan(
         transaction = attaching.transaction()
         await transaction.start()
         version = await attaching.fetchval(
-            "INSERT INTO account_plans (account_id, plan_id, start_date) VALUES ($1, $2, $3) "
-            "RETURNING config_version", account_id, plan_id, datetime.now(UTC).date().replace(day=1))
+            "INSERT INTO account_plans (account_id, plan_id, start_date, billing_anchor) "
+            "VALUES ($1, $2, $3, $3) RETURNING config_version", account_id, plan_id,
+            datetime.now(UTC).date().replace(day=1))
         async with app.state.ctx.pool.acquire() as conn, conn.transaction():
             reading = asyncio.create_task(repo.active_pricings_many(
                 conn, [(account_id, meter_id, datetime.now(UTC).date())]))

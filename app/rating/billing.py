@@ -14,7 +14,7 @@ from app.errors import NotFound
 from app.money import fmt
 from app.rating import repository as repo
 from app.rating.drawdown import _state
-from app.rating.periods import counted, covered_until, period_of
+from app.rating.periods import counted, covered_from, covered_until, period_of
 from app.rating.pricing import (
     Band,
     aggregate,
@@ -59,14 +59,15 @@ def _bands(pricing: asyncpg.Record) -> list[Band]:
 
 
 async def pricing_usage(conn: Conn, account_id: int, pricing: asyncpg.Record,
-                        start: date, end: date, until: date) -> list[PricingUsage]:
+                        start: date, end: date, since: date, until: date) -> list[PricingUsage]:
     """A pricing's lines for the period [start, end): one per segment (one for a counter, of
-    the levels of the days it counts: `periods.counted`)."""
+    the levels of the days it counts within the plan's cover [since, until):
+    `periods.counted`)."""
     bands, fee = _bands(pricing), Decimal(pricing["fixed_fee"])
     kind = pricing["pricing_type"]
     if pricing["counter_id"] is not None:
         levels = await repo.counter_levels(conn, account_id, pricing["counter_id"])
-        spans = counter_levels(levels, *counted((start, end), until, pricing["start_date"],
+        spans = counter_levels(levels, *counted(since, until, pricing["start_date"],
                                                 pricing["end_date"]))
         amount = counter_charge(kind, bands, fee, spans, (end - start).days,
                                 pricing["counter_mode"])
@@ -97,13 +98,14 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
     for plan in await repo.plans_at(ctx.pool, account.id, day):
         period = start, end = period_of(plan["anchor"], plan["bill_frequency"],
                                         plan["bill_interval"], day)
+        since = covered_from(period, plan["plan_start"])
         until = covered_until(period, plan["plan_end"])
         usages: list[PricingUsage] = []
         drawn = 0
         for pricing in await repo.pricings_in(ctx.pool, plan["id"], start, end):
-            usages += await pricing_usage(ctx.pool, account.id, pricing, start, end, until)
+            usages += await pricing_usage(ctx.pool, account.id, pricing, start, end, since, until)
             drawn += await repo.drawn_minor(ctx.pool, account.id, f"p{pricing['id']}", start)
-        standing = prorate(Decimal(plan["standing_charge"]), period, until)
+        standing = prorate(Decimal(plan["standing_charge"]), period, since, until)
         standing_drawn = await repo.drawn_minor(ctx.pool, account.id,
                                                 f"s{plan['account_plan_id']}", start)
         drawn += standing_drawn
@@ -111,8 +113,8 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
         places = account.credit_type.decimal_places if account.credit_type else 0
         plans.append(PlanUsage(
             plan=plan["code"], currency=plan["currency"], period_start=start, period_end=end,
-            covered_until=until, standing_charge=f"{standing:f}",
-            minimum_spend=f"{prorate(Decimal(plan['minimum_spend']), period, until):f}",
+            covered_from=since, covered_until=until, standing_charge=f"{standing:f}",
+            minimum_spend=f"{prorate(Decimal(plan['minimum_spend']), period, since, until):f}",
             pricings=usages, total=f"{total:f}",
             drawn=fmt(Decimal(drawn).scaleb(-places), places),
             standing_charge_drawn=fmt(Decimal(standing_drawn).scaleb(-places), places),

@@ -52,7 +52,7 @@ from app.rating import giveback, recurring
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
 from app.rating.billing import pricing_usage
-from app.rating.periods import covered_until, period_of
+from app.rating.periods import covered_from, covered_until, period_of
 from app.rating.pricing import CHARGE_ROUNDING, convert, prorate, to_minor
 from app.rating.recurring import Draw, Period
 from app.rating.schemas import BillOut, BillRunIn, BillRunOut, NotBilled, PricingUsage
@@ -75,7 +75,8 @@ _PLANS = f"""
 _BILL = """
     SELECT b.*, a.code AS account, pl.code AS plan, cur.code AS currency,
            cur.decimal_places AS currency_places, ct.code AS credit_type,
-           ct.decimal_places AS credit_places, ap.end_date AS plan_end
+           ct.decimal_places AS credit_places, ap.start_date AS plan_start,
+           ap.end_date AS plan_end
     FROM bills b JOIN accounts a ON a.id = b.account_id
     JOIN account_plans ap ON ap.id = b.account_plan_id JOIN plans pl ON pl.id = ap.plan_id
     JOIN credit_types cur ON cur.id = b.currency_id
@@ -87,7 +88,8 @@ def closed_periods(plan: asyncpg.Record, through: date) -> Iterator[Period]:
     end at most `through`), none starting after the plan ends."""
     at = max(plan["start_date"], plan["billed_through"] or plan["start_date"])
     while plan["end_date"] is None or at < plan["end_date"]:
-        period = period_of(plan["start_date"], plan["bill_frequency"], plan["bill_interval"], at)
+        period = period_of(plan["billing_anchor"], plan["bill_frequency"], plan["bill_interval"],
+                           at)
         if period[1] > through:
             return
         yield period
@@ -182,12 +184,13 @@ async def _bill(conn: Connection, account: AccountRef, plan: asyncpg.Record, per
         settlement = recurring.Settlement(conn, account, credit_type)
         await settlement.period(plan, [p for p in pricings if p["counter_id"] is not None], period)
         done.draws += settlement.draws
+    since = covered_from(period, plan["start_date"])
     until = covered_until(period, plan["end_date"])
     lines: list[PricingUsage] = []
     for pricing in pricings:
-        lines += await pricing_usage(conn, account.id, pricing, start, end, until)
-    standing = prorate(Decimal(plan["standing_charge"]), period, until)
-    minimum = prorate(Decimal(plan["minimum_spend"]), period, until)
+        lines += await pricing_usage(conn, account.id, pricing, start, end, since, until)
+    standing = prorate(Decimal(plan["standing_charge"]), period, since, until)
+    minimum = prorate(Decimal(plan["minimum_spend"]), period, since, until)
     subtotal = standing + sum((Decimal(u.amount) for u in lines), Decimal(0))
     topup = max(Decimal(0), minimum - subtotal)
     total = (subtotal + topup).quantize(Decimal(1).scaleb(-plan["currency_places"]),
@@ -211,7 +214,8 @@ async def _bill(conn: Connection, account: AccountRef, plan: asyncpg.Record, per
     done.bills.append(bill_id)
     data: dict[str, Any] = {
         "bill": bill_id, "plan": plan["plan"], "period_start": start.isoformat(),
-        "period_end": end.isoformat(), "covered_until": until.isoformat(),
+        "period_end": end.isoformat(), "covered_from": since.isoformat(),
+        "covered_until": until.isoformat(),
         "currency": plan["currency"], "total": f"{total:f}",
         "credit_type": credit_type.code if credit_type else None,
         "drawn": None if drawn is None else f"{drawn:f}"}
@@ -336,6 +340,7 @@ def bill_out(row: asyncpg.Record) -> BillOut:
         id=row["id"], account=row["account"], account_plan=row["account_plan_id"],
         plan=row["plan"], period_start=row["period_start"],
         period_end=row["period_end"], currency=row["currency"],
+        covered_from=covered_from((row["period_start"], row["period_end"]), row["plan_start"]),
         covered_until=covered_until((row["period_start"], row["period_end"]), row["plan_end"]),
         standing_charge=f"{Decimal(row['standing_charge']):f}",
         pricings=[PricingUsage.model_validate(p) for p in json.loads(row["pricings"])],

@@ -28,6 +28,25 @@ def period_of(anchor: date, frequency: str, interval: int, day: date) -> tuple[d
     return add_months(anchor, k * step), add_months(anchor, (k + 1) * step)
 
 
+def billing_anchor(billing: str, frequency: str, start: date) -> date:
+    """Where an account plan's periods are counted from: its start (`anniversary`), or the
+    first day of the month, quarter or year its start falls in (`calendar`; daily periods are
+    days either way)."""
+    if billing == "anniversary" or frequency == "daily":
+        return start
+    if frequency == "monthly":
+        return start.replace(day=1)
+    if frequency == "quarterly":
+        return date(start.year, (start.month - 1) // 3 * 3 + 1, 1)
+    return date(start.year, 1, 1)
+
+
+def covered_from(period: tuple[date, date], plan_start: date) -> date:
+    """Where an account plan's cover of a billing period begins: the period's start, or the
+    plan's when the plan begins within it (the first period of calendar billing)."""
+    return min(max(period[0], plan_start), period[1])
+
+
 def covered_until(period: tuple[date, date], plan_end: date | None) -> date:
     """Where an account plan's cover of a billing period [start, end) ends (exclusive): the
     period's end, or the plan's end when the plan ends within the period (a plan change or a
@@ -37,11 +56,12 @@ def covered_until(period: tuple[date, date], plan_end: date | None) -> date:
     return end if plan_end is None or plan_end >= end else max(plan_end, start)
 
 
-def counted(period: tuple[date, date], until: date, pricing_start: date,
+def counted(since: date, until: date, pricing_start: date,
             pricing_end: date | None) -> tuple[date, date]:
     """The days [from, to) of a billing period a counter pricing counts: those its own date
-    range holds, before where the account plan's cover ends (`covered_until`). A price change
-    within a period so splits it by day, each pricing counting its own days."""
-    low = max(period[0], pricing_start)
+    range holds within the account plan's cover of the period [since, until)
+    (`covered_from`, `covered_until`). A price change within a period so splits it by day,
+    each pricing counting its own days."""
+    low = max(since, pricing_start)
     high = until if pricing_end is None else min(until, pricing_end)
     return low, max(low, high)

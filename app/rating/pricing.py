@@ -134,14 +134,14 @@ def to_minor(amount: Decimal, decimal_places: int) -> int:
     return int(amount.scaleb(decimal_places).quantize(Decimal(1), rounding=CHARGE_ROUNDING))
 
 
-def prorate(amount: Decimal, period: tuple[date, date], until: date) -> Decimal:
-    """A per-period amount (a standing charge, a minimum spend) for the days of the period
-    [start, end) before `until`: whole when that is every day, else amount * days / the
-    period's days (PRECISION significant digits, as every quotient here)."""
+def prorate(amount: Decimal, period: tuple[date, date], since: date, until: date) -> Decimal:
+    """A per-period amount (a standing charge, a minimum spend) for the days [since, until) of
+    the period [start, end): whole when that is every day, else amount * days / the period's
+    days (PRECISION significant digits, as every quotient here)."""
     start, end = period
-    if until >= end:
+    if since <= start and until >= end:
         return amount
-    return _QUOTIENT.divide(amount * (until - start).days, (end - start).days)
+    return _QUOTIENT.divide(amount * (until - since).days, (end - start).days)
 
 
 def convert(amount: Decimal, rate: Decimal, to_fiat: bool) -> Decimal:

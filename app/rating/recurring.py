@@ -49,7 +49,7 @@ from app.errors import STORE_ERRORS, ValidationProblem, one_by_one
 from app.rating import giveback
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
-from app.rating.periods import counted, covered_until, period_of
+from app.rating.periods import counted, covered_from, covered_until, period_of
 from app.rating.pricing import Band, convert, counter_charge, counter_levels, prorate, to_minor
 from app.rating.schemas import Debit, MeasurementResult
 
@@ -86,8 +86,8 @@ def today() -> date:
 def started_periods(plan: asyncpg.Record, first_day: date, day: date) -> Iterator[Period]:
     """The billing periods of an account plan from the one holding `first_day` through the one
     holding `day` (the ones that have started by then), none starting after the plan ends."""
-    anchor, end = plan["start_date"], plan["end_date"]
-    at = max(first_day, anchor)
+    anchor, end = plan["billing_anchor"], plan["end_date"]
+    at = max(first_day, plan["start_date"])
     while at <= day and (end is None or at < end):
         period = period_of(anchor, plan["bill_frequency"], plan["bill_interval"], at)
         yield period
@@ -102,13 +102,13 @@ def overlaps(pricing: asyncpg.Record, period: Period) -> bool:
     return start < period[1] and (end is None or (start < end and end > period[0]))
 
 
-def counter_amount(pricing: asyncpg.Record, levels: Levels, period: Period,
+def counter_amount(pricing: asyncpg.Record, levels: Levels, period: Period, since: date,
                    until: date) -> Decimal:
     """A counter pricing's charge for a period, in the plan's currency (what bill-to-date says):
-    the levels of the days it counts (`periods.counted`: its own, before `until`)."""
+    the levels of the days it counts (`periods.counted`: its own, within [since, until))."""
     bands = [Band(None if b["up_to"] is None else Decimal(b["up_to"]), Decimal(b["price"]))
              for b in json.loads(pricing["bands"])]
-    days = counted(period, until, pricing["start_date"], pricing["end_date"])
+    days = counted(since, until, pricing["start_date"], pricing["end_date"])
     return counter_charge(pricing["pricing_type"], bands, Decimal(pricing["fixed_fee"]),
                           counter_levels(levels, *days), (period[1] - period[0]).days,
                           pricing["counter_mode"])
@@ -153,14 +153,15 @@ class Settlement:
         if await rrepo.billed(self.conn, plan["id"], period[1]):
             return  # the bill run settled this period for good
         targets: dict[str, tuple[Decimal, date]] = {}
+        since = covered_from(period, plan["start_date"])
         until = covered_until(period, plan["end_date"])
         standing = Decimal(plan["standing_charge"])
         if standing > 0:
-            targets[f"s{plan['id']}"] = (prorate(standing, period, until), start)
+            targets[f"s{plan['id']}"] = (prorate(standing, period, since, until), start)
         for pricing in pricings:
             if overlaps(pricing, period):
                 amount = counter_amount(pricing, await self._levels(pricing["counter_id"]), period,
-                                        until)
+                                        since, until)
                 targets[f"p{pricing['id']}"] = (amount, max(start, changed or start))
         if not targets:
             return
@@ -312,7 +313,8 @@ async def _sweep(ctx: AppContext, day: date, account_ids: list[int] | None
     by_plan = await _pricings_by_plan(ctx.pool, [p["plan_id"] for p in plans])
     expected: dict[tuple[int, str, date], asyncpg.Record] = {}
     for plan in plans:
-        period = period_of(plan["start_date"], plan["bill_frequency"], plan["bill_interval"], day)
+        period = period_of(plan["billing_anchor"], plan["bill_frequency"], plan["bill_interval"],
+                           day)
         keys = [f"s{plan['id']}"] if Decimal(plan["standing_charge"]) > 0 else []
         keys += [f"p{p['id']}" for p in by_plan[plan["plan_id"]] if overlaps(p, period)]
         for key in keys:
@@ -337,7 +339,7 @@ async def _settle_current(ctx: AppContext, plans: list[asyncpg.Record],
             await rrepo.lock_account(conn, account.id)
             settlement = Settlement(conn, account, account.credit_type)
             for plan in plans:
-                period = period_of(plan["start_date"], plan["bill_frequency"],
+                period = period_of(plan["billing_anchor"], plan["bill_frequency"],
                                    plan["bill_interval"], day)
                 await settlement.period(plan, by_plan[plan["plan_id"]], period)
     except ValidationProblem as problem:  # e.g. no conversion rate yet: the next pass retries

@@ -10,7 +10,8 @@ import asyncpg
 from app.db import Conn, Connection
 
 ACCOUNT_PLAN = """
-    SELECT ap.id, ap.account_id, ap.plan_id, ap.start_date, ap.end_date, a.code AS account,
+    SELECT ap.id, ap.account_id, ap.plan_id, ap.start_date, ap.end_date, ap.billing_anchor,
+           a.code AS account,
            pl.code AS plan, COALESCE(pl.standing_charge, t.standing_charge) AS standing_charge,
            COALESCE(pl.minimum_spend, t.minimum_spend) AS minimum_spend,
            t.bill_frequency, t.bill_interval, t.currency_id, cur.code AS currency,

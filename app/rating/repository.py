@@ -170,10 +170,10 @@ async def set_account_plan_end(conn: Conn, account_plan_id: int, end: date) -> N
 
 
 async def insert_account_plan(conn: Conn, account_id: int, plan_id: int, start: date,
-                              end: date | None) -> int:
+                              end: date | None, anchor: date) -> int:
     ap_id: int = await conn.fetchval(
-        """INSERT INTO account_plans (account_id, plan_id, start_date, end_date)
-           VALUES ($1, $2, $3, $4) RETURNING id""", account_id, plan_id, start, end)
+        """INSERT INTO account_plans (account_id, plan_id, start_date, end_date, billing_anchor)
+           VALUES ($1, $2, $3, $4, $5) RETURNING id""", account_id, plan_id, start, end, anchor)
     return ap_id
 
 
@@ -280,7 +280,7 @@ _PRICINGS_SQL = """
     FROM rating_config_version v LEFT JOIN (
       SELECT k.a AS key_account, k.m AS key_meter, k.d AS key_day,
              pr.id, pr.pricing_type, pr.bands, pr.fixed_fee, g.function, g.target_field,
-             g.quantity_per_unit, g.rounding, g.segment_field, ap.start_date AS anchor,
+             g.quantity_per_unit, g.rounding, g.segment_field, ap.billing_anchor AS anchor,
              t.bill_frequency, t.bill_interval, t.currency_id, p.code AS product,
              greatest(pr.config_version, ap.config_version) AS visible_from
       FROM unnest($1::int8[], $2::int8[], $3::date[]) AS k(a, m, d)
@@ -518,7 +518,8 @@ async def drawn_minor(conn: Conn, account_id: int, charge_key: str, period_start
 
 async def plans_at(conn: Conn, account_id: int, day: date) -> list[asyncpg.Record]:
     return await conn.fetch(
-        f"""SELECT ap.start_date AS anchor, ap.id AS account_plan_id, ap.end_date AS plan_end, pl.*
+        f"""SELECT ap.billing_anchor AS anchor, ap.id AS account_plan_id, ap.start_date AS plan_start,
+                   ap.end_date AS plan_end, pl.*
             FROM account_plans ap JOIN ({PLAN}) pl
             ON pl.id = ap.plan_id WHERE ap.account_id = $1 AND ap.start_date <= $2
             AND (ap.end_date IS NULL OR ap.end_date > $2) ORDER BY ap.id""", account_id, day)
@@ -713,7 +714,7 @@ async def drop_rerate_request(conn: Conn, account_id: int, requested_at: Any) ->
 async def account_plan_anchors(conn: Conn, account_id: int) -> list[asyncpg.Record]:
     """The account's plans' period anchors and frequencies (for their current periods)."""
     return await conn.fetch(
-        """SELECT ap.start_date AS anchor, t.bill_frequency, t.bill_interval,
+        """SELECT ap.billing_anchor AS anchor, t.bill_frequency, t.bill_interval,
                   (SELECT max(b.period_end) FROM bills b
                    WHERE b.account_plan_id = ap.id) AS billed_through
            FROM account_plans ap JOIN plans pl ON pl.id = ap.plan_id

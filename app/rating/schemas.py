@@ -182,12 +182,17 @@ class AccountPlanIn(Strict):
     plan: Code
     start_date: Day
     end_date: Day | None = Field(default=None, description="exclusive; omitted: open")
+    billing: Literal["anniversary", "calendar"] = Field(
+        default="anniversary", description="where the billing periods are counted from: the "
+        "start date, or the first day of the month, quarter or year it falls in (a first "
+        "period that begins before the plan is prorated by day)")
 
 
 class AccountPlanOut(Dated):
     id: int
     account: str
     plan: str
+    billing_anchor: date = Field(description="the day the billing periods are counted from")
     created_at: datetime
 
 
@@ -331,6 +336,8 @@ class PlanUsage(BaseModel):
     currency: str
     period_start: date
     period_end: date
+    covered_from: date = Field(description="`period_start`, or the account plan's start when "
+                               "it falls within the period (calendar billing's first period)")
     covered_until: date = Field(description="exclusive: `period_end`, or the account plan's end "
                                 "when it falls within the period; the standing charge, the "
                                 "minimum spend and prorated counters are for the days before it")
@@ -399,6 +406,8 @@ class BillOut(BaseModel):
     plan: str
     period_start: date
     period_end: date = Field(description="exclusive")
+    covered_from: date = Field(description="`period_start`, or the account plan's start when "
+                               "it falls within the period (calendar billing's first period)")
     covered_until: date = Field(description="exclusive: `period_end`, or the account plan's end "
                                 "when it falls within the period; the standing charge, the "
                                 "minimum spend and prorated counters are for the days before it")

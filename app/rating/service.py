@@ -17,6 +17,7 @@ from app.rating import recurring
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
 from app.rating.expressions import ExpressionError, fields, parse
+from app.rating.periods import billing_anchor
 from app.rating.pricing import Band, check_bands
 from app.rating.schemas import (
     AccountPlanAttached,
@@ -234,8 +235,9 @@ async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> Accoun
                                                body.start_date, body.end_date):
             raise Conflict("the account already has a plan for this product in an overlapping "
                            "date range", field="start_date")
-        ap_id = await repo.insert_account_plan(conn, account_id, plan["id"], body.start_date,
-                                               body.end_date)
+        ap_id = await repo.insert_account_plan(
+            conn, account_id, plan["id"], body.start_date, body.end_date,
+            billing_anchor(body.billing, plan["bill_frequency"], body.start_date))
         await repo.request_rerate(conn, [account_id], "account_plans", ap_id)
         draws = await recurring.on_attach(conn, account, ap_id)
     await recurring.send(ctx, draws)
