@@ -278,25 +278,32 @@ ops = st.lists(st.one_of(
 
 
 @hypothesis_settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
-@given(steps=ops)
+@given(steps=ops, billing=st.sampled_from(["anniversary", "calendar"]))
 # a counter raised, the end cut short, the counter raised again within the cover, the end moved
 # past the period and back: give-backs and draws of both charges in turn
-@example(steps=[("level", 0, 5), ("end", 0), ("level", 10, 20), ("end", 40), ("end", 2)])
+@example(steps=[("level", 0, 5), ("end", 0), ("level", 10, 20), ("end", 40), ("end", 2)],
+         billing="anniversary")
+@example(steps=[("level", 0, 5), ("end", 0), ("level", 1, 20), ("end", 40)], billing="calendar")
 async def test_what_stays_drawn_is_the_bill_of_the_final_levels_and_end(
-        steps: list[tuple[Any, ...]], api: Api, app: Any, db: asyncpg.Connection,
+        steps: list[tuple[Any, ...]], billing: str, api: Api, app: Any, db: asyncpg.Connection,
         settings: Settings) -> None:
-    """Invariant 8 with a period cut short: whatever the order of counter changes and end
-    moves, the bill run finds the period drawn (after its own settling) at what a model of
-    the final levels and end charges: 31 a month standing, 31 a license-month prorated."""
+    """Invariant 8 with a period cut short at either end: whatever the order of counter
+    changes and end moves, the bill run finds the period drawn (after its own settling) at
+    what a model of the final levels, start and end charges: 31 a month standing, 31 a
+    license-month prorated. Calendar billing starts the plan within its first period (the
+    month under way, a few days ago), anniversary billing 20 days ago."""
     names = await api.setup()
     account = names["account"]
     await api.grant(account, "10000")
     licenses = await counter(api)
     code = await _plan(api, names, standing="31", licenses=licenses)
     today = datetime.now(UTC).date()
-    start = today - timedelta(days=20)
-    period = period_of(start, "monthly", 1, start)
-    attached = await attach(api, account, code, str(start), None)
+    # (calendar: after the 1st unless today is the 1st, so the first period is cut short)
+    back = 20 if billing == "anniversary" else max(0, min(3, today.day - 2))
+    start = today - timedelta(days=back)
+    period = period_of(billing_anchor(billing, "monthly", start), "monthly", 1, start)
+    attached = await api.call("POST", f"/v1/accounts/{account}/plans", expect=201, json={
+        "plan": code, "start_date": str(start), "billing": billing})
     earliest = earliest_end(settings)
     levels: dict[date, int] = {}
     end: date | None = None
@@ -316,14 +323,14 @@ async def test_what_stays_drawn_is_the_bill_of_the_final_levels_and_end(
         known = [d for d in levels if d <= day]
         return levels[max(known)] if known else 0
 
-    counted = sum(level_on(period[0] + timedelta(days=i)) for i in range((until - start).days))
+    counted = sum(level_on(start + timedelta(days=i)) for i in range((until - start).days))
     model = (D(31) * (until - start).days + D(31) * counted) / days
     total = model.quantize(D("0.01"), rounding=ROUND_HALF_UP)
 
     acct = await account_id(db, account)
     outcome = await bills.run(app.state.ctx, period[1], [acct])
     [bill] = [await bills.bill(db, i) for i in outcome.bills]
-    assert (bill.covered_until, bill.total) == (until, f"{total:f}")
+    assert (bill.covered_from, bill.covered_until, bill.total) == (start, until, f"{total:f}")
     assert bill.drawn == f"{total:f}"
     assert await _available_becomes(api, account, 10000 - total) == 10000 - total
 
