@@ -15,8 +15,9 @@ transaction under the account's row lock:
 3. **Lines**: the standing charge and each pricing's quantity, bands and amount, exactly as
    bill-to-date computes them from the stored states and counter levels; the subtotal; a
    **minimum spend** top-up when the subtotal is below the plan's minimum; the total rounded
-   once, half up, at the plan currency's places. A period the account plan ends within is
-   charged for the days before the end (`periods.covered_until`, `pricing.prorate`).
+   once, half up, at the plan currency's places. A period the account plan starts or ends
+   within is charged for the days it covers (`periods.covered_from`, `covered_until`,
+   `pricing.prorate`).
 4. **Settle the credits** (accounts with a credit type): the top-up is a running charge of its
    own (`m<account plan id>`, converted at the rate of the period's last day); then every
    charge of the period is brought to its rounded exact amount: a counter lowered mid-period

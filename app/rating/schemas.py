@@ -331,16 +331,23 @@ class PricingUsage(BaseModel):
     amount: str = Field(description="in the plan's currency, exact")
 
 
+# a period an account plan covers only in part (it starts or ends within it) is prorated by day
+CoveredFrom = Annotated[date, Field(description="`period_start`, or the account plan's start "
+                                    "when it falls within the period (calendar billing's first "
+                                    "period)")]
+CoveredUntil = Annotated[date, Field(description="exclusive: `period_end`, or the account "
+                                     "plan's end when it falls within the period; the standing "
+                                     "charge, the minimum spend and prorated counters are for "
+                                     "the days in [covered_from, covered_until)")]
+
+
 class PlanUsage(BaseModel):
     plan: str
     currency: str
     period_start: date
     period_end: date
-    covered_from: date = Field(description="`period_start`, or the account plan's start when "
-                               "it falls within the period (calendar billing's first period)")
-    covered_until: date = Field(description="exclusive: `period_end`, or the account plan's end "
-                                "when it falls within the period; the standing charge, the "
-                                "minimum spend and prorated counters are for the days before it")
+    covered_from: CoveredFrom
+    covered_until: CoveredUntil
     standing_charge: str
     minimum_spend: str
     pricings: list[PricingUsage]
@@ -406,11 +413,8 @@ class BillOut(BaseModel):
     plan: str
     period_start: date
     period_end: date = Field(description="exclusive")
-    covered_from: date = Field(description="`period_start`, or the account plan's start when "
-                               "it falls within the period (calendar billing's first period)")
-    covered_until: date = Field(description="exclusive: `period_end`, or the account plan's end "
-                                "when it falls within the period; the standing charge, the "
-                                "minimum spend and prorated counters are for the days before it")
+    covered_from: CoveredFrom
+    covered_until: CoveredUntil
     currency: str = Field(description="the plan's: every amount below but `drawn`, `settled`")
     standing_charge: str
     pricings: list[PricingUsage]
