@@ -14,7 +14,7 @@ from app.errors import NotFound
 from app.money import fmt
 from app.rating import repository as repo
 from app.rating.drawdown import _state
-from app.rating.periods import counted, covered_from, covered_until, period_of
+from app.rating.periods import counted, covered, period_of
 from app.rating.pricing import (
     Band,
     aggregate,
@@ -98,8 +98,7 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
     for plan in await repo.plans_at(ctx.pool, account.id, day):
         period = start, end = period_of(plan["anchor"], plan["bill_frequency"],
                                         plan["bill_interval"], day)
-        since = covered_from(period, plan["plan_start"])
-        until = covered_until(period, plan["plan_end"])
+        since, until = covered(period, plan["plan_start"], plan["plan_end"])
         usages: list[PricingUsage] = []
         drawn = 0
         for pricing in await repo.pricings_in(ctx.pool, plan["id"], start, end):

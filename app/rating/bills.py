@@ -16,8 +16,7 @@ transaction under the account's row lock:
    bill-to-date computes them from the stored states and counter levels; the subtotal; a
    **minimum spend** top-up when the subtotal is below the plan's minimum; the total rounded
    once, half up, at the plan currency's places. A period the account plan starts or ends
-   within is charged for the days it covers (`periods.covered_from`, `covered_until`,
-   `pricing.prorate`).
+   within is charged for the days it covers (`periods.covered`, `pricing.prorate`).
 4. **Settle the credits** (accounts with a credit type): the top-up is a running charge of its
    own (`m<account plan id>`, converted at the rate of the period's last day); then every
    charge of the period is brought to its rounded exact amount: a counter lowered mid-period
@@ -53,7 +52,7 @@ from app.rating import giveback, recurring
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
 from app.rating.billing import pricing_usage
-from app.rating.periods import covered_from, covered_until, period_of
+from app.rating.periods import covered, period_of
 from app.rating.pricing import CHARGE_ROUNDING, convert, prorate, to_minor
 from app.rating.recurring import Draw, Period
 from app.rating.schemas import BillOut, BillRunIn, BillRunOut, NotBilled, PricingUsage
@@ -185,8 +184,7 @@ async def _bill(conn: Connection, account: AccountRef, plan: asyncpg.Record, per
         settlement = recurring.Settlement(conn, account, credit_type)
         await settlement.period(plan, [p for p in pricings if p["counter_id"] is not None], period)
         done.draws += settlement.draws
-    since = covered_from(period, plan["start_date"])
-    until = covered_until(period, plan["end_date"])
+    since, until = covered(period, plan["start_date"], plan["end_date"])
     lines: list[PricingUsage] = []
     for pricing in pricings:
         lines += await pricing_usage(conn, account.id, pricing, start, end, since, until)
@@ -337,12 +335,13 @@ async def run_when_due(ctx: AppContext, memory: BillMemory, day: date | None = N
 
 def bill_out(row: asyncpg.Record) -> BillOut:
     credit_places = row["credit_places"]
+    since, until = covered((row["period_start"], row["period_end"]), row["plan_start"],
+                           row["plan_end"])
     return BillOut(
         id=row["id"], account=row["account"], account_plan=row["account_plan_id"],
         plan=row["plan"], period_start=row["period_start"],
         period_end=row["period_end"], currency=row["currency"],
-        covered_from=covered_from((row["period_start"], row["period_end"]), row["plan_start"]),
-        covered_until=covered_until((row["period_start"], row["period_end"]), row["plan_end"]),
+        covered_from=since, covered_until=until,
         standing_charge=f"{Decimal(row['standing_charge']):f}",
         pricings=[PricingUsage.model_validate(p) for p in json.loads(row["pricings"])],
         subtotal=f"{Decimal(row['subtotal']):f}",

@@ -41,26 +41,23 @@ def billing_anchor(billing: str, frequency: str, start: date) -> date:
     return date(start.year, 1, 1)
 
 
-def covered_from(period: tuple[date, date], plan_start: date) -> date:
-    """Where an account plan's cover of a billing period begins: the period's start, or the
-    plan's when the plan begins within it (the first period of calendar billing)."""
-    return min(max(period[0], plan_start), period[1])
-
-
-def covered_until(period: tuple[date, date], plan_end: date | None) -> date:
-    """Where an account plan's cover of a billing period [start, end) ends (exclusive): the
-    period's end, or the plan's end when the plan ends within the period (a plan change or a
-    cancellation). The standing charge, the minimum spend and a prorated counter are for the
-    days before it."""
+def covered(period: tuple[date, date], plan_start: date,
+            plan_end: date | None) -> tuple[date, date]:
+    """The days [since, until) of a billing period [start, end) an account plan covers: the
+    whole period, unless the plan begins within it (the first period of calendar billing) or
+    ends within it (a plan change or a cancellation). The standing charge, the minimum spend
+    and a prorated counter are for those days."""
     start, end = period
-    return end if plan_end is None or plan_end >= end else max(plan_end, start)
+    since = min(max(start, plan_start), end)
+    until = end if plan_end is None or plan_end >= end else max(plan_end, start)
+    return since, until
 
 
 def counted(since: date, until: date, pricing_start: date,
             pricing_end: date | None) -> tuple[date, date]:
     """The days [from, to) of a billing period a counter pricing counts: those its own date
     range holds within the account plan's cover of the period [since, until)
-    (`covered_from`, `covered_until`). A price change within a period so splits it by day,
+    (`covered`). A price change within a period so splits it by day,
     each pricing counting its own days."""
     low = max(since, pricing_start)
     high = until if pricing_end is None else min(until, pricing_end)

@@ -6,7 +6,7 @@ So real-time drawdown *settles* them: it recomputes the charge the bill would sh
 whole period if nothing else changed (a prorated counter: each known level over the days it
 holds, the rest of the period at the latest level; a peak counter: the highest known level;
 the standing charge: the plan's; each for the days before the account plan's end when it
-ends within the period, `periods.covered_until`) and draws the difference from what it already took,
+ends within the period, `periods.covered`) and draws the difference from what it already took,
 `charge(now) - charge(settled before)`, through the same machinery as measurements: the
 cumulative exact charge per (account, charge key, period) in `rated_charges` (`charged`
 remembers the plan-currency charge already in it), converted to the account's credit type,
@@ -49,7 +49,7 @@ from app.errors import STORE_ERRORS, ValidationProblem, one_by_one
 from app.rating import giveback
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
-from app.rating.periods import counted, covered_from, covered_until, period_of
+from app.rating.periods import counted, covered, period_of
 from app.rating.pricing import Band, convert, counter_charge, counter_levels, prorate, to_minor
 from app.rating.schemas import Debit, MeasurementResult
 
@@ -153,8 +153,7 @@ class Settlement:
         if await rrepo.billed(self.conn, plan["id"], period[1]):
             return  # the bill run settled this period for good
         targets: dict[str, tuple[Decimal, date]] = {}
-        since = covered_from(period, plan["start_date"])
-        until = covered_until(period, plan["end_date"])
+        since, until = covered(period, plan["start_date"], plan["end_date"])
         standing = Decimal(plan["standing_charge"])
         if standing > 0:
             targets[f"s{plan['id']}"] = (prorate(standing, period, since, until), start)

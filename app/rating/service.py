@@ -261,7 +261,7 @@ async def end_account_plan(ctx: AppContext, code: str, account_plan_id: int,
     """Set the day an account plan ends (exclusive): a plan change ends one plan where the
     next begins, a cancellation ends it tomorrow, and a plan that has not started may end on
     its start date (it never applies). The period holding the end is charged for the days
-    before it (standing charge, minimum spend, prorated counters: `periods.covered_until`);
+    before it (standing charge, minimum spend, prorated counters: `periods.covered`);
     the current period is settled again at once: more drawn when the end moved later, the
     difference given back when it moved earlier."""
     account = await account_ref(ctx, code, field="code")
