@@ -19,6 +19,7 @@ over after the last period, or into a next period that was never granted.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_DOWN, Decimal
@@ -26,10 +27,20 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from app.config.catalog import CreditTypeRef
 from app.config.repository import existing_products
-from app.errors import STORE_ERRORS, NotFound, Unavailable, ValidationProblem, one_by_one
+from app.db import Connection
+from app.errors import (
+    STORE_ERRORS,
+    Conflict,
+    NotFound,
+    Unavailable,
+    ValidationProblem,
+    one_by_one,
+)
 from app.ledger import repository as repo
 from app.ledger.schemas import (
+    Allotment,
     RecurringGrantIn,
     RecurringGrantOut,
     RecurringGrantPeriodOut,
@@ -43,7 +54,7 @@ from app.ledger.service import (
     scaled,
 )
 from app.money import fmt
-from app.rating.periods import period_of
+from app.rating.periods import covered, period_of
 
 if TYPE_CHECKING:
     from app.context import AppContext
@@ -56,32 +67,69 @@ def _midnight(day: date) -> datetime:
     return datetime.combine(day, time(0), UTC)
 
 
-async def create(ctx: AppContext, code: str, body: RecurringGrantIn) -> RecurringGrantOut:
-    account = await account_ref(ctx, code)
-    credit_type = await resolve_credit_type(ctx, account, body.credit_type)
-    scaled(body.amount, credit_type)
+async def check_allotment(ctx: AppContext, body: Allotment, credit_type: CreditTypeRef,
+                          at: str = "") -> None:
+    """The amounts fit the credit type's places and the products exist (fields named `at` +
+    the field: `credits.0.amount` for a plan's)."""
+    scaled(body.amount, credit_type, f"{at}amount")
     if body.rollover_max is not None:
-        scaled(body.rollover_max, credit_type, "rollover_max")
+        scaled(body.rollover_max, credit_type, f"{at}rollover_max")
     if body.products:
         unknown = sorted(set(body.products) - await existing_products(ctx.pool, body.products))
         if unknown:
-            raise ValidationProblem(f"unknown products: {', '.join(unknown)}", field="products")
+            raise ValidationProblem(f"unknown products: {', '.join(unknown)}",
+                                    field=f"{at}products")
+
+
+def _products(codes: list[str] | None) -> list[str] | None:
+    return sorted(set(codes)) if codes else None
+
+
+async def create(ctx: AppContext, code: str, body: RecurringGrantIn) -> RecurringGrantOut:
+    account = await account_ref(ctx, code)
+    credit_type = await resolve_credit_type(ctx, account, body.credit_type)
+    await check_allotment(ctx, body, credit_type)
     start = body.start or datetime.now(UTC).date()
     if body.end is not None and body.end <= start:
         raise ValidationProblem("must be after start", field="end")
     grant_id = await repo.insert_recurring_grant(ctx.pool, {
         "account_id": account.id, "credit_type_id": credit_type.id, "amount": body.amount,
         "frequency": body.frequency, "interval": body.interval, "start": start, "end": body.end,
-        "products": sorted(set(body.products)) if body.products else None,
+        "products": _products(body.products),
         "priority": body.priority, "description": body.description,
         "rollover_percent": body.rollover_percent, "rollover_max": body.rollover_max})
-    try:  # the period under way, at once
-        await grant_period(ctx, grant_id, datetime.now(UTC).date())
-    except _NOT_NOW as exc:
-        # the recurring grant is committed: answered as made (a retry must not make a second
-        # one), its first period left to the workers' next pass
-        log.warning("recurring grant %s: first period left to the workers: %r", grant_id, exc)
+    await grant_first(ctx, [grant_id])
     return await read(ctx, grant_id)
+
+
+async def grant_first(ctx: AppContext, grant_ids: list[int]) -> None:
+    """Grant the period under way of new recurring grants, at once (their creation answers
+    without it if the stores fail now: the grants are committed, and a retry must not make
+    second ones; the workers' next pass grants the period)."""
+    for grant_id in grant_ids:
+        try:
+            await grant_period(ctx, grant_id, datetime.now(UTC).date())
+        except _NOT_NOW as exc:
+            log.warning("recurring grant %s: first period left to the workers: %r", grant_id,
+                        exc)
+
+
+async def insert_for_plan(conn: Connection, account_id: int, account_plan_id: int,
+                          plan: asyncpg.Record, start: date, end: date | None,
+                          anchor: date) -> list[int]:
+    """The recurring grants of a plan's included credits for an account plan just attached
+    (in its transaction): the plan's frequency, counted from its billing anchor."""
+    return [await repo.insert_recurring_grant(conn, {
+        "account_id": account_id, "credit_type_id": credit["credit_type_id"],
+        "amount": Decimal(credit["amount"]), "frequency": plan["bill_frequency"],
+        "interval": plan["bill_interval"], "start": start, "end": end,
+        "products": credit["products"], "priority": credit["priority"],
+        "description": credit["description"],
+        "rollover_percent": Decimal(credit["rollover_percent"]),
+        "rollover_max": None if credit["rollover_max"] is None
+        else Decimal(credit["rollover_max"]),
+        "account_plan_id": account_plan_id, "plan_credit_id": credit["id"], "anchor": anchor})
+        for credit in json.loads(plan["credits"])]
 
 
 async def grant_period(ctx: AppContext, grant_id: int, day: date) -> int:
@@ -113,7 +161,7 @@ def grant_out(row: asyncpg.Record) -> RecurringGrantOut:
         products=row["product_codes"], priority=row["priority"],
         description=row["description"], rollover_percent=f"{Decimal(row['rollover_percent']):f}",
         rollover_max=None if row["rollover_max"] is None
-        else fmt(Decimal(row["rollover_max"]), dp),
+        else fmt(Decimal(row["rollover_max"]), dp), account_plan=row["account_plan_id"],
         next_start=row["next_start"], created_at=row["created_at"])
 
 
@@ -121,6 +169,9 @@ async def end(ctx: AppContext, grant_id: int, day: date | None) -> RecurringGran
     row = await repo.recurring_grant(ctx.pool, grant_id)
     if row is None:
         raise NotFound(f"no recurring grant {grant_id}", field="id")
+    if row["account_plan_id"] is not None:
+        raise Conflict(f"these are account plan {row['account_plan_id']}'s included credits: "
+                       "they end with it (POST /v1/accounts/{code}/plans/{id}/end)", field="id")
     day = day or datetime.now(UTC).date() + timedelta(days=1)
     if day <= row["start_date"]:
         raise ValidationProblem(f"must be after the grant's start {row['start_date']}",
@@ -141,22 +192,37 @@ async def grant_due(ctx: AppContext, now: datetime | None = None, limit: int = 5
                                    "recurring grant period")
 
 
+def _anchor(row: asyncpg.Record) -> date:
+    anchor: date = row["anchor_date"] or row["start_date"]
+    return anchor
+
+
 async def _grant_period(ctx: AppContext, row: asyncpg.Record, today: date) -> int:
-    """Grant the period holding `today` (earlier ones are over: skipped); 1 if it is due."""
+    """Grant the period holding `today` (earlier ones are over: skipped); 1 if it is due.
+    A plan's included credits are granted for the days of the period the account plan
+    covers, prorated by day (rounded down), and expire when the cover ends."""
     if today < row["start_date"]:
         return 0
-    start, end = period_of(row["start_date"], row["frequency"], row["interval_count"], today)
+    start, end = period_of(_anchor(row), row["frequency"], row["interval_count"], today)
     if row["end_date"] is not None and start >= row["end_date"]:
         await repo.advance_recurring_grant(ctx.pool, row["id"], row["end_date"])
         return 0
-    account = await account_ref(ctx, row["account"])
     credit_type = await ctx.catalog.credit_type_by_id(row["credit_type_id"])
-    balance_id = await repo.reserve_period(ctx.pool, row["id"], start, end)
+    amount, since, until = Decimal(row["amount"]), start, end
+    if row["account_plan_id"] is not None:
+        since, until = covered((start, end), row["start_date"], row["end_date"])
+        amount = (amount * (until - since).days / (end - start).days).quantize(
+            Decimal(1).scaleb(-credit_type.decimal_places), ROUND_DOWN)
+        if amount <= 0:  # (a day of a long period, for a small allotment)
+            await repo.advance_recurring_grant(ctx.pool, row["id"], end)
+            return 0
+    account = await account_ref(ctx, row["account"])
+    balance_id = await repo.reserve_period(ctx.pool, row["id"], since, until)
     await grant_reserved(
-        ctx, account, credit_type, balance_id, scaled(Decimal(row["amount"]), credit_type),
+        ctx, account, credit_type, balance_id, scaled(amount, credit_type),
         products=row["product_codes"], priority=row["priority"],
-        description=row["description"] or f"recurring grant {row['id']}: {start} to {end}",
-        source="recurring", effective=_midnight(start), expires=_midnight(end))
+        description=row["description"] or f"recurring grant {row['id']}: {since} to {until}",
+        source="recurring", effective=_midnight(since), expires=_midnight(until))
     await repo.advance_recurring_grant(ctx.pool, row["id"], end)
     return 1
 
@@ -167,7 +233,7 @@ async def _settle(ctx: AppContext, period: asyncpg.Record, today: date) -> int:
     next_id = period["next_balance_id"]
     if next_id is None:
         next_start = period["period_end"]
-        _, next_end = period_of(period["start_date"], period["frequency"],
+        _, next_end = period_of(_anchor(period), period["frequency"],
                                 period["interval_count"], next_start)
         ended = period["end_date"] is not None and next_start >= period["end_date"]
         if not ended and next_end > today:

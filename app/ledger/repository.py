@@ -471,12 +471,14 @@ async def insert_recurring_grant(conn: Conn, values: dict[str, Any]) -> int:
         """INSERT INTO recurring_grants (account_id, credit_type_id, amount, frequency,
                                          interval_count, start_date, end_date, product_codes,
                                          priority, description, rollover_percent, rollover_max,
-                                         next_start)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $6) RETURNING id""",
+                                         next_start, account_plan_id, plan_credit_id, anchor_date)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $6, $13, $14, $15)
+           RETURNING id""",
         values["account_id"], values["credit_type_id"], values["amount"], values["frequency"],
         values["interval"], values["start"], values["end"], values["products"],
         values["priority"], values["description"], values["rollover_percent"],
-        values["rollover_max"]))
+        values["rollover_max"], values.get("account_plan_id"), values.get("plan_credit_id"),
+        values.get("anchor")))
 
 
 async def recurring_grant(conn: Conn, grant_id: int) -> asyncpg.Record | None:
@@ -499,6 +501,12 @@ async def due_recurring_grants(conn: Conn, today: date, limit: int) -> list[asyn
 
 async def end_recurring_grant(conn: Conn, grant_id: int, end: date) -> None:
     await conn.execute("UPDATE recurring_grants SET end_date = $2 WHERE id = $1", grant_id, end)
+
+
+async def end_plan_grants(conn: Conn, account_plan_id: int, end: date) -> None:
+    """An account plan's included credits end with it (its end just set)."""
+    await conn.execute("UPDATE recurring_grants SET end_date = $2 WHERE account_plan_id = $1",
+                       account_plan_id, end)
 
 
 async def reserve_period(conn: Conn, grant_id: int, start: date, end: date) -> int:

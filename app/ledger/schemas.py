@@ -125,17 +125,10 @@ class ThresholdList(BaseModel):
 # Recurring grants (app/ledger/recurring_grants.py)
 
 
-class RecurringGrantIn(Strict):
+class Allotment(Strict):
+    """Credits granted every period: a recurring grant's, or a plan's included credits."""
+
     amount: Amount = Field(gt=0, description="credits granted each period")
-    credit_type: Code | None = Field(default=None, description="default: the account's")
-    frequency: Literal["daily", "monthly", "quarterly", "annual"]
-    interval: Integer = Field(default=1, ge=1, le=366, description="every this many days or "
-                              "months, quarters, years")
-    start: Day | None = Field(default=None, description="the first period's first day "
-                                   "(UTC); default today. Periods over before it is created "
-                                   "are not granted")
-    end: Day | None = Field(default=None, description="exclusive: no period starts on or "
-                                 "after it; omitted: open")
     products: list[Code] | None = Field(default=None, min_length=1, max_length=100)
     priority: Integer = Field(default=100, ge=0, le=1_000_000,
                               description="lower is drawn first")
@@ -145,6 +138,18 @@ class RecurringGrantIn(Strict):
                                      "next period's credits (rounded down)")
     rollover_max: Amount | None = Field(default=None, ge=0, description="at most this much "
                                         "rolls over; omitted: no cap but the percentage")
+
+
+class RecurringGrantIn(Allotment):
+    credit_type: Code | None = Field(default=None, description="default: the account's")
+    frequency: Literal["daily", "monthly", "quarterly", "annual"]
+    interval: Integer = Field(default=1, ge=1, le=366, description="every this many days or "
+                              "months, quarters, years")
+    start: Day | None = Field(default=None, description="the first period's first day "
+                                   "(UTC); default today. Periods over before it is created "
+                                   "are not granted")
+    end: Day | None = Field(default=None, description="exclusive: no period starts on or "
+                                 "after it; omitted: open")
 
 
 class RecurringGrantEndIn(Strict):
@@ -174,6 +179,9 @@ class RecurringGrantOut(BaseModel):
     description: str
     rollover_percent: str
     rollover_max: str | None
+    account_plan: int | None = Field(description="the account plan whose included credits "
+                                     "these are (its periods and end are the plan's); null: "
+                                     "a recurring grant of its own")
     next_start: date = Field(description="the first period not granted yet")
     created_at: datetime
     periods: list[RecurringGrantPeriodOut] = Field(

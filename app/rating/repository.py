@@ -31,8 +31,17 @@ PRICING = """SELECT pr.*, pl.code AS plan, g.code AS aggregation, c.code AS coun
              LEFT JOIN aggregations g ON g.id = pr.aggregation_id
              LEFT JOIN counters c ON c.id = pr.counter_id"""
 _WITH_AGGREGATION = PRICING.replace("SELECT pr.*,", "SELECT pr.*, g2.*,")
+# a plan as read (and attached): with its included credits, [{...}] as JSON text
+PLAN_CREDITS = PLAN.replace("SELECT pl.id,", """SELECT (
+    SELECT coalesce(json_agg(json_build_object(
+             'id', pc.id, 'credit_type', ct.code, 'credit_type_id', ct.id,
+             'amount', pc.amount::text, 'products', pc.product_codes, 'priority', pc.priority,
+             'description', pc.description, 'rollover_percent', pc.rollover_percent::text,
+             'rollover_max', pc.rollover_max::text) ORDER BY pc.id), '[]')
+    FROM plan_credits pc JOIN credit_types ct ON ct.id = pc.credit_type_id
+    WHERE pc.plan_id = pl.id) AS credits, pl.id,""")
 TABLES = {"meters": METER, "aggregations": AGGREGATION, "counters": COUNTER,
-          "plan_templates": TEMPLATE, "plans": PLAN}
+          "plan_templates": TEMPLATE, "plans": PLAN_CREDITS}
 ALIAS = {"meters": "m", "aggregations": "g", "counters": "c", "plan_templates": "t", "plans": "pl"}
 
 
@@ -86,10 +95,20 @@ async def insert_template(conn: Conn, v: dict[str, Any]) -> None:
 
 
 async def insert_plan(conn: Conn, code: str, name: str, template_id: int,
-                      standing: Decimal | None, minimum: Decimal | None) -> None:
-    await conn.execute(
+                      standing: Decimal | None, minimum: Decimal | None) -> int:
+    return int(await conn.fetchval(
         """INSERT INTO plans (code, name, template_id, standing_charge, minimum_spend)
-           VALUES ($1, $2, $3, $4, $5)""", code, name, template_id, standing, minimum)
+           VALUES ($1, $2, $3, $4, $5) RETURNING id""", code, name, template_id, standing,
+        minimum))
+
+
+async def insert_plan_credits(conn: Conn, plan_id: int, rows: list[tuple[Any, ...]]) -> None:
+    """A plan's included credits: (credit_type_id, amount, products, priority, description,
+    rollover_percent, rollover_max) each."""
+    await conn.executemany(
+        """INSERT INTO plan_credits (plan_id, credit_type_id, amount, product_codes, priority,
+                                     description, rollover_percent, rollover_max)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""", [(plan_id, *row) for row in rows])
 
 
 async def lock_plan(conn: Connection, plan_id: int) -> None:

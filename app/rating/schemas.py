@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, computed_field
 
+from app.ledger.schemas import Allotment
 from app.schemas import Amount, Code, Day, Integer, ListQuery, Name, Page, Strict, Timestamp, Uid
 
 FieldName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
@@ -109,12 +110,31 @@ class PlanTemplateOut(BaseModel):
     created_at: datetime
 
 
+class PlanCreditIn(Allotment):
+    credit_type: Code = Field(description="the credit type of the balances granted")
+
+
+class PlanCreditOut(BaseModel):
+    credit_type: str
+    amount: str
+    products: list[str] | None
+    priority: int
+    description: str
+    rollover_percent: str
+    rollover_max: str | None
+
+
 class PlanIn(Strict):
     code: Code
     name: Name
     template: Code
     standing_charge: Number | None = Field(default=None, ge=0, description="overrides the template")
     minimum_spend: Number | None = Field(default=None, ge=0, description="overrides the template")
+    credits: list[PlanCreditIn] = Field(
+        default=[], max_length=10, description="credits included every billing period: each "
+        "account the plan is attached to gets them as a recurring grant tied to its account "
+        "plan (the plan's periods, prorated by day where the account plan covers a period in "
+        "part)")
 
 
 class PlanOut(BaseModel):
@@ -123,6 +143,7 @@ class PlanOut(BaseModel):
     template: str
     standing_charge: str
     minimum_spend: str
+    credits: list[PlanCreditOut]
     created_at: datetime
 
 

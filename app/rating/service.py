@@ -12,6 +12,8 @@ import asyncpg
 from pydantic import BaseModel
 
 from app.errors import Conflict, NotFound, ValidationProblem
+from app.ledger import recurring_grants
+from app.ledger import repository as lrepo
 from app.ledger.service import account_ref
 from app.rating import recurring
 from app.rating import recurring_repository as rrepo
@@ -50,9 +52,9 @@ if TYPE_CHECKING:
 NUMERIC = ("measure",)
 
 
-async def _unique(write: Awaitable[Any], what: str) -> None:
+async def _unique(write: Awaitable[Any], what: str) -> Any:
     try:
-        await write
+        return await write
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(f"a {what} with this code exists", field="code") from exc
 
@@ -164,8 +166,22 @@ async def create_template(ctx: AppContext, body: PlanTemplateIn) -> BaseModel:
 
 async def create_plan(ctx: AppContext, body: PlanIn) -> BaseModel:
     template_id = await required_id(ctx, "plan_templates", body.template, "template")
-    await _unique(repo.insert_plan(ctx.pool, body.code, body.name, template_id,
-                                   body.standing_charge, body.minimum_spend), "plan")
+    credits = []
+    for i, allotment in enumerate(body.credits):
+        credit_type = await ctx.catalog.credit_type(allotment.credit_type)
+        if credit_type is None:
+            raise ValidationProblem(f"unknown credit type {allotment.credit_type!r}",
+                                    field=f"credits.{i}.credit_type")
+        await recurring_grants.check_allotment(ctx, allotment, credit_type, f"credits.{i}.")
+        credits.append((credit_type.id, allotment.amount,
+                        sorted(set(allotment.products)) if allotment.products else None,
+                        allotment.priority, allotment.description, allotment.rollover_percent,
+                        allotment.rollover_max))
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        plan_id = await _unique(repo.insert_plan(conn, body.code, body.name, template_id,
+                                                 body.standing_charge, body.minimum_spend),
+                                "plan")
+        await repo.insert_plan_credits(conn, plan_id, credits)
     return await read(ctx, "plans", body.code)
 
 
@@ -235,11 +251,14 @@ async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> Accoun
                                                body.start_date, body.end_date):
             raise Conflict("the account already has a plan for this product in an overlapping "
                            "date range", field="start_date")
-        ap_id = await repo.insert_account_plan(
-            conn, account_id, plan["id"], body.start_date, body.end_date,
-            billing_anchor(body.billing, plan["bill_frequency"], body.start_date))
+        anchor = billing_anchor(body.billing, plan["bill_frequency"], body.start_date)
+        ap_id = await repo.insert_account_plan(conn, account_id, plan["id"], body.start_date,
+                                               body.end_date, anchor)
         await repo.request_rerate(conn, [account_id], "account_plans", ap_id)
         draws = await recurring.on_attach(conn, account, ap_id)
+        grants = await recurring_grants.insert_for_plan(conn, account_id, ap_id, plan,
+                                                        body.start_date, body.end_date, anchor)
+    await recurring_grants.grant_first(ctx, grants)
     await recurring.send(ctx, draws)
     rows = await repo.account_plans(ctx.pool, account_id)
     return next(AccountPlanAttached.model_validate({**dict(r), "debits": [d.debit() for d in draws]})
@@ -278,6 +297,7 @@ async def end_account_plan(ctx: AppContext, code: str, account_plan_id: int,
             raise Conflict("the account has another plan for this product in the longer date "
                            "range", field="end_date")
         await repo.set_account_plan_end(conn, row["id"], day)
+        await lrepo.end_plan_grants(conn, row["id"], day)
         settlement = await recurring.on_end(conn, account, row["id"])
     await recurring.after_end(ctx, settlement)
     return AccountPlanOut.model_validate({**dict(row), "end_date": day})
@@ -364,7 +384,8 @@ def template_out(row: asyncpg.Record) -> BaseModel:
 
 
 def plan_out(row: asyncpg.Record) -> BaseModel:
-    return PlanOut.model_validate(_amounts(row, "standing_charge", "minimum_spend"))
+    return PlanOut.model_validate({**_amounts(row, "standing_charge", "minimum_spend"),
+                                   "credits": json.loads(row["credits"])})
 
 
 OUT: dict[str, Callable[[asyncpg.Record], BaseModel]] = {
