@@ -447,6 +447,11 @@ class BillOut(BaseModel):
     drawn: str | None = Field(description="credits the period's charges drew, in the credit type")
     settled: str | None = Field(description="of `drawn`: what the bill run drew (+) or gave "
                                 "back (-)")
+    covered: str | None = Field(description="of `drawn`: what balances covered, as the ledger "
+                                "has it now")
+    overage: str | None = Field(description="of `drawn`: what no balance covered, recorded as "
+                                "the account's overage (what the vendor collects for this bill), "
+                                "as the ledger has it now")
     created_at: datetime
 
 

@@ -1,0 +1,81 @@
+"""A bill says what of the credits its charges drew balances covered and what became the
+account's overage (what the vendor collects for it), give-backs included."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal as D
+from typing import Any
+
+from tests.conftest import Api
+from tests.test_rating_bills import _day, daily_calls_plan, measure_on, run_bills
+from tests.test_rating_counters_realtime import adjust, attach, counter, license_plan
+
+
+async def _landed(api: Api, bill_id: int) -> dict[str, Any]:
+    """The bill once its split adds up to what it drew: the bill run's own debits land in the
+    ledger by the journal's group commit right behind its answer (up to 5 s)."""
+    for _ in range(100):
+        bill: dict[str, Any] = await api.call("GET", f"/v1/bills/{bill_id}")
+        if D(bill["covered"]) + D(bill["overage"]) == D(bill["drawn"]):
+            return bill
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"bill {bill_id}: covered + overage never came to drawn: {bill}")
+
+
+async def test_a_bill_splits_what_it_drew_into_covered_and_overage(api: Api) -> None:
+    """A daily plan (standing charge 2, minimum spend 10, calls at 0.50) on an account with no
+    credit when attached and 7.00 from then on."""
+    names = await api.setup()
+    account = names["account"]
+    first, second = _day(-2), _day(-1)
+    meter_code = await daily_calls_plan(api, names, first)  # 3 x 2 drawn: all overage
+    await api.grant(account, "7.00")
+    await measure_on(api, account, meter_code, first, files=8)    # 4.00: covered
+    await measure_on(api, account, meter_code, second, files=30)  # 15.00: 3 covered, 12 not
+    low_id, high_id = (await run_bills(api, account, _day(0)))["bills"]
+    low, high = await _landed(api, low_id), await _landed(api, high_id)
+    # day one: standing 2 (overage) + calls 4 (covered) + the top-up 4 (no credit left)
+    assert (low["total"], low["drawn"], low["covered"], low["overage"]) == (
+        "10.00", "10.00", "4.00", "6.00")
+    # day two: standing 2 (overage) + calls 15 (3 covered, 12 overage)
+    assert (high["total"], high["drawn"], high["covered"], high["overage"]) == (
+        "17.00", "17.00", "3.00", "14.00")
+    listed = await api.call("GET", f"/v1/accounts/{account}/bills")
+    assert [(b["covered"], b["overage"]) for b in listed["data"]] == [("4.00", "6.00"),
+                                                                     ("3.00", "14.00")]
+    # today's standing charge is on no bill yet: the account owes it besides the two
+    totals = (await api.live(account))["totals"]
+    assert [D(t["overage"]) for t in totals] == [D(6) + D(14) + D(2)]
+
+
+async def test_a_give_back_takes_back_overage_before_credit(api: Api) -> None:
+    """July's licenses, 10 from the 1st and 20 from the 16th, drawn at the high-water mark
+    (310 + 160) from 400 of credit: 70 became overage. Lowered to 5 from the 26th, the month
+    comes to 380; the bill run gives 90 back, newest debit first, its overage first."""
+    names = await api.setup()
+    account = names["account"]
+    await api.grant(account, "400")
+    licenses = await counter(api)
+    await attach(api, account, await license_plan(api, names, licenses, "prorate"))
+    await adjust(api, account, licenses, "2024-07-01", 10)
+    await adjust(api, account, licenses, "2024-07-16", 20)
+    await adjust(api, account, licenses, "2024-07-26", 5)
+    [bill_id] = (await run_bills(api, account, "2024-08-01"))["bills"]
+    bill = await _landed(api, bill_id)
+    assert (bill["total"], bill["drawn"], bill["settled"], bill["covered"],
+            bill["overage"]) == ("380.00", "380.00", "-90.00", "380.00", "0.00")
+    assert await api.available(account) == "20.00"
+
+
+async def test_an_account_without_credits_has_no_split(api: Api) -> None:
+    names = await api.setup()
+    account = f"{names['account']}-nc"
+    await api.call("POST", "/v1/accounts", expect=201, json={"code": account, "name": "No credit"})
+    licenses = await counter(api)
+    await attach(api, account, await license_plan(api, names, licenses, "peak"))
+    await adjust(api, account, licenses, "2024-07-01", 3)
+    [bill_id] = (await run_bills(api, account, "2024-08-01"))["bills"]
+    bill = await api.call("GET", f"/v1/bills/{bill_id}")
+    assert (bill["total"], bill["drawn"], bill["covered"], bill["overage"]) == (
+        "93.00", None, None, None)
