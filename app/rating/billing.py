@@ -12,6 +12,7 @@ import asyncpg
 from app.db import Conn
 from app.errors import NotFound
 from app.money import fmt
+from app.rating import charges
 from app.rating import repository as repo
 from app.rating.drawdown import _state
 from app.rating.periods import counted, covered, period_of
@@ -110,11 +111,14 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
         drawn += standing_drawn
         total = standing + sum((Decimal(u.amount) for u in usages), Decimal(0))
         places = account.credit_type.decimal_places if account.credit_type else 0
+        period_charges, charges_total = charges.lines(json.loads(await charges.of_period(
+            ctx.pool, plan["account_plan_id"], start, end)), plan["currency_places"])
         plans.append(PlanUsage(
             plan=plan["code"], currency=plan["currency"], period_start=start, period_end=end,
             covered_from=since, covered_until=until, standing_charge=f"{standing:f}",
             minimum_spend=f"{prorate(Decimal(plan['minimum_spend']), period, since, until):f}",
-            pricings=usages, total=f"{total:f}",
+            pricings=usages, total=f"{total:f}", charges=period_charges,
+            charges_total=fmt(charges_total, plan["currency_places"]),
             drawn=fmt(Decimal(drawn).scaleb(-places), places),
             standing_charge_drawn=fmt(Decimal(standing_drawn).scaleb(-places), places),
             credit_type=account.credit_type.code if account.credit_type else ""))

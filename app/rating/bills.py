@@ -48,7 +48,7 @@ from app.config.catalog import AccountRef, CreditTypeRef
 from app.db import Conn, Connection
 from app.errors import STORE_ERRORS, NotFound, ValidationProblem
 from app.money import fmt
-from app.rating import giveback, recurring
+from app.rating import charges, giveback, recurring
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
 from app.rating.billing import pricing_usage
@@ -72,11 +72,12 @@ _PLANS = f"""
     WHERE x.start_date < $1 AND ($2::int8[] IS NULL OR x.account_id = ANY($2::int8[]))
     ORDER BY x.account_id, x.id"""
 
-_BILL = """
+_BILL = f"""
     SELECT b.*, a.code AS account, pl.code AS plan, cur.code AS currency,
            cur.decimal_places AS currency_places, ct.code AS credit_type,
            ct.decimal_places AS credit_places, ap.start_date AS plan_start,
-           ap.end_date AS plan_end, split.covered, split.overage
+           ap.end_date AS plan_end, split.covered, split.overage,
+           (SELECT {charges.LINES} FROM account_charges c WHERE c.bill_id = b.id) AS charge_lines
     FROM bills b JOIN accounts a ON a.id = b.account_id
     JOIN account_plans ap ON ap.id = b.account_plan_id JOIN plans pl ON pl.id = ap.plan_id
     JOIN credit_types cur ON cur.id = b.currency_id
@@ -221,15 +222,19 @@ async def _bill(conn: Connection, account: AccountRef, plan: asyncpg.Record, per
         keys += [f"m{plan['id']}"] if topup > 0 else []
         drawn, settled = await _settle(conn, account, credit_type, plan, period, keys, topup,
                                        done)
+    taken = await charges.take_into_bill(conn, plan["id"], start, end,
+                                         plan["end_date"] is not None and plan["end_date"] <= end)
+    charges_total = sum((Decimal(c["amount"]) for c in taken), Decimal(0))
     bill_id: int = await conn.fetchval(
         """INSERT INTO bills (account_id, account_plan_id, period_start, period_end, currency_id,
                               standing_charge, pricings, subtotal, minimum_spend, minimum_topup,
-                              total, credit_type_id, drawn, settled)
-           VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14)
+                              total, credit_type_id, drawn, settled, charges_total)
+           VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15)
            RETURNING id""",
         account.id, plan["id"], start, end, plan["currency_id"], standing,
         json.dumps([u.model_dump() for u in lines]), subtotal, minimum, topup, total,
-        credit_type.id if credit_type else None, drawn, settled)
+        credit_type.id if credit_type else None, drawn, settled, charges_total)
+    await charges.mark_billed(conn, [c["id"] for c in taken], bill_id)
     done.bills.append(bill_id)
     data: dict[str, Any] = {
         "bill": bill_id, "plan": plan["plan"], "period_start": start.isoformat(),
@@ -237,7 +242,8 @@ async def _bill(conn: Connection, account: AccountRef, plan: asyncpg.Record, per
         "covered_until": until.isoformat(),
         "currency": plan["currency"], "total": f"{total:f}",
         "credit_type": credit_type.code if credit_type else None,
-        "drawn": None if drawn is None else f"{drawn:f}"}
+        "drawn": None if drawn is None else f"{drawn:f}",
+        "charges_total": fmt(charges_total, plan["currency_places"])}
     await publish(conn, [OutboxEvent(event_id("bill", bill_id), "bill.finalized", account.id,
                                      None, datetime.now(UTC), data)])
 
@@ -368,6 +374,8 @@ def bill_out(row: asyncpg.Record) -> BillOut:
         minimum_spend=f"{Decimal(row['minimum_spend']):f}",
         minimum_spend_topup=f"{Decimal(row['minimum_topup']):f}",
         total=fmt(Decimal(row["total"]), row["currency_places"]),
+        charges=charges.lines(json.loads(row["charge_lines"]), row["currency_places"])[0],
+        charges_total=fmt(Decimal(row["charges_total"]), row["currency_places"]),
         credit_type=row["credit_type"],
         drawn=None if row["drawn"] is None else fmt(Decimal(row["drawn"]), credit_places),
         settled=None if row["settled"] is None else fmt(Decimal(row["settled"]), credit_places),

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from app.errors import NotFound, ValidationProblem
 from app.http import ADMIN, CUSTOMER_READ, READ, RUNTIME, Call, Endpoint, batch_of
 from app.ledger.service import account_ref
-from app.rating import billing, bills, drawdown, recurring, service
+from app.rating import billing, bills, charges, drawdown, recurring, service
 from app.rating import repository as repo
 from app.rating.schemas import (
     MAX_MEASUREMENTS,
@@ -27,6 +27,9 @@ from app.rating.schemas import (
     BillQuery,
     BillRunIn,
     BillRunOut,
+    ChargeIn,
+    ChargeOut,
+    ChargePage,
     ConversionRateIn,
     ConversionRateOut,
     CounterAdjustmentIn,
@@ -225,6 +228,25 @@ async def _bill_page(call: Call, account_id: int | None) -> BaseModel:
     return BillPage(data=found, next_cursor=next_cursor([b.id for b in found], query.limit))
 
 
+async def create_charge(call: Call) -> BaseModel:
+    return await charges.create(call.ctx, call.path("code"), call.body)
+
+
+async def account_charges(call: Call) -> BaseModel:
+    account = await account_ref(call.ctx, call.path("code"), field="code")
+    query = call.query
+    found = await charges.of_account(call.ctx.pool, account.id, query.after_id(), query.limit)
+    return ChargePage(data=found, next_cursor=next_cursor([c.id for c in found], query.limit))
+
+
+async def read_charge(call: Call) -> BaseModel:
+    return await charges.read(call.ctx.pool, call.path_id("id", "charge"))
+
+
+async def void_charge(call: Call) -> BaseModel:
+    return await charges.void(call.ctx, call.path_id("id", "charge"))
+
+
 RUNTIME_ENDPOINTS = [
     Endpoint("POST", "/v1/measurements", measurements, RUNTIME,
              "Submit measurements: one, or {measurements: [...]} up to 1,000, each answered on "
@@ -252,6 +274,17 @@ ENDPOINTS = [
              "`period_start`)", "bills", query=BillQuery, response=BillPage),
     Endpoint("GET", "/v1/accounts/{code}/bills", account_bills, CUSTOMER_READ,
              "An account's bills, oldest first", "bills", query=BillQuery, response=BillPage),
+    Endpoint("POST", "/v1/accounts/{code}/charges", create_charge, ADMIN,
+             "Charge an amount in an account plan's currency on the bill of the period "
+             "holding its day (billed, not drawn from credits)", "bills", body=ChargeIn,
+             response=ChargeOut, status=201),
+    Endpoint("GET", "/v1/accounts/{code}/charges", account_charges, ADMIN,
+             "An account's charges, oldest first", "bills", query=ListQuery,
+             response=ChargePage),
+    Endpoint("GET", "/v1/charges/{id}", read_charge, ADMIN, "A charge", "bills",
+             response=ChargeOut),
+    Endpoint("POST", "/v1/charges/{id}/void", void_charge, ADMIN,
+             "Void a charge not billed yet", "bills", response=ChargeOut),
     *_crud("/v1/meters", "meters", "a meter (data and derived fields)", "meters", MeterIn,
            MeterOut, service.create_meter),
     *_crud("/v1/aggregations", "aggregations", "an aggregation of a meter field",

@@ -362,6 +362,37 @@ CoveredUntil = Annotated[date, Field(description="exclusive: `period_end`, or th
                                      "the days in [covered_from, covered_until)")]
 
 
+class ChargeIn(Strict):
+    amount: Number = Field(gt=0, description="in the plan's currency, at most its places")
+    description: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+    day: Day | None = Field(default=None, description="the day it is for: it goes on the bill "
+                            "of the period holding it; default today")
+    account_plan: Integer | None = Field(default=None, ge=1, description="the account plan "
+                                         "whose bill it goes on; omitted: the one plan of the "
+                                         "account covering `day`")
+
+
+class ChargeLine(BaseModel):
+    id: int
+    day: date
+    description: str
+    amount: str
+
+
+class ChargeOut(ChargeLine):
+    account: str
+    account_plan: int
+    plan: str
+    currency: str
+    bill: int | None = Field(description="the bill it is on; null: not billed yet")
+    voided_at: datetime | None
+    created_at: datetime
+
+
+class ChargePage(Page[ChargeOut]):
+    pass
+
+
 class PlanUsage(BaseModel):
     plan: str
     currency: str
@@ -373,6 +404,9 @@ class PlanUsage(BaseModel):
     minimum_spend: str
     pricings: list[PricingUsage]
     total: str = Field(description="standing charge + pricings, in the plan's currency")
+    charges: list[ChargeLine] = Field(description="the period's charges, billed on top of "
+                                      "`total` (not drawn from credits)")
+    charges_total: str
     drawn: str = Field(description="what real-time drawdown has debited, balance credit type")
     standing_charge_drawn: str = Field(description="of `drawn`: the standing charge")
     credit_type: str
@@ -443,6 +477,9 @@ class BillOut(BaseModel):
     minimum_spend: str
     minimum_spend_topup: str = Field(description="what brings the subtotal up to the minimum")
     total: str = Field(description="subtotal + top-up, rounded half up at the currency's places")
+    charges: list[ChargeLine] = Field(description="the period's charges, billed on top of "
+                                      "`total` (not drawn from credits)")
+    charges_total: str
     credit_type: str | None = Field(description="the account's; null: nothing was drawn")
     drawn: str | None = Field(description="credits the period's charges drew, in the credit type")
     settled: str | None = Field(description="of `drawn`: what the bill run drew (+) or gave "
