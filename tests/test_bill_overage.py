@@ -8,7 +8,13 @@ from decimal import Decimal as D
 from typing import Any
 
 from tests.conftest import Api
-from tests.test_rating_bills import _day, daily_calls_plan, measure_on, run_bills
+from tests.test_rating_bills import (
+    _day,
+    daily_calls_plan,
+    licenses_lowered_in_july,
+    measure_on,
+    run_bills,
+)
 from tests.test_rating_counters_realtime import adjust, attach, counter, license_plan
 
 
@@ -53,14 +59,8 @@ async def test_a_give_back_takes_back_overage_before_credit(api: Api) -> None:
     """July's licenses, 10 from the 1st and 20 from the 16th, drawn at the high-water mark
     (310 + 160) from 400 of credit: 70 became overage. Lowered to 5 from the 26th, the month
     comes to 380; the bill run gives 90 back, newest debit first, its overage first."""
-    names = await api.setup()
+    names, _ = await licenses_lowered_in_july(api, "400")
     account = names["account"]
-    await api.grant(account, "400")
-    licenses = await counter(api)
-    await attach(api, account, await license_plan(api, names, licenses, "prorate"))
-    await adjust(api, account, licenses, "2024-07-01", 10)
-    await adjust(api, account, licenses, "2024-07-16", 20)
-    await adjust(api, account, licenses, "2024-07-26", 5)
     [bill_id] = (await run_bills(api, account, "2024-08-01"))["bills"]
     bill = await _landed(api, bill_id)
     assert (bill["total"], bill["drawn"], bill["settled"], bill["covered"],

@@ -131,16 +131,23 @@ async def test_the_bill_run_tops_up_the_minimum_spend_once_and_closes_the_period
     assert {b["period_start"] for b in of_day["data"]} == {str(second)}
 
 
+async def licenses_lowered_in_july(api: Api, credit: str) -> tuple[dict[str, str], str]:
+    """An account with `credit` on a monthly plan of licenses, prorated at 31 a month (1 a
+    license-day in July): 10 from July 1st, 20 from the 16th, 5 from the 26th. Its names and
+    the counter."""
+    names = await api.setup()
+    await api.grant(names["account"], credit)
+    licenses = await counter(api)
+    await attach(api, names["account"], await license_plan(api, names, licenses, "prorate"))
+    for day, level in (("2024-07-01", 10), ("2024-07-16", 20), ("2024-07-26", 5)):
+        await adjust(api, names["account"], licenses, day, level)
+    return names, licenses
+
+
 async def test_a_counter_lowered_mid_month_is_given_back_at_the_bill_run(
         api: Api, db: asyncpg.Connection) -> None:
-    names = await api.setup()
+    names, licenses = await licenses_lowered_in_july(api, "2000")
     account = names["account"]
-    await api.grant(account, "2000")
-    licenses = await counter(api)
-    await attach(api, account, await license_plan(api, names, licenses, "prorate"))
-    await adjust(api, account, licenses, "2024-07-01", 10)
-    await adjust(api, account, licenses, "2024-07-16", 20)
-    await adjust(api, account, licenses, "2024-07-26", 5)
     # drawn at the high-water mark, 10 x 15 + 20 x 16 = 470, though the month comes to 380
     assert D(await api.available(account)) == 2000 - 470
     [bill_id] = (await run_bills(api, account, "2024-08-01"))["bills"]
