@@ -50,6 +50,11 @@ async def test_a_bill_splits_what_it_drew_into_covered_and_overage(api: Api) -> 
     listed = await api.call("GET", f"/v1/accounts/{account}/bills")
     assert [(b["covered"], b["overage"]) for b in listed["data"]] == [("4.00", "6.00"),
                                                                      ("3.00", "14.00")]
+    # bill-to-date splits the same way, a billed day's with its top-up, today's as it stands
+    for day, split in ((first, ("10.00", "4.00", "6.00")), (_day(0), ("2.00", "0.00", "2.00"))):
+        [to_date] = (await api.call("GET", f"/v1/accounts/{account}/usage",
+                                    params={"at": str(day)}))["plans"]
+        assert (to_date["drawn"], to_date["covered"], to_date["overage"]) == split
     # today's standing charge is on no bill yet: the account owes it besides the two
     totals = (await api.live(account))["totals"]
     assert [D(t["overage"]) for t in totals] == [D(6) + D(14) + D(2)]

@@ -108,9 +108,12 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
         standing = prorate(Decimal(plan["standing_charge"]), period, since, until)
         standing_drawn = await repo.drawn_minor(ctx.pool, account.id,
                                                 f"s{plan['account_plan_id']}", start)
-        drawn += standing_drawn
+        drawn += standing_drawn + await repo.drawn_minor(  # (a billed period's top-up)
+            ctx.pool, account.id, f"m{plan['account_plan_id']}", start)
         total = standing + sum((Decimal(u.amount) for u in usages), Decimal(0))
         places = account.credit_type.decimal_places if account.credit_type else 0
+        split = await repo.split(ctx.pool, account.id, start, plan["id"],
+                                 plan["account_plan_id"])
         period_charges, charges_total = charges.lines(json.loads(await charges.of_period(
             ctx.pool, plan["account_plan_id"], start, end)), plan["currency_places"])
         plans.append(PlanUsage(
@@ -121,5 +124,7 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
             charges_total=fmt(charges_total, plan["currency_places"]),
             drawn=fmt(Decimal(drawn).scaleb(-places), places),
             standing_charge_drawn=fmt(Decimal(standing_drawn).scaleb(-places), places),
+            covered=fmt(Decimal(split["covered"]), places),
+            overage=fmt(Decimal(split["overage"]), places),
             credit_type=account.credit_type.code if account.credit_type else ""))
     return AccountUsageOut(account=code, plans=plans)

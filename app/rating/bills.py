@@ -82,26 +82,8 @@ _BILL = f"""
     JOIN account_plans ap ON ap.id = b.account_plan_id JOIN plans pl ON pl.id = ap.plan_id
     JOIN credit_types cur ON cur.id = b.currency_id
     LEFT JOIN credit_types ct ON ct.id = b.credit_type_id
-    LEFT JOIN LATERAL (  -- what the period's charges took, by balance and as overage, in the
-                         -- ledger now (less what give-backs have returned of each)
-        WITH d AS (SELECT d.account_id, d.uid FROM rated_debits d
-                   WHERE d.account_id = b.account_id AND d.period_start = b.period_start
-                     AND d.charge_key = ANY(ARRAY(SELECT 'p' || pr.id FROM pricings pr
-                                                  WHERE pr.plan_id = ap.plan_id)
-                                            || ARRAY['s' || ap.id, 'm' || ap.id]))
-        SELECT (SELECT COALESCE(sum(-e.amount) FILTER (WHERE e.kind = 'debit'), 0)
-                       - (SELECT COALESCE(sum(p.amount), 0) FROM d JOIN rated_credit_parts p
-                          ON p.account_id = d.account_id AND p.debit_uid = d.uid
-                          WHERE p.applied_at IS NOT NULL AND p.source = 'balance')
-                FROM d JOIN ledger_entries e ON e.op_key = 'u:' || d.account_id || ':' || d.uid
-                WHERE e.amount < 0) AS covered,
-               (SELECT COALESCE(sum(-e.amount) FILTER (WHERE e.kind = 'overage'), 0)
-                       - (SELECT COALESCE(sum(p.amount), 0) FROM d JOIN rated_credit_parts p
-                          ON p.account_id = d.account_id AND p.debit_uid = d.uid
-                          WHERE p.applied_at IS NOT NULL AND p.source = 'overage')
-                FROM d JOIN ledger_entries e ON e.op_key = 'u:' || d.account_id || ':' || d.uid
-                WHERE e.amount < 0) AS overage
-        WHERE b.credit_type_id IS NOT NULL) split ON true"""
+    LEFT JOIN LATERAL {repo.split_sql("b.account_id", "b.period_start", "ap.plan_id",
+                                      "ap.id")} split ON true"""
 
 
 def closed_periods(plan: asyncpg.Record, through: date) -> Iterator[Period]:
@@ -379,8 +361,10 @@ def bill_out(row: asyncpg.Record) -> BillOut:
         credit_type=row["credit_type"],
         drawn=None if row["drawn"] is None else fmt(Decimal(row["drawn"]), credit_places),
         settled=None if row["settled"] is None else fmt(Decimal(row["settled"]), credit_places),
-        covered=None if row["covered"] is None else fmt(Decimal(row["covered"]), credit_places),
-        overage=None if row["overage"] is None else fmt(Decimal(row["overage"]), credit_places),
+        covered=None if row["credit_type"] is None else fmt(Decimal(row["covered"]),
+                                                            credit_places),
+        overage=None if row["credit_type"] is None else fmt(Decimal(row["overage"]),
+                                                            credit_places),
         created_at=row["created_at"])
 
 

@@ -535,6 +535,40 @@ async def drawn_minor(conn: Conn, account_id: int, charge_key: str, period_start
     return int(found or 0)
 
 
+def split_sql(account: str, period_start: str, plan: str, account_plan: str) -> str:
+    """A subquery of (covered, overage): what an account plan's charges of a period took (the
+    pricings', the standing charge's, the minimum-spend top-up's), by balance and as overage,
+    as the ledger has it now, less what give-backs have returned of each. The arguments are
+    SQL expressions."""
+    return f"""(
+        WITH d AS (SELECT d.account_id, d.uid FROM rated_debits d
+                   WHERE d.account_id = {account} AND d.period_start = {period_start}
+                     AND d.charge_key = ANY(ARRAY(SELECT 'p' || pr.id FROM pricings pr
+                                                  WHERE pr.plan_id = {plan})
+                                            || ARRAY['s' || {account_plan}, 'm' || {account_plan}])),
+             taken AS (SELECT e.kind = 'overage' AS owed, -e.amount AS amount
+                       FROM d JOIN ledger_entries e
+                       ON e.op_key = 'u:' || d.account_id || ':' || d.uid
+                       WHERE e.amount < 0
+                       UNION ALL
+                       SELECT p.source = 'overage', -p.amount
+                       FROM d JOIN rated_credit_parts p
+                       ON p.account_id = d.account_id AND p.debit_uid = d.uid
+                       WHERE p.applied_at IS NOT NULL AND p.source IN ('balance', 'overage'))
+        SELECT COALESCE(sum(amount) FILTER (WHERE NOT owed), 0) AS covered,
+               COALESCE(sum(amount) FILTER (WHERE owed), 0) AS overage FROM taken)"""
+
+
+async def split(conn: Conn, account_id: int, period_start: date, plan_id: int,
+                account_plan_id: int) -> asyncpg.Record:
+    """(covered, overage) of an account plan's period (`split_sql`)."""
+    row = await conn.fetchrow(
+        f"SELECT s.* FROM {split_sql('$1::int8', '$2::date', '$3::int8', '$4::int8')} s",
+        account_id, period_start, plan_id, account_plan_id)
+    assert row is not None
+    return row
+
+
 async def plans_at(conn: Conn, account_id: int, day: date) -> list[asyncpg.Record]:
     return await conn.fetch(
         f"""SELECT ap.billing_anchor AS anchor, ap.id AS account_plan_id, ap.start_date AS plan_start,

@@ -407,8 +407,13 @@ class PlanUsage(BaseModel):
     charges: list[ChargeLine] = Field(description="the period's charges, billed on top of "
                                       "`total` (not drawn from credits)")
     charges_total: str
-    drawn: str = Field(description="what real-time drawdown has debited, balance credit type")
+    drawn: str = Field(description="what the period's charges have debited, in the balance "
+                       "credit type (a billed period's: the bill run's settlement included)")
     standing_charge_drawn: str = Field(description="of `drawn`: the standing charge")
+    covered: str = Field(description="of `drawn`: what balances covered, as the ledger has it "
+                         "now")
+    overage: str = Field(description="of `drawn`: what no balance covered (the account's "
+                         "overage), as the ledger has it now")
     credit_type: str
 
 
