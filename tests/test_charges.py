@@ -20,8 +20,9 @@ from tests.test_rating_counters_realtime import adjust, attach, counter, license
 
 
 async def _charge(api: Api, account: str, expect: int = 201, **body: Any) -> dict[str, Any]:
-    result: dict[str, Any] = await api.call("POST", f"/v1/accounts/{account}/charges",
-                                            expect=expect, json=body)
+    result: dict[str, Any] = await api.call(
+        "POST", f"/v1/accounts/{account}/charges", expect=expect, json=body,
+        headers={"Idempotency-Key": uuid.uuid4().hex})
     return result
 
 
@@ -148,7 +149,8 @@ async def test_charges_made_while_two_processes_bill_land_on_one_bill_each(
         clients = [a.client() for a in apps]
         try:
             async def charges(client: Any, n: int) -> list[Any]:
-                return [await client.post(f"/v1/accounts/{account}/charges", headers=admin,
+                return [await client.post(f"/v1/accounts/{account}/charges",
+                                          headers={**admin, "Idempotency-Key": uuid.uuid4().hex},
                                           json={"amount": "1.25", "description": f"c{n}-{i}",
                                                 "day": str(_day(-6 + i % 6))})
                         for i in range(24)]
@@ -204,3 +206,20 @@ async def test_a_charge_waits_for_a_bill_run_under_way(api: Api, db: asyncpg.Con
         assert not pending.done() and not voiding.done()
     assert (await pending)["amount"] == "3.00"
     assert (await voiding)["voided_at"] is not None
+
+
+async def test_a_charge_needs_an_idempotency_key_and_a_retry_bills_once(api: Api) -> None:
+    names = await api.setup()
+    account = names["account"]
+    await attach(api, account, await license_plan(api, names, await counter(api), "peak"))
+    body = {"amount": "7", "description": "set-up", "day": "2024-07-03"}
+    problem = await api.call("POST", f"/v1/accounts/{account}/charges", expect=422, json=body)
+    assert problem["field"] == "Idempotency-Key"
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = await api.call("POST", f"/v1/accounts/{account}/charges", expect=201, json=body,
+                           headers=key)
+    again = await api.call("POST", f"/v1/accounts/{account}/charges", expect=201, json=body,
+                           headers=key)
+    assert again == first
+    listed = await api.call("GET", f"/v1/accounts/{account}/charges")
+    assert [c["id"] for c in listed["data"]] == [first["id"]]

@@ -276,8 +276,9 @@ ENDPOINTS = [
              "An account's bills, oldest first", "bills", query=BillQuery, response=BillPage),
     Endpoint("POST", "/v1/accounts/{code}/charges", create_charge, ADMIN,
              "Charge an amount in an account plan's currency on the bill of the period "
-             "holding its day (billed, not drawn from credits)", "bills", body=ChargeIn,
-             response=ChargeOut, status=201),
+             "holding its day (billed, not drawn from credits); an `Idempotency-Key` is "
+             "required, as a retry must not bill twice", "bills", body=ChargeIn,
+             response=ChargeOut, status=201, idempotency_required=True),
     Endpoint("GET", "/v1/accounts/{code}/charges", account_charges, ADMIN,
              "An account's charges, oldest first", "bills", query=ListQuery,
              response=ChargePage),
