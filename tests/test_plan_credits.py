@@ -93,7 +93,7 @@ async def test_each_account_on_the_plan_gets_its_credits_every_period(
                                  "a.id = b.account_id WHERE a.code = $1", account) == 1
 
 
-async def test_the_grant_ends_with_its_account_plan(api: Api) -> None:
+async def test_the_grant_ends_with_its_account_plan(api: Api, app: Any) -> None:
     names = await api.setup()
     plan = await _plan(api, names, [{"credit_type": names["credit_type"], "amount": "5"}])
     today = datetime.now(UTC).date()
@@ -108,6 +108,17 @@ async def test_the_grant_ends_with_its_account_plan(api: Api) -> None:
         await api.call("POST", end_url, json={"end_date": end.isoformat()})
         [grant] = await _grants_of(api, names["account"])
         assert grant["end"] == end.isoformat()
+
+    # a plan that has not started, cancelled (ended on its start date): its credits never come
+    other = await api.setup()
+    start = today + timedelta(days=10)
+    later = await attach(api, other["account"], plan["code"], start.isoformat(), None)
+    await api.call("POST", f"/v1/accounts/{other['account']}/plans/{later['id']}/end",
+                   json={"end_date": start.isoformat()})
+    [grant] = await _grants_of(api, other["account"])
+    assert (grant["start"], grant["end"]) == (start.isoformat(), start.isoformat())
+    await recurring_grants.grant_period(app.state.ctx, grant["id"], start)
+    assert (await api.call("GET", f"/v1/recurring-grants/{grant['id']}"))["periods"] == []
 
 
 async def test_a_period_covered_in_part_gets_its_days_share(

@@ -101,30 +101,24 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
                                         plan["bill_interval"], day)
         since, until = covered(period, plan["plan_start"], plan["plan_end"])
         usages: list[PricingUsage] = []
-        drawn = 0
         for pricing in await repo.pricings_in(ctx.pool, plan["id"], start, end):
             usages += await pricing_usage(ctx.pool, account.id, pricing, start, end, since, until)
-            drawn += await repo.drawn_minor(ctx.pool, account.id, f"p{pricing['id']}", start)
         standing = prorate(Decimal(plan["standing_charge"]), period, since, until)
-        standing_drawn = await repo.drawn_minor(ctx.pool, account.id,
-                                                f"s{plan['account_plan_id']}", start)
-        drawn += standing_drawn + await repo.drawn_minor(  # (a billed period's top-up)
-            ctx.pool, account.id, f"m{plan['account_plan_id']}", start)
         total = standing + sum((Decimal(u.amount) for u in usages), Decimal(0))
         places = account.credit_type.decimal_places if account.credit_type else 0
-        split = await repo.split(ctx.pool, account.id, start, plan["id"],
-                                 plan["account_plan_id"])
-        period_charges, charges_total = charges.lines(json.loads(await charges.of_period(
-            ctx.pool, plan["account_plan_id"], start, end)), plan["currency_places"])
+        read = await repo.period_drawn(ctx.pool, account.id, start, end, plan["id"],
+                                       plan["account_plan_id"], charges.LINES)
+        period_charges, charges_total = charges.lines(json.loads(read["charge_lines"]),
+                                                      plan["currency_places"])
         plans.append(PlanUsage(
             plan=plan["code"], currency=plan["currency"], period_start=start, period_end=end,
             covered_from=since, covered_until=until, standing_charge=f"{standing:f}",
             minimum_spend=f"{prorate(Decimal(plan['minimum_spend']), period, since, until):f}",
             pricings=usages, total=f"{total:f}", charges=period_charges,
             charges_total=fmt(charges_total, plan["currency_places"]),
-            drawn=fmt(Decimal(drawn).scaleb(-places), places),
-            standing_charge_drawn=fmt(Decimal(standing_drawn).scaleb(-places), places),
-            covered=fmt(Decimal(split["covered"]), places),
-            overage=fmt(Decimal(split["overage"]), places),
+            drawn=fmt(Decimal(read["drawn"]).scaleb(-places), places),
+            standing_charge_drawn=fmt(Decimal(read["standing"]).scaleb(-places), places),
+            covered=fmt(Decimal(read["covered"]), places),
+            overage=fmt(Decimal(read["overage"]), places),
             credit_type=account.credit_type.code if account.credit_type else ""))
     return AccountUsageOut(account=code, plans=plans)

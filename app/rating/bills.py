@@ -204,19 +204,11 @@ async def _bill(conn: Connection, account: AccountRef, plan: asyncpg.Record, per
         keys += [f"m{plan['id']}"] if topup > 0 else []
         drawn, settled = await _settle(conn, account, credit_type, plan, period, keys, topup,
                                        done)
-    taken = await charges.take_into_bill(conn, plan["id"], start, end,
-                                         plan["end_date"] is not None and plan["end_date"] <= end)
-    charges_total = sum((Decimal(c["amount"]) for c in taken), Decimal(0))
-    bill_id: int = await conn.fetchval(
-        """INSERT INTO bills (account_id, account_plan_id, period_start, period_end, currency_id,
-                              standing_charge, pricings, subtotal, minimum_spend, minimum_topup,
-                              total, credit_type_id, drawn, settled, charges_total)
-           VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15)
-           RETURNING id""",
+    bill_id, charges_total = await charges.insert_bill(conn, (
         account.id, plan["id"], start, end, plan["currency_id"], standing,
         json.dumps([u.model_dump() for u in lines]), subtotal, minimum, topup, total,
-        credit_type.id if credit_type else None, drawn, settled, charges_total)
-    await charges.mark_billed(conn, [c["id"] for c in taken], bill_id)
+        credit_type.id if credit_type else None, drawn, settled,
+        plan["end_date"] is not None and plan["end_date"] <= end))
     done.bills.append(bill_id)
     data: dict[str, Any] = {
         "bill": bill_id, "plan": plan["plan"], "period_start": start.isoformat(),

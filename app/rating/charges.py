@@ -123,30 +123,32 @@ async def void(ctx: AppContext, charge_id: int) -> ChargeOut:
     return await read(ctx.pool, charge_id)
 
 
-async def take_into_bill(conn: Connection, account_plan_id: int, start: Any, end: Any,
-                         last: bool) -> list[asyncpg.Record]:
-    """The bill run's: the period's charges not voided, locked until its bill is written. The
-    plan's last period takes those dated after it too (made before its end moved earlier)."""
-    return await conn.fetch(
-        """SELECT id, amount FROM account_charges
-           WHERE account_plan_id = $1 AND day >= $2 AND (day < $3 OR $4) AND voided_at IS NULL
-           ORDER BY id FOR UPDATE""", account_plan_id, start, end, last)
-
-
-async def mark_billed(conn: Connection, charge_ids: list[int], bill_id: int) -> None:
-    await conn.execute("UPDATE account_charges SET bill_id = $2 WHERE id = ANY($1::int8[])",
-                       charge_ids, bill_id)
+async def insert_bill(conn: Connection, values: tuple[Any, ...]) -> tuple[int, Decimal]:
+    """The bill run's: write a bill, taking into it the period's charges not voided (the
+    plan's last period those dated after it too, made before its end moved earlier), in one
+    statement. `values`: the bill's columns up to `settled`, then whether the period is the
+    plan's last. Its id and the charges' total."""
+    row = await conn.fetchrow(
+        """WITH taken AS (
+               SELECT id, amount FROM account_charges
+               WHERE account_plan_id = $2 AND day >= $3 AND (day < $4 OR $15)
+                 AND voided_at IS NULL FOR UPDATE),
+           bill AS (
+               INSERT INTO bills (account_id, account_plan_id, period_start, period_end,
+                                  currency_id, standing_charge, pricings, subtotal,
+                                  minimum_spend, minimum_topup, total, credit_type_id, drawn,
+                                  settled, charges_total)
+               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14,
+                       (SELECT COALESCE(sum(amount), 0) FROM taken))
+               RETURNING id, charges_total),
+           marked AS (UPDATE account_charges SET bill_id = (SELECT id FROM bill)
+                      WHERE id IN (SELECT id FROM taken))
+           SELECT id, charges_total FROM bill""", *values)
+    assert row is not None
+    return int(row["id"]), Decimal(row["charges_total"])
 
 
 # the charge lines of a bill (`bills._BILL`) and of a period (bill-to-date), as JSON text
 LINES = """coalesce(json_agg(json_build_object(
     'id', c.id, 'day', c.day, 'description', c.description, 'amount', c.amount::text)
     ORDER BY c.day, c.id), '[]')"""
-
-
-async def of_period(conn: Conn, account_plan_id: int, start: Any, end: Any) -> str:
-    found: str = await conn.fetchval(
-        f"""SELECT {LINES} FROM account_charges c WHERE c.account_plan_id = $1
-            AND c.day >= $2 AND c.day < $3 AND c.voided_at IS NULL""",
-        account_plan_id, start, end)
-    return found

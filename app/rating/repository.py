@@ -528,24 +528,21 @@ async def states_of(conn: Conn, account_id: int, pricing_id: int,
            AND period_start = $3 ORDER BY segment""", account_id, pricing_id, period_start)
 
 
-async def drawn_minor(conn: Conn, account_id: int, charge_key: str, period_start: date) -> int:
-    found = await conn.fetchval(
-        """SELECT drawn_minor FROM rated_charges WHERE account_id = $1 AND charge_key = $2
-           AND period_start = $3""", account_id, charge_key, period_start)
-    return int(found or 0)
+def charge_keys_sql(plan: str, account_plan: str) -> str:
+    """The charge keys of an account plan's charges (SQL expressions in, a text[] out): its
+    plan's pricings', its standing charge's and its minimum-spend top-up's."""
+    return (f"ARRAY(SELECT 'p' || pr.id FROM pricings pr WHERE pr.plan_id = {plan}) "
+            f"|| ARRAY['s' || {account_plan}, 'm' || {account_plan}]")
 
 
 def split_sql(account: str, period_start: str, plan: str, account_plan: str) -> str:
-    """A subquery of (covered, overage): what an account plan's charges of a period took (the
-    pricings', the standing charge's, the minimum-spend top-up's), by balance and as overage,
-    as the ledger has it now, less what give-backs have returned of each. The arguments are
-    SQL expressions."""
+    """A subquery of (covered, overage): what an account plan's charges of a period took, by
+    balance and as overage, as the ledger has it now, less what give-backs have returned of
+    each. The arguments are SQL expressions."""
     return f"""(
         WITH d AS (SELECT d.account_id, d.uid FROM rated_debits d
                    WHERE d.account_id = {account} AND d.period_start = {period_start}
-                     AND d.charge_key = ANY(ARRAY(SELECT 'p' || pr.id FROM pricings pr
-                                                  WHERE pr.plan_id = {plan})
-                                            || ARRAY['s' || {account_plan}, 'm' || {account_plan}])),
+                     AND d.charge_key = ANY({charge_keys_sql(plan, account_plan)})),
              taken AS (SELECT e.kind = 'overage' AS owed, -e.amount AS amount
                        FROM d JOIN ledger_entries e
                        ON e.op_key = 'u:' || d.account_id || ':' || d.uid
@@ -559,12 +556,24 @@ def split_sql(account: str, period_start: str, plan: str, account_plan: str) -> 
                COALESCE(sum(amount) FILTER (WHERE owed), 0) AS overage FROM taken)"""
 
 
-async def split(conn: Conn, account_id: int, period_start: date, plan_id: int,
-                account_plan_id: int) -> asyncpg.Record:
-    """(covered, overage) of an account plan's period (`split_sql`)."""
+async def period_drawn(conn: Conn, account_id: int, start: date, end: date, plan_id: int,
+                       account_plan_id: int, lines: str) -> asyncpg.Record:
+    """Bill-to-date's one read of an account plan's period beyond its lines: what its charges
+    drew (`drawn`, minor units), of which the standing charge (`standing`), `covered` and
+    `overage` (`split_sql`), and the period's charges (`charge_lines`: `lines` over
+    `account_charges c`, JSON text)."""
     row = await conn.fetchrow(
-        f"SELECT s.* FROM {split_sql('$1::int8', '$2::date', '$3::int8', '$4::int8')} s",
-        account_id, period_start, plan_id, account_plan_id)
+        f"""SELECT (SELECT COALESCE(sum(drawn_minor), 0) FROM rated_charges
+                    WHERE account_id = $1 AND period_start = $2
+                      AND charge_key = ANY({charge_keys_sql('$4::int8', '$5::int8')})) AS drawn,
+                   (SELECT COALESCE(sum(drawn_minor), 0) FROM rated_charges
+                    WHERE account_id = $1 AND period_start = $2
+                      AND charge_key = 's' || $5::int8) AS standing,
+                   s.covered, s.overage,
+                   (SELECT {lines} FROM account_charges c WHERE c.account_plan_id = $5
+                      AND c.day >= $2 AND c.day < $3 AND c.voided_at IS NULL) AS charge_lines
+            FROM {split_sql('$1::int8', '$2::date', '$4::int8', '$5::int8')} s""",
+        account_id, start, end, plan_id, account_plan_id)
     assert row is not None
     return row
 
