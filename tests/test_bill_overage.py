@@ -18,7 +18,7 @@ from tests.test_rating_bills import (
 from tests.test_rating_counters_realtime import adjust, attach, counter, license_plan
 
 
-async def _landed(api: Api, bill_id: int) -> dict[str, Any]:
+async def landed(api: Api, bill_id: int) -> dict[str, Any]:
     """The bill once its split adds up to what it drew: the bill run's own debits land in the
     ledger by the journal's group commit right behind its answer (up to 5 s)."""
     for _ in range(100):
@@ -40,7 +40,7 @@ async def test_a_bill_splits_what_it_drew_into_covered_and_overage(api: Api) -> 
     await measure_on(api, account, meter_code, first, files=8)    # 4.00: covered
     await measure_on(api, account, meter_code, second, files=30)  # 15.00: 3 covered, 12 not
     low_id, high_id = (await run_bills(api, account, _day(0)))["bills"]
-    low, high = await _landed(api, low_id), await _landed(api, high_id)
+    low, high = await landed(api, low_id), await landed(api, high_id)
     # day one: standing 2 (overage) + calls 4 (covered) + the top-up 4 (no credit left)
     assert (low["total"], low["drawn"], low["covered"], low["overage"]) == (
         "10.00", "10.00", "4.00", "6.00")
@@ -67,7 +67,7 @@ async def test_a_give_back_takes_back_overage_before_credit(api: Api) -> None:
     names, _ = await licenses_lowered_in_july(api, "400")
     account = names["account"]
     [bill_id] = (await run_bills(api, account, "2024-08-01"))["bills"]
-    bill = await _landed(api, bill_id)
+    bill = await landed(api, bill_id)
     assert (bill["total"], bill["drawn"], bill["settled"], bill["covered"],
             bill["overage"]) == ("380.00", "380.00", "-90.00", "380.00", "0.00")
     assert await api.available(account) == "20.00"
@@ -84,3 +84,28 @@ async def test_an_account_without_credits_has_no_split(api: Api) -> None:
     bill = await api.call("GET", f"/v1/bills/{bill_id}")
     assert (bill["total"], bill["drawn"], bill["covered"], bill["overage"]) == (
         "93.00", None, None, None)
+
+
+async def test_a_give_back_first_reverses_what_the_other_charges_left_owing(api: Api) -> None:
+    """Two counters on one plan, 400 of credit: licenses (10 from July 1st: 310) drawn first,
+    all covered; seats (5 from July 1st: 155) next, 90 covered and 65 owed. Licenses lowered
+    to 5 from the 16th come to 230: the bill run gives 80 back, and the seats' 65 of overage
+    goes before any credit comes back (15)."""
+    names = await api.setup()
+    account = names["account"]
+    await api.grant(account, "400")
+    licenses, seats = await counter(api), await counter(api)
+    code = await license_plan(api, names, licenses, "prorate")
+    await api.call("POST", "/v1/pricings", expect=201, json={
+        "plan": code, "counter": seats, "type": "per_unit", "counter_mode": "prorate",
+        "bands": [{"up_to": None, "price": "31"}], "start_date": "2024-07-01"})
+    await attach(api, account, code)
+    await adjust(api, account, licenses, "2024-07-01", 10)
+    await adjust(api, account, seats, "2024-07-01", 5)
+    await adjust(api, account, licenses, "2024-07-16", 5)
+    [bill_id] = (await run_bills(api, account, "2024-08-01"))["bills"]
+    bill = await landed(api, bill_id)
+    assert (bill["total"], bill["settled"], bill["covered"], bill["overage"]) == (
+        "385.00", "-80.00", "385.00", "0.00")
+    assert await api.available(account) == "15.00"
+    assert [D(t["overage"]) for t in (await api.live(account))["totals"]] == [D(0)]

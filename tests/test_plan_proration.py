@@ -24,6 +24,7 @@ from app.settings import Settings
 from tests.conftest import Api
 from tests.procs import account_id, run_apps
 from tests.test_account_plan_end import end_path
+from tests.test_bill_overage import landed
 from tests.test_rating_bills import measure_on, run_bills
 from tests.test_rating_config import meter, plan
 from tests.test_rating_counters_realtime import JULY, adjust, amounts, attach, counter
@@ -278,23 +279,30 @@ ops = st.lists(st.one_of(
 
 
 @hypothesis_settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
-@given(steps=ops, billing=st.sampled_from(["anniversary", "calendar"]))
+@given(steps=ops, billing=st.sampled_from(["anniversary", "calendar"]),
+       credit=st.sampled_from([D(10000), D(40)]))
 # a counter raised, the end cut short, the counter raised again within the cover, the end moved
 # past the period and back: give-backs and draws of both charges in turn
 @example(steps=[("level", 0, 5), ("end", 0), ("level", 10, 20), ("end", 40), ("end", 2)],
-         billing="anniversary")
-@example(steps=[("level", 0, 5), ("end", 0), ("level", 1, 20), ("end", 40)], billing="calendar")
+         billing="anniversary", credit=D(10000))
+@example(steps=[("level", 0, 5), ("end", 0), ("level", 1, 20), ("end", 40)], billing="calendar",
+         credit=D(40))
+# the standing charge given back right after a counter's debit that owes (the give-back waits
+# for that debit's ledger entries, so it reverses their overage before any credit)
+@example(steps=[("level", 3, 3), ("end", 10)], billing="calendar", credit=D(40))
 async def test_what_stays_drawn_is_the_bill_of_the_final_levels_and_end(
-        steps: list[tuple[Any, ...]], billing: str, api: Api, app: Any, db: asyncpg.Connection,
-        settings: Settings) -> None:
+        steps: list[tuple[Any, ...]], billing: str, credit: D, api: Api, app: Any,
+        db: asyncpg.Connection, settings: Settings) -> None:
     """Invariant 8 with a period cut short at either end: whatever the order of counter
     changes and end moves, the bill run finds the period drawn (after its own settling) at
     what a model of the final levels, start and end charges: 31 a month standing, 31 a
     license-month prorated. Calendar billing starts the plan within its first period (the
-    month under way, a few days ago), anniversary billing 20 days ago."""
+    month under way, a few days ago), anniversary billing 20 days ago. With little credit,
+    credit covers the bill as far as it goes and the rest is its overage, though give-backs
+    of one charge met another's overage on the way (they reverse overage first)."""
     names = await api.setup()
     account = names["account"]
-    await api.grant(account, "10000")
+    await api.grant(account, f"{credit:f}")
     licenses = await counter(api)
     code = await _plan(api, names, standing="31", licenses=licenses)
     today = datetime.now(UTC).date()
@@ -332,7 +340,14 @@ async def test_what_stays_drawn_is_the_bill_of_the_final_levels_and_end(
     [bill] = [await bills.bill(db, i) for i in outcome.bills]
     assert (bill.covered_from, bill.covered_until, bill.total) == (start, until, f"{total:f}")
     assert bill.drawn == f"{total:f}"
-    assert await _available_becomes(api, account, 10000 - total) == 10000 - total
+    if credit > total:
+        assert await _available_becomes(api, account, credit - total) == credit - total
+    # credit covers what it can, whatever gave back what in between: what the bill drew
+    # beyond it is the overage, and none of the credit is left while any is owed
+    split = await landed(api, int(bill.id))  # (the bill run's own debits, behind its answer)
+    covered = min(credit, total)
+    assert (D(split["covered"]), D(split["overage"])) == (covered, total - covered)
+    assert await _available_becomes(api, account, credit - covered) == credit - covered
 
 
 def test_calendar_billing_counts_periods_from_the_first_of_the_month_quarter_or_year() -> None:

@@ -4,13 +4,16 @@ The rating transaction writes a `rated_credits` row when `round(running charge a
 below what was drawn (MIN, LATEST or MEAN going down, a volume or stair-step price falling to a
 cheaper band), atomically with the state move. This module pays it, in two steps:
 
-1. **Plan** (one short transaction under a per-charge advisory lock): the give-back reverses the
-   same charge's own earlier debits, newest first; within a debit first the overage it created,
-   then the balances it drew, in the reverse of the order it drew them. The split is stored as
-   `rated_credit_parts`. A debit that is not in the ledger yet (still on its way through the
-   usage path) is sent first; if it still is not there, the rest of the give-back waits for a
-   later pass. What nothing is left to reverse (only debits from before the migration)
-   goes into a new balance in the account's favour.
+1. **Plan** (one short transaction under a per-account-and-period advisory lock): the
+   give-back reverses what the debits of its account plan's charges of the period took
+   (`repository.reversible`): first what they left owing (its own charge's debits' overage,
+   then the other charges'), so no credit goes back while the period leaves the account
+   owing; then the balances they drew (its own charge's first); newest first, each debit in
+   the reverse of the order it drew. The split is stored as `rated_credit_parts`. A debit
+   of the pool that is not in the ledger yet (still on its way through the usage path) is
+   sent first; if it still is not there, the give-back waits for a later pass.
+   What nothing is left to reverse (only debits from before the migration) goes into a new
+   balance in the account's favour.
 2. **Apply** each part (leased, so two processes do not both work on one, and never under a
    lock): overage is reversed by an `overage` ledger entry with a positive amount (then the
    account's hot copy is rebuilt); a balance gets an `adjustment` under the deterministic
@@ -77,14 +80,15 @@ async def settle_charge(ctx: AppContext, account_id: int, charge_key: str,
                         period_start: date) -> None:
     await _send_pending_debits(ctx, account_id, charge_key, period_start)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await repo.lock_charge_giveback(conn, account_id, charge_key, period_start)
+        await repo.lock_period_giveback(conn, account_id, period_start)
         credits = await repo.open_credits(conn, account_id, charge_key, period_start)
         if not credits:
             return
-        left = await repo.reversible(conn, account_id, charge_key, period_start)
-        complete = not await repo.unsent_charge_debits(conn, account_id, charge_key,
-                                                       period_start)
-        await repo.insert_credit_parts(conn, plan(account_id, credits, left, complete))
+        # planned only with every debit of the pool in the ledger (else a later pass: the
+        # worker's), as what a debit took decides the order of the parts
+        if not await repo.unsent_period_debits(conn, account_id, charge_key, period_start):
+            left = await repo.reversible(conn, account_id, charge_key, period_start)
+            await repo.insert_credit_parts(conn, plan(account_id, credits, left))
         parts = await repo.claim_credit_parts(conn, account_id, charge_key, period_start)
     done = await ledger_repo.committed_ops(ctx.pool, [
         part_op(p["account_id"], p["credit_uid"], p["seq"]) for p in parts] + [
@@ -100,11 +104,11 @@ async def settle_charge(ctx: AppContext, account_id: int, charge_key: str,
     await repo.settle_credits(ctx.pool, account_id, charge_key, period_start)
 
 
-def plan(account_id: int, credits: list[asyncpg.Record], left: list[asyncpg.Record],
-         complete: bool) -> list[tuple[Any, ...]]:
-    """Split each give-back (oldest first) over what the charge's debits took and give-backs
-    have not reversed yet (`left`, newest first). With every debit in the ledger (`complete`),
-    what they do not cover goes to the account's favour; otherwise it waits."""
+def plan(account_id: int, credits: list[asyncpg.Record],
+         left: list[asyncpg.Record]) -> list[tuple[Any, ...]]:
+    """Split each give-back (oldest first) over what the pool's debits took and give-backs
+    have not reversed yet (`left`, in the order to reverse it). What they do not cover goes to
+    the account's favour."""
     rows = list(left)
     rooms = [Decimal(row["left"]) for row in rows]
     parts: list[tuple[Any, ...]] = []
@@ -122,7 +126,7 @@ def plan(account_id: int, credits: list[asyncpg.Record], left: list[asyncpg.Reco
             rooms[at] -= take
             if rooms[at] == 0:
                 at += 1
-        if need > 0 and complete:
+        if need > 0:
             parts.append((account_id, credit["uid"], seq, "favour", None, None, None, need))
     return parts
 
@@ -134,7 +138,7 @@ async def _send_pending_debits(ctx: AppContext, account_id: int, charge_key: str
     path takes a uid once, and waits for the first use's commit)."""
     from app.rating.drawdown import resend  # (drawdown imports this module)
 
-    await resend(ctx, await repo.unsent_charge_debits(ctx.pool, account_id, charge_key,
+    await resend(ctx, await repo.unsent_period_debits(ctx.pool, account_id, charge_key,
                                                       period_start))
 
 

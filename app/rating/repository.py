@@ -605,11 +605,11 @@ GIVEBACK_LOCK = 0x67697665  # "give": advisory lock class of the per-charge give
 LEASE_S = 30
 
 
-async def lock_charge_giveback(conn: Connection, account_id: int, charge_key: str,
-                               period_start: date) -> None:
-    """Serialise give-back planning per running charge (never held while a part is applied)."""
+async def lock_period_giveback(conn: Connection, account_id: int, period_start: date) -> None:
+    """Serialise give-back planning per account and period (a give-back may reverse what the
+    period's other charges left owing: `reversible`); never held while a part is applied."""
     await conn.execute("SELECT pg_advisory_xact_lock($1::int4, hashtext($2))", GIVEBACK_LOCK,
-                       f"{account_id}:{charge_key}:{period_start}")
+                       f"{account_id}:{period_start}")
 
 
 async def open_credits(conn: Conn, account_id: int, charge_key: str,
@@ -626,37 +626,64 @@ async def open_credits(conn: Conn, account_id: int, charge_key: str,
         account_id, charge_key, period_start)
 
 
+def _pool_sql() -> str:
+    """CTEs of a charge's give-back pool ($1 account, $2 charge key, $3 period start): `pool`,
+    the rated debits of the period of every charge of the account plans the charge is of
+    (found by its key: `s`/`m` + account plan, or `p` + a pricing of their plan), with `own`
+    marking the charge's own."""
+    return f"""plans AS (
+                 SELECT ap.id, ap.plan_id FROM account_plans ap
+                 WHERE ap.account_id = $1 AND ($2 IN ('s' || ap.id, 'm' || ap.id)
+                       OR ap.plan_id = (SELECT pr.plan_id FROM pricings pr
+                                        WHERE left($2, 1) = 'p' AND pr.id = substr($2, 2)::int8))),
+               pool AS (SELECT uid, charge_key = $2 AS own FROM rated_debits
+                        WHERE account_id = $1 AND period_start = $3
+                          AND (charge_key = $2 OR charge_key IN (
+                               SELECT unnest({charge_keys_sql('p.plan_id', 'p.id')})
+                               FROM plans p)))"""
+
+
 async def reversible(conn: Conn, account_id: int, charge_key: str,
                      period_start: date) -> list[asyncpg.Record]:
-    """What each of a charge's debits took (per balance, and its overage) less what give-backs
-    have planned to reverse, newest ledger entry first: within a debit its overage (written
-    last) comes first, then its balances in the reverse of the order they were drawn."""
+    """What a give-back of a charge may reverse, less what give-backs have planned to reverse
+    already, in the order it reverses them: what the debits of its account plan's charges of
+    the period took, first what they left owing (the charge's own debits' overage, then that
+    of the other charges' debits: credit goes back only once the period owes nothing), then
+    the balances they drew (the charge's own debits first); each newest ledger entry first
+    (within a debit in the reverse of the order it drew them). The period's give-backs so
+    draw on one pool, what its charges' debits took, and their split of it between credit
+    and overage stays that of credit drawn before overage."""
     return await conn.fetch(
-        """WITH d AS (SELECT uid FROM rated_debits
-                      WHERE account_id = $1 AND charge_key = $2 AND period_start = $3),
-                e AS (SELECT e.id, d.uid AS debit_uid, e.account_id AS owner_id, e.balance_id,
-                             -e.amount AS amount
-                      FROM d JOIN ledger_entries e ON e.op_key = 'u:' || $1::text || ':' || d.uid
-                      WHERE e.kind IN ('debit', 'overage') AND e.amount < 0),
-                t AS (SELECT p.debit_uid, p.balance_id, sum(p.amount) AS taken
-                      FROM rated_credit_parts p
-                      WHERE p.account_id = $1 AND p.debit_uid IN (SELECT uid FROM d)
-                      GROUP BY p.debit_uid, p.balance_id)
-           SELECT e.debit_uid, e.owner_id, e.balance_id, e.amount - COALESCE(t.taken, 0) AS left
-           FROM e LEFT JOIN t ON t.debit_uid = e.debit_uid
-                             AND t.balance_id IS NOT DISTINCT FROM e.balance_id
-           WHERE e.amount > COALESCE(t.taken, 0)
-           ORDER BY e.id DESC""", account_id, charge_key, period_start)
+        f"""WITH {_pool_sql()},
+                 d AS (SELECT * FROM pool),
+                 e AS (SELECT e.id, d.uid AS debit_uid, e.account_id AS owner_id, e.balance_id,
+                              -e.amount AS amount,
+                              (CASE WHEN e.balance_id IS NULL THEN 0 ELSE 2 END
+                               + CASE WHEN d.own THEN 0 ELSE 1 END) AS rank
+                       FROM d JOIN ledger_entries e
+                            ON e.op_key = 'u:' || $1::text || ':' || d.uid
+                       WHERE e.kind IN ('debit', 'overage') AND e.amount < 0),
+                 t AS (SELECT p.debit_uid, p.balance_id, sum(p.amount) AS taken
+                       FROM rated_credit_parts p
+                       WHERE p.account_id = $1 AND p.debit_uid IN (SELECT uid FROM d)
+                       GROUP BY p.debit_uid, p.balance_id)
+            SELECT e.debit_uid, e.owner_id, e.balance_id, e.amount - COALESCE(t.taken, 0) AS left
+            FROM e LEFT JOIN t ON t.debit_uid = e.debit_uid
+                              AND t.balance_id IS NOT DISTINCT FROM e.balance_id
+            WHERE e.amount > COALESCE(t.taken, 0)
+            ORDER BY e.rank, e.id DESC""", account_id, charge_key, period_start)
 
 
-async def unsent_charge_debits(conn: Conn, account_id: int, charge_key: str,
+async def unsent_period_debits(conn: Conn, account_id: int, charge_key: str,
                                period_start: date) -> list[asyncpg.Record]:
-    """A charge's rated debits not (yet) in usage_events."""
+    """The rated debits of a charge's give-back pool (`_pool_sql`) not (yet) in usage_events."""
     return await conn.fetch(
-        """SELECT d.*, a.code AS account FROM rated_debits d JOIN accounts a ON a.id = d.account_id
-           WHERE d.account_id = $1 AND d.charge_key = $2 AND d.period_start = $3
-             AND NOT EXISTS (SELECT 1 FROM usage_events u
-                             WHERE u.account_id = d.account_id AND u.uid = d.uid)""",
+        f"""WITH {_pool_sql()}
+            SELECT d.*, a.code AS account FROM rated_debits d
+            JOIN accounts a ON a.id = d.account_id
+            WHERE d.account_id = $1 AND d.uid IN (SELECT uid FROM pool)
+              AND NOT EXISTS (SELECT 1 FROM usage_events u
+                              WHERE u.account_id = d.account_id AND u.uid = d.uid)""",
         account_id, charge_key, period_start)
 
 
