@@ -81,7 +81,8 @@ async def check_allotment(ctx: AppContext, body: Allotment, credit_type: CreditT
                                     field=f"{at}products")
 
 
-def _products(codes: list[str] | None) -> list[str] | None:
+def product_set(codes: list[str] | None) -> list[str] | None:
+    """A product scope as stored: sorted, once each; None for every product."""
     return sorted(set(codes)) if codes else None
 
 
@@ -95,7 +96,7 @@ async def create(ctx: AppContext, code: str, body: RecurringGrantIn) -> Recurrin
     grant_id = await repo.insert_recurring_grant(ctx.pool, {
         "account_id": account.id, "credit_type_id": credit_type.id, "amount": body.amount,
         "frequency": body.frequency, "interval": body.interval, "start": start, "end": body.end,
-        "products": _products(body.products),
+        "products": product_set(body.products),
         "priority": body.priority, "description": body.description,
         "rollover_percent": body.rollover_percent, "rollover_max": body.rollover_max})
     await grant_first(ctx, [grant_id])

@@ -10,7 +10,7 @@ one bill. A charge not billed yet may be voided.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +74,7 @@ async def create(ctx: AppContext, code: str, body: ChargeIn) -> ChargeOut:
 
 
 async def _plan_of(conn: Connection, account_id: int, account_plan: int | None,
-                   day: Any) -> asyncpg.Record:
+                   day: date) -> asyncpg.Record:
     """The account plan the charge goes on: the one named (it must cover `day`), or the one
     plan of the account covering it."""
     plans = await repo.plans_at(conn, account_id, day)

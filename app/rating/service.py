@@ -174,7 +174,7 @@ async def create_plan(ctx: AppContext, body: PlanIn) -> BaseModel:
                                     field=f"credits.{i}.credit_type")
         await recurring_grants.check_allotment(ctx, allotment, credit_type, f"credits.{i}.")
         credits.append((credit_type.id, allotment.amount,
-                        sorted(set(allotment.products)) if allotment.products else None,
+                        recurring_grants.product_set(allotment.products),
                         allotment.priority, allotment.description, allotment.rollover_percent,
                         allotment.rollover_max))
     async with ctx.pool.acquire() as conn, conn.transaction():
