@@ -402,3 +402,40 @@ async def test_anniversary_billing_is_the_default(api: Api) -> None:
     code = await _plan(api, names, standing="0")
     attached = await attach(api, names["account"], code, "2024-07-16", None)
     assert attached["billing_anchor"] == "2024-07-16"
+
+
+async def test_a_plan_attached_again_may_not_share_a_billing_period_with_its_last_attachment(
+        api: Api) -> None:
+    """Usage rates into an aggregation state per pricing and period start: two attachments of
+    one plan to an account with a period starting on the same day (the plan ended within a
+    calendar month and attached again within it) would both bill that month's usage. Refused
+    when attaching, and when an end would move into such a period."""
+    names = await api.setup()
+    account = names["account"]
+    code = await _plan(api, names, standing="0")
+    url = f"/v1/accounts/{account}/plans"
+    await api.call("POST", url, expect=201, json={
+        "plan": code, "start_date": JULY, "end_date": "2024-07-10", "billing": "calendar"})
+    refused = await api.call("POST", url, expect=409, json={
+        "plan": code, "start_date": "2024-07-10", "billing": "calendar"})
+    assert refused["field"] == "start_date" and "2024-07-01" in refused["detail"]
+    # from the next calendar period, or by anniversary (its periods start on the 10th): fine
+    await api.call("POST", url, expect=201, json={
+        "plan": code, "start_date": "2024-07-10", "end_date": "2024-07-20"})
+    assert len((await api.call("GET", url))["data"]) == 2
+
+    # a later pair: the first ends within one month, the second starts within the next
+    today = datetime.now(UTC).date()
+    next_month = period_of(today.replace(day=1), "monthly", 1, today)[1]
+    month_after = period_of(next_month, "monthly", 1, next_month)[1]
+    first = await api.call("POST", url, expect=201, json={
+        "plan": code, "start_date": str(next_month),
+        "end_date": str(next_month + timedelta(days=10)), "billing": "calendar"})
+    await api.call("POST", url, expect=201, json={
+        "plan": code, "start_date": str(month_after + timedelta(days=5)), "billing": "calendar"})
+    refused = await api.call("POST", end_path(account, first["id"]), expect=409,
+                             json={"end_date": str(month_after + timedelta(days=5))})
+    assert refused["field"] == "end_date"
+    moved = await api.call("POST", end_path(account, first["id"]),
+                           json={"end_date": str(month_after)})
+    assert moved["end_date"] == str(month_after)

@@ -172,6 +172,18 @@ async def overlapping_account_plan(conn: Conn, account_id: int, product: str, st
     return found is not None
 
 
+async def plan_attachments(conn: Conn, account_id: int, plan_id: int) -> list[asyncpg.Record]:
+    """The account's attachments of one plan that apply (not cancelled), with the plan's
+    billing frequency and interval."""
+    return await conn.fetch(
+        """SELECT ap.id, ap.start_date, ap.end_date, ap.billing_anchor, t.bill_frequency,
+                  t.bill_interval
+           FROM account_plans ap JOIN plans pl ON pl.id = ap.plan_id
+           JOIN plan_templates t ON t.id = pl.template_id
+           WHERE ap.account_id = $1 AND ap.plan_id = $2
+             AND (ap.end_date IS NULL OR ap.end_date > ap.start_date)""", account_id, plan_id)
+
+
 async def account_plan_of(conn: Conn, account_id: int, account_plan_id: int
                           ) -> asyncpg.Record | None:
     """One of the account's plans, as `account_plans` lists it, with its plan's product (None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from pydantic import BaseModel
 
+from app.db import Connection
 from app.errors import Conflict, NotFound, ValidationProblem
 from app.ledger import recurring_grants
 from app.ledger import repository as lrepo
@@ -19,7 +20,7 @@ from app.rating import recurring
 from app.rating import recurring_repository as rrepo
 from app.rating import repository as repo
 from app.rating.expressions import ExpressionError, fields, parse
-from app.rating.periods import billing_anchor
+from app.rating.periods import billing_anchor, period_of
 from app.rating.pricing import Band, check_bands
 from app.rating.schemas import (
     AccountPlanAttached,
@@ -252,6 +253,12 @@ async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> Accoun
             raise Conflict("the account already has a plan for this product in an overlapping "
                            "date range", field="start_date")
         anchor = billing_anchor(body.billing, plan["bill_frequency"], body.start_date)
+        shared = await _shared_period(conn, account_id, plan["id"], body.start_date,
+                                      body.end_date, anchor)
+        if shared is not None:
+            raise Conflict(f"the account's other attachment of this plan has the billing period "
+                           f"starting {shared} too: attach it from the next period's first day, "
+                           "or bill it by anniversary", field="start_date")
         ap_id = await repo.insert_account_plan(conn, account_id, plan["id"], body.start_date,
                                                body.end_date, anchor)
         await repo.request_rerate(conn, [account_id], "account_plans", ap_id)
@@ -263,6 +270,34 @@ async def attach_plan(ctx: AppContext, code: str, body: AccountPlanIn) -> Accoun
     rows = await repo.account_plans(ctx.pool, account_id)
     return next(AccountPlanAttached.model_validate({**dict(r), "debits": [d.debit() for d in draws]})
                 for r in rows if r["id"] == ap_id)
+
+
+def _edge_periods(anchor: date, frequency: str, interval: int, start: date,
+                  end: date | None) -> set[date]:
+    """The starts of an attachment's first and last billing periods."""
+    starts = {period_of(anchor, frequency, interval, start)[0]}
+    if end is not None and end > start:
+        starts.add(period_of(anchor, frequency, interval, end - timedelta(days=1))[0])
+    return starts
+
+
+async def _shared_period(conn: Connection, account_id: int, plan_id: int, start: date,
+                         end: date | None, anchor: date, other_than: int = 0) -> date | None:
+    """A billing period an attachment [start, end) of a plan would share with another
+    attachment of the same plan to the account: one ended within a period and the plan
+    attached again within it, with both periods counted from the same day (calendar billing,
+    as a rule). Their usage would rate into one aggregation state and running charge (keyed
+    by pricing and period start), and each of their bills would show all of it, so this is
+    refused. (They never overlap in days, so only an edge period can be shared.)"""
+    for other in await repo.plan_attachments(conn, account_id, plan_id):
+        if other["id"] == other_than:
+            continue
+        frequency, interval = other["bill_frequency"], other["bill_interval"]
+        shared = _edge_periods(anchor, frequency, interval, start, end) & _edge_periods(
+            other["billing_anchor"], frequency, interval, other["start_date"], other["end_date"])
+        if shared:
+            return min(shared)
+    return None
 
 
 def earliest_end(settings: Settings, now: datetime | None = None) -> date:
@@ -296,6 +331,11 @@ async def end_account_plan(ctx: AppContext, code: str, account_plan_id: int,
                                                day, other_than=row["id"]):
             raise Conflict("the account has another plan for this product in the longer date "
                            "range", field="end_date")
+        if day > row["start_date"] and await _shared_period(
+                conn, account.id, row["plan_id"], row["start_date"], day, row["billing_anchor"],
+                other_than=row["id"]) is not None:
+            raise Conflict("the longer date range would end within a billing period the "
+                           "account's next attachment of this plan starts in", field="end_date")
         await repo.set_account_plan_end(conn, row["id"], day)
         await lrepo.end_plan_grants(conn, row["id"], day)
         settlement = await recurring.on_end(conn, account, row["id"])
