@@ -30,7 +30,7 @@ from app.ledger.service import expire_due
 from app.ledger.snapshots import take_due as take_snapshots
 from app.ledger.verifier import check_sampled
 from app.purchases.tasks import run_reconciler
-from app.rating.bills import BillMemory
+from app.rating.bills import BillMemory, announce_settled
 from app.rating.bills import run_when_due as run_bills
 from app.rating.drawdown import UnsentCursor, send_unsent
 from app.rating.giveback import settle_unsettled
@@ -73,6 +73,7 @@ def _steps(ctx: AppContext) -> list[Step]:
         ("recurring charges", lambda: draw_recurring_charges(ctx, recurring)),
         ("bill run", lambda: run_bills(ctx, billed)),
         ("give-backs", lambda: settle_unsettled(ctx)),
+        ("bill settlements", lambda: announce_settled(ctx)),
         ("re-rating", lambda: rerate_pending(ctx)),
         ("idempotency keys", lambda: purge_expired_keys(ctx)),
         ("webhook retention", lambda: purge_old_webhooks(ctx.pool, settings)),

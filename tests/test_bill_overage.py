@@ -4,10 +4,15 @@ account's overage (what the vendor collects for it), give-backs included."""
 from __future__ import annotations
 
 import asyncio
+import json
 from decimal import Decimal as D
 from typing import Any
 
+import asyncpg
+
+from app.rating import drawdown
 from tests.conftest import Api
+from tests.procs import account_id
 from tests.test_rating_bills import (
     _day,
     daily_calls_plan,
@@ -29,7 +34,21 @@ async def landed(api: Api, bill_id: int) -> dict[str, Any]:
     raise AssertionError(f"bill {bill_id}: covered + overage never came to drawn: {bill}")
 
 
-async def test_a_bill_splits_what_it_drew_into_covered_and_overage(api: Api) -> None:
+async def settled_events(db: asyncpg.Connection, account: str, count: int) -> list[dict[str, Any]]:
+    """The account's `bill.settled` events' data, by bill, once there are `count` (up to 5 s:
+    the bill run announces a bill once its debits have landed, or the workers' next pass)."""
+    acct = await account_id(db, account)
+    for _ in range(100):
+        rows = await db.fetch("SELECT payload FROM webhook_events WHERE type = 'bill.settled' "
+                              "AND account_id = $1", acct)
+        if len(rows) >= count:
+            break
+        await asyncio.sleep(0.05)
+    return sorted((json.loads(r["payload"])["data"] for r in rows), key=lambda d: d["bill"])
+
+
+async def test_a_bill_splits_what_it_drew_into_covered_and_overage(
+        api: Api, db: asyncpg.Connection) -> None:
     """A daily plan (standing charge 2, minimum spend 10, calls at 0.50) on an account with no
     credit when attached and 7.00 from then on."""
     names = await api.setup()
@@ -50,6 +69,11 @@ async def test_a_bill_splits_what_it_drew_into_covered_and_overage(api: Api) -> 
     listed = await api.call("GET", f"/v1/accounts/{account}/bills")
     assert [(b["covered"], b["overage"]) for b in listed["data"]] == [("4.00", "6.00"),
                                                                      ("3.00", "14.00")]
+    # and says so once, by `bill.settled`, for the vendor's invoice
+    events = await settled_events(db, account, 2)
+    assert [(e["bill"], e["total"], e["drawn"], e["covered"], e["overage"], e["charges_total"])
+            for e in events] == [(low_id, "10.00", "10.00", "4.00", "6.00", "0.00"),
+                                 (high_id, "17.00", "17.00", "3.00", "14.00", "0.00")]
     # bill-to-date splits the same way, a billed day's with its top-up, today's as it stands
     for day, split in ((first, ("10.00", "4.00", "6.00")), (_day(0), ("2.00", "0.00", "2.00"))):
         [to_date] = (await api.call("GET", f"/v1/accounts/{account}/usage",
@@ -73,7 +97,76 @@ async def test_a_give_back_takes_back_overage_before_credit(api: Api) -> None:
     assert await api.available(account) == "20.00"
 
 
-async def test_an_account_without_credits_has_no_split(api: Api) -> None:
+async def test_the_workers_announce_a_bill_a_crash_left_unannounced(
+        api: Api, db: asyncpg.Connection, monkeypatch: Any) -> None:
+    """The bill run announces its bills itself once their debits land; killed before that, the
+    workers' next pass announces them, once."""
+    names = await api.setup()
+    account = names["account"]
+    await api.grant(account, "5")
+    licenses = await counter(api)
+    await attach(api, account, await license_plan(api, names, licenses, "prorate"))
+    await adjust(api, account, licenses, "2024-07-01", 1)  # 31: 5 covered, 26 owed
+
+    async def _idle(*_: Any) -> int:
+        return 0
+    with monkeypatch.context() as crashed:
+        crashed.setattr("app.rating.bills.announce_settled", _idle)
+        crashed.setattr("app.workers.announce_settled", _idle)
+        [bill_id] = (await run_bills(api, account, "2024-08-01"))["bills"]
+        await landed(api, bill_id)
+        await asyncio.sleep(0.6)  # a workers' pass (every 0.5 s in tests) announces nothing
+        assert await settled_events(db, account, 0) == []
+    [event] = await settled_events(db, account, 1)  # the workers' pass after it
+    assert (event["bill"], event["covered"], event["overage"]) == (bill_id, "5.00", "26.00")
+    await asyncio.sleep(0.6)  # and no second time
+    assert await db.fetchval("SELECT count(*) FROM webhook_events WHERE type = 'bill.settled' "
+                             "AND account_id = $1", await account_id(db, account)) == 1
+
+
+async def test_a_bill_is_announced_only_once_its_debits_are_in_the_ledger(
+        api: Api, app: Any, db: asyncpg.Connection, monkeypatch: Any) -> None:
+    """The bill run killed after a bill's commit, before its top-up debit went through the
+    usage path: the bill is not announced (its split is not final) until the workers send
+    the debit, then it is, with the top-up in it."""
+    names = await api.setup()
+    account = names["account"]
+    await daily_calls_plan(api, names, _day(-1))  # 2 a day drawn, no credit: owed
+
+    async def _lost(*_: Any) -> None:
+        return None
+    with monkeypatch.context() as crashed:
+        crashed.setattr("app.rating.recurring.send", _lost)
+        [bill_id] = (await run_bills(api, account, _day(0)))["bills"]
+    bill = await api.call("GET", f"/v1/bills/{bill_id}")
+    assert (bill["drawn"], bill["covered"], bill["overage"]) == ("10.00", "0.00", "2.00")
+    assert await settled_events(db, account, 0) == []
+    await drawdown.send_unsent(app.state.ctx, older_than_s=0)  # the workers' repair
+    [event] = await settled_events(db, account, 1)
+    assert (event["bill"], event["drawn"], event["covered"], event["overage"]) == (
+        bill_id, "10.00", "0.00", "10.00")
+
+
+async def test_a_bill_is_announced_only_once_its_give_backs_are_paid(
+        api: Api, db: asyncpg.Connection, monkeypatch: Any) -> None:
+    """The bill run killed before paying a bill's give-back: not announced until the workers
+    pay it (give-backs older than 1 s, every pass)."""
+    names, _ = await licenses_lowered_in_july(api, "400")
+    account = names["account"]
+
+    async def _lost(*_: Any) -> None:
+        return None
+    with monkeypatch.context() as crashed:
+        crashed.setattr("app.rating.giveback.settle", _lost)
+        [bill_id] = (await run_bills(api, account, "2024-08-01"))["bills"]
+        assert await settled_events(db, account, 0) == []
+    [event] = await settled_events(db, account, 1)  # the workers' give-back pass, then this
+    assert (event["bill"], event["drawn"], event["covered"], event["overage"]) == (
+        bill_id, "380.00", "380.00", "0.00")
+
+
+async def test_an_account_without_credits_has_no_split(
+        api: Api, db: asyncpg.Connection) -> None:
     names = await api.setup()
     account = f"{names['account']}-nc"
     await api.call("POST", "/v1/accounts", expect=201, json={"code": account, "name": "No credit"})
@@ -84,6 +177,8 @@ async def test_an_account_without_credits_has_no_split(api: Api) -> None:
     bill = await api.call("GET", f"/v1/bills/{bill_id}")
     assert (bill["total"], bill["drawn"], bill["covered"], bill["overage"]) == (
         "93.00", None, None, None)
+    [event] = await settled_events(db, account, 1)  # at once: nothing to wait for
+    assert (event["bill"], event["total"], event["covered"]) == (bill_id, "93.00", None)
 
 
 async def test_a_give_back_first_reverses_what_the_other_charges_left_owing(api: Api) -> None:

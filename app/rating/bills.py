@@ -147,7 +147,52 @@ async def run(ctx: AppContext, through: date, account_ids: list[int] | None = No
         if n % SEND_EVERY == 0 or n == len(due):
             outcome.bills += await _after_commits(ctx, done)
             done = _Run()
+    if outcome.bills:
+        try:  # at once, for the bills whose debits all landed (else the workers' next pass)
+            await announce_settled(ctx)
+        except STORE_ERRORS as exc:
+            log.warning("bill.settled events left to the workers: %r", exc)
     return outcome
+
+
+# bills not announced yet whose charges' debits are all in the ledger and whose give-backs are
+# all paid: their split is final
+_SETTLED_DUE = f"""
+    SELECT b.id, b.account_id FROM bills b JOIN account_plans ap ON ap.id = b.account_plan_id
+    WHERE b.settled_at IS NULL AND (b.credit_type_id IS NULL OR (
+        NOT EXISTS (SELECT 1 FROM rated_debits d
+                    WHERE d.account_id = b.account_id AND d.period_start = b.period_start
+                      AND d.charge_key = ANY({repo.charge_keys_sql("ap.plan_id", "ap.id")})
+                      AND NOT EXISTS (SELECT 1 FROM usage_events u
+                                      WHERE u.account_id = d.account_id AND u.uid = d.uid))
+        AND NOT EXISTS (SELECT 1 FROM rated_credits c
+                        WHERE c.account_id = b.account_id AND c.period_start = b.period_start
+                          AND c.charge_key = ANY({repo.charge_keys_sql("ap.plan_id", "ap.id")})
+                          AND c.settled_at IS NULL)))
+    ORDER BY b.id LIMIT $1"""
+
+
+async def announce_settled(ctx: AppContext, limit: int = 200) -> int:
+    """`bill.settled`, once per bill, when what its charges drew is all in the ledger (the bill
+    run's own debits and give-backs land after the bill commits): the bill's final split of
+    `drawn` into `covered` and `overage`, with its `charges_total`, for the vendor's invoice.
+    The bill run calls it when it is done, the workers on every pass (a crash in between)."""
+    made = 0
+    for row in await ctx.pool.fetch(_SETTLED_DUE, limit):
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval("UPDATE bills SET settled_at = now() WHERE id = $1 "
+                                   "AND settled_at IS NULL RETURNING id", row["id"]) is None:
+                continue  # another process announced it
+            out = await bill(conn, row["id"])
+            data = {"bill": out.id, "plan": out.plan, "period_start": out.period_start.isoformat(),
+                    "period_end": out.period_end.isoformat(), "currency": out.currency,
+                    "total": out.total, "charges_total": out.charges_total,
+                    "credit_type": out.credit_type, "drawn": out.drawn, "covered": out.covered,
+                    "overage": out.overage}
+            await publish(conn, [OutboxEvent(event_id("bill.settled", out.id), "bill.settled",
+                                             row["account_id"], None, datetime.now(UTC), data)])
+            made += 1
+    return made
 
 
 async def _bill_account(ctx: AppContext, account: AccountRef,

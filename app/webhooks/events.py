@@ -25,6 +25,8 @@ EVENT_TYPES: dict[str, str] = {
     "auto_recharge.failed": "an auto-recharge was not paid (declined, or a guard), with the reason",
     "auto_recharge.disabled": "auto-recharge was turned off after a failed payment, with the reason",
     "bill.finalized": "the bill run wrote an account plan's bill for a closed period",
+    "bill.settled": "what a bill's charges drew is all in the ledger: its final split into "
+                    "`covered` (by credit) and `overage` (owed), with its `charges_total`",
     "webhook_endpoint.disabled": "an endpoint was disabled: it answered 410, or failed for five days",
     "webhook.test": "sent by `creditgate webhooks send-test`",
 }
