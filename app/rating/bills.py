@@ -149,7 +149,8 @@ async def run(ctx: AppContext, through: date, account_ids: list[int] | None = No
             done = _Run()
     if outcome.bills:
         try:  # at once, for the bills whose debits all landed (else the workers' next pass)
-            await announce_settled(ctx)
+            while await announce_settled(ctx) == ANNOUNCE_PAGE:
+                pass
         except STORE_ERRORS as exc:
             log.warning("bill.settled events left to the workers: %r", exc)
     return outcome
@@ -172,7 +173,10 @@ _SETTLED_DUE = f"""
     ORDER BY b.id LIMIT $1"""
 
 
-async def announce_settled(ctx: AppContext, limit: int = 200) -> int:
+ANNOUNCE_PAGE = 200
+
+
+async def announce_settled(ctx: AppContext, limit: int = ANNOUNCE_PAGE) -> int:
     """`bill.settled`, once per bill, when what its charges drew is all in the ledger (the bill
     run's own debits and give-backs land after the bill commits): the bill's final split of
     `drawn` into `covered` and `overage`, with its `charges_total`, for the vendor's invoice.
