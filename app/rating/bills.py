@@ -159,7 +159,7 @@ async def run(ctx: AppContext, through: date, account_ids: list[int] | None = No
 # bills not announced yet whose charges' debits are all in the ledger and whose give-backs are
 # all paid: their split is final
 _SETTLED_DUE = f"""
-    SELECT b.id, b.account_id FROM bills b JOIN account_plans ap ON ap.id = b.account_plan_id
+    SELECT b.id FROM bills b JOIN account_plans ap ON ap.id = b.account_plan_id
     WHERE b.settled_at IS NULL AND (b.credit_type_id IS NULL OR (
         NOT EXISTS (SELECT 1 FROM rated_debits d
                     WHERE d.account_id = b.account_id AND d.period_start = b.period_start
@@ -171,32 +171,34 @@ _SETTLED_DUE = f"""
                           AND c.charge_key = ANY({repo.charge_keys_sql("ap.plan_id", "ap.id")})
                           AND c.settled_at IS NULL)))
     ORDER BY b.id LIMIT $1"""
-
-
-ANNOUNCE_PAGE = 200
+ANNOUNCE_PAGE = 200  # bills a transaction announces
 
 
 async def announce_settled(ctx: AppContext, limit: int = ANNOUNCE_PAGE) -> int:
     """`bill.settled`, once per bill, when what its charges drew is all in the ledger (the bill
     run's own debits and give-backs land after the bill commits): the bill's final split of
     `drawn` into `covered` and `overage`, with its `charges_total`, for the vendor's invoice.
-    The bill run calls it when it is done, the workers on every pass (a crash in between)."""
-    made = 0
-    for row in await ctx.pool.fetch(_SETTLED_DUE, limit):
-        async with ctx.pool.acquire() as conn, conn.transaction():
-            if await conn.fetchval("UPDATE bills SET settled_at = now() WHERE id = $1 "
-                                   "AND settled_at IS NULL RETURNING id", row["id"]) is None:
-                continue  # another process announced it
-            out = await bill(conn, row["id"])
-            data = {"bill": out.id, "plan": out.plan, "period_start": out.period_start.isoformat(),
-                    "period_end": out.period_end.isoformat(), "currency": out.currency,
-                    "total": out.total, "charges_total": out.charges_total,
-                    "credit_type": out.credit_type, "drawn": out.drawn, "covered": out.covered,
-                    "overage": out.overage}
-            await publish(conn, [OutboxEvent(event_id("bill.settled", out.id), "bill.settled",
-                                             row["account_id"], None, datetime.now(UTC), data)])
-            made += 1
-    return made
+    A page of bills at a time, marked and announced in one transaction (a bill another
+    process marked meanwhile is not marked again). The bill run calls it when it is done, the
+    workers on every pass (a crash in between). Returns how many it announced."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        ids = [r["id"] for r in await conn.fetch(
+            f"""UPDATE bills SET settled_at = now() WHERE id IN ({_SETTLED_DUE})
+                AND settled_at IS NULL RETURNING id""", limit)]
+        if not ids:
+            return 0
+        now, events = datetime.now(UTC), []
+        for row in await conn.fetch(_BILL + " WHERE b.id = ANY($1::int8[]) ORDER BY b.id", ids):
+            out = bill_out(row)
+            events.append(OutboxEvent(event_id("bill.settled", out.id), "bill.settled",
+                                      row["account_id"], None, now, {
+                "bill": out.id, "plan": out.plan, "period_start": out.period_start.isoformat(),
+                "period_end": out.period_end.isoformat(), "currency": out.currency,
+                "total": out.total, "charges_total": out.charges_total,
+                "credit_type": out.credit_type, "drawn": out.drawn, "covered": out.covered,
+                "overage": out.overage}))
+        await publish(conn, events)
+    return len(ids)
 
 
 async def _bill_account(ctx: AppContext, account: AccountRef,
