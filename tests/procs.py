@@ -214,6 +214,18 @@ async def run_apps(settings: Settings, n: int = 2, *, env: dict[str, str] | None
 # --- Postgres-side truth, for comparing with what the API and the hot state say ------------
 
 
+async def rows_once(db: asyncpg.Connection, count: int, query: str,
+                    *args: Any) -> list[asyncpg.Record]:
+    """The query's rows once there are at least `count` (or after 5 s): for rows a write
+    commits right behind its answer (a journal group commit, a later announcement)."""
+    for _ in range(100):
+        rows: list[asyncpg.Record] = await db.fetch(query, *args)
+        if len(rows) >= count:
+            break
+        await asyncio.sleep(0.05)
+    return rows
+
+
 async def account_id(db: asyncpg.Connection, code: str) -> int:
     found = await db.fetchval("SELECT id FROM accounts WHERE code = $1", code)
     assert found is not None, code

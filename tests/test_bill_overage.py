@@ -12,7 +12,7 @@ import asyncpg
 
 from app.rating import drawdown
 from tests.conftest import Api
-from tests.procs import account_id
+from tests.procs import account_id, rows_once
 from tests.test_rating_bills import (
     _day,
     daily_calls_plan,
@@ -37,13 +37,8 @@ async def landed(api: Api, bill_id: int) -> dict[str, Any]:
 async def settled_events(db: asyncpg.Connection, account: str, count: int) -> list[dict[str, Any]]:
     """The account's `bill.settled` events' data, by bill, once there are `count` (up to 5 s:
     the bill run announces a bill once its debits have landed, or the workers' next pass)."""
-    acct = await account_id(db, account)
-    for _ in range(100):
-        rows = await db.fetch("SELECT payload FROM webhook_events WHERE type = 'bill.settled' "
-                              "AND account_id = $1", acct)
-        if len(rows) >= count:
-            break
-        await asyncio.sleep(0.05)
+    rows = await rows_once(db, count, "SELECT payload FROM webhook_events WHERE type = "
+                           "'bill.settled' AND account_id = $1", await account_id(db, account))
     return sorted((json.loads(r["payload"])["data"] for r in rows), key=lambda d: d["bill"])
 
 

@@ -16,7 +16,7 @@ import httpx
 
 from app.rating import bills
 from tests.conftest import Api
-from tests.procs import account_id, run_apps
+from tests.procs import account_id, rows_once, run_apps
 from tests.test_rating_config import fiat_usd, meter, plan
 from tests.test_rating_counters_realtime import adjust, attach, counter, license_plan
 from tests.test_rating_drawdown import aggregation, price
@@ -30,13 +30,8 @@ async def bill_debits(db: asyncpg.Connection, account: str, count: int) -> list[
     """The amounts of the bill run's debits in `usage_events`: they are committed by the
     journal's group commit right behind the run's answer, so this waits for `count` (up to
     5 s)."""
-    acct = await account_id(db, account)
-    for _ in range(100):
-        rows = await db.fetch("SELECT amount FROM usage_events WHERE account_id = $1 "
-                              "AND uid LIKE 'b%' ORDER BY amount", acct)
-        if len(rows) >= count:
-            break
-        await asyncio.sleep(0.05)
+    rows = await rows_once(db, count, "SELECT amount FROM usage_events WHERE account_id = $1 "
+                           "AND uid LIKE 'b%' ORDER BY amount", await account_id(db, account))
     return [r["amount"] for r in rows]
 
 
