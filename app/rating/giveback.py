@@ -11,7 +11,8 @@ cheaper band), atomically with the state move. This module pays it, in two steps
    owing; then the balances they drew (its own charge's first); newest first, each debit in
    the reverse of the order it drew. The split is stored as `rated_credit_parts`. A debit
    of the pool that is not in the ledger yet (still on its way through the usage path) is
-   sent first; if it still is not there, the give-back waits for a later pass.
+   sent first (waiting for it to land); what is still not there then is not reversed, and the
+   part of the give-back nothing left covers waits for a later pass.
    What nothing is left to reverse (only debits from before the migration) goes into a new
    balance in the account's favour.
 2. **Apply** each part (leased, so two processes do not both work on one, and never under a
@@ -84,11 +85,10 @@ async def settle_charge(ctx: AppContext, account_id: int, charge_key: str,
         credits = await repo.open_credits(conn, account_id, charge_key, period_start)
         if not credits:
             return
-        # planned only with every debit of the pool in the ledger (else a later pass: the
-        # worker's), as what a debit took decides the order of the parts
-        if not await repo.unsent_period_debits(conn, account_id, charge_key, period_start):
-            left = await repo.reversible(conn, account_id, charge_key, period_start)
-            await repo.insert_credit_parts(conn, plan(account_id, credits, left))
+        left = await repo.reversible(conn, account_id, charge_key, period_start)
+        complete = not await repo.unsent_period_debits(conn, account_id, charge_key,
+                                                       period_start)
+        await repo.insert_credit_parts(conn, plan(account_id, credits, left, complete))
         parts = await repo.claim_credit_parts(conn, account_id, charge_key, period_start)
     done = await ledger_repo.committed_ops(ctx.pool, [
         part_op(p["account_id"], p["credit_uid"], p["seq"]) for p in parts] + [
@@ -104,11 +104,12 @@ async def settle_charge(ctx: AppContext, account_id: int, charge_key: str,
     await repo.settle_credits(ctx.pool, account_id, charge_key, period_start)
 
 
-def plan(account_id: int, credits: list[asyncpg.Record],
-         left: list[asyncpg.Record]) -> list[tuple[Any, ...]]:
+def plan(account_id: int, credits: list[asyncpg.Record], left: list[asyncpg.Record],
+         complete: bool) -> list[tuple[Any, ...]]:
     """Split each give-back (oldest first) over what the pool's debits took and give-backs
-    have not reversed yet (`left`, in the order to reverse it). What they do not cover goes to
-    the account's favour."""
+    have not reversed yet (`left`, in the order to reverse it). With every debit of the pool
+    in the ledger (`complete`), what they do not cover goes to the account's favour;
+    otherwise it waits for a later pass."""
     rows = list(left)
     rooms = [Decimal(row["left"]) for row in rows]
     parts: list[tuple[Any, ...]] = []
@@ -126,7 +127,7 @@ def plan(account_id: int, credits: list[asyncpg.Record],
             rooms[at] -= take
             if rooms[at] == 0:
                 at += 1
-        if need > 0:
+        if need > 0 and complete:
             parts.append((account_id, credit["uid"], seq, "favour", None, None, None, need))
     return parts
 
