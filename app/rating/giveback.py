@@ -11,10 +11,9 @@ cheaper band), atomically with the state move. This module pays it, in two steps
    owing; then the balances they drew (its own charge's first); newest first, each debit in
    the reverse of the order it drew. The split is stored as `rated_credit_parts`. A debit
    of the pool that is not in the ledger yet (still on its way through the usage path) is
-   sent first (waiting for it to land); what is still not there then is not reversed, and the
-   part of the give-back nothing left covers waits for a later pass.
-   What nothing is left to reverse (only debits from before the migration) goes into a new
-   balance in the account's favour.
+   sent first (waiting for it to land). What the debits in the ledger do not cover waits for
+   a later pass while any is still missing; with all there, it goes into a new balance in the
+   account's favour (only debits from before the migration leave any).
 2. **Apply** each part (leased, so two processes do not both work on one, and never under a
    lock): overage is reversed by an `overage` ledger entry with a positive amount (then the
    account's hot copy is rebuilt); a balance gets an `adjustment` under the deterministic
