@@ -107,7 +107,7 @@ async def bill_to_date(ctx: AppContext, code: str, at: date | None) -> AccountUs
         total = standing + sum((Decimal(u.amount) for u in usages), Decimal(0))
         places = account.credit_type.decimal_places if account.credit_type else 0
         read = await repo.period_drawn(ctx.pool, account.id, start, end, plan["id"],
-                                       plan["account_plan_id"], charges.LINES)
+                                       plan["account_plan_id"])
         period_charges, charges_total = charges.lines(json.loads(read["charge_lines"]),
                                                       plan["currency_places"])
         plans.append(PlanUsage(

@@ -77,7 +77,8 @@ _BILL = f"""
            cur.decimal_places AS currency_places, ct.code AS credit_type,
            ct.decimal_places AS credit_places, ap.start_date AS plan_start,
            ap.end_date AS plan_end, split.covered, split.overage,
-           (SELECT {charges.LINES} FROM account_charges c WHERE c.bill_id = b.id) AS charge_lines
+           (SELECT {repo.CHARGE_LINES} FROM account_charges c WHERE c.bill_id = b.id)
+           AS charge_lines
     FROM bills b JOIN accounts a ON a.id = b.account_id
     JOIN account_plans ap ON ap.id = b.account_plan_id JOIN plans pl ON pl.id = ap.plan_id
     JOIN credit_types cur ON cur.id = b.currency_id
@@ -160,16 +161,16 @@ async def run(ctx: AppContext, through: date, account_ids: list[int] | None = No
 # all paid: their split is final
 _SETTLED_DUE = f"""
     SELECT b.id FROM bills b JOIN account_plans ap ON ap.id = b.account_plan_id
+    CROSS JOIN LATERAL (SELECT {repo.charge_keys_sql("ap.plan_id", "ap.id")} AS keys) k
     WHERE b.settled_at IS NULL AND (b.credit_type_id IS NULL OR (
         NOT EXISTS (SELECT 1 FROM rated_debits d
                     WHERE d.account_id = b.account_id AND d.period_start = b.period_start
-                      AND d.charge_key = ANY({repo.charge_keys_sql("ap.plan_id", "ap.id")})
+                      AND d.charge_key = ANY(k.keys)
                       AND NOT EXISTS (SELECT 1 FROM usage_events u
                                       WHERE u.account_id = d.account_id AND u.uid = d.uid))
         AND NOT EXISTS (SELECT 1 FROM rated_credits c
                         WHERE c.account_id = b.account_id AND c.period_start = b.period_start
-                          AND c.charge_key = ANY({repo.charge_keys_sql("ap.plan_id", "ap.id")})
-                          AND c.settled_at IS NULL)))
+                          AND c.charge_key = ANY(k.keys) AND c.settled_at IS NULL)))
     ORDER BY b.id LIMIT $1"""
 ANNOUNCE_PAGE = 200  # bills a transaction announces
 

@@ -45,7 +45,8 @@ def charge_out(row: asyncpg.Record) -> ChargeOut:
 
 
 def lines(raw: list[dict[str, Any]], places: int) -> tuple[list[ChargeLine], Decimal]:
-    """Charge lines (as the bill and bill-to-date queries give them) and their sum."""
+    """Charge lines (`repository.CHARGE_LINES`, as the bill and bill-to-date queries give
+    them) and their sum."""
     out = [ChargeLine(id=c["id"], day=c["day"], description=c["description"],
                       amount=fmt(Decimal(c["amount"]), places)) for c in raw]
     return out, sum((Decimal(c["amount"]) for c in raw), Decimal(0))
@@ -146,9 +147,3 @@ async def insert_bill(conn: Connection, values: tuple[Any, ...]) -> tuple[int, D
            SELECT id, charges_total FROM bill""", *values)
     assert row is not None
     return int(row["id"]), Decimal(row["charges_total"])
-
-
-# the charge lines of a bill (`bills._BILL`) and of a period (bill-to-date), as JSON text
-LINES = """coalesce(json_agg(json_build_object(
-    'id', c.id, 'day', c.day, 'description', c.description, 'amount', c.amount::text)
-    ORDER BY c.day, c.id), '[]')"""

@@ -568,12 +568,17 @@ def split_sql(account: str, period_start: str, plan: str, account_plan: str) -> 
                COALESCE(sum(amount) FILTER (WHERE owed), 0) AS overage FROM taken)"""
 
 
+# charges (`account_charges c`) as JSON text, for a bill and a period (app/rating/charges.py)
+CHARGE_LINES = """coalesce(json_agg(json_build_object(
+    'id', c.id, 'day', c.day, 'description', c.description, 'amount', c.amount::text)
+    ORDER BY c.day, c.id), '[]')"""
+
+
 async def period_drawn(conn: Conn, account_id: int, start: date, end: date, plan_id: int,
-                       account_plan_id: int, lines: str) -> asyncpg.Record:
+                       account_plan_id: int) -> asyncpg.Record:
     """Bill-to-date's one read of an account plan's period beyond its lines: what its charges
     drew (`drawn`, minor units), of which the standing charge (`standing`), `covered` and
-    `overage` (`split_sql`), and the period's charges (`charge_lines`: `lines` over
-    `account_charges c`, JSON text)."""
+    `overage` (`split_sql`), and the period's charges (`charge_lines`, `CHARGE_LINES`)."""
     row = await conn.fetchrow(
         f"""SELECT (SELECT COALESCE(sum(drawn_minor), 0) FROM rated_charges
                     WHERE account_id = $1 AND period_start = $2
@@ -582,7 +587,7 @@ async def period_drawn(conn: Conn, account_id: int, start: date, end: date, plan
                     WHERE account_id = $1 AND period_start = $2
                       AND charge_key = 's' || $5::int8) AS standing,
                    s.covered, s.overage,
-                   (SELECT {lines} FROM account_charges c WHERE c.account_plan_id = $5
+                   (SELECT {CHARGE_LINES} FROM account_charges c WHERE c.account_plan_id = $5
                       AND c.day >= $2 AND c.day < $3 AND c.voided_at IS NULL) AS charge_lines
             FROM {split_sql('$1::int8', '$2::date', '$4::int8', '$5::int8')} s""",
         account_id, start, end, plan_id, account_plan_id)
@@ -613,7 +618,7 @@ async def pricings_in(conn: Conn, plan_id: int, start: date, end: date) -> list[
 
 # --- give-backs (a running charge that went down) -------------------------------------------
 
-GIVEBACK_LOCK = 0x67697665  # "give": advisory lock class of the per-charge give-back planning
+GIVEBACK_LOCK = 0x67697665  # "give": advisory lock class of give-back planning (per period)
 LEASE_S = 30
 
 
@@ -667,17 +672,16 @@ async def reversible(conn: Conn, account_id: int, charge_key: str,
     and overage stays that of credit drawn before overage."""
     return await conn.fetch(
         f"""WITH {_pool_sql()},
-                 d AS (SELECT * FROM pool),
                  e AS (SELECT e.id, d.uid AS debit_uid, e.account_id AS owner_id, e.balance_id,
                               -e.amount AS amount,
                               (CASE WHEN e.balance_id IS NULL THEN 0 ELSE 2 END
                                + CASE WHEN d.own THEN 0 ELSE 1 END) AS rank
-                       FROM d JOIN ledger_entries e
+                       FROM pool d JOIN ledger_entries e
                             ON e.op_key = 'u:' || $1::text || ':' || d.uid
                        WHERE e.kind IN ('debit', 'overage') AND e.amount < 0),
                  t AS (SELECT p.debit_uid, p.balance_id, sum(p.amount) AS taken
                        FROM rated_credit_parts p
-                       WHERE p.account_id = $1 AND p.debit_uid IN (SELECT uid FROM d)
+                       WHERE p.account_id = $1 AND p.debit_uid IN (SELECT uid FROM pool)
                        GROUP BY p.debit_uid, p.balance_id)
             SELECT e.debit_uid, e.owner_id, e.balance_id, e.amount - COALESCE(t.taken, 0) AS left
             FROM e LEFT JOIN t ON t.debit_uid = e.debit_uid
